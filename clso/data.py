@@ -1,0 +1,141 @@
+"""Token data: a corpus split by document, tokenized into uint16/uint32 memmaps, and batches
+drawn from them at random start positions.
+
+data/prepared/
+    train.bin val.bin test.bin   token ids, each document followed by <|endoftext|>
+    tokenizer.json               trained on train.bin's documents only
+    meta.json                    vocab, dtype, token counts, source hashes, the documents of each split
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clso import ClsoError
+from clso.corpus import Corpus, Document, split_documents
+from clso.io import atomic_dir, sha256_text, write_json_atomic
+from clso.progress import progress_bar
+from clso.tokenizer import EOT, load_tokenizer, make_tokenizer
+
+SPLITS = ("train", "val", "test")
+META_VERSION = 1
+ENCODE_BATCH_DOCS = 64
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def document_text(docs: list[Document]) -> str:
+    """The text a split's .bin decodes back to: each document followed by <|endoftext|>."""
+    return "".join(d.text + EOT for d in docs)
+
+
+def prepare_dataset(corpus: Corpus, out_dir: str | Path, *, corpus_name: str, tokenizer_kind: str,
+                    vocab_size: int, gpt2_dir: str = "", val_fraction: float, test_fraction: float,
+                    seed: int) -> dict:
+    """Split, train the tokenizer on train only, and write the memmaps. Returns meta.json's content."""
+    if corpus.official_splits is not None:
+        splits, split_source = corpus.official_splits, "official"
+    else:
+        splits = split_documents(corpus.documents, val_fraction, test_fraction, seed)
+        split_source = f"seeded shuffle of documents (seed {seed})"
+    for name in SPLITS:
+        if not any(d.text.strip() for d in splits[name]):
+            raise ClsoError(f"the {name} split has no text; use a corpus with more documents")
+
+    tokenizer = make_tokenizer(tokenizer_kind, [d.text for d in splits["train"]],
+                               vocab_size=vocab_size, gpt2_dir=gpt2_dir)
+    vocab = tokenizer.get_vocab_size()
+    eot = tokenizer.token_to_id(EOT)
+    dtype = token_dtype(vocab)
+
+    meta = {
+        "version": META_VERSION, "corpus": corpus_name, "tokenizer": tokenizer_kind,
+        "vocab_size": vocab, "dtype": dtype.name, "eot_id": eot, "split_source": split_source,
+        "tokens": {}, "chars": {}, "sha256": {}, "documents": {},
+    }
+    with atomic_dir(out_dir) as tmp, progress_bar() as bar:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        for name in SPLITS:
+            docs = splits[name]
+            task = bar.add_task(f"tokenize {name}", total=len(docs), info="")
+            count = 0
+            with open(tmp / f"{name}.bin", "wb") as f:
+                for start in range(0, len(docs), ENCODE_BATCH_DOCS):
+                    batch = docs[start:start + ENCODE_BATCH_DOCS]
+                    for enc in tokenizer.encode_batch([d.text for d in batch]):
+                        ids = np.asarray(enc.ids + [eot], dtype=dtype)
+                        ids.tofile(f)
+                        count += ids.size
+                    bar.update(task, advance=len(batch), info=f"{count:,} tokens")
+            meta["tokens"][name] = count
+            meta["chars"][name] = sum(len(d.text) for d in docs)
+            meta["sha256"][name] = sha256_text(d.text for d in docs)
+            meta["documents"][name] = [d.name for d in docs]
+        meta["sha256"]["corpus"] = sha256_text(
+            d.text for d in sorted((d for s in splits.values() for d in s), key=lambda d: d.name))
+        write_json_atomic(tmp / "meta.json", meta)
+    return meta
+
+
+@dataclass
+class TokenData:
+    """The prepared folder, validated: memmaps of each split and the tokenizer beside them."""
+
+    folder: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, folder: str | Path) -> TokenData:
+        folder = Path(folder)
+        fix = "re-create it with `dvc repro -f prepare`"
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ClsoError(f"{folder}/meta.json: not found; run `dvc repro prepare` first") from None
+        except (OSError, ValueError) as e:
+            raise ClsoError(f"{folder}/meta.json: unreadable ({type(e).__name__}); {fix}") from None
+        if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+            raise ClsoError(f"{folder}/meta.json: not a version-{META_VERSION} meta file; {fix}")
+        try:
+            dtype = np.dtype(meta["dtype"])
+            for name in SPLITS:
+                size = (folder / f"{name}.bin").stat().st_size
+                if size != int(meta["tokens"][name]) * dtype.itemsize:
+                    raise ClsoError(f"{folder}/{name}.bin: {size} bytes, meta.json says "
+                                    f"{meta['tokens'][name]} tokens of {dtype.name}; {fix}")
+        except ClsoError:
+            raise
+        except FileNotFoundError as e:
+            raise ClsoError(f"{e.filename}: not found; {fix}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ClsoError(f"{folder}/meta.json: field {e} missing or wrong; {fix}") from None
+        return cls(folder, meta)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def tokens(self, split: str) -> np.memmap:
+        return np.memmap(self.folder / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+
+    def tokenizer(self):
+        return load_tokenizer(self.folder / "tokenizer.json")
+
+
+def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
+                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` windows at random start positions: inputs and next-token targets."""
+    if len(tokens) <= block_size:
+        raise ClsoError(f"a split of {len(tokens)} tokens is too short for block_size {block_size}; "
+                        "lower the block size or use more data")
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    window = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts])
+    xy = torch.from_numpy(window).to(device)
+    return xy[:, :-1], xy[:, 1:]

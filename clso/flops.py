@@ -1,0 +1,68 @@
+"""Analytic FLOP counts of a GPT-2: the hardware-independent cost that compares CPU and GPU runs.
+
+Counted: every matrix multiply, at 2 FLOPs per multiply-add (the convention of Kaplan et al. 2020
+and PaLM's appendix B). Not counted: biases, LayerNorm, softmax, GELU, embeddings lookups and
+the optimizer, which are a few percent at most. Attention is counted over the full T×T score
+matrix, as dense kernels compute it.
+
+Any linear layer can be given its own forward cost per token, so a crystalline matrix applied in
+factored form (two thin matmuls, a block-diagonal product) is charged what it really costs.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+# The four linear layers of each GPT-2 block, named as in transformers' GPT2Block.
+LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each linear layer of a block, for a config with n_embd (and n_inner)."""
+    d = config.n_embd
+    inner = getattr(config, "n_inner", None) or 4 * d
+    return {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, inner), "mlp.c_proj": (inner, d)}
+
+
+def dense_linear_flops(d_in: int, d_out: int) -> int:
+    """Forward FLOPs per token of x @ W with W of shape (d_in, d_out)."""
+    return 2 * d_in * d_out
+
+
+def _per_token(config, seq_len: int, linear_flops: Mapping[tuple[int, str], int] | None):
+    shapes = linear_shapes(config)
+    overrides = linear_flops or {}
+    linears = sum(
+        overrides.get((layer, name), dense_linear_flops(*shapes[name]))
+        for layer in range(config.n_layer) for name in LINEAR_NAMES
+    )
+    attention = config.n_layer * 4 * seq_len * config.n_embd  # QKᵀ and AV, each 2·T·d per token
+    head = dense_linear_flops(config.n_embd, config.vocab_size)
+    return linears, attention, head
+
+
+def forward_flops(config, seq_len: int, n_seqs: int = 1,
+                  linear_flops: Mapping[tuple[int, str], int] | None = None) -> int:
+    """FLOPs of one forward pass over `n_seqs` sequences of `seq_len` tokens.
+
+    `linear_flops` maps (layer index, name in LINEAR_NAMES) to that layer's forward FLOPs per
+    token; layers not named are dense.
+    """
+    linears, attention, head = _per_token(config, seq_len, linear_flops)
+    return (linears + attention + head) * seq_len * n_seqs
+
+
+def backward_flops(config, seq_len: int, n_seqs: int = 1,
+                   linear_flops: Mapping[tuple[int, str], int] | None = None,
+                   train_linears: bool = True, train_head: bool = True) -> int:
+    """FLOPs of the backward pass: each matmul needs the input gradient (1× its forward) and,
+    when its weight trains, the weight gradient (another 1×). Frozen matrices still pass
+    gradients down, so they cost 1× rather than nothing."""
+    linears, attention, head = _per_token(config, seq_len, linear_flops)
+    per_token = (2 if train_linears else 1) * linears + 2 * attention + (2 if train_head else 1) * head
+    return per_token * seq_len * n_seqs
+
+
+def train_step_flops(config, seq_len: int, n_seqs: int) -> int:
+    """One dense training step (forward + backward, everything trainable): ≈ 6 · params · tokens."""
+    return forward_flops(config, seq_len, n_seqs) + backward_flops(config, seq_len, n_seqs)

@@ -1,0 +1,218 @@
+"""Strict, typed parameters: one frozen dataclass per params.yaml section.
+
+`dvc exp run -S prepare.vocab_sise=2048` silently adds a new key, so every unknown, missing or
+ill-typed key is an error that names the key, what is wrong and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from clso import ParamsError
+
+
+def spec(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, check=None):
+    """A params field: its default, its one-line help, and what values are valid."""
+    return field(
+        default=default,
+        metadata={"help": help, "choices": choices, "min": min, "max": max,
+                  "min_exclusive": min_exclusive, "check": check},
+    )
+
+
+def _check_corpus(value: str) -> str | None:
+    if value in ("shakespeare", "wikitext-2", "wikitext-103"):
+        return None
+    if value.startswith("text:") and len(value) > len("text:"):
+        return None
+    return "expected shakespeare, wikitext-2, wikitext-103 or text:PATH"
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    seed: int = spec(1337, "seed of every random choice in the pipeline", min=0, max=2**32 - 1)
+    device: str = spec("auto", "where tensors live: auto picks cuda when a GPU is visible",
+                       choices=("auto", "cpu", "cuda"))
+    threads: int = spec(0, "CPU threads for torch; 0 uses every core", min=0, max=4096)
+    cpu_watts_per_core: float = spec(
+        10.0, "watts per busy core for the `estimate` energy method (CPU TDP / cores)",
+        min=0.0, min_exclusive=True, max=1000.0)
+    gpu_watts: float = spec(
+        300.0, "board watts for the `estimate` energy method when a GPU has no NVML reading",
+        min=0.0, min_exclusive=True, max=5000.0)
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    corpus: str = spec("shakespeare",
+                       "shakespeare (shipped, offline), wikitext-2, wikitext-103 (hub) or text:PATH "
+                       "(a UTF-8 file or a folder of .txt files)", check=_check_corpus)
+    stage_directions: bool = spec(False, "keep Shakespeare's stage directions as [bracketed] lines")
+    tokenizer: str = spec("bpe", "bpe: byte-level BPE trained on the train split; gpt2: GPT-2's "
+                          "BPE; char: characters of the train split", choices=("bpe", "gpt2", "char"))
+    vocab_size: int = spec(4096, "vocabulary size of the bpe tokenizer (ignored by gpt2 and char)",
+                           min=257, max=1_000_000)
+    gpt2_tokenizer_dir: str = spec("", "folder with GPT-2's vocab.json and merges.txt; empty: the hub")
+    val_fraction: float = spec(0.1, "share of documents in the validation split",
+                               min=0.0, max=0.5, min_exclusive=True)
+    test_fraction: float = spec(0.1, "share of documents in the test split",
+                                min=0.0, max=0.5, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams
+    prepare: PrepareParams
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Params)
+
+
+def _nearest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe_valid(f: dataclasses.Field, kind: type) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(m["choices"])
+    if kind is bool:
+        return "true or false"
+    if kind in (int, float):
+        noun = "an integer" if kind is int else "a number"
+        lo, hi = m.get("min"), m.get("max")
+        if lo is not None and hi is not None:
+            left = "above" if m.get("min_exclusive") else "from"
+            return f"{noun} {left} {lo} {'up to' if left == 'above' else 'to'} {hi}"
+        if lo is not None:
+            return f"{noun} {'>' if m.get('min_exclusive') else '>='} {lo}"
+        return noun
+    return "a string"
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(section: str, f: dataclasses.Field, kind: type, value):
+    where = f"{section}.{f.name}"
+    valid = _describe_valid(f, kind)
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    ok_type = (
+        (kind is bool and isinstance(value, bool))
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (kind is str and isinstance(value, str))
+    )
+    if not ok_type:
+        raise ParamsError(f"{where}: expected {_TYPE_NAMES[kind]}, got {shown}; valid: {valid}")
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ParamsError(f"{where}: {shown} is not a finite number; valid: {valid}")
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise ParamsError(f"{where}: {shown} is not a valid choice{_nearest(str(value), m['choices'])}; "
+                          f"valid: {valid}")
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None and (value < lo or (m.get("min_exclusive") and value == lo)):
+        raise ParamsError(f"{where}: {shown} is too small; valid: {valid}")
+    if hi is not None and value > hi:
+        raise ParamsError(f"{where}: {shown} is too large; valid: {valid}")
+    if m.get("check"):
+        problem = m["check"](value)
+        if problem:
+            raise ParamsError(f"{where}: {shown} is not valid; {problem}")
+    return value
+
+
+def _parse_section(name: str, cls: type, raw) -> object:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{name}: expected a mapping of keys to values, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ParamsError(f"{name}.{key}: unknown key{_nearest(str(key), fields)}; "
+                              f"valid keys: {', '.join(fields)}")
+    values = {}
+    for key, f in fields.items():
+        if key not in raw:
+            raise ParamsError(f"{name}.{key}: missing key; add it (default: {json.dumps(f.default)}) — "
+                              f"{f.metadata['help']}")
+        values[key] = _coerce(name, f, hints[key], raw[key])
+    return cls(**values)
+
+
+def _check_across(params: Params) -> None:
+    p = params.prepare
+    if p.val_fraction + p.test_fraction > 0.6:
+        raise ParamsError("prepare.val_fraction + prepare.test_fraction: "
+                          f"{p.val_fraction + p.test_fraction:g} leaves too little to train on; "
+                          "valid: a sum of at most 0.6")
+
+
+def parse_params(raw) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"expected a mapping of sections at the top level, got {type(raw).__name__}")
+    for name in raw:
+        if name not in SECTIONS:
+            raise ParamsError(f"{name}: unknown section{_nearest(str(name), SECTIONS)}; "
+                              f"valid sections: {', '.join(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        if name not in raw:
+            raise ParamsError(f"{name}: missing section; valid sections: {', '.join(SECTIONS)}")
+        sections[name] = _parse_section(name, cls, raw[name])
+    params = Params(**sections)
+    _check_across(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found; run from the repository root or pass "
+                          "--params PATH") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: cannot be read ({e}); check the file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ParamsError(f"{path}: YAML syntax error{at}: {problem}; fix the file") from None
+    try:
+        return parse_params(raw)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+
+def section_help(name: str) -> str:
+    """The keys of a params.yaml section with their defaults and meaning, for --help."""
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    lines = [f"params.yaml section `{name}`:"]
+    for f in dataclasses.fields(cls):
+        lines.append(f"  {f.name} ({_describe_valid(f, hints[f.name])}; default {json.dumps(f.default)}): "
+                     f"{f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def defaults(cls: type):
+    return cls(**{f.name: f.default for f in dataclasses.fields(cls)})
+
+
+__all__ = ["BaseParams", "PrepareParams", "Params", "load_params", "parse_params", "section_help",
+           "defaults", "SECTIONS"]

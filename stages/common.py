@@ -1,0 +1,57 @@
+"""What every stage command shares: one typer app, the --params option, one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+
+from clso import ClsoError
+from clso.params import section_help
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+    help="CLSO: evolve GPT-2 weights from a library of crystalline matrices, and compare with "
+         "AdamW. Each command is one DVC stage; run them through `dvc repro`. Hyperparameters "
+         "live in params.yaml only.",
+)
+
+
+
+@app.callback()
+def _group() -> None:
+    # a callback keeps `clso` a group of subcommands even while it has only one
+    pass
+
+
+PARAMS_OPTION = typer.Option("params.yaml", "--params", help="the params file (every key is checked)")
+
+
+def stage(name: str, sections: tuple[str, ...]):
+    """Register a stage command; its --help lists the params.yaml sections it reads."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ClsoError as e:
+                print(f"clso {name}: error: {e}", file=sys.stderr)
+                raise typer.Exit(e.exit_code) from None
+            except KeyboardInterrupt:
+                print(f"clso {name}: interrupted; outputs were left as they were", file=sys.stderr)
+                raise typer.Exit(130) from None
+
+        # blank lines keep click from folding the key list into one paragraph
+        epilog = "\n\n".join(section_help(s).replace("\n", "\n\n") for s in sections)
+        app.command(name, epilog=epilog)(run)
+        return run
+
+    return register
+
+
+def run_alone(name: str) -> None:
+    """`python -m stages.NAME`, as dvc.yaml calls it, runs the command NAME."""
+    app(args=[name, *sys.argv[1:]], prog_name=f"python -m stages.{name}")

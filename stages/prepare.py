@@ -1,0 +1,42 @@
+"""Stage `prepare`: corpus → document splits → tokenizer (train only) → uint16 memmaps."""
+
+from pathlib import Path
+
+from clso.corpus import load_corpus
+from clso.data import prepare_dataset
+from clso.energy import EnergyMeter
+from clso.io import write_json_atomic
+from clso.params import load_params
+from stages.common import PARAMS_OPTION, run_alone, stage
+
+OUT_DIR = Path("data/prepared")
+METRICS = Path("metrics/prepare.json")
+
+
+@stage("prepare", sections=("base", "prepare"))
+def prepare(params: Path = PARAMS_OPTION) -> None:
+    """Split the corpus by document, train the tokenizer on the train split only, and write
+    data/prepared/{train,val,test}.bin, tokenizer.json, meta.json and metrics/prepare.json."""
+    p = load_params(params)
+    cfg = p.prepare
+    with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter:
+        corpus = load_corpus(cfg.corpus, stage_directions=cfg.stage_directions)
+        meta = prepare_dataset(
+            corpus, OUT_DIR, corpus_name=cfg.corpus, tokenizer_kind=cfg.tokenizer,
+            vocab_size=cfg.vocab_size, gpt2_dir=cfg.gpt2_tokenizer_dir,
+            val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=p.base.seed,
+        )
+    splits = meta["tokens"].keys()
+    write_json_atomic(METRICS, {
+        "vocab_size": meta["vocab_size"],
+        "documents": {s: len(meta["documents"][s]) for s in splits},
+        "tokens": meta["tokens"],
+        "chars_per_token": {s: round(meta["chars"][s] / max(1, meta["tokens"][s]), 4) for s in splits},
+        **meter.reading.as_metrics(),
+    })
+    print(f"prepare: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val / "
+          f"{meta['tokens']['test']:,} test tokens, vocab {meta['vocab_size']} → {OUT_DIR}")
+
+
+if __name__ == "__main__":
+    run_alone("prepare")
