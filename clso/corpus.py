@@ -173,7 +173,7 @@ def _read_utf8(path: Path) -> str:
 
 def cut_into_pieces(name: str, text: str, pieces: int = PIECES_PER_FILE) -> list[Document]:
     """Cut one text at blank lines into about `pieces` contiguous documents of similar size."""
-    paragraphs = re.split(r"(?<=\n)(?=\n)", text)  # keeps every character, ends at blank lines
+    paragraphs = re.split(r"(?<=\n\n)", text)  # keeps every character; each ends at a blank line
     sizes = np.cumsum([len(p) for p in paragraphs])
     bounds = np.searchsorted(sizes, np.linspace(0, len(text), pieces + 1)[1:-1], side="left")
     out, start = [], 0
@@ -181,7 +181,7 @@ def cut_into_pieces(name: str, text: str, pieces: int = PIECES_PER_FILE) -> list
         if end > start:
             out.append("".join(paragraphs[start:end]))
             start = end
-    width = len(str(len(out)))
+    width = len(str(len(out) - 1))
     return [Document(f"{name}#{i:0{width}d}", t) for i, t in enumerate(out) if t.strip()]
 
 

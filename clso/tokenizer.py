@@ -54,7 +54,7 @@ def load_gpt2(local_dir: str = "") -> Tokenizer:
                             "use GPT-2's original files") from None
     else:
         try:
-            tok = Tokenizer.from_pretrained("gpt2")
+            tok = _from_hub("gpt2")
         except Exception as e:
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise ClsoError(f"tokenizer gpt2: cannot download it from the Hugging Face hub ({reason}); "
@@ -64,6 +64,10 @@ def load_gpt2(local_dir: str = "") -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([EOT])
     return tok
+
+
+def _from_hub(name: str) -> Tokenizer:
+    return Tokenizer.from_pretrained(name)
 
 
 def make_tokenizer(kind: str, train_texts: list[str], *, vocab_size: int, gpt2_dir: str = "") -> Tokenizer:

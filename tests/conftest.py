@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: the hub clients fail at once instead of retrying for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+WORDS = ("the crystal lattice holds a quiet light and every matrix keeps its place while the "
+         "search walks from one genome to the next").split()
+
+
+def make_text_corpus(folder: Path, n_docs: int = 12, lines: int = 40) -> Path:
+    """A folder of small, distinct UTF-8 documents."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        body = "\n".join(" ".join(WORDS[(i * 7 + j * 3 + k) % len(WORDS)] for k in range(9))
+                         for j in range(lines))
+        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}: é ünïcode ✓\n{body}\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def text_corpus(tmp_path) -> Path:
+    return make_text_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def stage_env():
+    """Environment for running stages and dvc as subprocesses with this interpreter's tools."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env

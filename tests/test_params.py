@@ -1,0 +1,114 @@
+"""The strict params loader: every bad params.yaml gives one line, exit code 2, and no outputs."""
+
+import dataclasses
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import yaml
+
+from clso import ParamsError
+from clso.params import (SECTIONS, BaseParams, Params, PrepareParams, defaults, load_params,
+                         parse_params)
+from tests.conftest import REPO
+
+
+def good() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repo_params_load_and_match_documented_defaults():
+    p = load_params(REPO / "params.yaml")
+    assert isinstance(p, Params)
+    assert p.base == defaults(BaseParams)
+    assert p.prepare == defaults(PrepareParams)
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    raw = good()
+    raw["base"]["cpu_watts_per_core"] = 12
+    assert parse_params(raw).base.cpu_watts_per_core == 12.0
+
+
+def _edit(change):
+    def make():
+        raw = good()
+        change(raw)
+        return yaml.safe_dump(raw)
+    return make
+
+
+BAD = {
+    "misspelled key": (_edit(lambda r: r["prepare"].update(vocab_sise=r["prepare"].pop("vocab_size"))),
+                       ["prepare.vocab_sise", "unknown key", "did you mean 'vocab_size'"]),
+    "missing key": (_edit(lambda r: r["prepare"].pop("tokenizer")), ["prepare.tokenizer", "missing key"]),
+    "string for int": (_edit(lambda r: r["prepare"].update(vocab_size="abc")),
+                       ["prepare.vocab_size", "expected an integer", "'abc'"]),
+    "bool for int": (_edit(lambda r: r["prepare"].update(vocab_size=True)),
+                     ["prepare.vocab_size", "expected an integer"]),
+    "float for int": (_edit(lambda r: r["base"].update(threads=1.5)), ["base.threads", "expected an integer"]),
+    "int below range": (_edit(lambda r: r["prepare"].update(vocab_size=100)),
+                        ["prepare.vocab_size", "too small", "from 257 to 1000000"]),
+    "negative seed": (_edit(lambda r: r["base"].update(seed=-1)), ["base.seed", "too small"]),
+    "bad choice": (_edit(lambda r: r["prepare"].update(tokenizer="wordpiece")),
+                   ["prepare.tokenizer", "one of bpe, gpt2, char"]),
+    "device typo": (_edit(lambda r: r["base"].update(device="gpu")), ["base.device", "one of auto, cpu, cuda"]),
+    "exclusive minimum": (_edit(lambda r: r["prepare"].update(val_fraction=0)),
+                          ["prepare.val_fraction", "too small", "above 0.0"]),
+    "not a finite number": (_edit(lambda r: r["prepare"].update(test_fraction=float("nan"))),
+                            ["prepare.test_fraction", "not a finite number"]),
+    "bad corpus": (_edit(lambda r: r["prepare"].update(corpus="wikitext-3")),
+                   ["prepare.corpus", "text:PATH"]),
+    "fractions leave no train": (_edit(lambda r: r["prepare"].update(val_fraction=0.4, test_fraction=0.4)),
+                                 ["val_fraction + prepare.test_fraction", "at most 0.6"]),
+    "unknown section": (_edit(lambda r: r.update(prepar=r.pop("prepare"))),
+                        ["prepar", "unknown section", "did you mean 'prepare'"]),
+    "missing section": (_edit(lambda r: r.pop("base")), ["base", "missing section"]),
+    "section not a mapping": (_edit(lambda r: r.update(prepare=5)), ["prepare", "expected a mapping"]),
+    "top level a list": (lambda: "- base\n- prepare\n", ["top level"]),
+    "yaml syntax": (lambda: "base:\n  seed: [1, 2\nprepare: {}\n", ["YAML syntax error", "line"]),
+    "empty file": (lambda: "", ["top level"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_params_are_one_line_errors(case, tmp_path):
+    make, expected = BAD[case]
+    path = tmp_path / "params.yaml"
+    path.write_text(make())
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert "\n" not in message
+    for piece in expected:
+        assert piece in message, f"{piece!r} not in {message!r}"
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(ParamsError, match="file not found; run from the repository root"):
+        load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("case", ["misspelled key", "bad choice", "yaml syntax", "missing section"])
+def test_stage_exits_2_with_one_line_and_writes_nothing(case, tmp_path, stage_env):
+    make, expected = BAD[case]
+    (tmp_path / "params.yaml").write_text(make())
+    run = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=stage_env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("clso prepare: error: params.yaml: ")
+    assert expected[0] in lines[0]
+    assert "Traceback" not in run.stderr + run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_every_field_has_help_and_a_valid_default():
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            assert len(f.metadata["help"]) > 10, f"{cls.__name__}.{f.name} has no help"
+    # the defaults themselves must pass the checks the loader applies
+    raw = {name: asdict(defaults(cls)) for name, cls in SECTIONS.items()}
+    assert parse_params(raw) == Params(**{name: defaults(cls) for name, cls in SECTIONS.items()})

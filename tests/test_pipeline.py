@@ -1,0 +1,57 @@
+"""The whole DVC pipeline, end to end, on tiny params in a scratch copy of the repository."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def sh(args, cwd, env, timeout=900):
+    run = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"{' '.join(args)} failed:\n{run.stdout}\n{run.stderr}"
+    return run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """Tracked and untracked-but-not-ignored files of this checkout, committed in a new git repo."""
+    dest = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    shutil.copy(REPO / "tests/params_tiny.yaml", dest / "params.yaml")
+    return dest
+
+
+def test_dvc_repro_runs_every_stage_then_nothing(repo, stage_env):
+    env = stage_env
+    sh(["git", "init", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "tiny"], repo, env)
+
+    out = sh(["dvc", "repro"], repo, env)
+    stages = sh(["dvc", "stage", "list", "--name-only"], repo, env).split()
+    assert "prepare" in stages
+    for stage in stages:
+        assert f"Running stage '{stage}'" in out
+    assert (repo / "data/prepared/train.bin").stat().st_size > 0
+    metrics = json.loads((repo / "metrics/prepare.json").read_text())
+    assert metrics["vocab_size"] == 512 and metrics["documents"] == {"train": 30, "val": 4, "test": 4}
+
+    again = sh(["dvc", "repro"], repo, env)
+    assert "Running stage" not in again and "up to date" in again
+
+
+def test_exp_run_with_a_new_vocab_reruns_prepare_only(repo, stage_env):
+    out = sh(["dvc", "exp", "run", "-S", "prepare.vocab_size=300"], repo, stage_env)
+    assert "Running stage 'prepare'" in out
+    assert [line for line in out.splitlines() if line.startswith("Running stage")] == ["Running stage 'prepare':"]
+    assert json.loads((repo / "metrics/prepare.json").read_text())["vocab_size"] == 300
+    show = sh(["dvc", "exp", "show", "--no-pager"], repo, stage_env)
+    assert "prepare.vocab_size" in show or "vocab_size" in show
