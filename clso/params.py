@@ -68,9 +68,38 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    n_layer: int = spec(2, "transformer blocks", min=1, max=96)
+    n_embd: int = spec(128, "model width d; the library buckets are d→3d, d→d, d→4d and 4d→d",
+                       min=8, max=8192)
+    n_head: int = spec(4, "attention heads; must divide n_embd", min=1, max=256)
+    block_size: int = spec(128, "context length in tokens (GPT-2's n_positions)", min=8, max=8192)
+    tie_embeddings: bool = spec(True, "share the token embedding with the LM head, as GPT-2 does")
+    layer_gains: bool = spec(True, "a scalar gain on each crystalline layer, trainable in hybrid mode")
+
+
+@dataclass(frozen=True)
+class LibraryParams:
+    size: int = spec(256, "matrices per bucket (M): the protocol suggests 256-1024", min=2, max=65536)
+    share_block_diag: float = spec(0.25, "share of M that is block-diagonal", min=0.0, max=1.0)
+    share_ternary_lowrank: float = spec(0.45, "share of M that is ternary low-rank s·U·Vᵀ",
+                                        min=0.0, max=1.0)
+    share_structured_sparse: float = spec(0.25, "share of M with row/column/checkerboard/random "
+                                          "masks of ±C", min=0.0, max=1.0)
+    share_dense_quantized: float = spec(0.05, "share of M that is dense ternary/int4 (a capacity "
+                                        "control)", min=0.0, max=1.0)
+    ternary_levels: int = spec(3, "levels of the low-rank factors: 3 = {-1,0,1}, 5 = {-Q,-Q/2,0,Q/2,Q}",
+                               choices=(3, 5))
+    max_rank_fraction: float = spec(0.25, "low-rank ranks are drawn from 1 to this × min(d_in, d_out)",
+                                    min=0.0, max=1.0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams
     prepare: PrepareParams
+    model: ModelParams
+    library: LibraryParams
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -84,7 +113,7 @@ def _nearest(word: str, options) -> str:
 def _describe_valid(f: dataclasses.Field, kind: type) -> str:
     m = f.metadata
     if m.get("choices"):
-        return "one of " + ", ".join(m["choices"])
+        return "one of " + ", ".join(map(str, m["choices"]))
     if kind is bool:
         return "true or false"
     if kind in (int, float):
@@ -120,7 +149,7 @@ def _coerce(section: str, f: dataclasses.Field, kind: type, value):
             raise ParamsError(f"{where}: {shown} is not a finite number; valid: {valid}")
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
-        raise ParamsError(f"{where}: {shown} is not a valid choice{_nearest(str(value), m['choices'])}; "
+        raise ParamsError(f"{where}: {shown} is not a valid choice{_nearest(str(value), map(str, m['choices']))}; "
                           f"valid: {valid}")
     lo, hi = m.get("min"), m.get("max")
     if lo is not None and (value < lo or (m.get("min_exclusive") and value == lo)):
@@ -158,6 +187,15 @@ def _check_across(params: Params) -> None:
         raise ParamsError("prepare.val_fraction + prepare.test_fraction: "
                           f"{p.val_fraction + p.test_fraction:g} leaves too little to train on; "
                           "valid: a sum of at most 0.6")
+    m = params.model
+    if m.n_embd % m.n_head:
+        raise ParamsError(f"model.n_head: {m.n_head} does not divide model.n_embd {m.n_embd}; "
+                          "valid: a divisor of n_embd")
+    lib = params.library
+    shares = (lib.share_block_diag, lib.share_ternary_lowrank, lib.share_structured_sparse,
+              lib.share_dense_quantized)
+    if abs(sum(shares) - 1.0) > 1e-6:
+        raise ParamsError(f"library.share_*: the four shares sum to {sum(shares):g}; valid: a sum of 1")
 
 
 def parse_params(raw) -> Params:
@@ -214,5 +252,5 @@ def defaults(cls: type):
     return cls(**{f.name: f.default for f in dataclasses.fields(cls)})
 
 
-__all__ = ["BaseParams", "PrepareParams", "Params", "load_params", "parse_params", "section_help",
+__all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "Params", "load_params", "parse_params", "section_help",
            "defaults", "SECTIONS"]

@@ -1,0 +1,42 @@
+"""Device, threads and seeds: the few global settings every compute stage makes the same way."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import torch
+
+from clso import ClsoError
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ClsoError("base.device is cuda but no CUDA GPU is visible to torch; "
+                            "set base.device: auto or cpu, or install a CUDA build of torch")
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup(seed: int, device: str = "auto", threads: int = 0) -> torch.device:
+    """Seed every generator, set CPU threads, and pick the device."""
+    if threads:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return resolve_device(device)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts, stable across runs and machines (unlike hash())."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
