@@ -74,55 +74,111 @@ def _attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     return a.transpose(1, 2).reshape(n, b, t, d)
 
 
-def _trie_losses(model: CrystallineGPT2, genomes: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _trie_losses(model: CrystallineGPT2, genomes: torch.Tensor, y: torch.Tensor, path: list):
+    """Losses of sorted, distinct `genomes` that all start with the genes of `path`.
+
+    `path[j]` is the state (residual, hidden) after the first j genes of the previous chunk's
+    last genome, `path[0]` the embeddings. Returns the losses and the path of this chunk's last
+    genome, so that the next chunk can start where their prefixes part.
+    """
     gpt = model.gpt2.transformer
     size = model.library.size
-    positions = torch.arange(x.shape[1], device=x.device)
-    resid = (gpt.wte(x) + gpt.wpe(positions)).unsqueeze(0)  # one root node: (nodes, B, T, d)
-    hidden = None  # attention output (slot 0→1) or MLP activation (slot 2→3), per node
-    node = torch.zeros(len(genomes), dtype=torch.long, device=x.device)
-    for k, layer in enumerate(model.layers):
+    start = len(path) - 1
+    resid, hidden = path[-1]  # one node: (1, B, T, d) and its pending activation, if any
+    node = torch.zeros(len(genomes), dtype=torch.long, device=y.device)
+    path = list(path)
+    for k in range(start, len(model.layers)):
+        layer = model.layers[k]
         block, slot = gpt.h[k // len(BUCKETS)], k % len(BUCKETS)
         keys, node = torch.unique(node * size + genomes[:, k], return_inverse=True)
         parent, gene = keys // size, keys % size
         if slot == 0:
             hidden = _attention(_apply_genes(layer, block.ln_1(resid), parent, gene), model.config.n_head)
-            resid = resid[parent]
+            resid = _gather(resid, parent)
         elif slot == 1:
-            resid = resid[parent] + _apply_genes(layer, hidden, parent, gene)
+            resid = _gather(resid, parent) + _apply_genes(layer, hidden, parent, gene)
+            hidden = None
         elif slot == 2:
             # the tanh GELU of GPT-2 ("gelu_new"), fused: one pass instead of HF's five
             hidden = F.gelu(_apply_genes(layer, block.ln_2(resid), parent, gene), approximate="tanh")
-            resid = resid[parent]
+            resid = _gather(resid, parent)
         else:
-            resid = resid[parent] + _apply_genes(layer, hidden, parent, gene)
-    final = gpt.ln_f(resid)
-    n, b, t, _ = final.shape
-    per_chunk = max(1, LOGITS_PER_CHUNK // (b * t * model.config.vocab_size))
-    node_losses = torch.cat([
-        F.cross_entropy(model.gpt2.lm_head(final[i:i + per_chunk]).flatten(0, 2),
-                        y.expand(len(final[i:i + per_chunk]), -1, -1).flatten(), reduction="none"
-                        ).view(-1, b * t).mean(1)
-        for i in range(0, n, per_chunk)
-    ])
-    return node_losses[node]
+            resid = _gather(resid, parent) + _apply_genes(layer, hidden, parent, gene)
+            hidden = None
+        last = int(node[-1])
+        path.append((_row(resid, last), None if hidden is None else _row(hidden, last)))
+    node_losses = _head_losses(model, gpt.ln_f(resid), y)
+    return node_losses[node], path
+
+
+def _head_losses(model: CrystallineGPT2, final: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each network's LM-head logits against y.
+
+    log-sum-exp is taken in place in one reused logits buffer: a fresh (tokens × vocab) tensor
+    per network would cost more in page faults than the softmax itself.
+    """
+    n, b, t, d = final.shape
+    weight = model.gpt2.lm_head.weight  # (V, d)
+    rows = max(b * t, LOGITS_PER_CHUNK // weight.shape[0] // (b * t) * (b * t))
+    flat, target = final.reshape(n * b * t, d), y.reshape(1, -1).expand(n, -1).reshape(-1, 1)
+    losses = torch.empty(n * b * t, dtype=final.dtype, device=final.device)
+    buffer = torch.empty(min(rows, len(flat)), weight.shape[0], dtype=final.dtype, device=final.device)
+    for i in range(0, len(flat), rows):
+        logits = buffer[:len(flat[i:i + rows])]
+        torch.mm(flat[i:i + rows], weight.t(), out=logits)
+        picked = logits.gather(1, target[i:i + rows]).squeeze(1)
+        top = logits.amax(1, keepdim=True)
+        logits.sub_(top).exp_()
+        losses[i:i + rows] = logits.sum(1).log_() + top.squeeze(1) - picked
+    return losses.view(n, b * t).mean(1)
+
+
+def _gather(states: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    if len(parent) == len(states) and bool((parent == torch.arange(len(states), device=parent.device)).all()):
+        return states  # every node has one child: nothing to copy
+    return states[parent]
+
+
+def _row(states: torch.Tensor, i: int) -> torch.Tensor:
+    # a copy only when the level holds other nodes, so the path does not pin the whole level
+    return states if len(states) == 1 else states[i:i + 1].clone()
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    while n < len(a) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def default_max_networks(device) -> int:
+    """Networks walked side by side: one on CPU, where per-network tensors stay in cache and a
+    depth-first walk already shares every prefix; many on a GPU, which wants big batches."""
+    return 64 if torch.device(device).type == "cuda" else 1
 
 
 @torch.no_grad()
-def population_losses(model: CrystallineGPT2, genomes, batch: EvalBatch, max_networks: int = 64) -> np.ndarray:
+def population_losses(model: CrystallineGPT2, genomes, batch: EvalBatch, max_networks: int | None = None) -> np.ndarray:
     """Mean loss of each genome on `batch`; a non-finite loss is returned as +inf (unfit).
 
-    Genomes are sorted so that those sharing prefixes land in the same chunk of `max_networks`.
+    Distinct genomes are walked in sorted order, `max_networks` at a time; each chunk starts
+    from the state where its prefix leaves the previous chunk's last genome.
     """
-    genomes = torch.as_tensor(np.asarray(genomes), dtype=torch.long).reshape(-1, len(model.layers))
-    order = sorted(range(len(genomes)), key=lambda i: genomes[i].tolist())
-    out = torch.empty(len(genomes), dtype=torch.float64)
-    for start in range(0, len(order), max_networks):
-        idx = torch.tensor(order[start:start + max_networks])
-        losses = _trie_losses(model, genomes[idx].to(batch.x.device), batch.x, batch.y)
-        out[idx] = losses.double().cpu()
+    genomes = np.asarray(genomes, dtype=np.int64).reshape(-1, len(model.layers))
+    distinct, back = np.unique(genomes, axis=0, return_inverse=True)  # sorted lexicographically
+    max_networks = max_networks or default_max_networks(batch.x.device)
+    gpt = model.gpt2.transformer
+    root = (gpt.wte(batch.x) + gpt.wpe(torch.arange(batch.x.shape[1], device=batch.x.device))).unsqueeze(0)
+    path, previous = [(root, None)], None
+    out = torch.empty(len(distinct), dtype=torch.float64)
+    for start in range(0, len(distinct), max_networks):
+        chunk = distinct[start:start + max_networks]
+        shared = 0 if previous is None else _common_prefix(previous, chunk[-1])
+        losses, path = _trie_losses(model, torch.from_numpy(chunk).to(batch.x.device), batch.y, path[:shared + 1])
+        out[start:start + len(chunk)] = losses.double().cpu()
+        previous = chunk[-1]
     out[~torch.isfinite(out)] = math.inf
-    return out.numpy()
+    return out.numpy()[back.reshape(-1)]
 
 
 @torch.no_grad()
@@ -146,7 +202,7 @@ class FitnessEvaluator:
     belong to the parameters they were computed with.
     """
 
-    def __init__(self, model: CrystallineGPT2, batch: EvalBatch, max_networks: int = 64):
+    def __init__(self, model: CrystallineGPT2, batch: EvalBatch, max_networks: int | None = None):
         self.model, self.batch, self.max_networks = model, batch, max_networks
         self.cache: dict[tuple[int, ...], float] = {}
         self.computed = 0  # genomes really evaluated (cache misses)

@@ -368,8 +368,8 @@ class Library:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(folder / "library.safetensors",
-                           save_safetensors(tensors, metadata={"format": "clso-library",
-                                                               "version": str(LIBRARY_VERSION)}))
+                           # one metadata key: safetensors orders several at random in the header
+                           save_safetensors(tensors, metadata={"clso": f"library/{LIBRARY_VERSION}"}))
         write_json_atomic(folder / "manifest.json", self.manifest)
 
     @classmethod
@@ -441,3 +441,25 @@ def _check_stored(kind: str, stored: dict, d_in: int, d_out: int) -> None:
             raise ValueError("no blocks")
     else:
         raise ValueError(f"unknown kind {kind!r}")
+
+
+def library_metrics(library: Library, file: Path) -> dict:
+    """Counts per family, mean density / rank / bits, and bytes on disk against dense float32."""
+    out = {"size": library.size, "buckets": {}}
+    dense_bytes = 0
+    for bucket, info in library.manifest["buckets"].items():
+        entries, (d_in, d_out) = info["matrices"], library.shapes[bucket]
+        dense_bytes += len(entries) * d_in * d_out * 4
+        mean = lambda key: round(sum(e[key] for e in entries) / len(entries), 4)  # noqa: E731
+        out["buckets"][bucket] = {
+            "d_in": d_in, "d_out": d_out,
+            "families": {f: sum(e["family"] == f for e in entries) for f in FAMILIES},
+            "mean_density": mean("density"), "mean_rank": mean("rank"),
+            "mean_bits_per_weight": mean("bits_per_weight"),
+            "mean_flops_vs_dense": round(sum(e["flops_per_token"] for e in entries)
+                                         / (len(entries) * 2 * d_in * d_out), 4),
+        }
+    out["file_bytes"] = Path(file).stat().st_size
+    out["dense_float32_bytes"] = dense_bytes
+    out["bytes_vs_dense"] = round(out["file_bytes"] / dense_bytes, 4)
+    return out

@@ -1,6 +1,8 @@
 """The `clso` command: every stage (and benchmark) as a subcommand of one typer app."""
 
-import stages.prepare  # noqa: F401  (registers its command)
+import stages.bench  # noqa: F401  (each import registers its commands)
+import stages.library  # noqa: F401
+import stages.prepare  # noqa: F401
 from stages.common import app
 
 __all__ = ["app"]

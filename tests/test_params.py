@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from clso import ParamsError
-from clso.params import (SECTIONS, BaseParams, Params, PrepareParams, defaults, load_params,
-                         parse_params)
+from clso.params import SECTIONS, Params, defaults, load_params, parse_params
 from tests.conftest import REPO
 
 
@@ -20,9 +19,11 @@ def good() -> dict:
 
 def test_repo_params_load_and_match_documented_defaults():
     p = load_params(REPO / "params.yaml")
-    assert isinstance(p, Params)
-    assert p.base == defaults(BaseParams)
-    assert p.prepare == defaults(PrepareParams)
+    assert p == Params(**{name: defaults(cls) for name, cls in SECTIONS.items()})
+
+
+def test_tiny_params_load():
+    assert load_params(REPO / "tests/params_tiny.yaml").model.n_embd == 32
 
 
 def test_int_is_accepted_where_a_float_is_expected():
@@ -66,6 +67,12 @@ BAD = {
                         ["prepar", "unknown section", "did you mean 'prepare'"]),
     "missing section": (_edit(lambda r: r.pop("base")), ["base", "missing section"]),
     "section not a mapping": (_edit(lambda r: r.update(prepare=5)), ["prepare", "expected a mapping"]),
+    "heads do not divide width": (_edit(lambda r: r["model"].update(n_head=3)),
+                                  ["model.n_head", "does not divide"]),
+    "shares do not sum to one": (_edit(lambda r: r["library"].update(share_block_diag=0.5)),
+                                 ["library.share_*", "sum of 1"]),
+    "int choice": (_edit(lambda r: r["library"].update(ternary_levels=4)),
+                   ["library.ternary_levels", "one of 3, 5"]),
     "top level a list": (lambda: "- base\n- prepare\n", ["top level"]),
     "yaml syntax": (lambda: "base:\n  seed: [1, 2\nprepare: {}\n", ["YAML syntax error", "line"]),
     "empty file": (lambda: "", ["top level"]),

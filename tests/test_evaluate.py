@@ -1,0 +1,94 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clso.evaluate import EvalBatch, FitnessEvaluator, plain_losses, population_losses
+from clso.library import Library
+from clso.model import CrystallineGPT2, ModelConfig
+
+SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    library = Library.generate(11, 32, size=24, shares=SHARES)[0]
+    config = ModelConfig(vocab_size=97, n_layer=2, n_embd=32, n_head=4, block_size=16)
+    model = CrystallineGPT2(config, library, seed=4)
+    with torch.no_grad():  # make the continuous parts matter: gains and biases off their defaults
+        for i, layer in enumerate(model.layers):
+            layer.gain.fill_(0.5 + 0.1 * i)
+            layer.bias.normal_(0, 0.1)
+    tokens = np.random.default_rng(0).integers(0, 97, size=5000)
+    return model, EvalBatch.sample(tokens, 4, 16, seed=1)
+
+
+def genomes_with_shared_prefixes(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 24, size=(6, 8))
+    out = []
+    for i in range(n):
+        g = base[i % 6].copy()
+        cut = rng.integers(1, 8)
+        g[cut:] = rng.integers(0, 24, size=8 - cut)
+        out.append(g)
+    out += [out[0], out[3]]  # duplicates
+    return np.array(out)
+
+
+@pytest.mark.parametrize("max_networks", [1, 3, 64])
+def test_fast_losses_equal_the_plain_way(setup, max_networks):
+    model, batch = setup
+    genomes = genomes_with_shared_prefixes()
+    fast = population_losses(model, genomes, batch, max_networks=max_networks)
+    plain = plain_losses(model, genomes, batch)
+    assert fast.shape == (len(genomes),)
+    np.testing.assert_allclose(fast, plain, rtol=1e-5)
+    assert len(set(np.round(plain, 6))) > 20  # the genomes really differ
+
+
+def test_single_genome_forward_agrees(setup):
+    model, batch = setup
+    genome = genomes_with_shared_prefixes()[7]
+    model.set_genome(genome)
+    with torch.no_grad():
+        logits = model(batch.x)
+    loss = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.y.flatten()))
+    assert population_losses(model, [genome], batch)[0] == pytest.approx(loss, rel=1e-5)
+
+
+def test_evaluator_never_evaluates_a_genome_twice(setup):
+    model, batch = setup
+    evaluator = FitnessEvaluator(model, batch)
+    genomes = genomes_with_shared_prefixes()
+    first = evaluator(genomes)
+    assert evaluator.computed == len({tuple(g) for g in genomes.tolist()}) == 40
+    again = evaluator(genomes[::-1])
+    assert evaluator.computed == 40
+    np.testing.assert_array_equal(again, first[::-1])
+    evaluator.invalidate()
+    evaluator(genomes[:2])
+    assert evaluator.computed == 42
+
+
+def test_non_finite_loss_means_unfit(setup):
+    model, batch = setup
+    layer = model.layers[2]
+    saved = layer.bias.detach().clone()
+    with torch.no_grad():
+        layer.bias[0] = math.nan
+    try:
+        assert np.isinf(population_losses(model, genomes_with_shared_prefixes()[:3], batch)).all()
+    finally:
+        with torch.no_grad():
+            layer.bias.copy_(saved)
+
+
+def test_batches_are_named_by_their_start_positions():
+    tokens = np.arange(100)
+    batch = EvalBatch.from_tokens(tokens, [0, 10], 5)
+    assert batch.starts == (0, 10) and batch.x[1].tolist() == [10, 11, 12, 13, 14]
+    assert EvalBatch.sample(tokens, 3, 5, seed=2).starts == EvalBatch.sample(tokens, 3, 5, seed=2).starts
+    with pytest.raises(ValueError, match="outside"):
+        EvalBatch.from_tokens(tokens, [96], 5)

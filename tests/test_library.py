@@ -1,0 +1,162 @@
+import json
+import math
+
+import pytest
+import torch
+
+from clso import ClsoError
+from clso.library import (BUCKETS, FAMILIES, Library, bucket_shapes, family_counts, generate_matrix,
+                          library_metrics)
+
+SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
+
+
+@pytest.fixture(scope="module")
+def lib32():
+    return Library.generate(7, 32, size=40, shares=SHARES)
+
+
+def entries(lib, family):
+    for bucket in BUCKETS:
+        for e in lib.manifest["buckets"][bucket]["matrices"]:
+            if e["family"] == family:
+                yield bucket, e, lib.matrices[bucket][e["index"]]
+
+
+def test_family_counts_follow_the_shares():
+    assert family_counts(40, SHARES) == {"block_diag": 10, "ternary_lowrank": 18, "structured_sparse": 10,
+                                         "dense_quantized": 2}
+    assert sum(family_counts(7, SHARES).values()) == 7
+    assert family_counts(5, {"ternary_lowrank": 1.0})["ternary_lowrank"] == 5
+
+
+def test_one_library_per_shape_never_padded():
+    assert bucket_shapes(32) == {"c_attn": (32, 96), "attn_proj": (32, 32), "c_fc": (32, 128), "mlp_proj": (128, 32)}
+
+
+def test_every_matrix_preserves_variance_and_applies_like_its_dense_form(lib32):
+    lib, _ = lib32
+    for bucket in BUCKETS:
+        d_in, d_out = lib.shapes[bucket]
+        x = torch.randn(5, 3, d_in)
+        for m in lib.matrices[bucket]:
+            dense = m.dense()
+            assert dense.shape == (d_in, d_out)
+            assert float(dense.norm() ** 2) == pytest.approx(d_out, rel=1e-4)
+            torch.testing.assert_close(m.apply(x), x @ dense, rtol=1e-5, atol=1e-5)
+            gain, bias = torch.tensor(0.5), torch.randn(d_out)
+            torch.testing.assert_close(m.apply(x, gain, bias), 0.5 * (x @ dense) + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_ternary_lowrank_structure(lib32):
+    lib, tensors = lib32
+    seen = 0
+    for bucket, e, m in entries(lib, "ternary_lowrank"):
+        d_in, d_out = lib.shapes[bucket]
+        u, v = tensors[f"{bucket}.{e['index']}.U"], tensors[f"{bucket}.{e['index']}.V"]
+        assert set(u.unique().tolist()) <= {-1, 0, 1} and set(v.unique().tolist()) <= {-1, 0, 1}
+        assert 1 <= e["rank"] <= min(d_in, d_out) // 4 and u.shape == (d_in, e["rank"])
+        assert torch.linalg.matrix_rank(m.dense()) <= e["rank"]
+        assert e["flops_per_token"] == 2 * e["rank"] * (d_in + d_out)
+        seen += 1
+    assert seen == 4 * 18
+
+
+def test_five_level_factors():
+    stored, entry, _ = generate_matrix(3, "c_fc", 0, 32, 128, "ternary_lowrank", ternary_levels=5,
+                                       max_rank_fraction=0.25)
+    assert set(stored["U"].unique().tolist()) <= {-2, -1, 0, 1, 2} and entry["levels"] == 5
+
+
+def test_block_diag_structure(lib32):
+    lib, tensors = lib32
+    for bucket, e, m in entries(lib, "block_diag"):
+        d_in, d_out = lib.shapes[bucket]
+        assert 4 <= e["blocks"] <= 8
+        dense, mask = m.dense(), torch.zeros(d_in, d_out, dtype=torch.bool)
+        for k in range(e["blocks"]):
+            i = tensors[f"{bucket}.{e['index']}.in{k}"].long()
+            o = tensors[f"{bucket}.{e['index']}.out{k}"].long()
+            assert d_in / 8 <= len(i) <= d_in / 4 and len(o) * d_in == len(i) * d_out  # same share of both sides
+            mask[i.min():i.max() + 1, o.min():o.max() + 1] = True
+        assert (dense[~mask] == 0).all()  # nothing outside the diagonal blocks
+        assert e["flops_per_token"] == 2 * int(mask.sum())
+
+
+def test_structured_sparse_structure(lib32):
+    lib, _ = lib32
+    patterns = set()
+    for bucket, e, m in entries(lib, "structured_sparse"):
+        dense = m.dense()
+        values = dense.unique()
+        c = float(values.abs().max())
+        assert all(math.isclose(abs(float(v)), c, rel_tol=1e-6) or v == 0 for v in values)  # 0 and ±C only
+        patterns.add(e["pattern"])
+        if e["pattern"] == "row":
+            assert (dense != 0).any(1).float().mean() == pytest.approx(e["density"], abs=1e-6)
+        if e["pattern"] == "column":
+            assert (dense != 0).any(0).float().mean() == pytest.approx(e["density"], abs=1e-6)
+        if e["pattern"] == "checkerboard":
+            assert e["density"] == pytest.approx(0.5, abs=0.02)
+    assert patterns == {"row", "column", "checkerboard", "random"}
+
+
+def test_dense_quantized_has_few_distinct_values(lib32):
+    lib, _ = lib32
+    for _, e, _ in entries(lib, "dense_quantized"):
+        assert e["distinct_values"] <= (3 if e["values"] == "ternary" else 16)
+        assert e["rank"] == min(lib.shapes["c_attn"])
+
+
+def test_same_seed_same_bytes_other_seed_other_matrices(tmp_path):
+    (a, ta), (b, tb) = (Library.generate(1, 16, size=12, shares=SHARES) for _ in range(2))
+    a.save(tmp_path / "a", ta)
+    b.save(tmp_path / "b", tb)
+    for name in ("library.safetensors", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    c, _ = Library.generate(2, 16, size=12, shares=SHARES)
+    assert not torch.equal(a.dense("c_fc", 5), c.dense("c_fc", 5))
+
+
+def test_saved_library_loads_back(lib32, tmp_path):
+    lib, tensors = lib32
+    lib.save(tmp_path, tensors)
+    back = Library.load(tmp_path)
+    assert back.size == 40 and back.seed == 7
+    for bucket in BUCKETS:
+        for i in (0, 17, 39):
+            assert torch.equal(back.dense(bucket, i), lib.dense(bucket, i))
+    metrics = library_metrics(back, tmp_path / "library.safetensors")
+    assert metrics["buckets"]["c_fc"]["families"] == family_counts(40, SHARES)
+    assert 0 < metrics["bytes_vs_dense"] < 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "library.safetensors").write_bytes((d / "library.safetensors").read_bytes()[:1000]),
+     "unreadable"),
+    (lambda d: (d / "manifest.json").unlink(), "not found"),
+    (lambda d: (d / "manifest.json").write_text("[1, 2"), "unreadable"),
+    (lambda d: _edit_manifest(d, lambda m: m["buckets"]["c_fc"]["matrices"][0].update(kind="sparse")), "disagree"),
+    (lambda d: _edit_manifest(d, lambda m: m["buckets"]["c_fc"]["matrices"].pop()), "disagree"),
+])
+def test_damaged_library_is_a_clear_error(tmp_path, damage, message):
+    lib, tensors = Library.generate(1, 16, size=8, shares=SHARES)
+    lib.save(tmp_path, tensors)
+    damage(tmp_path)
+    with pytest.raises(ClsoError, match=message):
+        Library.load(tmp_path)
+
+
+def _edit_manifest(folder, change):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_hostile_block_indices_are_rejected(tmp_path):
+    lib, tensors = Library.generate(1, 16, size=4, shares={"block_diag": 1.0})
+    tensors = dict(tensors)
+    tensors["c_fc.0.in0"] = torch.tensor([0, 1, 99999], dtype=torch.int32)  # far outside d_in
+    lib.save(tmp_path, tensors)
+    with pytest.raises(ClsoError, match="outside"):
+        Library.load(tmp_path)
