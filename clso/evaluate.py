@@ -3,12 +3,15 @@
 `population_losses` is a pure function of (genomes, the batch, the library, the continuous
 parameters): workers that share those can each take a shard of a population. It is fast because
 
-  * the population runs as one batched pass: LayerNorms, attention and the LM head see every
-    distinct network at once;
-  * each library matrix is applied in factored form (low-rank as two thin matmuls, blocks as
-    small matmuls), once per distinct gene, for all networks that use it;
   * networks that share a prefix of genes share its computation: gene k's output depends only on
-    genes 0..k, so the population is walked as a trie, one level per gene;
+    genes 0..k, so the distinct genomes are walked in sorted order as a trie and each shared
+    prefix is computed once;
+  * on a GPU, up to 64 networks go side by side through one batched pass (LayerNorms, attention,
+    each distinct gene once for all networks that use it, the LM head); on a CPU they go one at
+    a time, depth first, so each network's activations stay in cache;
+  * each library matrix is applied in factored form (low-rank as two thin matmuls, blocks as
+    small matmuls), with its gain and bias fused into the last matmul;
+  * the LM head's log-sum-exp runs in place in one reused logits buffer;
   * `FitnessEvaluator` never evaluates a genome twice on the same batch.
 
 `plain_losses` is the reference: one genome at a time, dense weights materialised into a
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from clso.library import BUCKETS
 from clso.model import CrystallineGPT2, load_dense_weights
 
-LOGITS_PER_CHUNK = 2**25  # floats of logits held at once (128 MiB)
+LOGITS_PER_CHUNK = 2**25  # most logits held at once (128 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ def _apply_genes(layer, inputs: torch.Tensor, parent: torch.Tensor, gene: torch.
     library, bucket = layer.library, layer.bucket
     d_out = library.shapes[bucket][1]
     if len(gene) == 1:
-        return library.apply(bucket, int(gene[0]), inputs[parent], layer.gain, layer.bias)
+        p = int(parent[0])
+        return library.apply(bucket, int(gene[0]), inputs[p:p + 1], layer.gain, layer.bias)
     out = inputs.new_empty(len(gene), *inputs.shape[1:-1], d_out)
     for g in torch.unique(gene).tolist():
         rows = (gene == g).nonzero().flatten()

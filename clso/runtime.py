@@ -1,11 +1,9 @@
-"""Device, threads and seeds: the few global settings every compute stage makes the same way."""
+"""Devices and seeds: settings every compute stage makes the same way."""
 
 from __future__ import annotations
 
 import hashlib
-import random
 
-import numpy as np
 import torch
 
 from clso import ClsoError
@@ -20,16 +18,6 @@ def resolve_device(choice: str) -> torch.device:
                             "set base.device: auto or cpu, or install a CUDA build of torch")
         return torch.device("cuda")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def setup(seed: int, device: str = "auto", threads: int = 0) -> torch.device:
-    """Seed every generator, set CPU threads, and pick the device."""
-    if threads:
-        torch.set_num_threads(threads)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return resolve_device(device)
 
 
 def derive_seed(*parts) -> int:

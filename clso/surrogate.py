@@ -1,0 +1,174 @@
+"""The surrogate: a small network that ranks genomes without running the GPT-2.
+
+A learned embedding per (bucket, library index), concatenated over the genome's genes in order,
+feeds an MLP that scores the genome (lower = better, on the scale of standardised log-loss). It
+is trained with a pairwise ranking loss (RankNet or margin), optionally plus MSE on the
+standardised log-loss, because the search only needs to know which genome is better. An
+ensemble of K members gives a spread that reads as uncertainty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RANKING_LOSSES = ("ranknet", "margin")
+
+
+@dataclass(frozen=True)
+class SurrogateConfig:
+    gene_buckets: tuple[int, ...]  # bucket number of each gene, in genome order
+    library_size: int
+    embed_dim: int = 16
+    hidden: int = 64
+    depth: int = 2
+    ensemble: int = 1
+    ranking: str = "ranknet"
+    margin: float = 0.1
+    mse_weight: float = 0.1
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    steps: int = 300
+    batch_size: int = 128
+
+    def __post_init__(self):
+        if self.ranking not in RANKING_LOSSES:
+            raise ValueError(f"ranking must be one of {RANKING_LOSSES}")
+
+
+class SurrogateNet(nn.Module):
+    def __init__(self, config: SurrogateConfig):
+        super().__init__()
+        n_buckets = max(config.gene_buckets) + 1
+        self.embedding = nn.Embedding(n_buckets * config.library_size, config.embed_dim)
+        self.register_buffer("offsets", torch.tensor(config.gene_buckets) * config.library_size, persistent=False)
+        layers, width = [], len(config.gene_buckets) * config.embed_dim
+        for _ in range(config.depth):
+            layers += [nn.Linear(width, config.hidden), nn.ReLU()]
+            width = config.hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, genomes: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embedding(genomes + self.offsets).flatten(1)).squeeze(1)
+
+
+class Surrogate:
+    def __init__(self, config: SurrogateConfig, seed: int = 0):
+        self.config = config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.members = [SurrogateNet(config) for _ in range(config.ensemble)]
+        self.target_mean, self.target_std = 0.0, 1.0
+
+    def fit(self, genomes, losses, seed: int = 0, steps: int | None = None) -> float:
+        """Train every member on (genome, true loss) pairs; returns the final training loss.
+
+        Unfit genomes (infinite loss) are ranked below every fit one by a large target.
+        """
+        cfg = self.config
+        g = torch.as_tensor(np.asarray(genomes), dtype=torch.long)
+        log_loss = np.log(np.asarray(losses, dtype=np.float64))
+        finite = np.isfinite(log_loss)
+        if not finite.any():
+            raise ValueError("no finite losses to train the surrogate on")
+        self.target_mean, self.target_std = float(log_loss[finite].mean()), float(log_loss[finite].std() or 1.0)
+        z = (log_loss - self.target_mean) / self.target_std
+        z[~finite] = z[finite].max() + 3.0
+        target = torch.as_tensor(z, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(seed)
+        last = 0.0
+        for member in self.members:
+            opt = torch.optim.AdamW(member.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            member.train()
+            for _ in range(steps or cfg.steps):
+                idx = torch.randint(0, len(g), (min(cfg.batch_size, len(g)),), generator=generator)
+                score = member(g[idx])
+                loss = self._ranking_loss(score, target[idx]) + cfg.mse_weight * F.mse_loss(score, target[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last = loss.item()
+            member.eval()
+        return last
+
+    def _ranking_loss(self, score: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Over all ordered pairs in the batch whose true losses differ."""
+        diff_true = target[:, None] - target[None, :]
+        diff_pred = score[:, None] - score[None, :]
+        sign = torch.sign(diff_true)
+        mask = sign != 0
+        if not mask.any():
+            return score.sum() * 0
+        if self.config.ranking == "ranknet":
+            return F.binary_cross_entropy_with_logits(diff_pred[mask], (sign[mask] > 0).float())
+        return F.relu(self.config.margin - sign[mask] * diff_pred[mask]).mean()
+
+    @torch.no_grad()
+    def predict(self, genomes) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and spread of the members' scores (standardised log-loss; lower is better)."""
+        g = torch.as_tensor(np.asarray(genomes), dtype=torch.long)
+        scores = torch.stack([m(g) for m in self.members]).double().numpy()
+        return scores.mean(0), scores.std(0)
+
+    def predict_loss(self, genomes) -> np.ndarray:
+        """The mean score mapped back to a loss (meaningful only as far as the MSE term trained it)."""
+        mean, _ = self.predict(genomes)
+        return np.exp(mean * self.target_std + self.target_mean)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"member{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.state_dict().items()}
+        state["target"] = torch.tensor([self.target_mean, self.target_std], dtype=torch.float64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, m in enumerate(self.members):
+            prefix = f"member{i}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self.target_mean, self.target_std = (float(v) for v in state["target"])
+
+
+# --- how well a score ranks the truth ---------------------------------------------------------
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(a, b) -> float:
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denom) if denom else 0.0
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-b."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    da, db = np.sign(a[:, None] - a[None, :]), np.sign(b[:, None] - b[None, :])
+    upper = np.triu_indices(len(a), 1)
+    da, db = da[upper], db[upper]
+    denom = np.sqrt((da != 0).sum() * (db != 0).sum())
+    return float((da * db).sum() / denom) if denom else 0.0
+
+
+def top_recall(predicted, true, fraction: float = 0.1) -> float:
+    """Share of the truly best `fraction` (lowest loss) that the prediction also puts there."""
+    k = max(1, int(round(fraction * len(true))))
+    best_true = set(np.argsort(true, kind="stable")[:k].tolist())
+    best_pred = set(np.argsort(predicted, kind="stable")[:k].tolist())
+    return len(best_true & best_pred) / k
