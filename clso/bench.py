@@ -57,7 +57,6 @@ def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, 
     """
     torch.manual_seed(seed)
     library, _ = Library.generate(seed, n_embd, size=library_size, shares=DEFAULT_SHARES)
-    library = library.to(device)
     config = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block_size)
     model = CrystallineGPT2(config, library, seed=seed).to(device).eval()
     rng = np.random.default_rng(seed)

@@ -328,6 +328,10 @@ class Library:
     def size(self) -> int:
         return len(next(iter(self.matrices.values())))
 
+    @property
+    def device(self) -> torch.device:
+        return self.matrices[BUCKETS[0]][0]._device
+
     def apply(self, bucket: str, index: int, x: torch.Tensor, gain=None, bias=None) -> torch.Tensor:
         return self.matrices[bucket][index].apply(x, gain, bias)
 

@@ -103,6 +103,16 @@ class CrystallineGPT2(nn.Module):
             self.layers.append(layer)
         self.set_mode(mode)
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() move parameters; the library is no parameter, so follow them here
+        super()._apply(fn, recurse)
+        device = self.gpt2.transformer.wte.weight.device
+        if self.library.device != device:
+            self.library = self.library.to(device)
+            for layer in self.layers:
+                layer._library[0] = self.library
+        return self
+
     def set_mode(self, mode: str) -> None:
         self.mode = mode
         for name, p in self.named_parameters():

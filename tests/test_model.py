@@ -80,3 +80,9 @@ def test_factored_flops_are_the_library_figures(library):
     saved = sum(2 * i * o - library.flops_per_token(b, 0)
                 for b, (i, o) in zip(gene_buckets(CONFIG), [library.shapes[b] for b in gene_buckets(CONFIG)]))
     assert factored == dense - saved * 8 * 2
+
+
+def test_moving_the_model_moves_its_library(library):
+    model = CrystallineGPT2(CONFIG, library, seed=0).to(torch.float32).to("cpu")
+    assert model.library.device == torch.device("cpu")
+    assert all(layer.library is model.library for layer in model.layers)
