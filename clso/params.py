@@ -95,11 +95,37 @@ class LibraryParams:
 
 
 @dataclass(frozen=True)
+class FitnessParams:
+    batch_size: int = spec(8, "sequences of model.block_size tokens in the fixed fitness batch, drawn "
+                           "from the train split (val and test stay unseen by the search)", min=1, max=4096)
+
+
+@dataclass(frozen=True)
+class SurrogateParams:
+    n_train: int = spec(512, "genomes truly evaluated to pretrain the surrogate", min=20, max=1_000_000)
+    mutant_fraction: float = spec(0.5, "share of them that are mutants of the best found so far "
+                                  "(the rest are random)", min=0.0, max=0.9)
+    holdout_fraction: float = spec(0.2, "share held out to measure Spearman, Kendall and top-10% recall",
+                                   min=0.05, max=0.5)
+    embed_dim: int = spec(16, "embedding size per (bucket, library index)", min=1, max=1024)
+    hidden: int = spec(64, "width of the MLP", min=1, max=8192)
+    depth: int = spec(2, "hidden layers of the MLP", min=1, max=16)
+    ensemble: int = spec(3, "members; their spread is the uncertainty", min=1, max=32)
+    ranking: str = spec("ranknet", "pairwise ranking loss", choices=("ranknet", "margin"))
+    mse_weight: float = spec(0.1, "weight of the MSE on standardised log-loss beside the ranking loss",
+                             min=0.0, max=100.0)
+    steps: int = spec(400, "Adam steps per (re)training", min=1, max=1_000_000)
+    lr: float = spec(0.003, "learning rate", min=0.0, max=1.0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams
     prepare: PrepareParams
     model: ModelParams
     library: LibraryParams
+    fitness: FitnessParams
+    surrogate: SurrogateParams
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -252,5 +278,6 @@ def defaults(cls: type):
     return cls(**{f.name: f.default for f in dataclasses.fields(cls)})
 
 
-__all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "Params", "load_params", "parse_params", "section_help",
+__all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "FitnessParams", "SurrogateParams",
+           "Params", "load_params", "parse_params", "section_help",
            "defaults", "SECTIONS"]

@@ -120,6 +120,11 @@ class Surrogate:
         mean, _ = self.predict(genomes)
         return np.exp(mean * self.target_std + self.target_mean)
 
+    def training_flops(self, steps: int | None = None) -> int:
+        """≈ 6 · parameters · samples for forward and backward of every member (pair losses aside)."""
+        params = sum(p.numel() for p in self.members[0].parameters())
+        return 6 * params * self.config.batch_size * (steps or self.config.steps) * len(self.members)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"member{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.state_dict().items()}
         state["target"] = torch.tensor([self.target_mean, self.target_std], dtype=torch.float64)
@@ -133,6 +138,11 @@ class Surrogate:
 
 
 # --- how well a score ranks the truth ---------------------------------------------------------
+
+def ranking_metrics(predicted, true) -> dict:
+    return {"spearman": round(spearman(predicted, true), 4), "kendall_tau": round(kendall_tau(predicted, true), 4),
+            "top10_recall": round(top_recall(predicted, true, 0.1), 4)}
+
 
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Average ranks (ties share the mean of their positions)."""

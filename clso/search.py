@@ -1,0 +1,91 @@
+"""What the surrogate and evolve stages share: the model under search, its fixed fitness batch,
+and the sampling of genomes to teach the surrogate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clso import ClsoError
+from clso import ga
+from clso.data import TokenData
+from clso.evaluate import EvalBatch, FitnessEvaluator
+from clso.library import BUCKETS, Library
+from clso.model import CrystallineGPT2, ModelConfig, genome_length
+from clso.runtime import derive_seed
+
+
+@dataclass
+class Search:
+    config: ModelConfig
+    library: Library
+    model: CrystallineGPT2
+    batch: EvalBatch
+    evaluator: FitnessEvaluator
+    data: TokenData
+
+    @property
+    def genome_length(self) -> int:
+        return genome_length(self.config)
+
+    @property
+    def gene_buckets(self) -> tuple[int, ...]:
+        return tuple(k % len(BUCKETS) for k in range(self.genome_length))
+
+    def genome_flops(self, genomes) -> int:
+        """Forward FLOPs of scoring these genomes one by one on the fitness batch (factored form)."""
+        b, t = self.batch.x.shape
+        return int(sum(self.model.genome_flops(g, t, b) for g in genomes))
+
+
+def build_search(data_dir: str | Path, library_dir: str | Path, model, *, fitness_batch_size: int, seed: int,
+                 device, mode: str = "pure") -> Search:
+    """The crystalline GPT-2 of `model` (ModelParams) on the prepared data and the built library."""
+    data = TokenData.open(data_dir)
+    library = Library.load(library_dir)
+    if library.shapes["c_attn"][0] != model.n_embd:
+        raise ClsoError(f"{library_dir}: library built for n_embd {library.shapes['c_attn'][0]}, "
+                        f"model.n_embd is {model.n_embd}; run `dvc repro library`")
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=model.n_layer, n_embd=model.n_embd,
+                         n_head=model.n_head, block_size=model.block_size,
+                         tie_embeddings=model.tie_embeddings, layer_gains=model.layer_gains)
+    crystal = CrystallineGPT2(config, library, mode=mode, seed=seed).to(device)
+    train = data.tokens("train")
+    if len(train) <= model.block_size + 1:
+        raise ClsoError(f"the train split has {len(train)} tokens, too few for model.block_size "
+                        f"{model.block_size}; lower it or use more data")
+    batch = EvalBatch.sample(train, fitness_batch_size, model.block_size, derive_seed(seed, "fitness"), device)
+    return Search(config, crystal.library, crystal, batch, FitnessEvaluator(crystal, batch), data)
+
+
+def sample_for_surrogate(search: Search, n: int, mutant_fraction: float, rng: np.random.Generator,
+                         on_progress=None, rounds: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """n truly evaluated genomes: random ones, then mutants of the best found so far, so the data
+    is not all poor. Returns distinct genomes and their losses."""
+    size, length = search.library.size, search.genome_length
+    cfg = ga.GAConfig(population=2, genome_length=length, library_size=size, elite=0)
+    n_random = max(1, n - int(round(n * mutant_fraction)))
+    genomes: dict[tuple[int, ...], float] = {}
+
+    def evaluate(batch: np.ndarray) -> None:
+        fresh = np.array([g for g in dict.fromkeys(map(tuple, batch.tolist())) if g not in genomes][:n - len(genomes)])
+        if len(fresh):
+            genomes.update(zip(map(tuple, fresh.tolist()), search.evaluator(fresh).tolist()))
+            if on_progress:
+                on_progress(len(fresh))
+
+    evaluate(ga.random_genomes(n_random, cfg, rng))
+    stalls = 0
+    while len(genomes) < n and stalls < 100:
+        before = len(genomes)
+        ranked = sorted(genomes, key=genomes.get)[:max(1, len(genomes) // 10)]
+        want = min(n - len(genomes), max(1, (n - n_random) // rounds))
+        parents = [ranked[i] for i in rng.integers(0, len(ranked), size=want)]
+        rate = 2.0 / length  # about two genes changed: near the best, not on top of it
+        evaluate(np.array([ga.mutate(np.array(p), rate, size, rng) for p in parents]))
+        stalls = stalls + 1 if len(genomes) == before else 0
+    keys = list(genomes)
+    return np.array(keys, dtype=np.int64), np.array([genomes[k] for k in keys])
