@@ -210,10 +210,12 @@ class FitnessEvaluator:
         self.model, self.batch, self.max_networks = model, batch, max_networks
         self.cache: dict[tuple[int, ...], float] = {}
         self.computed = 0  # genomes really evaluated (cache misses)
+        self.last_computed: list[tuple[int, ...]] = []  # the cache misses of the last call
 
     def __call__(self, genomes) -> np.ndarray:
         keys = [tuple(int(g) for g in genome) for genome in np.asarray(genomes).reshape(-1, len(self.model.layers))]
         missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        self.last_computed = missing
         if missing:
             losses = population_losses(self.model, missing, self.batch, self.max_networks)
             self.cache.update(zip(missing, losses.tolist()))
@@ -222,3 +224,19 @@ class FitnessEvaluator:
 
     def invalidate(self) -> None:
         self.cache.clear()
+
+
+@torch.no_grad()
+def split_loss(logits_fn, tokens: np.ndarray, block_size: int, batch_size: int, device="cpu") -> float:
+    """Mean next-token loss over a whole split, in consecutive non-overlapping windows."""
+    windows = (len(tokens) - 1) // block_size
+    if windows < 1:
+        raise ValueError(f"a split of {len(tokens)} tokens holds no window of {block_size}")
+    total, count = 0.0, 0
+    for first in range(0, windows, batch_size):
+        starts = np.arange(first, min(first + batch_size, windows)) * block_size
+        batch = EvalBatch.from_tokens(tokens, starts, block_size, device)
+        logits = logits_fn(batch.x)
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch.y.flatten(), reduction="sum"))
+        count += batch.y.numel()
+    return total / count

@@ -47,20 +47,22 @@ class GAState:
     generation: int
     population: np.ndarray  # (P, N) genes
     fitness: np.ndarray  # (P,) losses; +inf for unfit, nan before evaluation
+    evaluated: np.ndarray  # (P,) True where the fitness is a true evaluation, not a surrogate's guess
     best_genome: np.ndarray
     best_fitness: float
     rng: dict = field(repr=False)  # numpy bit-generator state
 
     def to_json(self) -> dict:
         return {"generation": self.generation, "population": self.population.tolist(),
-                "fitness": [_num(f) for f in self.fitness], "best_genome": self.best_genome.tolist(),
+                "fitness": [_num(f) for f in self.fitness], "evaluated": self.evaluated.tolist(),
+                "best_genome": self.best_genome.tolist(),
                 "best_fitness": _num(self.best_fitness), "rng": self.rng}
 
     @classmethod
     def from_json(cls, data: dict) -> GAState:
         return cls(int(data["generation"]), np.asarray(data["population"], dtype=np.int64),
                    np.asarray([float(f) for f in data["fitness"]], dtype=np.float64),
-                   np.asarray(data["best_genome"], dtype=np.int64), float(data["best_fitness"]), data["rng"])
+                   np.asarray(data["evaluated"], dtype=bool), np.asarray(data["best_genome"], dtype=np.int64), float(data["best_fitness"]), data["rng"])
 
 
 def _num(f: float):
@@ -80,8 +82,8 @@ def random_genomes(n: int, config: GAConfig, rng: np.random.Generator) -> np.nda
 def init(config: GAConfig, seed: int) -> GAState:
     rng = np.random.default_rng(seed)
     population = random_genomes(config.population, config, rng)
-    return GAState(0, population, np.full(config.population, np.nan), population[0].copy(), math.inf,
-                   rng.bit_generator.state)
+    return GAState(0, population, np.full(config.population, np.nan), np.zeros(config.population, dtype=bool),
+                   population[0].copy(), math.inf, rng.bit_generator.state)
 
 
 # --- operators: pure functions of their inputs and a generator ------------------------------
@@ -135,12 +137,15 @@ def temperature(config: GAConfig, generation: int) -> float:
 
 
 def ask(config: GAConfig, state: GAState) -> tuple[np.ndarray, GAState]:
-    """The next population: the elite unchanged, then children of selected parents."""
+    """The next population: the elite (the best truly evaluated genomes) unchanged, then children
+    of parents selected on every fitness, true or predicted."""
     if np.isnan(state.fitness).any():
         raise ValueError("ask() needs a fully evaluated population: call tell() first")
     rng = _rng(state)
-    fitness = np.where(np.isnan(state.fitness), np.inf, state.fitness)
-    n_children = config.population - config.elite
+    fitness = state.fitness
+    true_fitness = np.where(state.evaluated, fitness, np.inf)
+    elite = [i for i in elites(true_fitness, config.elite) if state.evaluated[i]]
+    n_children = config.population - len(elite)
     if config.selection == "tournament":
         parents = tournament_select(fitness, config.tournament, 2 * n_children, rng)
     else:
@@ -151,19 +156,23 @@ def ask(config: GAConfig, state: GAState) -> tuple[np.ndarray, GAState]:
         a, b = state.population[parents[2 * i]], state.population[parents[2 * i + 1]]
         child = cross(a, b, rng) if rng.random() < config.crossover_rate else a.copy()
         children.append(mutate(child, config.mutation_rate, config.library_size, rng))
-    population = np.concatenate([state.population[elites(fitness, config.elite)],
+    population = np.concatenate([state.population[elite].reshape(-1, config.genome_length),
                                  np.asarray(children, dtype=np.int64).reshape(-1, config.genome_length)])
     return population, replace(state, rng=rng.bit_generator.state)
 
 
-def tell(config: GAConfig, state: GAState, population: np.ndarray, fitness: np.ndarray) -> GAState:
-    """Adopt an evaluated population; the best genome is only ever a truly evaluated one."""
+def tell(config: GAConfig, state: GAState, population: np.ndarray, fitness: np.ndarray,
+         evaluated: np.ndarray | None = None) -> GAState:
+    """Adopt a scored population. `evaluated` marks true evaluations (default: all); the best
+    genome is only ever a truly evaluated one, never a surrogate's guess."""
     fitness = np.asarray(fitness, dtype=np.float64).copy()
     fitness[~np.isfinite(fitness)] = np.inf  # NaN or inf: unfit, never selected as best
+    evaluated = np.ones(len(fitness), dtype=bool) if evaluated is None else np.asarray(evaluated, dtype=bool)
     best, best_fitness = state.best_genome, state.best_fitness
-    i = int(np.argmin(fitness))
-    if fitness[i] < best_fitness:
-        best, best_fitness = population[i].copy(), float(fitness[i])
+    true_fitness = np.where(evaluated, fitness, np.inf)
+    i = int(np.argmin(true_fitness))
+    if true_fitness[i] < best_fitness:
+        best, best_fitness = population[i].copy(), float(true_fitness[i])
     generation = state.generation + (0 if np.isnan(state.fitness).all() else 1)
     return replace(state, generation=generation, population=np.asarray(population, dtype=np.int64),
-                   fitness=fitness, best_genome=best, best_fitness=best_fitness)
+                   fitness=fitness, evaluated=evaluated, best_genome=best, best_fitness=best_fitness)

@@ -155,11 +155,14 @@ class CrystallineGPT2(nn.Module):
         load_dense_weights(dense, self, genome)
         return dense.eval()
 
+    def linear_flops(self, genome) -> dict[tuple[int, str], int]:
+        """Forward FLOPs per token of each crystalline layer, keyed as clso.flops expects."""
+        return {(k // len(BUCKETS), LAYER_NAMES[b]): self.library.flops_per_token(b, int(g))
+                for k, (b, g) in enumerate(zip(gene_buckets(self.config), genome))}
+
     def genome_flops(self, genome, seq_len: int, n_seqs: int = 1) -> int:
         """Forward FLOPs with each crystalline layer applied in its factored form."""
-        per_layer = {(k // len(BUCKETS), LAYER_NAMES[b]): self.library.flops_per_token(b, int(g))
-                     for k, (b, g) in enumerate(zip(gene_buckets(self.config), genome))}
-        return forward_flops(self.config.gpt2(), seq_len, n_seqs, linear_flops=per_layer)
+        return forward_flops(self.config.gpt2(), seq_len, n_seqs, linear_flops=self.linear_flops(genome))
 
 
 @torch.no_grad()

@@ -119,6 +119,39 @@ class SurrogateParams:
 
 
 @dataclass(frozen=True)
+class EvolveParams:
+    mode: str = spec("pure", "pure: only genes change (the protocol's V1); hybrid: every hybrid_every "
+                     "generations, Adam trains the continuous parts for the best genome", choices=("pure", "hybrid"))
+    population: int = spec(64, "genomes per generation (P; the protocol runs 256-512 on a GPU)", min=4, max=1_000_000)
+    generations: int = spec(60, "generation limit (G; the protocol runs 1000-2000)", min=1, max=1_000_000)
+    patience: int = spec(30, "stop after this many generations without a better truly evaluated genome",
+                         min=1, max=1_000_000)
+    elite: int = spec(2, "best truly evaluated genomes copied unchanged into the next generation", min=0, max=1_000_000)
+    selection: str = spec("tournament", "parent selection", choices=("tournament", "boltzmann"))
+    tournament: int = spec(5, "tournament size k", min=1, max=1000)
+    temperature: float = spec(1.0, "Boltzmann selection: initial temperature, in fitness standard deviations",
+                              min=0.0, max=1000.0, min_exclusive=True)
+    temperature_decay: float = spec(0.95, "Boltzmann selection: temperature factor per generation",
+                                    min=0.0, max=1.0, min_exclusive=True)
+    crossover: str = spec("single_point", "crossover operator", choices=("single_point", "uniform"))
+    crossover_rate: float = spec(0.75, "probability a child is a crossover of two parents", min=0.0, max=1.0)
+    mutation_rate: float = spec(0.08, "probability each gene moves to another library index", min=0.0, max=1.0)
+    full_eval_fraction: float = spec(0.2, "share of each generation truly evaluated (X): the best by "
+                                     "surrogate score plus random picks; the rest is scored by the surrogate",
+                                     min=0.0, max=1.0, min_exclusive=True)
+    surrogate_every: int = spec(10, "retrain the surrogate on all true evaluations every T_s generations",
+                                min=1, max=1_000_000)
+    local_search_every: int = spec(50, "local search every T_L generations", min=1, max=1_000_000)
+    local_search_top: int = spec(10, "local search on the K best truly evaluated genomes", min=1, max=1_000_000)
+    local_search_neighbours: int = spec(5, "S single-gene neighbours per genome, scored by the surrogate; the "
+                                        "best is truly evaluated", min=1, max=1_000_000)
+    hybrid_every: int = spec(5, "hybrid mode: generations of search between Adam phases (E)", min=1, max=1_000_000)
+    hybrid_steps: int = spec(20, "hybrid mode: Adam steps per phase (S)", min=1, max=1_000_000)
+    hybrid_lr: float = spec(0.001, "hybrid mode: Adam learning rate", min=0.0, max=1.0, min_exclusive=True)
+    hybrid_batch_size: int = spec(8, "hybrid mode: sequences per Adam step, from the train split", min=1, max=4096)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams
     prepare: PrepareParams
@@ -126,6 +159,7 @@ class Params:
     library: LibraryParams
     fitness: FitnessParams
     surrogate: SurrogateParams
+    evolve: EvolveParams
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -220,6 +254,10 @@ def _check_across(params: Params) -> None:
     lib = params.library
     shares = (lib.share_block_diag, lib.share_ternary_lowrank, lib.share_structured_sparse,
               lib.share_dense_quantized)
+    e = params.evolve
+    if e.elite >= e.population:
+        raise ParamsError(f"evolve.elite: {e.elite} is not below evolve.population {e.population}; "
+                          "valid: fewer elites than genomes")
     if abs(sum(shares) - 1.0) > 1e-6:
         raise ParamsError(f"library.share_*: the four shares sum to {sum(shares):g}; valid: a sum of 1")
 
@@ -279,5 +317,6 @@ def defaults(cls: type):
 
 
 __all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "FitnessParams", "SurrogateParams",
+           "EvolveParams",
            "Params", "load_params", "parse_params", "section_help",
            "defaults", "SECTIONS"]

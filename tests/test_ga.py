@@ -95,3 +95,16 @@ def test_same_seed_same_search():
     a, b = run(5, seed=3), run(5, seed=3)
     np.testing.assert_array_equal(a.population, b.population)
     assert a.best_fitness == b.best_fitness
+
+
+def test_surrogate_scores_never_make_a_best_or_an_elite():
+    state = run(2)
+    fitness = evaluate(state.population)
+    guessed = np.ones(CFG.population, dtype=bool)
+    guessed[0] = False
+    fitness[0] = -100.0  # a surrogate's wild guess
+    told = ga.tell(CFG, state, state.population, fitness, evaluated=guessed)
+    assert told.best_fitness > -100.0
+    children, _ = ga.ask(CFG, told)
+    assert not any((c == state.population[0]).all() for c in children[:CFG.elite]) or \
+        (state.population[0] == state.population[1:]).all(1).any()

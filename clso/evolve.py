@@ -1,0 +1,276 @@
+"""CLSO's search: the GA of `clso.ga` with the surrogate in the loop, local search, an optional
+hybrid phase of Adam on the continuous parts, and a checkpoint after every generation.
+
+Per generation a fraction X of the children is truly evaluated — the best by surrogate score
+plus random picks, on top of children whose loss is already known — and the rest get the
+surrogate's predicted loss. Only true evaluations can make a genome the best or an elite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from clso import ClsoError, ga
+from clso.data import random_batch
+from clso.energy import EnergyMeter, EnergyReading
+from clso.flops import backward_flops, forward_flops
+from clso.io import atomic_dir
+from clso.runtime import derive_seed
+from clso.search import Search
+from clso.surrogate import Surrogate
+
+CHECKPOINT_VERSION = 1
+HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
+                  "energy_wh", "energy_method", "flops", "wall_s")
+
+
+@dataclass
+class Totals:
+    """Cost so far, carried across resumed segments."""
+
+    energy_j: float = 0.0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    flops: int = 0
+    methods: list[str] = field(default_factory=list)
+
+    def plus(self, reading: EnergyReading) -> dict:
+        methods = sorted(set(self.methods) | {reading.method})
+        return {"energy_wh": self.energy_j / 3600 + reading.energy_wh, "method": "|".join(methods),
+                "wall_s": self.wall_s + reading.wall_s, "cpu_s": self.cpu_s + reading.cpu_s}
+
+
+@dataclass
+class Run:
+    """Everything the loop carries from one generation to the next (JSON + two tensor files)."""
+
+    ga_state: ga.GAState
+    rng: dict
+    true_evaluations: int = 0
+    surrogate_predictions: int = 0
+    since_improvement: int = 0
+    stopped: str | None = None
+    totals: Totals = field(default_factory=Totals)
+    history: list[dict] = field(default_factory=list)
+
+
+def ga_config(cfg, search: Search) -> ga.GAConfig:
+    return ga.GAConfig(population=cfg.population, genome_length=search.genome_length,
+                       library_size=search.library.size, elite=cfg.elite, selection=cfg.selection,
+                       tournament=cfg.tournament, temperature=cfg.temperature, temperature_decay=cfg.temperature_decay,
+                       crossover=cfg.crossover, crossover_rate=cfg.crossover_rate, mutation_rate=cfg.mutation_rate)
+
+
+class Evolution:
+    def __init__(self, search: Search, cfg, surrogate: Surrogate, pretraining: tuple[np.ndarray, np.ndarray],
+                 seed: int, checkpoint_dir: str | Path, fingerprint: str, meter_options: dict):
+        self.search, self.cfg, self.surrogate = search, cfg, surrogate
+        self.gacfg = ga_config(cfg, search)
+        self.pretraining = pretraining
+        self.seed, self.fingerprint = seed, fingerprint
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.meter_options = meter_options
+        self.run = self._resume() or self._start()
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _start(self) -> Run:
+        state = ga.init(self.gacfg, derive_seed(self.seed, "evolve-ga"))
+        run = Run(state, np.random.default_rng(derive_seed(self.seed, "evolve")).bit_generator.state)
+        self.search.evaluator.cache.update(zip(map(tuple, self.pretraining[0].tolist()), self.pretraining[1].tolist()))
+        return run
+
+    def _resume(self) -> Run | None:
+        path = self.checkpoint_dir / "state.json"
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if (data.get("version") != CHECKPOINT_VERSION or data.get("fingerprint") != self.fingerprint
+                    or data.get("stopped")):
+                return None  # another configuration's, or a finished run's: start afresh
+            self.surrogate.load_state_dict(load_file(str(self.checkpoint_dir / "surrogate.safetensors")))
+            self.search.model.load_continuous_state(load_file(str(self.checkpoint_dir / "continuous.safetensors")))
+            self.search.evaluator.cache = {tuple(g): float(v) for g, v in data["cache"]}
+            run = Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
+                      data["surrogate_predictions"], data["since_improvement"], data["stopped"],
+                      Totals(**data["totals"]), data["history"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ClsoError(f"{self.checkpoint_dir}: checkpoint unreadable ({type(e).__name__}); delete the "
+                            "folder to start the search afresh") from None
+        return run
+
+    def _checkpoint(self, reading: EnergyReading) -> None:
+        run = self.run
+        totals = Totals(run.totals.energy_j + reading.energy_wh * 3600, run.totals.cpu_s + reading.cpu_s,
+                        run.totals.wall_s + reading.wall_s, run.totals.flops, sorted(set(run.totals.methods) | {reading.method}))
+        data = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "ga": run.ga_state.to_json(),
+                "rng": run.rng, "true_evaluations": run.true_evaluations,
+                "surrogate_predictions": run.surrogate_predictions, "since_improvement": run.since_improvement,
+                "stopped": run.stopped, "totals": totals.__dict__, "history": run.history,
+                "cache": [[list(k), v if math.isfinite(v) else "inf"] for k, v in self.search.evaluator.cache.items()]}
+        with atomic_dir(self.checkpoint_dir) as tmp:
+            save_file(self.surrogate.state_dict(), str(tmp / "surrogate.safetensors"))
+            save_file(self.search.model.continuous_state(), str(tmp / "continuous.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(data))
+
+    # --- one generation ----------------------------------------------------------------------
+
+    def _true(self, genomes: np.ndarray) -> np.ndarray:
+        losses = self.search.evaluator(genomes)
+        self.run.true_evaluations += len(self.search.evaluator.last_computed)
+        self.run.totals.flops += self.search.genome_flops(self.search.evaluator.last_computed)
+        return losses
+
+    def _predict(self, genomes: np.ndarray) -> np.ndarray:
+        params = sum(p.numel() for p in self.surrogate.members[0].parameters())
+        self.run.totals.flops += 2 * params * len(genomes) * len(self.surrogate.members)
+        return self.surrogate.predict_loss(genomes)
+
+    def _score(self, children: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """True losses for a fraction X (known ones, the surrogate's best, random picks), predictions for the rest."""
+        cache = self.search.evaluator.cache
+        known = np.array([tuple(c) in cache for c in children.tolist()])
+        budget = max(1, math.ceil(self.cfg.full_eval_fraction * len(children)))
+        unknown = np.flatnonzero(~known)
+        chosen = np.zeros(len(children), dtype=bool)
+        chosen[known] = True
+        if len(unknown):
+            mean, _ = self.surrogate.predict(children[unknown])
+            by_score = unknown[np.argsort(mean, kind="stable")]
+            top = by_score[:math.ceil(budget / 2)]
+            rest = np.setdiff1d(unknown, top)
+            picks = rng.choice(rest, size=min(len(rest), budget - len(top)), replace=False) if len(rest) else []
+            chosen[top] = True
+            chosen[np.asarray(picks, dtype=int)] = True
+        fitness = np.empty(len(children))
+        fitness[chosen] = self._true(children[chosen])
+        if (~chosen).any():
+            fitness[~chosen] = self._predict(children[~chosen])
+            self.run.surrogate_predictions += int((~chosen).sum())
+        return fitness, chosen
+
+    def _local_search(self, rng: np.random.Generator) -> None:
+        state = self.run.ga_state
+        true_fitness = np.where(state.evaluated, state.fitness, np.inf)
+        population, fitness = state.population.copy(), state.fitness.copy()
+        for i in ga.elites(true_fitness, min(self.cfg.local_search_top, len(population))):
+            if not np.isfinite(true_fitness[i]):
+                continue
+            neighbours = np.repeat(population[i][None], self.cfg.local_search_neighbours, axis=0)
+            genes = rng.integers(0, self.search.genome_length, size=len(neighbours))
+            shift = rng.integers(1, self.search.library.size, size=len(neighbours))
+            neighbours[np.arange(len(neighbours)), genes] = (neighbours[np.arange(len(neighbours)), genes] + shift) \
+                % self.search.library.size
+            best = neighbours[int(np.argmin(self._predict(neighbours)))]
+            loss = float(self._true(best[None])[0])
+            if loss < fitness[i]:
+                population[i], fitness[i] = best, loss
+        true_fitness = np.where(state.evaluated, fitness, np.inf)
+        j = int(np.argmin(true_fitness))
+        best_genome, best_fitness = state.best_genome, state.best_fitness
+        if true_fitness[j] < best_fitness:
+            best_genome, best_fitness = population[j].copy(), float(true_fitness[j])
+        self.run.ga_state = replace(state, population=population, fitness=fitness, best_genome=best_genome,
+                                    best_fitness=best_fitness)
+
+    def _retrain_surrogate(self, generation: int) -> None:
+        cache = self.search.evaluator.cache
+        genomes = np.array(list(cache), dtype=np.int64)
+        self.surrogate.fit(genomes, np.array(list(cache.values())), seed=derive_seed(self.seed, "surrogate", generation))
+        self.run.totals.flops += self.surrogate.training_flops()
+
+    def _hybrid_phase(self, rng: np.random.Generator) -> None:
+        """Adam on the continuous parts for the best genome; every cached loss is then stale."""
+        search, cfg, state = self.search, self.cfg, self.run.ga_state
+        model = search.model
+        model.set_genome(state.best_genome)
+        model.set_mode("hybrid")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=cfg.hybrid_lr)
+        train = search.data.tokens("train")
+        device = search.batch.x.device
+        model.train()
+        for _ in range(cfg.hybrid_steps):
+            x, y = random_batch(train, cfg.hybrid_batch_size, search.config.block_size, rng, device)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        model.set_mode("pure")
+        t, b = search.config.block_size, cfg.hybrid_batch_size
+        per_layer = model.linear_flops(state.best_genome)
+        self.run.totals.flops += cfg.hybrid_steps * (
+            forward_flops(search.config.gpt2(), t, b, per_layer)
+            + backward_flops(search.config.gpt2(), t, b, per_layer, train_linears=False))
+        search.evaluator.invalidate()
+        fitness = state.fitness.copy()
+        fitness[state.evaluated] = self._true(state.population[state.evaluated])
+        best_loss = float(self._true(state.best_genome[None])[0])
+        self.run.ga_state = replace(state, fitness=fitness, best_fitness=best_loss)
+
+    def step(self) -> None:
+        run, cfg = self.run, self.cfg
+        rng = np.random.default_rng()
+        rng.bit_generator.state = run.rng
+        if np.isnan(run.ga_state.fitness).all():  # generation 0: score the random population
+            population = run.ga_state.population
+            fitness, chosen = self._score(population, rng)
+            run.ga_state = ga.tell(self.gacfg, run.ga_state, population, fitness, chosen)
+            chosen_fitness = fitness[chosen]
+        else:
+            before = run.ga_state.best_fitness
+            children, state = ga.ask(self.gacfg, run.ga_state)
+            fitness, chosen = self._score(children, rng)
+            run.ga_state = ga.tell(self.gacfg, state, children, fitness, chosen)
+            generation = run.ga_state.generation
+            if generation % cfg.local_search_every == 0:
+                self._local_search(rng)
+            if generation % cfg.surrogate_every == 0:
+                self._retrain_surrogate(generation)
+            if cfg.mode == "hybrid" and generation % cfg.hybrid_every == 0:
+                self._hybrid_phase(rng)
+                before = math.inf  # a new landscape: the re-evaluated best counts as progress
+            run.since_improvement = 0 if run.ga_state.best_fitness < before else run.since_improvement + 1
+            chosen_fitness = run.ga_state.fitness[run.ga_state.evaluated]
+        run.rng = rng.bit_generator.state
+        finite = chosen_fitness[np.isfinite(chosen_fitness)]
+        run.history.append({
+            "generation": run.ga_state.generation, "best_loss": run.ga_state.best_fitness,
+            "mean_loss": float(finite.mean()) if len(finite) else math.inf,
+            "std_loss": float(finite.std()) if len(finite) else 0.0,
+            "true_evaluations": run.true_evaluations, "surrogate_predictions": run.surrogate_predictions,
+        })
+        if run.ga_state.generation >= cfg.generations:
+            run.stopped = "generation limit"
+        elif run.since_improvement >= cfg.patience:
+            run.stopped = f"no improvement in {cfg.patience} generations"
+
+    def run_to_end(self, on_generation=None, stop_after: int | None = None) -> Run:
+        """Generations until a stop; `stop_after` ends this process early, as a kill would (tests)."""
+        done_here = 0
+        with EnergyMeter(**self.meter_options) as meter:
+            while self.run.stopped is None:
+                self.step()
+                reading = meter.read()
+                cost = self.run.totals.plus(reading)
+                self.run.history[-1].update({"energy_wh": cost["energy_wh"], "energy_method": cost["method"],
+                                             "flops": self.run.totals.flops, "wall_s": cost["wall_s"]})
+                self._checkpoint(reading)
+                if on_generation:
+                    on_generation(self.run)
+                done_here += 1
+                if stop_after is not None and done_here >= stop_after and self.run.stopped is None:
+                    raise KeyboardInterrupt
+        self.segment = meter.reading
+        return self.run
+

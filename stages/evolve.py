@@ -1,0 +1,115 @@
+"""Stage `evolve`: the CLSO genetic search with its surrogate, resumable after any generation."""
+
+import csv
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+import numpy as np
+
+from clso import ClsoError
+from clso.evaluate import split_loss
+from clso.evolve import HISTORY_FIELDS, Evolution
+from clso.io import atomic_dir, write_json_atomic, write_text_atomic
+from clso.params import load_params
+from clso.progress import progress_bar
+from clso.runtime import resolve_device
+from clso.search import build_search
+from clso.surrogate import Surrogate, SurrogateConfig
+from stages.common import PARAMS_OPTION, run_alone, stage
+
+SURROGATE_DIR = Path("models/surrogate")
+CHECKPOINT_DIR = Path("checkpoints/evolve")
+OUT_DIR = Path("models/clso")
+METRICS = Path("metrics/evolve.json")
+PLOT = Path("plots/evolve.csv")
+VAL_BATCH = 16
+
+
+def _load_surrogate() -> tuple[Surrogate, np.ndarray, np.ndarray]:
+    try:
+        config = json.loads((SURROGATE_DIR / "surrogate.json").read_text())
+        data = json.loads((SURROGATE_DIR / "data.json").read_text())
+        model = Surrogate(SurrogateConfig(**{**config, "gene_buckets": tuple(config["gene_buckets"])}))
+        model.load_state_dict(load_file(str(SURROGATE_DIR / "surrogate.safetensors")))
+    except FileNotFoundError as e:
+        raise ClsoError(f"{e.filename}: not found; run `dvc repro surrogate` first") from None
+    except Exception as e:
+        raise ClsoError(f"{SURROGATE_DIR}: unreadable surrogate ({type(e).__name__}); "
+                        "re-create it with `dvc repro -f surrogate`") from None
+    return model, np.array(data["genomes"], dtype=np.int64), np.array([float(x) for x in data["losses"]])
+
+
+def _fingerprint(p, files) -> str:
+    h = hashlib.sha256(json.dumps({k: asdict(getattr(p, k)) for k in ("base", "model", "fitness", "evolve")},
+                                  sort_keys=True).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+@stage("evolve", sections=("base", "model", "fitness", "evolve"))
+def evolve(params: Path = PARAMS_OPTION) -> None:
+    """Run the genetic search from the pretrained surrogate; checkpoints after every generation in
+    checkpoints/evolve (a killed run resumes), and writes models/clso/, metrics/evolve.json and
+    plots/evolve.csv."""
+    p = load_params(params)
+    device = resolve_device(p.base.device)
+    search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
+                          seed=p.base.seed, device=device)
+    surrogate, genomes, losses = _load_surrogate()
+    if surrogate.config.gene_buckets != search.gene_buckets or surrogate.config.library_size != search.library.size:
+        raise ClsoError("models/surrogate was trained for another genome layout; run `dvc repro surrogate`")
+    fingerprint = _fingerprint(p, ["data/prepared/meta.json", "models/library/manifest.json",
+                                   SURROGATE_DIR / "surrogate.safetensors"])
+    meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
+    evolution = Evolution(search, p.evolve, surrogate, (genomes, losses), p.base.seed, CHECKPOINT_DIR,
+                          fingerprint, meter)
+    resumed_at = len(evolution.run.history)
+    with progress_bar() as bar:
+        task = bar.add_task("evolve", total=p.evolve.generations + 1, completed=resumed_at,
+                            info="resumed" if resumed_at else "")
+
+        def show(run):
+            row = run.history[-1]
+            bar.update(task, completed=len(run.history),
+                       info=f"best {row['best_loss']:.4f}  true {row['true_evaluations']}  "
+                            f"predicted {row['surrogate_predictions']}  {row['energy_wh']:.4f} Wh")
+
+        run = evolution.run_to_end(on_generation=show)
+
+    model = search.model
+    model.set_genome(run.ga_state.best_genome)
+    val = split_loss(model, search.data.tokens("val"), p.model.block_size, VAL_BATCH, device)
+    last = run.history[-1]
+    with atomic_dir(OUT_DIR) as tmp:
+        write_json_atomic(tmp / "best_genome.json", {
+            "genome": run.ga_state.best_genome.tolist(), "fitness_loss": run.ga_state.best_fitness,
+            "library_seed": search.library.seed, "mode": p.evolve.mode, "model": asdict(search.config)})
+        save_file(model.continuous_state(), str(tmp / "continuous.safetensors"), metadata={"clso": "continuous/1"})
+    total = run.true_evaluations + run.surrogate_predictions
+    write_json_atomic(METRICS, {
+        "mode": p.evolve.mode, "generations": run.ga_state.generation, "stopped": run.stopped,
+        "best_fitness_loss": run.ga_state.best_fitness, "val_loss": val, "val_ppl": math.exp(val),
+        "true_evaluations": run.true_evaluations, "surrogate_predictions": run.surrogate_predictions,
+        "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
+        "energy_wh": last["energy_wh"], "method": last["energy_method"], "flops": last["flops"],
+        "wall_s": last["wall_s"],
+    })
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in HISTORY_FIELDS} for row in run.history)
+    write_text_atomic(PLOT, out.getvalue())
+    print(f"evolve: {run.stopped} after generation {run.ga_state.generation}; best fitness "
+          f"{run.ga_state.best_fitness:.4f}, val loss {val:.4f} (ppl {math.exp(val):.1f}); "
+          f"{run.true_evaluations} true evaluations, {run.surrogate_predictions} predictions")
+
+
+if __name__ == "__main__":
+    run_alone("evolve")
