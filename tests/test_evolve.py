@@ -1,0 +1,158 @@
+"""The search loop on a planted problem (fast, optimum known) and on a real tiny GPT-2."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from clso.corpus import load_corpus
+from clso.data import prepare_dataset
+from clso.evaluate import population_losses
+from clso.evolve import Evolution
+from clso.library import Library
+from clso.params import EvolveParams, defaults
+from clso.search import build_search, sample_for_surrogate
+from clso.surrogate import Surrogate, SurrogateConfig
+
+N, M = 8, 32
+TABLE = np.random.default_rng(5).gamma(2.0, 0.05, size=(N, M))
+OPTIMUM = 1.0 + TABLE.min(1).sum()
+
+
+class PlantedEvaluator:
+    """Loss = 1 + Σ table[k, gene_k]; genomes with gene 0 == 13 are broken (NaN)."""
+
+    def __init__(self):
+        self.cache, self.computed, self.last_computed = {}, 0, []
+
+    def __call__(self, genomes):
+        keys = [tuple(int(x) for x in g) for g in np.asarray(genomes).reshape(-1, N)]
+        self.last_computed = [k for k in dict.fromkeys(keys) if k not in self.cache]
+        for k in self.last_computed:
+            loss = 1.0 + TABLE[np.arange(N), list(k)].sum()
+            self.cache[k] = math.inf if k[0] == 13 else float(loss)
+        self.computed += len(self.last_computed)
+        return np.array([self.cache[k] for k in keys])
+
+    def invalidate(self):
+        self.cache.clear()
+
+
+class NoContinuousParts:
+    def continuous_state(self):
+        return {"none": torch.zeros(1)}
+
+    def load_continuous_state(self, state):
+        pass
+
+
+def planted_search():
+    return SimpleNamespace(evaluator=PlantedEvaluator(), genome_length=N, library=SimpleNamespace(size=M),
+                           genome_flops=lambda genomes: 1000 * len(genomes), model=NoContinuousParts(),
+                           gene_buckets=tuple(k % 4 for k in range(N)))
+
+
+def evolution(tmp_path, seed=0, **overrides):
+    cfg = defaults(EvolveParams)
+    cfg = EvolveParams(**{**cfg.__dict__, "population": 24, "generations": 25, "patience": 100,
+                          "local_search_every": 10, "surrogate_every": 5, **overrides})
+    search = planted_search()
+    rng = np.random.default_rng(seed)
+    genomes = rng.integers(0, M, size=(60, N))
+    losses = search.evaluator(genomes)
+    surrogate = Surrogate(SurrogateConfig(search.gene_buckets, M, steps=60), seed=seed)
+    surrogate.fit(genomes, losses, seed=seed)
+    return Evolution(search, cfg, surrogate, (genomes, losses), seed, tmp_path / "ckpt", "fp",
+                     dict(device="cpu", rapl_root=tmp_path / "no-rapl"))
+
+
+def test_search_beats_random_sampling_with_the_same_true_evaluations(tmp_path):
+    wins = 0
+    for seed in range(3):
+        evo = evolution(tmp_path / str(seed), seed=seed)
+        run = evo.run_to_end()
+        spent = evo.search.evaluator.computed
+        rng = np.random.default_rng(100 + seed)
+        random_best = PlantedEvaluator()(rng.integers(0, M, size=(spent, N))).min()
+        wins += run.ga_state.best_fitness < random_best
+        assert run.ga_state.best_fitness >= OPTIMUM - 1e-12
+    assert wins == 3
+
+
+def test_best_is_always_truly_evaluated_and_broken_genomes_are_unfit(tmp_path):
+    evo = evolution(tmp_path)
+    run = evo.run_to_end()
+    best = run.ga_state.best_genome
+    assert run.ga_state.best_fitness == PlantedEvaluator()(best[None])[0]
+    assert best[0] != 13 and math.isfinite(run.ga_state.best_fitness)
+    assert run.surrogate_predictions > 0 and run.true_evaluations > 0
+    assert len(run.history) == 26 and run.stopped == "generation limit"
+    assert [r["generation"] for r in run.history] == list(range(26))
+    assert all(r["energy_method"] == "estimate" for r in run.history)
+
+
+def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    whole = evolution(tmp_path / "whole").run_to_end()
+    with pytest.raises(KeyboardInterrupt):
+        evolution(tmp_path / "killed").run_to_end(stop_after=7)
+    resumed_evo = evolution(tmp_path / "killed")
+    assert len(resumed_evo.run.history) == 7  # picked up from the checkpoint
+    resumed = resumed_evo.run_to_end()
+    np.testing.assert_array_equal(resumed.ga_state.best_genome, whole.ga_state.best_genome)
+    assert resumed.ga_state.best_fitness == whole.ga_state.best_fitness
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("energy_wh", "wall_s")} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+
+
+def test_same_seed_same_search_other_seed_other_search(tmp_path):
+    a, b = evolution(tmp_path / "a").run_to_end(), evolution(tmp_path / "b").run_to_end()
+    c = evolution(tmp_path / "c", seed=1).run_to_end()
+    np.testing.assert_array_equal(a.ga_state.population, b.ga_state.population)
+    assert not np.array_equal(a.ga_state.population, c.ga_state.population)
+
+
+def test_patience_stops_a_stalled_search(tmp_path):
+    run = evolution(tmp_path, patience=2, generations=500).run_to_end()
+    assert run.stopped == "no improvement in 2 generations" and run.ga_state.generation < 500
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_search(tmp_path_factory, request):
+    from tests.conftest import make_text_corpus
+    root = tmp_path_factory.mktemp("gpt2")
+    corpus = load_corpus(f"text:{make_text_corpus(root / 'corpus')}")
+    prepare_dataset(corpus, root / "prepared", corpus_name="t", tokenizer_kind="bpe", vocab_size=300,
+                    val_fraction=0.2, test_fraction=0.2, seed=0)
+    lib, tensors = Library.generate(0, 16, size=10, shares={"ternary_lowrank": 0.5, "block_diag": 0.5})
+    lib.save(root / "library", tensors)
+    model = SimpleNamespace(n_layer=1, n_embd=16, n_head=2, block_size=16, tie_embeddings=True, layer_gains=True)
+    return root, model
+
+
+@pytest.mark.parametrize("mode", ["pure", "hybrid"])
+def test_real_gpt2_search_resumes_identically(tiny_gpt2_search, tmp_path, mode):
+    root, model = tiny_gpt2_search
+
+    def make():
+        search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
+        genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
+        surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
+        surrogate.fit(genomes, losses)
+        cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "mode": mode, "population": 6, "generations": 5,
+                              "hybrid_every": 2, "hybrid_steps": 2, "hybrid_batch_size": 2, "local_search_every": 3,
+                              "local_search_top": 2, "surrogate_every": 2})
+        return Evolution(search, cfg, surrogate, (genomes, losses), 0, tmp_path / "ckpt", "fp",
+                         dict(device="cpu", rapl_root=tmp_path / "no-rapl"))
+
+    with pytest.raises(KeyboardInterrupt):
+        make().run_to_end(stop_after=3)
+    evo = make()
+    resumed = evo.run_to_end()
+    best_true = population_losses(evo.search.model, resumed.ga_state.best_genome[None], evo.search.batch)[0]
+    assert resumed.ga_state.best_fitness == pytest.approx(best_true, rel=1e-6)
+    (tmp_path / "ckpt" / "state.json").unlink()
+    whole = make().run_to_end()
+    np.testing.assert_array_equal(resumed.ga_state.best_genome, whole.ga_state.best_genome)
+    assert resumed.ga_state.best_fitness == whole.ga_state.best_fitness
