@@ -119,3 +119,10 @@ def test_every_field_has_help_and_a_valid_default():
     # the defaults themselves must pass the checks the loader applies
     raw = {name: asdict(defaults(cls)) for name, cls in SECTIONS.items()}
     assert parse_params(raw) == Params(**{name: defaults(cls) for name, cls in SECTIONS.items()})
+
+
+def test_protocol_gpu_profile_loads_at_gpt2_small_scale():
+    p = load_params(REPO / "params-protocol-gpu.yaml")
+    assert (p.model.n_layer, p.model.n_embd, p.model.n_head) == (12, 768, 12)
+    assert (p.library.size, p.evolve.population, p.evolve.generations) == (512, 256, 1000)
+    assert p.prepare.corpus == "wikitext-103" and p.prepare.tokenizer == "gpt2"
