@@ -8,15 +8,15 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 import numpy as np
+from safetensors.torch import load_file, save_file
 
 from clso import ClsoError
 from clso.evaluate import split_loss
 from clso.evolve import HISTORY_FIELDS, Evolution
 from clso.io import atomic_dir, write_json_atomic, write_text_atomic
 from clso.params import load_params
+from clso.plots import evolution_png
 from clso.progress import progress_bar
 from clso.runtime import resolve_device
 from clso.search import build_search
@@ -28,6 +28,7 @@ CHECKPOINT_DIR = Path("checkpoints/evolve")
 OUT_DIR = Path("models/clso")
 METRICS = Path("metrics/evolve.json")
 PLOT = Path("plots/evolve.csv")
+FIGURE = Path("plots/evolve.png")
 VAL_BATCH = 16
 
 
@@ -106,6 +107,9 @@ def evolve(params: Path = PARAMS_OPTION) -> None:
     writer.writeheader()
     writer.writerows({k: row[k] for k in HISTORY_FIELDS} for row in run.history)
     write_text_atomic(PLOT, out.getvalue())
+    evolution_png(run.history, FIGURE, f"CLSO {p.evolve.mode}: P={p.evolve.population}, "
+                                       f"M={search.library.size}, {search.genome_length} genes",
+                  uniform_loss=math.log(search.config.vocab_size))
     print(f"evolve: {run.stopped} after generation {run.ga_state.generation}; best fitness "
           f"{run.ga_state.best_fitness:.4f}, val loss {val:.4f} (ppl {math.exp(val):.1f}); "
           f"{run.true_evaluations} true evaluations, {run.surrogate_predictions} predictions")
