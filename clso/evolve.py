@@ -271,6 +271,5 @@ class Evolution:
                 done_here += 1
                 if stop_after is not None and done_here >= stop_after and self.run.stopped is None:
                     raise KeyboardInterrupt
-        self.segment = meter.reading
         return self.run
 
