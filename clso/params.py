@@ -152,6 +152,19 @@ class EvolveParams:
 
 
 @dataclass(frozen=True)
+class BaselineParams:
+    steps: int = spec(600, "AdamW steps", min=1, max=100_000_000)
+    batch_size: int = spec(16, "sequences of model.block_size tokens per step", min=1, max=65536)
+    lr: float = spec(0.001, "peak learning rate", min=0.0, max=1.0, min_exclusive=True)
+    min_lr: float = spec(0.0001, "learning rate at the end of the cosine decay", min=0.0, max=1.0)
+    warmup_steps: int = spec(50, "linear warm-up steps", min=0, max=100_000_000)
+    weight_decay: float = spec(0.1, "AdamW weight decay (matrices only, as in GPT-2 recipes)", min=0.0, max=10.0)
+    grad_clip: float = spec(1.0, "gradient norm clip; 0 turns it off", min=0.0, max=1000.0)
+    eval_interval: int = spec(50, "steps between rows of plots/baseline.csv", min=1, max=100_000_000)
+    eval_batches: int = spec(4, "val batches (of batch_size sequences) per curve point", min=1, max=100_000)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams
     prepare: PrepareParams
@@ -160,6 +173,7 @@ class Params:
     fitness: FitnessParams
     surrogate: SurrogateParams
     evolve: EvolveParams
+    baseline: BaselineParams
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -254,6 +268,9 @@ def _check_across(params: Params) -> None:
     lib = params.library
     shares = (lib.share_block_diag, lib.share_ternary_lowrank, lib.share_structured_sparse,
               lib.share_dense_quantized)
+    b = params.baseline
+    if b.min_lr > b.lr:
+        raise ParamsError(f"baseline.min_lr: {b.min_lr:g} is above baseline.lr {b.lr:g}; valid: at most lr")
     e = params.evolve
     if e.elite >= e.population:
         raise ParamsError(f"evolve.elite: {e.elite} is not below evolve.population {e.population}; "
@@ -317,6 +334,6 @@ def defaults(cls: type):
 
 
 __all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "FitnessParams", "SurrogateParams",
-           "EvolveParams",
+           "EvolveParams", "BaselineParams",
            "Params", "load_params", "parse_params", "section_help",
            "defaults", "SECTIONS"]

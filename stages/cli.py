@@ -1,6 +1,7 @@
 """The `clso` command: every stage (and benchmark) as a subcommand of one typer app."""
 
-import stages.bench  # noqa: F401  (each import registers its commands)
+import stages.baseline  # noqa: F401  (each import registers its commands)
+import stages.bench  # noqa: F401
 import stages.library  # noqa: F401
 import stages.prepare  # noqa: F401
 import stages.evolve  # noqa: F401

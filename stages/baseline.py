@@ -1,0 +1,67 @@
+"""Stage `baseline`: the dense GPT-2 trained with AdamW, with its loss-against-energy curve."""
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from clso.baseline import CURVE_FIELDS, state_for_saving, train_baseline
+from clso.data import TokenData
+from clso.evaluate import split_loss
+from clso.io import atomic_dir, write_json_atomic, write_text_atomic
+from clso.model import ModelConfig
+from clso.params import load_params
+from clso.progress import progress_bar
+from clso.runtime import resolve_device
+from stages.common import PARAMS_OPTION, run_alone, stage
+
+OUT_DIR = Path("models/baseline")
+METRICS = Path("metrics/baseline.json")
+PLOT = Path("plots/baseline.csv")
+VAL_BATCH = 16
+
+
+@stage("baseline", sections=("base", "model", "baseline"))
+def baseline(params: Path = PARAMS_OPTION) -> None:
+    """Train the dense GPT-2 of `model` with AdamW on the train split; write models/baseline/,
+    metrics/baseline.json and plots/baseline.csv (loss against tokens, energy, FLOPs, wall)."""
+    p = load_params(params)
+    device = resolve_device(p.base.device)
+    data = TokenData.open("data/prepared")
+    m = p.model
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
+                         block_size=m.block_size, tie_embeddings=m.tie_embeddings, layer_gains=False)
+    meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
+    with progress_bar() as bar:
+        task = bar.add_task("baseline", total=p.baseline.steps, info="")
+
+        def show(row):
+            bar.update(task, completed=row["step"],
+                       info=f"val {row['val_loss']:.4f}  {row['energy_wh']:.4f} Wh")
+
+        result = train_baseline(data, config, p.baseline, seed=p.base.seed, device=device,
+                                meter_options=meter, on_eval=show)
+    val = split_loss(lambda x: result.model(input_ids=x).logits, data.tokens("val"), m.block_size, VAL_BATCH, device)
+    with atomic_dir(OUT_DIR) as tmp:
+        save_file(state_for_saving(result.model), str(tmp / "model.safetensors"), metadata={"clso": "baseline/1"})
+    best = min(result.curve, key=lambda r: r["val_loss"])
+    write_json_atomic(METRICS, {
+        "steps": p.baseline.steps, "tokens": result.curve[-1]["tokens"],
+        "final_val_loss": val, "final_val_ppl": math.exp(val),
+        "best_curve_val_loss": best["val_loss"], "best_curve_val_ppl": math.exp(best["val_loss"]),
+        "best_curve_step": best["step"],
+        **result.train_energy,
+    })
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CURVE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.curve)
+    write_text_atomic(PLOT, out.getvalue())
+    print(f"baseline: {p.baseline.steps} steps, val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole "
+          f"val split, {result.train_energy['energy_wh']:.4f} Wh ({result.train_energy['method']})")
+
+
+if __name__ == "__main__":
+    run_alone("baseline")

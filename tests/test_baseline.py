@@ -1,0 +1,66 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from clso.baseline import dense_gpt2, learning_rate, state_for_saving, train_baseline
+from clso.corpus import load_corpus
+from clso.data import TokenData, prepare_dataset
+from clso.model import ModelConfig
+
+CFG = SimpleNamespace(steps=40, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
+                      grad_clip=1.0, eval_interval=10, eval_batches=2)
+
+
+def test_warmup_then_cosine_to_min_lr():
+    assert learning_rate(0, CFG) == pytest.approx(CFG.lr / 5)
+    assert learning_rate(4, CFG) == pytest.approx(CFG.lr)
+    assert learning_rate(40, CFG) == pytest.approx(CFG.min_lr)
+    lrs = [learning_rate(s, CFG) for s in range(5, 41)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tests.conftest import make_text_corpus
+    root = tmp_path_factory.mktemp("baseline")
+    corpus = load_corpus(f"text:{make_text_corpus(root / 'corpus', n_docs=10, lines=80)}")
+    prepare_dataset(corpus, root / "prepared", corpus_name="t", tokenizer_kind="bpe", vocab_size=300,
+                    val_fraction=0.2, test_fraction=0.2, seed=0)
+    return TokenData.open(root / "prepared")
+
+
+def test_training_lowers_the_loss_and_the_curve_is_cumulative(data, tmp_path):
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=32, n_head=2, block_size=16)
+    result = train_baseline(data, config, CFG, seed=0, device="cpu",
+                            meter_options=dict(device="cpu", rapl_root=tmp_path))
+    curve = result.curve
+    assert [r["step"] for r in curve] == [0, 10, 20, 30, 40]
+    assert curve[-1]["val_loss"] < curve[0]["val_loss"] - 0.5
+    for a, b in zip(curve, curve[1:]):
+        assert b["energy_wh"] >= a["energy_wh"] and b["flops"] > a["flops"] and b["tokens"] > a["tokens"]
+    assert result.train_energy["method"] == "estimate" and result.train_energy["eval_energy_wh"] > 0
+
+
+def test_same_seed_same_training(data, tmp_path):
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    cfg = SimpleNamespace(**{**vars(CFG), "steps": 5, "eval_interval": 5})
+    runs = [train_baseline(data, config, cfg, seed=1, device="cpu", meter_options=dict(device="cpu", rapl_root=tmp_path))
+            for _ in range(2)]
+    assert [r["val_loss"] for r in runs[0].curve] == [r["val_loss"] for r in runs[1].curve]
+    a, b = state_for_saving(runs[0].model), state_for_saving(runs[1].model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_state_loads_into_a_stock_gpt2():
+    config = ModelConfig(vocab_size=50, n_layer=1, n_embd=16, n_head=2, block_size=8)
+    model = dense_gpt2(config, 0, "cpu")
+    state = state_for_saving(model)
+    assert "lm_head.weight" not in state
+    fresh = GPT2LMHeadModel(config.gpt2())
+    fresh.load_state_dict(state, strict=False)
+    x = torch.from_numpy(np.arange(8)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits)
