@@ -1,7 +1,5 @@
 """Stage `baseline`: the dense GPT-2 trained with AdamW, with its loss-against-energy curve."""
 
-import csv
-import io
 import math
 from pathlib import Path
 
@@ -10,7 +8,7 @@ from safetensors.torch import save_file
 from clso.baseline import CURVE_FIELDS, state_for_saving, train_baseline
 from clso.data import TokenData
 from clso.evaluate import split_loss
-from clso.io import atomic_dir, write_json_atomic, write_text_atomic
+from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.model import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
@@ -54,11 +52,7 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
         "best_curve_step": best["step"],
         **result.train_energy,
     })
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CURVE_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(result.curve)
-    write_text_atomic(PLOT, out.getvalue())
+    write_csv_atomic(PLOT, CURVE_FIELDS, result.curve)
     print(f"baseline: {p.baseline.steps} steps, val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole "
           f"val split, {result.train_energy['energy_wh']:.4f} Wh ({result.train_energy['method']})")
 

@@ -1,8 +1,6 @@
 """Stage `evolve`: the CLSO genetic search with its surrogate, resumable after any generation."""
 
-import csv
 import hashlib
-import io
 import json
 import math
 from dataclasses import asdict
@@ -14,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from clso import ClsoError
 from clso.evaluate import split_loss
 from clso.evolve import HISTORY_FIELDS, Evolution
-from clso.io import atomic_dir, write_json_atomic, write_text_atomic
+from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
@@ -102,11 +100,7 @@ def evolve(params: Path = PARAMS_OPTION) -> None:
         "energy_wh": last["energy_wh"], "method": last["energy_method"], "flops": last["flops"],
         "wall_s": last["wall_s"],
     })
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: row[k] for k in HISTORY_FIELDS} for row in run.history)
-    write_text_atomic(PLOT, out.getvalue())
+    write_csv_atomic(PLOT, HISTORY_FIELDS, run.history)
     evolution_png(run.history, FIGURE, f"CLSO {p.evolve.mode}: P={p.evolve.population}, "
                                        f"M={search.library.size}, {search.genome_length} genes",
                   uniform_loss=math.log(search.config.vocab_size))
