@@ -12,6 +12,7 @@ from transformers import GPT2LMHeadModel
 
 from clso.data import TokenData, random_batch
 from clso.energy import EnergyMeter
+from clso.evaluate import split_loss
 from clso.flops import forward_flops, train_step_flops
 from clso.model import ModelConfig
 
@@ -49,11 +50,16 @@ class BaselineResult:
 
 @torch.no_grad()
 def _val_loss(model, tokens, batch_size, block_size, batches, rng, device) -> float:
+    """On `batches` fixed random batches, or on the whole split when batches is 0."""
     model.eval()
-    losses = [float(F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()))
-              for x, y in (random_batch(tokens, batch_size, block_size, rng, device) for _ in range(batches))]
+    if batches == 0:
+        loss = split_loss(lambda x: model(input_ids=x).logits, tokens, block_size, batch_size, device)
+    else:
+        loss = float(np.mean([float(F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()))
+                              for x, y in (random_batch(tokens, batch_size, block_size, rng, device)
+                                           for _ in range(batches))]))
     model.train()
-    return float(np.mean(losses))
+    return loss
 
 
 def train_baseline(data: TokenData, config: ModelConfig, cfg, *, seed: int, device, meter_options: dict,
@@ -69,7 +75,8 @@ def train_baseline(data: TokenData, config: ModelConfig, cfg, *, seed: int, devi
     rng = np.random.default_rng(seed)
     val_rng_seed = seed + 1  # the same val batches at every curve point
     step_flops = train_step_flops(config.gpt2(), config.block_size, cfg.batch_size)
-    eval_flops = forward_flops(config.gpt2(), config.block_size, cfg.batch_size) * cfg.eval_batches
+    eval_seqs = cfg.batch_size * cfg.eval_batches or (len(val) - 1) // config.block_size
+    eval_flops = forward_flops(config.gpt2(), config.block_size, eval_seqs)
     result = BaselineResult(model)
     eval_wh = eval_wall = 0.0
     train_losses: list[float] = []

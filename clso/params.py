@@ -161,7 +161,8 @@ class BaselineParams:
     weight_decay: float = spec(0.1, "AdamW weight decay (matrices only, as in GPT-2 recipes)", min=0.0, max=10.0)
     grad_clip: float = spec(1.0, "gradient norm clip; 0 turns it off", min=0.0, max=1000.0)
     eval_interval: int = spec(50, "steps between rows of plots/baseline.csv", min=1, max=100_000_000)
-    eval_batches: int = spec(4, "val batches (of batch_size sequences) per curve point", min=1, max=100_000)
+    eval_batches: int = spec(0, "val batches (of batch_size sequences) per curve point; 0 = the whole val "
+                             "split, the same measure evolve and compare use", min=0, max=100_000)
 
 
 @dataclass(frozen=True)

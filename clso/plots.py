@@ -36,3 +36,23 @@ def evolution_png(history: list[dict], path: str | Path, title: str, uniform_los
     fig.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: same run, same bytes
     plt.close(fig)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def comparison_png(baseline_curve: list[dict], clso_curve: list[dict], clso_point: dict, x_key: str,
+                   x_label: str, path: str | Path, title: str) -> None:
+    """Val loss of the baseline against cost, with CLSO's search curve and its final val loss."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot([r[x_key] for r in baseline_curve], [r["val_loss"] for r in baseline_curve], marker=".",
+            label="AdamW baseline: val loss")
+    ax.plot([r[x_key] for r in clso_curve], [r["best_loss"] for r in clso_curve], ls="--",
+            label="CLSO: best fitness loss (train batch)")
+    ax.scatter([clso_point[x_key]], [clso_point["val_loss"]], color="C3", zorder=3, label="CLSO: final val loss")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -58,3 +58,15 @@ def test_exp_run_with_a_new_vocab_reruns_prepare_and_its_dependants_only(repo, s
     assert json.loads((repo / "metrics/prepare.json").read_text())["vocab_size"] == 300
     rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo, stage_env))))
     assert {r["prepare.vocab_size"] for r in rows} >= {"300", "512"}  # the experiment and its baseline
+
+
+def test_exp_run_on_the_search_shows_in_exp_show_and_metrics_diff(repo, stage_env):
+    out = sh(["dvc", "exp", "run", "-S", "evolve.population=6"], repo, stage_env)
+    ran = [line for line in out.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'evolve':", "Running stage 'compare':"]
+    rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo, stage_env))))
+    assert "6" in {r["evolve.population"] for r in rows}
+    diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], repo, stage_env))
+    assert "metrics/evolve.json" in diff and "metrics/compare.json" in diff
+    report = (repo / "metrics/report.md").read_text()
+    assert "Hypothesis" in report and ("HOLDS" in report)

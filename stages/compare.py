@@ -1,0 +1,166 @@
+"""Stage `compare`: CLSO against the dense AdamW baseline on matched energy and FLOPs, the verdict
+on document 003's hypothesis, and the only look at the test split."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from clso import ClsoError
+from clso.baseline import dense_gpt2
+from clso.compare import comparison
+from clso.data import TokenData
+from clso.evaluate import split_loss
+from clso.io import write_json_atomic, write_text_atomic
+from clso.library import Library
+from clso.model import CrystallineGPT2, ModelConfig
+from clso.params import load_params
+from clso.plots import comparison_png
+from clso.runtime import resolve_device
+from stages.common import PARAMS_OPTION, run_alone, stage
+
+METRICS = Path("metrics/compare.json")
+REPORT = Path("metrics/report.md")
+README = Path("README.md")
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+EVAL_BATCH = 16
+
+
+def _json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
+    except ValueError:
+        raise ClsoError(f"{path}: not valid JSON; re-create it with `dvc repro -f`") from None
+
+
+def _csv(path) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            return [{k: (v if k == "energy_method" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
+
+
+def _models(p, data: TokenData, device):
+    m = p.model
+    genome = _json("models/clso/best_genome.json")
+    config = ModelConfig(**genome["model"])
+    clso = CrystallineGPT2(config, Library.load("models/library"), seed=p.base.seed).to(device)
+    clso.load_continuous_state(load_file("models/clso/continuous.safetensors"))
+    clso.set_genome(genome["genome"])
+    base_config = ModelConfig(vocab_size=data.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
+                              block_size=m.block_size, tie_embeddings=m.tie_embeddings)
+    baseline = dense_gpt2(base_config, p.base.seed, device)
+    baseline.load_state_dict(load_file("models/baseline/model.safetensors"), strict=False)
+    baseline.tie_weights()
+    return clso.eval(), baseline.eval()
+
+
+def _methods(*methods) -> str:
+    return "|".join(sorted({part for m in methods for part in m.split("|")}))
+
+
+@stage("compare", sections=("base", "model"))
+def compare(params: Path = PARAMS_OPTION) -> None:
+    """Read the metrics and curves of library, surrogate, evolve and baseline; score both final
+    models on the test split; write metrics/compare.json, metrics/report.md, the comparison plots
+    and the README's block of latest numbers."""
+    p = load_params(params)
+    device = resolve_device(p.base.device)
+    library, surrogate, evolve = _json("metrics/library.json"), _json("metrics/surrogate.json"), _json("metrics/evolve.json")
+    base_metrics, base_curve, clso_curve = _json("metrics/baseline.json"), _csv("plots/baseline.csv"), _csv("plots/evolve.csv")
+    data = TokenData.open("data/prepared")
+    clso_model, baseline_model = _models(p, data, device)
+    test = data.tokens("test")
+    with torch.no_grad():
+        clso_test = split_loss(clso_model, test, p.model.block_size, EVAL_BATCH, device)
+        base_test = split_loss(lambda x: baseline_model(input_ids=x).logits, test, p.model.block_size, EVAL_BATCH, device)
+    before_search = library["energy_wh"] + surrogate["evaluation"]["energy_wh"] + surrogate["training"]["energy_wh"]
+    clso = {
+        "mode": evolve["mode"], "val_loss": evolve["val_loss"], "val_ppl": evolve["val_ppl"],
+        "test_loss": clso_test, "test_ppl": math.exp(clso_test),
+        "energy_wh": before_search + evolve["energy_wh"],
+        "method": _methods(library["method"], surrogate["evaluation"]["method"], surrogate["training"]["method"],
+                           evolve["method"]),
+        "flops": surrogate["evaluation"]["flops"] + surrogate["training"]["flops"] + evolve["flops"],
+        "wall_s": library["wall_s"] + surrogate["evaluation"]["wall_s"] + surrogate["training"]["wall_s"]
+        + evolve["wall_s"],
+        "energy_wh_library_and_surrogate": before_search,
+        "true_evaluations": evolve["true_evaluations"] + surrogate["genomes"],
+        "surrogate_predictions": evolve["surrogate_predictions"],
+    }
+    baseline = {
+        "val_loss": base_metrics["final_val_loss"], "val_ppl": base_metrics["final_val_ppl"],
+        "test_loss": base_test, "test_ppl": math.exp(base_test), "energy_wh": base_metrics["energy_wh"],
+        "method": base_metrics["method"], "flops": base_metrics["flops"], "wall_s": base_metrics["wall_s"],
+        "steps": base_metrics["steps"],
+    }
+    result = comparison(clso, baseline, base_curve)
+    write_json_atomic(METRICS, result)
+    clso_costs = [{**r, "energy_wh": r["energy_wh"] + before_search,
+                   "flops": r["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"]}
+                  for r in clso_curve]
+    title = f"CLSO ({clso['mode']}) vs AdamW, val loss"
+    comparison_png(base_curve, clso_costs, clso, "energy_wh", f"energy (Wh, {_methods(clso['method'], baseline['method'])})",
+                   "plots/compare_energy.png", title)
+    comparison_png(base_curve, clso_costs, clso, "flops", "FLOPs", "plots/compare_flops.png", title)
+    write_text_atomic(REPORT, report(result, clso_curve, evolve))
+    _update_readme(summary(result))
+    print(f"compare: {result['verdict']['statement']}")
+
+
+def _fmt(x, digits=4):
+    if x is None:
+        return "never"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def summary(result: dict) -> str:
+    c, b, m, v = result["clso"], result["baseline"], result["matched"], result["verdict"]
+    rows = [("val perplexity", c["val_ppl"], b["val_ppl"]), ("test perplexity", c["test_ppl"], b["test_ppl"]),
+            ("energy (Wh)", c["energy_wh"], b["energy_wh"]), ("FLOPs", c["flops"], b["flops"]),
+            ("wall (s)", c["wall_s"], b["wall_s"])]
+    lines = [f"| | CLSO ({c['mode']}) | AdamW baseline |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} |" for name, x, y in rows]
+    lines += ["", f"Energy method: CLSO `{c['method']}`, baseline `{b['method']}`. At CLSO's energy the baseline's "
+              f"val perplexity was {_fmt(m['baseline_val_ppl_at_clso_energy'])} ({m['at_clso_energy']}); the baseline "
+              f"reached CLSO's val perplexity after {_fmt(m['baseline_energy_wh_to_reach_clso'])} Wh "
+              f"(step {_fmt(m['baseline_step_to_reach_clso'])}).", "",
+              f"**Hypothesis** ({v['hypothesis']}): **{v['statement']}**."]
+    return "\n".join(lines)
+
+
+def report(result: dict, clso_curve: list[dict], evolve: dict) -> str:
+    lines = ["# CLSO against the dense AdamW baseline", "",
+             "Generated by `dvc repro compare` from this run's metrics; do not edit.", "", summary(result), "",
+             "## Matched comparison", "", "| quantity | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in result["matched"].items()]
+    lines += ["", "## CLSO search, per generation (fitness loss on the train-split fitness batch)", "",
+              "| gen | best loss | mean loss | std loss | true evals | predictions | energy (Wh) | wall (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {int(r['generation'])} | {r['best_loss']:.4f} | {r['mean_loss']:.4f} | {r['std_loss']:.4f} | "
+              f"{int(r['true_evaluations'])} | {int(r['surrogate_predictions'])} | {r['energy_wh']:.4f} | "
+              f"{r['wall_s']:.1f} |" for r in clso_curve]
+    lines += ["", f"Search stopped: {evolve['stopped']}; surrogate predictions replaced "
+              f"{evolve['evaluations_saved_share']:.0%} of its evaluations.", ""]
+    return "\n".join(lines)
+
+
+def _update_readme(block: str) -> None:
+    text = README.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        return  # a README without the markers is the user's own: leave it alone
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    write_text_atomic(README, f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    run_alone("compare")
