@@ -467,3 +467,31 @@ def library_metrics(library: Library, file: Path) -> dict:
     out["dense_float32_bytes"] = dense_bytes
     out["bytes_vs_dense"] = round(out["file_bytes"] / dense_bytes, 4)
     return out
+
+
+def sanity_check(library: Library, reference: dict[str, torch.Tensor], gene_buckets: list[str]) -> dict:
+    """The protocol's step 1: how close the library gets to each reference matrix.
+
+    `reference` holds dense weights (d_in × d_out) in genome order. For each, the relative
+    Frobenius error ‖W − B‖/‖W‖ of the best library matrix B of its bucket, and the same with the
+    best scalar gain g (‖W − g·B‖/‖W‖ = √(1 − cos²)), the most the search's own operators reach:
+    it picks one matrix per layer and, in hybrid mode, trains its gain; it never combines matrices.
+    The protocol calls a library whose best error exceeds 20 % too weak.
+    """
+    per_matrix, plain, gained = {}, [], []
+    for (name, w), bucket in zip(reference.items(), gene_buckets):
+        w = w.float()
+        norm = float(w.norm())
+        best, best_gain = math.inf, math.inf
+        for m in library.matrices[bucket]:
+            b = m.dense().to(w.device)
+            best = min(best, float((w - b).norm()) / norm)
+            cos = float((w * b).sum()) / (norm * float(b.norm()))
+            best_gain = min(best_gain, math.sqrt(max(0.0, 1 - cos * cos)))
+        per_matrix[name] = {"best_rel_error": round(best, 4), "best_rel_error_with_gain": round(best_gain, 4)}
+        plain.append(best)
+        gained.append(best_gain)
+    return {"matrices": per_matrix, "mean_best_rel_error": round(sum(plain) / len(plain), 4),
+            "mean_best_rel_error_with_gain": round(sum(gained) / len(gained), 4),
+            "worst_best_rel_error_with_gain": round(max(gained), 4),
+            "passes_protocol_20pct": max(gained) <= 0.2}

@@ -15,8 +15,8 @@ from clso.compare import comparison
 from clso.data import TokenData
 from clso.evaluate import split_loss
 from clso.io import write_json_atomic, write_text_atomic
-from clso.library import Library
-from clso.model import CrystallineGPT2, ModelConfig
+from clso.library import Library, sanity_check
+from clso.model import CrystallineGPT2, ModelConfig, gene_buckets, gene_layer_names
 from clso.params import load_params
 from clso.plots import comparison_png
 from clso.runtime import resolve_device
@@ -68,8 +68,9 @@ def _methods(*methods) -> str:
 @stage("compare", sections=("base", "model"))
 def compare(params: Path = PARAMS_OPTION) -> None:
     """Read the metrics and curves of library, surrogate, evolve and baseline; score both final
-    models on the test split; write metrics/compare.json, metrics/report.md, the comparison plots
-    and the README's block of latest numbers."""
+    models on the test split; check the library against the trained baseline's matrices (the
+    protocol's step 1); write metrics/compare.json, metrics/report.md, the comparison plots and the
+    README's block of latest numbers."""
     p = load_params(params)
     device = resolve_device(p.base.device)
     library, surrogate, evolve = _json("metrics/library.json"), _json("metrics/surrogate.json"), _json("metrics/evolve.json")
@@ -101,6 +102,9 @@ def compare(params: Path = PARAMS_OPTION) -> None:
         "steps": base_metrics["steps"],
     }
     result = comparison(clso, baseline, base_curve)
+    state = baseline_model.state_dict()
+    reference = {name: state[f"{name}.weight"] for name in gene_layer_names(clso_model.config)}
+    result["library_sanity"] = sanity_check(clso_model.library, reference, gene_buckets(clso_model.config))
     write_json_atomic(METRICS, result)
     clso_costs = [{**r, "energy_wh": r["energy_wh"] + before_search,
                    "flops": r["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"]}
@@ -134,6 +138,12 @@ def summary(result: dict) -> str:
               f"reached CLSO's val perplexity after {_fmt(m['baseline_energy_wh_to_reach_clso'])} Wh "
               f"(step {_fmt(m['baseline_step_to_reach_clso'])}).", "",
               f"**Hypothesis** ({v['hypothesis']}): **{v['statement']}**."]
+    if "library_sanity" in result:
+        s = result["library_sanity"]
+        lines += ["", f"Library sanity check (protocol step 1, against the trained baseline's matrices): the best "
+                  f"library matrix, with its best gain, leaves on average {s['mean_best_rel_error_with_gain']:.0%} "
+                  f"relative Frobenius error (worst {s['worst_best_rel_error_with_gain']:.0%}); the protocol calls a "
+                  f"library above 20% too weak: **{'passes' if s['passes_protocol_20pct'] else 'fails'}**."]
     return "\n".join(lines)
 
 

@@ -160,3 +160,15 @@ def test_hostile_block_indices_are_rejected(tmp_path):
     lib.save(tmp_path, tensors)
     with pytest.raises(ClsoError, match="outside"):
         Library.load(tmp_path)
+
+
+def test_sanity_check_finds_a_library_member_and_measures_a_stranger():
+    from clso.library import sanity_check
+    lib, _ = Library.generate(2, 16, size=12, shares=SHARES)
+    member = lib.dense("c_fc", 5) * 3.0  # a library matrix at another scale
+    stranger = torch.randn(16, 64)
+    result = sanity_check(lib, {"a": member, "b": stranger}, ["c_fc", "c_fc"])
+    assert result["matrices"]["a"]["best_rel_error_with_gain"] < 1e-3
+    assert result["matrices"]["a"]["best_rel_error"] == pytest.approx(2 / 3, abs=1e-3)
+    assert result["matrices"]["b"]["best_rel_error_with_gain"] > 0.5
+    assert not result["passes_protocol_20pct"]
