@@ -29,7 +29,7 @@ from clso.runtime import generator
 
 # The targeted layers of one GPT-2 block, in genome order: gene 4·layer + j is BUCKETS[j].
 BUCKETS = ("c_attn", "attn_proj", "c_fc", "mlp_proj")
-FAMILIES = ("block_diag", "ternary_lowrank", "structured_sparse", "dense_quantized")
+FAMILIES = ("block_diag", "ternary_lowrank", "structured_sparse", "dense_quantized", "svd")
 LIBRARY_VERSION = 1
 
 
@@ -221,8 +221,23 @@ def _gen_dense_quantized(g, d_in, d_out, **_):
     return "dense", {"W": w}, {"values": "int4"}
 
 
+def _gen_svd(g, d_in, d_out, *, svd_bases, max_rank_fraction, **_):
+    """A rank-r window of singular components of one reference matrix of this shape."""
+    if not svd_bases:
+        raise ValueError("the svd family needs reference matrices (a trained checkpoint)")
+    layer = int(torch.randint(0, len(svd_bases), (1,), generator=g))
+    u, s, vh = svd_bases[layer]
+    max_rank = max(1, int(min(d_in, d_out) * max_rank_fraction))
+    r = 1 + int(torch.randint(0, max_rank, (1,), generator=g))
+    start = 0 if torch.rand((), generator=g) < 0.5 else int(torch.randint(0, len(s) - r + 1, (1,), generator=g))
+    window = slice(start, start + r)
+    return "lowrank", {"U": (u[:, window] * s[window]).contiguous(), "V": vh[window].contiguous()}, \
+        {"reference_layer": layer, "rank": r, "first_component": start}
+
+
 _GENERATORS = {"block_diag": _gen_block_diag, "ternary_lowrank": _gen_ternary_lowrank,
-               "structured_sparse": _gen_structured_sparse, "dense_quantized": _gen_dense_quantized}
+               "structured_sparse": _gen_structured_sparse, "dense_quantized": _gen_dense_quantized,
+               "svd": _gen_svd}
 
 
 def family_counts(size: int, shares: dict[str, float]) -> dict[str, int]:
@@ -348,10 +363,14 @@ class Library:
     @classmethod
     def generate(cls, seed: int, n_embd: int, *, size: int, shares: dict[str, float], ternary_levels: int = 3,
                  max_rank_fraction: float = 0.25, n_inner: int | None = None,
+                 reference: dict[str, list[torch.Tensor]] | None = None,
                  progress=None) -> tuple[Library, dict[str, torch.Tensor]]:
+        """`reference` (dense matrices of a trained model, by bucket) feeds the svd family."""
         shapes = bucket_shapes(n_embd, n_inner)
         counts = family_counts(size, shares)
         options = {"ternary_levels": ternary_levels, "max_rank_fraction": max_rank_fraction}
+        bases = {b: [torch.linalg.svd(w.float(), full_matrices=False) for w in (reference or {}).get(b, [])]
+                 for b in shapes} if counts["svd"] else {b: [] for b in shapes}
         manifest = {"version": LIBRARY_VERSION, "seed": seed, "size": size, "n_embd": n_embd,
                     "family_counts": counts, "options": options, "buckets": {}}
         tensors, matrices = {}, {}
@@ -359,7 +378,8 @@ class Library:
             entries, matrices[bucket] = [], []
             for index in range(size):
                 stored, entry, matrix = generate_matrix(seed, bucket, index, d_in, d_out,
-                                                        _family_of(index, counts), **options)
+                                                        _family_of(index, counts), svd_bases=bases[bucket],
+                                                        **options)
                 tensors.update({f"{bucket}.{index}.{name}": t for name, t in stored.items()})
                 entries.append(entry)
                 matrices[bucket].append(matrix)

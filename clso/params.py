@@ -88,6 +88,8 @@ class LibraryParams:
                                           "masks of ±C", min=0.0, max=1.0)
     share_dense_quantized: float = spec(0.05, "share of M that is dense ternary/int4 (a capacity "
                                         "control)", min=0.0, max=1.0)
+    share_svd: float = spec(0.0, "share of M that is rank-r pieces of the SVD of the trained baseline's "
+                            "matrices; its training energy is then charged to CLSO", min=0.0, max=1.0)
     ternary_levels: int = spec(3, "levels of the low-rank factors: 3 = {-1,0,1}, 5 = {-Q,-Q/2,0,Q/2,Q}",
                                choices=(3, 5))
     max_rank_fraction: float = spec(0.25, "low-rank ranks are drawn from 1 to this × min(d_in, d_out)",
@@ -268,7 +270,7 @@ def _check_across(params: Params) -> None:
                           "valid: a divisor of n_embd")
     lib = params.library
     shares = (lib.share_block_diag, lib.share_ternary_lowrank, lib.share_structured_sparse,
-              lib.share_dense_quantized)
+              lib.share_dense_quantized, lib.share_svd)
     b = params.baseline
     if b.min_lr > b.lr:
         raise ParamsError(f"baseline.min_lr: {b.min_lr:g} is above baseline.lr {b.lr:g}; valid: at most lr")
@@ -277,7 +279,7 @@ def _check_across(params: Params) -> None:
         raise ParamsError(f"evolve.elite: {e.elite} is not below evolve.population {e.population}; "
                           "valid: fewer elites than genomes")
     if abs(sum(shares) - 1.0) > 1e-6:
-        raise ParamsError(f"library.share_*: the four shares sum to {sum(shares):g}; valid: a sum of 1")
+        raise ParamsError(f"library.share_*: the five shares sum to {sum(shares):g}; valid: a sum of 1")
 
 
 def parse_params(raw) -> Params:

@@ -2,35 +2,59 @@
 
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from clso import ClsoError
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
-from clso.library import FAMILIES, Library, library_metrics
+from clso.library import BUCKETS, FAMILIES, Library, library_metrics, sanity_check
+from clso.model import LAYER_NAMES
 from clso.params import load_params
 from clso.progress import progress_bar
 from stages.common import PARAMS_OPTION, run_alone, stage
 
 OUT_DIR = Path("models/library")
+REFERENCE = Path("models/baseline/model.safetensors")
 METRICS = Path("metrics/library.json")
 
 
 @stage("library", sections=("base", "model", "library"))
 def library(params: Path = PARAMS_OPTION) -> None:
     """Generate the basis library from base.seed: models/library/{library.safetensors,
-    manifest.json} and metrics/library.json."""
+    manifest.json} and metrics/library.json, with the protocol's sanity check against the trained
+    baseline's matrices (which also feed the optional svd family)."""
     p = load_params(params)
     cfg = p.library
     shares = {f: getattr(cfg, f"share_{f}") for f in FAMILIES}
+    reference = _reference(p.model.n_layer)
     with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter, progress_bar() as bar:
         task = bar.add_task("library", total=4 * cfg.size, info="")
         lib, tensors = Library.generate(
             p.base.seed, p.model.n_embd, size=cfg.size, shares=shares, ternary_levels=cfg.ternary_levels,
-            max_rank_fraction=cfg.max_rank_fraction, progress=lambda: bar.advance(task))
+            max_rank_fraction=cfg.max_rank_fraction, reference=reference, progress=lambda: bar.advance(task))
         with atomic_dir(OUT_DIR) as tmp:
             lib.save(tmp, tensors)
     metrics = library_metrics(lib, OUT_DIR / "library.safetensors")
+    ordered = {f"h.{layer}.{LAYER_NAMES[b]}": reference[b][layer] for layer in range(p.model.n_layer) for b in BUCKETS}
+    metrics["sanity_check"] = sanity_check(lib, ordered, [b for _ in range(p.model.n_layer) for b in BUCKETS])
     write_json_atomic(METRICS, {**metrics, **meter.reading.as_metrics()})
     print(f"library: {cfg.size} matrices × {len(lib.shapes)} buckets, "
           f"{metrics['file_bytes']:,} bytes ({metrics['bytes_vs_dense']:.1%} of dense) → {OUT_DIR}")
+
+
+def _reference(n_layer: int) -> dict:
+    """The trained baseline's matrices by bucket, one per layer (Conv1D layout, d_in × d_out)."""
+    try:
+        state = load_file(str(REFERENCE))
+        return {b: [state[f"transformer.h.{layer}.{LAYER_NAMES[b]}.weight"] for layer in range(n_layer)]
+                for b in BUCKETS}
+    except FileNotFoundError:
+        raise ClsoError(f"{REFERENCE}: not found; the library is checked against the trained baseline: "
+                        "run `dvc repro baseline` first") from None
+    except (SafetensorError, OSError, KeyError) as e:
+        raise ClsoError(f"{REFERENCE}: not a baseline of this model.n_layer ({type(e).__name__}); "
+                        "run `dvc repro -f baseline`") from None
 
 
 if __name__ == "__main__":

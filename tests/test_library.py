@@ -25,7 +25,7 @@ def entries(lib, family):
 
 def test_family_counts_follow_the_shares():
     assert family_counts(40, SHARES) == {"block_diag": 10, "ternary_lowrank": 18, "structured_sparse": 10,
-                                         "dense_quantized": 2}
+                                         "dense_quantized": 2, "svd": 0}
     assert sum(family_counts(7, SHARES).values()) == 7
     assert family_counts(5, {"ternary_lowrank": 1.0})["ternary_lowrank"] == 5
 
@@ -172,3 +172,18 @@ def test_sanity_check_finds_a_library_member_and_measures_a_stranger():
     assert result["matrices"]["a"]["best_rel_error"] == pytest.approx(2 / 3, abs=1e-3)
     assert result["matrices"]["b"]["best_rel_error_with_gain"] > 0.5
     assert not result["passes_protocol_20pct"]
+
+
+def test_svd_family_takes_windows_of_the_reference_spectrum():
+    reference = {b: [torch.randn(*shape) for _ in range(2)] for b, shape in bucket_shapes(16).items()}
+    lib, tensors = Library.generate(4, 16, size=6, shares={"svd": 1.0}, reference=reference)
+    for bucket in BUCKETS:
+        for e in lib.manifest["buckets"][bucket]["matrices"]:
+            assert e["family"] == "svd" and e["kind"] == "lowrank"
+            u, s_, vh = torch.linalg.svd(reference[bucket][e["reference_layer"]], full_matrices=False)
+            window = slice(e["first_component"], e["first_component"] + e["rank"])
+            expected = (u[:, window] * s_[window]) @ vh[window]
+            cos = (expected * lib.dense(bucket, e["index"])).sum() / (expected.norm() * lib.dense(bucket, e["index"]).norm())
+            assert float(cos) == pytest.approx(1.0, abs=1e-4)  # the same piece, rescaled
+    with pytest.raises(ValueError, match="reference"):
+        Library.generate(4, 16, size=2, shares={"svd": 1.0})
