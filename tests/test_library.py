@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clso import ClsoError
-from clso.library import (BUCKETS, FAMILIES, Library, bucket_shapes, family_counts, generate_matrix,
+from clso.library import (BUCKETS, Library, bucket_shapes, family_counts, generate_matrix,
                           library_metrics)
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
