@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from clso import ClsoError, ga
 from clso.data import random_batch
 from clso.energy import EnergyMeter, EnergyReading
 from clso.flops import backward_flops, forward_flops
-from clso.io import atomic_dir
+from clso.io import write_bytes_atomic, write_text_atomic
 from clso.runtime import derive_seed
 from clso.search import Search
 from clso.surrogate import Surrogate
@@ -97,8 +97,8 @@ class Evolution:
             if (data.get("version") != CHECKPOINT_VERSION or data.get("fingerprint") != self.fingerprint
                     or data.get("stopped")):
                 return None  # another configuration's, or a finished run's: start afresh
-            self.surrogate.load_state_dict(load_file(str(self.checkpoint_dir / "surrogate.safetensors")))
-            self.search.model.load_continuous_state(load_file(str(self.checkpoint_dir / "continuous.safetensors")))
+            self.surrogate.load_state_dict(load_file(str(self.checkpoint_dir / data["surrogate_file"])))
+            self.search.model.load_continuous_state(load_file(str(self.checkpoint_dir / data["continuous_file"])))
             self.search.evaluator.cache = {tuple(g): float(v) for g, v in data["cache"]}
             run = Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
                       data["surrogate_predictions"], data["since_improvement"], data["stopped"],
@@ -112,15 +112,22 @@ class Evolution:
         run = self.run
         totals = Totals(run.totals.energy_j + reading.energy_wh * 3600, run.totals.cpu_s + reading.cpu_s,
                         run.totals.wall_s + reading.wall_s, run.totals.flops, sorted(set(run.totals.methods) | {reading.method}))
-        data = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "ga": run.ga_state.to_json(),
+        # tensors go to files named by generation first; state.json, replaced atomically last, names
+        # them: a kill at any instant leaves a consistent checkpoint, the new one or the old one
+        stamp = len(run.history)
+        files = {"surrogate_file": f"surrogate-{stamp}.safetensors", "continuous_file": f"continuous-{stamp}.safetensors"}
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(self.checkpoint_dir / files["surrogate_file"], save(self.surrogate.state_dict()))
+        write_bytes_atomic(self.checkpoint_dir / files["continuous_file"], save(self.search.model.continuous_state()))
+        data = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, **files, "ga": run.ga_state.to_json(),
                 "rng": run.rng, "true_evaluations": run.true_evaluations,
                 "surrogate_predictions": run.surrogate_predictions, "since_improvement": run.since_improvement,
                 "stopped": run.stopped, "totals": totals.__dict__, "history": run.history,
                 "cache": [[list(k), v if math.isfinite(v) else "inf"] for k, v in self.search.evaluator.cache.items()]}
-        with atomic_dir(self.checkpoint_dir) as tmp:
-            save_file(self.surrogate.state_dict(), str(tmp / "surrogate.safetensors"))
-            save_file(self.search.model.continuous_state(), str(tmp / "continuous.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(data))
+        write_text_atomic(self.checkpoint_dir / "state.json", json.dumps(data))
+        for old in self.checkpoint_dir.glob("*.safetensors"):
+            if old.name not in files.values():
+                old.unlink()
 
     # --- one generation ----------------------------------------------------------------------
 

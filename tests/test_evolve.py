@@ -156,3 +156,16 @@ def test_real_gpt2_search_resumes_identically(tiny_gpt2_search, tmp_path, mode):
     whole = make().run_to_end()
     np.testing.assert_array_equal(resumed.ga_state.best_genome, whole.ga_state.best_genome)
     assert resumed.ga_state.best_fitness == whole.ga_state.best_fitness
+
+
+def test_a_kill_between_checkpoint_files_leaves_the_previous_checkpoint_usable(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        evolution(tmp_path).run_to_end(stop_after=4)
+    ckpt = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["continuous-4.safetensors", "state.json",
+                                                      "surrogate-4.safetensors"]
+    (ckpt / "surrogate-5.safetensors").write_bytes(b"half-written")  # killed before state.json moved on
+    evo = evolution(tmp_path)
+    assert len(evo.run.history) == 4
+    evo.run_to_end()
+    assert not (ckpt / "surrogate-5.safetensors").exists() or "surrogate-5" in (ckpt / "state.json").read_text()
