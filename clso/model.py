@@ -33,6 +33,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     layer_gains: bool = True
 
+    @classmethod
+    def from_params(cls, model, vocab_size: int, layer_gains: bool | None = None) -> ModelConfig:
+        """From the params.yaml `model` section (ModelParams) and the prepared vocabulary."""
+        return cls(vocab_size=vocab_size, n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head,
+                   block_size=model.block_size, tie_embeddings=model.tie_embeddings,
+                   layer_gains=model.layer_gains if layer_gains is None else layer_gains)
+
     def gpt2(self, attn_implementation: str = "sdpa") -> GPT2Config:
         config = GPT2Config(
             vocab_size=self.vocab_size, n_positions=self.block_size, n_embd=self.n_embd,

@@ -48,9 +48,7 @@ def build_search(data_dir: str | Path, library_dir: str | Path, model, *, fitnes
     if library.shapes["c_attn"][0] != model.n_embd:
         raise ClsoError(f"{library_dir}: library built for n_embd {library.shapes['c_attn'][0]}, "
                         f"model.n_embd is {model.n_embd}; run `dvc repro library`")
-    config = ModelConfig(vocab_size=data.vocab_size, n_layer=model.n_layer, n_embd=model.n_embd,
-                         n_head=model.n_head, block_size=model.block_size,
-                         tie_embeddings=model.tie_embeddings, layer_gains=model.layer_gains)
+    config = ModelConfig.from_params(model, data.vocab_size)
     crystal = CrystallineGPT2(config, library, mode=mode, seed=seed).to(device)
     train = data.tokens("train")
     if len(train) <= model.block_size + 1:

@@ -29,8 +29,7 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
     device = resolve_device(p.base.device)
     data = TokenData.open("data/prepared")
     m = p.model
-    config = ModelConfig(vocab_size=data.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
-                         block_size=m.block_size, tie_embeddings=m.tie_embeddings, layer_gains=False)
+    config = ModelConfig.from_params(m, data.vocab_size, layer_gains=False)
     meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
     with progress_bar() as bar:
         task = bar.add_task("baseline", total=p.baseline.steps, info="")

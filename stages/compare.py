@@ -53,8 +53,7 @@ def _models(p, data: TokenData, device):
     clso = CrystallineGPT2(config, Library.load("models/library"), seed=p.base.seed).to(device)
     clso.load_continuous_state(load_file("models/clso/continuous.safetensors"))
     clso.set_genome(genome["genome"])
-    base_config = ModelConfig(vocab_size=data.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
-                              block_size=m.block_size, tie_embeddings=m.tie_embeddings)
+    base_config = ModelConfig.from_params(m, data.vocab_size, layer_gains=False)
     baseline = dense_gpt2(base_config, p.base.seed, device)
     baseline.load_state_dict(load_file("models/baseline/model.safetensors"), strict=False)
     baseline.tie_weights()
