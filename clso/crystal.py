@@ -1,6 +1,6 @@
 """The .crystal file: a GPT-2 (dense or crystalline) quantized for the C runtime.
 
-The layout is specified in docs/crystal-format.md; this module writes it, reads it back with
+The layout is specified in clso/runtime/FORMAT.md; this module writes it, reads it back with
 every field validated, and runs the model it holds in PyTorch (the reference the C runtime is
 tested against). Every linear layer is a sum of parts, y = bias + gain · Σ_k scatter_out_k(M_k
 gather_in_k(x)), with M_k one matrix or a low-rank pair V·U: a dense layer is one full part; a
@@ -575,8 +575,9 @@ class CrystalModel:
         self.head = self.wte if h["flags"] & FLAG_TIED else t("head")
         self.ln_f = (t("ln_f.w"), t("ln_f.b"))
         self.vocab_ids = crystal.tensors["vocab.ids"] if h["flags"] & FLAG_PRUNED else None
+        self.row_of = np.arange(h["tokenizer_vocab"], dtype=np.int64)  # tokenizer id → row of wte, -1 if pruned
         if self.vocab_ids is not None:
-            self.row_of = np.full(h["tokenizer_vocab"], -1, dtype=np.int64)
+            self.row_of[:] = -1
             self.row_of[self.vocab_ids] = np.arange(len(self.vocab_ids))
         self.blocks = []
         for i in range(h["n_layer"]):
@@ -605,7 +606,7 @@ class CrystalModel:
     @torch.no_grad()
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids of the tokenizer → (B, T, tokenizer vocab) logits; pruned ids get -inf."""
-        rows = idx if self.vocab_ids is None else torch.from_numpy(self.row_of[idx.numpy()])
+        rows = torch.from_numpy(self.row_of[idx.numpy()])
         if (rows < 0).any():
             raise ValueError("a token id that vocabulary pruning removed")
         b, t = idx.shape

@@ -1,4 +1,4 @@
-/* crystal.c: run a GPT-2 stored in a .crystal file (docs/crystal-format.md).
+/* crystal.c: run a GPT-2 stored in a .crystal file (clso/runtime/FORMAT.md).
  *
  *   crystal info     MODEL                 header and tensor table
  *   crystal check    [--no-crc] MODEL...   validate files; exit 0 when all are valid
@@ -436,21 +436,30 @@ static void mat_row(const Mat *a, int r, float *out) {
     for (int c = 0; c < a->cols; c++) out[c] = mat_at(a, r, c);
 }
 
-/* out[r] = Σ_c value(r, c) x[c], kept in the narrow type in the inner loop so it vectorises */
+/* out[r] = Σ_c value(r, c) x[c]. Eight independent partial sums per row: without -ffast-math the
+   compiler may not reorder one running sum, but it vectorises eight lanes. */
+#define LANES 8
+#define DOT(T)                                                                    \
+    static float dot_##T(const T *w, const float *x, int n) {                     \
+        float acc[LANES] = {0};                                                   \
+        int c = 0;                                                                \
+        for (; c + LANES <= n; c += LANES)                                        \
+            for (int j = 0; j < LANES; j++) acc[j] += (float)w[c + j] * x[c + j]; \
+        float sum = 0.0f;                                                         \
+        for (; c < n; c++) sum += (float)w[c] * x[c];                             \
+        for (int j = 0; j < LANES; j++) sum += acc[j];                            \
+        return sum;                                                               \
+    }
+DOT(float)
+DOT(int16_t)
+DOT(int8_t)
+
 static void matvec(const Mat *a, const float *x, float *out) {
     for (int r = 0; r < a->rows; r++) {
-        float acc = 0.0f;
         size_t base = (size_t)r * a->cols;
-        if (a->dtype == F32) {
-            const float *w = (const float *)a->q + base;
-            for (int c = 0; c < a->cols; c++) acc += w[c] * x[c];
-        } else if (a->dtype == I16) {
-            const int16_t *w = (const int16_t *)a->q + base;
-            for (int c = 0; c < a->cols; c++) acc += (float)w[c] * x[c];
-        } else {
-            const int8_t *w = (const int8_t *)a->q + base;
-            for (int c = 0; c < a->cols; c++) acc += (float)w[c] * x[c];
-        }
+        float acc = a->dtype == F32 ? dot_float((const float *)a->q + base, x, a->cols)
+                  : a->dtype == I16 ? dot_int16_t((const int16_t *)a->q + base, x, a->cols)
+                                    : dot_int8_t((const int8_t *)a->q + base, x, a->cols);
         out[r] = acc * a->scale * (a->row_scales ? a->row_scales[r] : 1.0f);
     }
 }
@@ -736,25 +745,30 @@ static float rng_uniform(void) { /* xorshift64*, top 24 bits */
 }
 
 typedef struct { float logit; int row; } Candidate;
-static int by_logit(const void *a, const void *b) {
-    float x = ((const Candidate *)a)->logit, y = ((const Candidate *)b)->logit;
-    return x < y ? 1 : x > y ? -1 : ((const Candidate *)a)->row - ((const Candidate *)b)->row;
-}
 
+/* temperature 0: argmax; else a draw from softmax(logits / temperature) over the top_k largest
+   logits (all of them when top_k is 0). The top k are kept sorted by insertion: one pass. */
 static int sample(const float *logits, int n, float temperature, int top_k, Candidate *c) {
-    if (temperature <= 0.0f) {
-        int best = 0;
-        for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
-        return best;
+    int best = 0;
+    for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
+    if (temperature <= 0.0f) return best;
+    int k = top_k > 0 && top_k < n ? top_k : n, kept = 0;
+    if (k == n) {
+        for (int i = 0; i < n; i++) c[i] = (Candidate){logits[i], i};
+        kept = n;
+    } else {
+        for (int i = 0; i < n; i++) {
+            if (kept == k && logits[i] <= c[k - 1].logit) continue;
+            int j = kept < k ? kept++ : k - 1;
+            while (j > 0 && c[j - 1].logit < logits[i]) c[j] = c[j - 1], j--;
+            c[j] = (Candidate){logits[i], i};
+        }
     }
-    for (int i = 0; i < n; i++) c[i] = (Candidate){logits[i], i};
-    qsort(c, n, sizeof *c, by_logit);
-    int k = top_k > 0 && top_k < n ? top_k : n;
-    float sum = 0.0f;
-    for (int i = 0; i < k; i++) sum += c[i].logit = expf((c[i].logit - c[0].logit) / temperature);
+    float sum = 0.0f, top = logits[best];
+    for (int i = 0; i < kept; i++) sum += c[i].logit = expf((c[i].logit - top) / temperature);
     float u = rng_uniform() * sum;
-    for (int i = 0; i < k; i++) if ((u -= c[i].logit) <= 0.0f) return c[i].row;
-    return c[k - 1].row;
+    for (int i = 0; i < kept; i++) if ((u -= c[i].logit) <= 0.0f) return c[i].row;
+    return c[kept - 1].row;
 }
 
 static void print_token(const Model *m, int id) {

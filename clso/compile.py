@@ -1,0 +1,173 @@
+"""Compile models to .crystal files, build the C runtime, and measure what quantization costs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from clso import ClsoError
+from clso.crystal import FLAG_TIED, CrystalModel, read_crystal
+from clso.library import BUCKETS
+
+RUNTIME_SOURCE = Path(__file__).parent / "runtime" / "crystal.c"
+_MODULES = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
+
+
+def build_runtime(out: str | Path, cc: str = "cc", cflags: str = "-O3") -> Path:
+    """Compile crystal.c with the system C compiler into `out` (replaced only when it succeeds)."""
+    out = Path(out)
+    compiler = shutil.which(cc)
+    if compiler is None:
+        raise ClsoError(f"C compiler {cc!r} not found; install one (gcc or clang) or set compile.cc")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, *shlex.split(cflags), "-o", tmp, str(RUNTIME_SOURCE), "-lm"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        Path(tmp).unlink(missing_ok=True)
+        first = (done.stderr.strip().splitlines() or ["no message"])[0]
+        raise ClsoError(f"compiling the C runtime failed ({first}); check compile.cc and compile.cflags")
+    os.replace(tmp, out)
+    return out
+
+
+def run_runtime(binary: str | Path, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the C runtime; stdout stays bytes (generated text may split a UTF-8 character)."""
+    done = subprocess.run([str(binary), *map(str, args)], capture_output=True, timeout=timeout)
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+        raise ClsoError(f"crystal {args[0]}: {message}")
+    return done
+
+
+def runtime_logits(binary, path, ids) -> np.ndarray:
+    """(T, tokenizer vocab) logits the C runtime prints for token ids (pruned ids are -inf)."""
+    out = run_runtime(binary, "logits", path, *[int(i) for i in ids]).stdout.decode()
+    return np.array([[float(v) for v in line.split()] for line in out.splitlines()], dtype=np.float64)
+
+
+def hf_model(crystal) -> GPT2LMHeadModel:
+    """A stock transformers GPT-2 with the file's weights, dequantized and made dense: PyTorch eager.
+    Its token ids are the file's rows (the tokenizer's ids unless the vocabulary was pruned)."""
+    h = crystal.header
+    config = GPT2Config(vocab_size=h["vocab_rows"], n_positions=h["block_size"], n_embd=h["n_embd"], n_layer=h["n_layer"],
+                        n_head=h["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        layer_norm_epsilon=float(h["layer_norm_eps"]),
+                        tie_word_embeddings=bool(h["flags"] & FLAG_TIED), bos_token_id=None, eos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        model = GPT2LMHeadModel(config).eval()
+    ref = CrystalModel(crystal)
+    state = {"transformer.wte.weight": ref.wte, "transformer.wpe.weight": ref.wpe,
+             "transformer.ln_f.weight": ref.ln_f[0], "transformer.ln_f.bias": ref.ln_f[1]}
+    if not h["flags"] & FLAG_TIED:
+        state["lm_head.weight"] = ref.head
+    for i, block in enumerate(ref.blocks):
+        prefix = f"transformer.h.{i}"
+        for ln in ("ln_1", "ln_2"):
+            state[f"{prefix}.{ln}.weight"], state[f"{prefix}.{ln}.bias"] = block[ln]
+        for bucket in BUCKETS:
+            parts, gain, bias = block[bucket]
+            eye = torch.eye(h["n_inner"] if bucket == "mlp_proj" else h["n_embd"])
+            state[f"{prefix}.{_MODULES[bucket]}.weight"] = CrystalModel._linear(eye, (parts, gain, torch.zeros_like(bias)))
+            state[f"{prefix}.{_MODULES[bucket]}.bias"] = bias
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight" and ".attn.bias" not in m]:
+        raise AssertionError(f"state does not fit GPT-2: {missing}, {unexpected}")
+    model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def quantization_report(float_logits_fn, crystal, tokens: np.ndarray, block_size: int, batch_size: int = 16) -> dict:
+    """The file's model against the float PyTorch model on consecutive windows of `tokens`:
+    its loss, top-1 agreement and largest absolute logit difference."""
+    model = CrystalModel(crystal)
+    windows = (len(tokens) - 1) // block_size
+    if windows < 1:
+        raise ClsoError(f"the val split ({len(tokens)} tokens) holds no window of {block_size}")
+    float_sum = file_sum = agree = 0.0
+    count, max_diff = 0, 0.0
+    for first in range(0, windows, batch_size):
+        starts = np.arange(first, min(first + batch_size, windows)) * block_size
+        xy = torch.from_numpy(np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts]))
+        x, y = xy[:, :-1], xy[:, 1:].reshape(-1)
+        ref, got = float_logits_fn(x).float(), model(x)
+        kept = torch.isfinite(got[0, 0])  # pruned ids are -inf in the file's logits
+        ref_kept = ref[..., kept].flatten(0, 1)
+        got_kept = got[..., kept].flatten(0, 1)
+        float_sum += float(F.cross_entropy(ref.flatten(0, 1), y, reduction="sum"))
+        file_sum += float(F.cross_entropy(got.flatten(0, 1), y, reduction="sum"))
+        agree += float((ref.flatten(0, 1).argmax(-1) == got.flatten(0, 1).argmax(-1)).sum())
+        max_diff = max(max_diff, float((ref_kept - got_kept).abs().max()))
+        count += y.numel()
+    float_loss, file_loss = float_sum / count, file_sum / count
+    return {"val_tokens": count, "float_val_loss": float_loss, "val_loss": file_loss,
+            "float_val_ppl": math.exp(float_loss), "val_ppl": math.exp(min(file_loss, 700.0)),
+            "ppl_change": math.exp(min(file_loss, 700.0)) / math.exp(float_loss) - 1.0,
+            "top1_agreement": agree / count, "max_abs_logit_diff": max_diff}
+
+
+@torch.no_grad()
+def _torch_generate(model: GPT2LMHeadModel, start: int, new_tokens: int, temperature: float, top_k: int,
+                    seed: int) -> float:
+    """Seconds for one sequence of `new_tokens` with the KV cache, sampled like the C runtime."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[start]])
+    began = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    past = out.past_key_values
+    for _ in range(new_tokens):
+        logits = out.logits[0, -1] / temperature
+        top = torch.topk(logits, top_k)
+        choice = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=g)]
+        out = model(input_ids=choice.view(1, 1), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return time.perf_counter() - began
+
+
+def bench_runtime(binary, path, *, new_tokens: int = 100, repeats: int = 3, temperature: float = 0.8,
+                  top_k: int = 40, seed: int = 0) -> dict:
+    """Single-sequence generation: the C runtime against PyTorch eager (transformers' GPT-2 with the
+    file's weights, KV cache), interleaved repeats, medians. The C time is its own generation
+    loop (after mmap and validation); its wall time with process start and load is reported too."""
+    crystal = read_crystal(Path(path).read_bytes())
+    h = crystal.header
+    new_tokens = min(new_tokens, h["block_size"] - 1)
+    if new_tokens < 1:
+        raise ClsoError("the model's context holds no generated token")
+    model = hf_model(crystal)
+    # the runtime's start with an empty prompt: end-of-text if the file keeps it, else row 0
+    eot, rows = h["eot_token"], CrystalModel(crystal).row_of
+    start = int(rows[eot]) if eot < h["tokenizer_vocab"] and rows[eot] >= 0 else 0
+    torch_s, c_s, c_wall = [], [], []
+    for r in range(repeats):
+        torch_s.append(_torch_generate(model, start, new_tokens, temperature, top_k, seed + r))
+        began = time.perf_counter()
+        done = run_runtime(binary, "generate", path, "-n", new_tokens, "-t", temperature, "-k", top_k,
+                           "-s", seed + r, "--stats")
+        c_wall.append(time.perf_counter() - began)
+        stats = json.loads(done.stderr.decode().strip().splitlines()[-1])
+        if stats["new_tokens"] != new_tokens:
+            raise AssertionError(f"runtime made {stats['new_tokens']} tokens, asked {new_tokens}")
+        c_s.append(stats["seconds"])
+    t, c, w = statistics.median(torch_s), statistics.median(c_s), statistics.median(c_wall)
+    return {"file": str(path), "file_bytes": Path(path).stat().st_size, "new_tokens": new_tokens,
+            "torch_threads": torch.get_num_threads(), "runtime_threads": 1,
+            "torch_tokens_per_s": round(new_tokens / t, 2), "runtime_tokens_per_s": round(new_tokens / c, 2),
+            "runtime_tokens_per_s_with_process_start": round(new_tokens / w, 2),
+            "ratio": round(t / c, 3), "ratio_with_process_start": round(t / w, 3),
+            "torch_s": [round(x, 4) for x in torch_s], "runtime_s": [round(x, 4) for x in c_s]}
