@@ -92,33 +92,51 @@ def hf_model(crystal) -> GPT2LMHeadModel:
 
 
 @torch.no_grad()
-def quantization_report(float_logits_fn, crystal, tokens: np.ndarray, block_size: int, batch_size: int = 16) -> dict:
-    """The file's model against the float PyTorch model on consecutive windows of `tokens`:
-    its loss, top-1 agreement and largest absolute logit difference."""
-    model = CrystalModel(crystal)
-    windows = (len(tokens) - 1) // block_size
-    if windows < 1:
+def quantization_reports(float_logits_fn, crystals: dict, tokens: np.ndarray, block_size: int,
+                         batch_size: int = 16) -> dict[str, dict]:
+    """Each file's model (all of one vocabulary) against the float PyTorch model on consecutive
+    windows of `tokens`, in one pass: the loss of both, top-1 agreement and the largest absolute
+    logit difference. A file with a pruned vocabulary cannot read or predict the ids it dropped:
+    windows holding one are left out (and counted), and both softmaxes run over the kept ids."""
+    models = {name: CrystalModel(c) for name, c in crystals.items()}
+    row_of = next(iter(models.values())).row_of
+    n_windows = (len(tokens) - 1) // block_size
+    if n_windows < 1:
         raise ClsoError(f"the val split ({len(tokens)} tokens) holds no window of {block_size}")
-    float_sum = file_sum = agree = 0.0
-    count, max_diff = 0, 0.0
-    for first in range(0, windows, batch_size):
-        starts = np.arange(first, min(first + batch_size, windows)) * block_size
-        xy = torch.from_numpy(np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts]))
-        x, y = xy[:, :-1], xy[:, 1:].reshape(-1)
-        ref, got = float_logits_fn(x).float(), model(x)
-        kept = torch.isfinite(got[0, 0])  # pruned ids are -inf in the file's logits
-        ref_kept = ref[..., kept].flatten(0, 1)
-        got_kept = got[..., kept].flatten(0, 1)
-        float_sum += float(F.cross_entropy(ref.flatten(0, 1), y, reduction="sum"))
-        file_sum += float(F.cross_entropy(got.flatten(0, 1), y, reduction="sum"))
-        agree += float((ref.flatten(0, 1).argmax(-1) == got.flatten(0, 1).argmax(-1)).sum())
-        max_diff = max(max_diff, float((ref_kept - got_kept).abs().max()))
+    windows = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64)
+                        for s in range(0, n_windows * block_size, block_size)])
+    usable = windows[(row_of[windows] >= 0).all(axis=1)]
+    if not len(usable):
+        raise ClsoError("every val window holds a token the pruned vocabulary dropped; set compile.prune_vocab: false")
+    kept = torch.from_numpy(row_of >= 0)
+    target_of = torch.cumsum(kept.long(), 0) - 1  # tokenizer id → position among the kept ids
+    float_sum, count = 0.0, 0
+    sums = {name: {"loss": 0.0, "agree": 0.0, "max_diff": 0.0} for name in models}
+    for first in range(0, len(usable), batch_size):
+        xy = torch.from_numpy(usable[first:first + batch_size])
+        x, y = xy[:, :-1], target_of[xy[:, 1:].reshape(-1)]
+        ref = float_logits_fn(x).float().flatten(0, 1)
+        ref = ref if bool(kept.all()) else ref[:, kept]
+        float_sum += float(F.cross_entropy(ref, y, reduction="sum"))
+        ref_top = ref.argmax(-1)
+        for name, model in models.items():
+            got = model(x).flatten(0, 1)
+            got = got if bool(kept.all()) else got[:, kept]
+            s = sums[name]
+            s["loss"] += float(F.cross_entropy(got, y, reduction="sum"))
+            s["agree"] += float((got.argmax(-1) == ref_top).sum())
+            s["max_diff"] = max(s["max_diff"], float(got.sub_(ref).abs_().max()))
         count += y.numel()
-    float_loss, file_loss = float_sum / count, file_sum / count
-    return {"val_tokens": count, "float_val_loss": float_loss, "val_loss": file_loss,
-            "float_val_ppl": math.exp(float_loss), "val_ppl": math.exp(min(file_loss, 700.0)),
-            "ppl_change": math.exp(min(file_loss, 700.0)) / math.exp(float_loss) - 1.0,
-            "top1_agreement": agree / count, "max_abs_logit_diff": max_diff}
+    float_loss = float_sum / count
+    reports = {}
+    for name, s in sums.items():
+        loss = s["loss"] / count
+        ppl = math.exp(min(loss, 700.0))
+        reports[name] = {"val_tokens": count, "val_windows_used": len(usable), "val_windows": n_windows,
+                         "float_val_loss": float_loss, "val_loss": loss, "float_val_ppl": math.exp(float_loss),
+                         "val_ppl": ppl, "ppl_change": ppl / math.exp(float_loss) - 1.0,
+                         "top1_agreement": s["agree"] / count, "max_abs_logit_diff": s["max_diff"]}
+    return reports
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ NAME_BYTES = 64
 MAX_DIMS = 4
 MAX_PARTS = 256
 NO_TOKEN = 0xFFFFFFFF
+PER_ROW_MIN = 4096  # values a matrix needs before per-row scales (one more tensor) pay for themselves
 
 MODES = ("f32", "int16", "int8", "mixed16", "mixed8")
 MODE_CODES = {m: i for i, m in enumerate(MODES)}
@@ -134,7 +135,7 @@ class _Writer:
             self.add(name, F32, w.shape, np.ascontiguousarray(w, dtype="<f4").tobytes())
             return
         top, dtype, np_type = (2 ** (bits - 1) - 1), (I16 if bits == 16 else I8), ("<i2" if bits == 16 else "i1")
-        if self.mode.startswith("mixed"):  # a scale per row (per output): rows differ in range
+        if self.mode.startswith("mixed") and w.size >= PER_ROW_MIN:  # rows (outputs) differ in range
             absmax = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
             scales = np.where(absmax > 0, absmax / top, 1.0).astype(np.float32)
             q = np.round(w / scales.reshape(-1, *[1] * (w.ndim - 1)))

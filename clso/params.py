@@ -168,6 +168,21 @@ class BaselineParams:
 
 
 @dataclass(frozen=True)
+class CompileParams:
+    prune_vocab: bool = spec(False, "keep only the token ids that occur in the train split (smaller embeddings)")
+    eval_tokens: int = spec(0, "val tokens for perplexity and top-1 agreement of each file; 0 = the whole val split",
+                            min=0, max=1_000_000_000)
+    bench_tokens: int = spec(100, "tokens of one generated sequence in the runtime benchmark (at most "
+                             "model.block_size - 1)", min=1, max=1_000_000)
+    bench_repeats: int = spec(3, "interleaved runs of PyTorch and the C runtime; medians are reported",
+                              min=1, max=100)
+    sample_prompt: str = spec("", "prompt of the sample text in metrics/compile.json; empty starts a new document")
+    sample_tokens: int = spec(64, "tokens of the sample text", min=1, max=1_000_000)
+    cc: str = spec("cc", "the system C compiler that builds build/crystal")
+    cflags: str = spec("-O3", "its flags (-O3 -march=native is faster and ties the binary to this CPU)")
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams
     prepare: PrepareParams
@@ -177,6 +192,7 @@ class Params:
     surrogate: SurrogateParams
     evolve: EvolveParams
     baseline: BaselineParams
+    compile: CompileParams
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -337,6 +353,6 @@ def defaults(cls: type):
 
 
 __all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "FitnessParams", "SurrogateParams",
-           "EvolveParams", "BaselineParams",
+           "EvolveParams", "BaselineParams", "CompileParams",
            "Params", "load_params", "parse_params", "section_help",
            "defaults", "SECTIONS"]

@@ -20,6 +20,13 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def setup(base) -> torch.device:
+    """Apply the params.yaml `base` section (BaseParams): torch's CPU threads, and the device."""
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    return resolve_device(base.device)
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts, stable across runs and machines (unlike hash())."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()

@@ -12,7 +12,7 @@ from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.model import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.runtime import resolve_device
+from clso.runtime import setup
 from stages.common import PARAMS_OPTION, run_alone, stage
 
 OUT_DIR = Path("models/baseline")
@@ -26,7 +26,7 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
     """Train the dense GPT-2 of `model` with AdamW on the train split; write models/baseline/,
     metrics/baseline.json and plots/baseline.csv (loss against tokens, energy, FLOPs, wall)."""
     p = load_params(params)
-    device = resolve_device(p.base.device)
+    device = setup(p.base)
     data = TokenData.open("data/prepared")
     m = p.model
     config = ModelConfig.from_params(m, data.vocab_size, layer_gains=False)

@@ -1,12 +1,14 @@
 """`clso bench …`: benchmarks that print JSON, each ratio measured side by side in one run."""
 
 import json
+from pathlib import Path
 
 import typer
 
+from clso import ClsoError
 from clso.bench import bench_eval
 from clso.runtime import resolve_device
-from stages.common import app
+from stages.common import app, one_line_errors
 
 bench = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON on stdout, fast path against plain path.")
 app.add_typer(bench, name="bench")
@@ -39,3 +41,27 @@ def eval_(
                         vocab_size=vocab_size, warmup_generations=warmup_generations, repeats=repeats,
                         seed=seed, device=resolve_device(device))
     print(json.dumps(result, indent=2))
+
+
+@bench.command("runtime")
+@one_line_errors("bench runtime")
+def runtime(
+    model: Path = typer.Option(Path("build/clso-mixed8.crystal"), help="a .crystal file (`dvc repro compile` writes them)"),
+    binary: Path = typer.Option(Path("build/crystal"), help="the C runtime (`dvc repro compile` builds it)"),
+    tokens: int = typer.Option(100, help="tokens of the generated sequence (at most the context - 1)"),
+    repeats: int = typer.Option(3, help="interleaved runs of each; medians are reported"),
+    threads: int = typer.Option(2, help="torch CPU threads (the runtime uses one)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Single-sequence generation: tokens/s of the C runtime and of PyTorch eager (transformers'
+    GPT-2 with the file's weights and a KV cache), and their ratio."""
+    import torch
+
+    from clso.compile import bench_runtime
+
+    for path, what in ((model, "model file"), (binary, "runtime")):
+        if not path.is_file():
+            raise ClsoError(f"{path}: {what} not found; run `dvc repro compile` first")
+    torch.set_num_threads(threads)
+    print(json.dumps({"benchmark": "runtime", **bench_runtime(binary, model, new_tokens=tokens, repeats=repeats,
+                                                              seed=seed)}, indent=2))

@@ -3,7 +3,9 @@
 import stages.baseline  # noqa: F401  (each import registers its commands)
 import stages.bench  # noqa: F401
 import stages.compare  # noqa: F401
+import stages.compile  # noqa: F401
 import stages.evolve  # noqa: F401
+import stages.fuzz  # noqa: F401
 import stages.library  # noqa: F401
 import stages.prepare  # noqa: F401
 import stages.surrogate  # noqa: F401

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
+from pathlib import Path
 
 import typer
 
@@ -33,6 +35,19 @@ def stage(name: str, sections: tuple[str, ...]):
     """Register a stage command; its --help lists the params.yaml sections it reads."""
 
     def register(fn):
+        # blank lines keep click from folding the key list into one paragraph
+        epilog = "\n\n".join(section_help(s).replace("\n", "\n\n") for s in sections)
+        run = one_line_errors(name)(fn)
+        app.command(name, epilog=epilog)(run)
+        return run
+
+    return register
+
+
+def one_line_errors(name: str):
+    """A ClsoError or Ctrl-C ends the command with one line on stderr and its exit status."""
+
+    def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
             try:
@@ -44,14 +59,47 @@ def stage(name: str, sections: tuple[str, ...]):
                 print(f"clso {name}: interrupted; outputs were left as they were", file=sys.stderr)
                 raise typer.Exit(130) from None
 
-        # blank lines keep click from folding the key list into one paragraph
-        epilog = "\n\n".join(section_help(s).replace("\n", "\n\n") for s in sections)
-        app.command(name, epilog=epilog)(run)
         return run
 
-    return register
+    return wrap
 
 
 def run_alone(name: str) -> None:
     """`python -m stages.NAME`, as dvc.yaml calls it, runs the command NAME."""
     app(args=[name, *sys.argv[1:]], prog_name=f"python -m stages.{name}")
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
+    except ValueError:
+        raise ClsoError(f"{path}: not valid JSON; re-create it with `dvc repro -f`") from None
+
+
+def final_models(p, vocab_size: int, device):
+    """The evolved CLSO model (models/clso, models/library) and the trained baseline, in eval mode."""
+    from safetensors.torch import load_file
+
+    from clso.baseline import dense_gpt2
+    from clso.library import Library
+    from clso.model import CrystallineGPT2, ModelConfig
+
+    genome = read_json("models/clso/best_genome.json")
+    clso = CrystallineGPT2(ModelConfig(**genome["model"]), Library.load("models/library"), seed=p.base.seed).to(device)
+    clso.load_continuous_state(_safetensors(load_file, "models/clso/continuous.safetensors"))
+    clso.set_genome(genome["genome"])
+    baseline = dense_gpt2(ModelConfig.from_params(p.model, vocab_size, layer_gains=False), p.base.seed, device)
+    baseline.load_state_dict(_safetensors(load_file, "models/baseline/model.safetensors"), strict=False)
+    baseline.tie_weights()
+    return clso.eval(), baseline.eval()
+
+
+def _safetensors(load_file, path: str) -> dict:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
+    except Exception as e:
+        raise ClsoError(f"{path}: unreadable ({type(e).__name__}); re-create it with `dvc repro -f`") from None

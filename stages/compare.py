@@ -7,20 +7,16 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from clso import ClsoError
-from clso.baseline import dense_gpt2
 from clso.compare import comparison
 from clso.data import TokenData
 from clso.evaluate import split_loss
 from clso.io import write_json_atomic, write_text_atomic
-from clso.library import Library
-from clso.model import CrystallineGPT2, ModelConfig
 from clso.params import load_params
 from clso.plots import comparison_png
-from clso.runtime import resolve_device
-from stages.common import PARAMS_OPTION, run_alone, stage
+from clso.runtime import setup
+from stages.common import PARAMS_OPTION, final_models, read_json, run_alone, stage
 
 METRICS = Path("metrics/compare.json")
 REPORT = Path("metrics/report.md")
@@ -29,35 +25,12 @@ BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 EVAL_BATCH = 16
 
 
-def _json(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
-    except ValueError:
-        raise ClsoError(f"{path}: not valid JSON; re-create it with `dvc repro -f`") from None
-
-
 def _csv(path) -> list[dict]:
     try:
         with open(path, newline="") as f:
             return [{k: (v if k == "energy_method" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
     except FileNotFoundError:
         raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
-
-
-def _models(p, data: TokenData, device):
-    m = p.model
-    genome = _json("models/clso/best_genome.json")
-    config = ModelConfig(**genome["model"])
-    clso = CrystallineGPT2(config, Library.load("models/library"), seed=p.base.seed).to(device)
-    clso.load_continuous_state(load_file("models/clso/continuous.safetensors"))
-    clso.set_genome(genome["genome"])
-    base_config = ModelConfig.from_params(m, data.vocab_size, layer_gains=False)
-    baseline = dense_gpt2(base_config, p.base.seed, device)
-    baseline.load_state_dict(load_file("models/baseline/model.safetensors"), strict=False)
-    baseline.tie_weights()
-    return clso.eval(), baseline.eval()
 
 
 def _methods(*methods) -> str:
@@ -70,11 +43,11 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     models on the test split; write metrics/compare.json, metrics/report.md, the comparison plots
     and the README's block of latest numbers."""
     p = load_params(params)
-    device = resolve_device(p.base.device)
-    library, surrogate, evolve = _json("metrics/library.json"), _json("metrics/surrogate.json"), _json("metrics/evolve.json")
-    base_metrics, base_curve, clso_curve = _json("metrics/baseline.json"), _csv("plots/baseline.csv"), _csv("plots/evolve.csv")
+    device = setup(p.base)
+    library, surrogate, evolve = read_json("metrics/library.json"), read_json("metrics/surrogate.json"), read_json("metrics/evolve.json")
+    base_metrics, base_curve, clso_curve = read_json("metrics/baseline.json"), _csv("plots/baseline.csv"), _csv("plots/evolve.csv")
     data = TokenData.open("data/prepared")
-    clso_model, baseline_model = _models(p, data, device)
+    clso_model, baseline_model = final_models(p, data.vocab_size, device)
     test = data.tokens("test")
     with torch.no_grad():
         clso_test = split_loss(clso_model, test, p.model.block_size, EVAL_BATCH, device)
@@ -106,6 +79,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     }
     result = comparison(clso, baseline, base_curve)
     result["library_sanity"] = library["sanity_check"]
+    result["compile"] = compile_summary(read_json("metrics/compile.json"))
     write_json_atomic(METRICS, result)
     clso_costs = [{**r, "energy_wh": r["energy_wh"] + before_search,
                    "flops": r["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"] + svd_flops}
@@ -117,6 +91,17 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     write_text_atomic(REPORT, report(result, clso_curve, evolve))
     _update_readme(summary(result))
     print(f"compare: {result['verdict']['statement']}")
+
+
+def compile_summary(metrics: dict) -> dict:
+    """The figures of metrics/compile.json that the comparison reports."""
+    keys = ("bytes", "bytes_vs_f32", "top1_agreement", "val_ppl", "ppl_change", "max_abs_logit_diff")
+    return {"models": {name: {"modes": {mode: {k: f[k] for k in keys} for mode, f in m["modes"].items()},
+                              "runtime_tokens_per_s": m["runtime_bench"]["runtime_tokens_per_s"],
+                              "torch_tokens_per_s": m["runtime_bench"]["torch_tokens_per_s"],
+                              "runtime_vs_torch": m["runtime_bench"]["ratio"]}
+                       for name, m in metrics["models"].items()},
+            "targets": metrics["targets"], "measured": metrics["measured"], "met": metrics["met"]}
 
 
 def _fmt(x, digits=4):
@@ -145,7 +130,22 @@ def summary(result: dict) -> str:
                   f"library matrix, with its best gain, leaves on average {s['mean_best_rel_error_with_gain']:.0%} "
                   f"relative Frobenius error (worst {s['worst_best_rel_error_with_gain']:.0%}); the protocol calls a "
                   f"library above 20% too weak: **{'passes' if s['passes_protocol_20pct'] else 'fails'}**."]
+    if "compile" in result:
+        lines += ["", _compile_line(result["compile"])]
     return "\n".join(lines)
+
+
+def _compile_line(c: dict) -> str:
+    clso, base = c["models"]["clso"], c["models"]["baseline"]
+    m8, b8 = clso["modes"]["mixed8"], base["modes"]["mixed8"]
+    missed = [k for k, v in c["met"].items() if not v]
+    return (f"Compiled to `.crystal` (metrics/compile.json): CLSO `mixed8` {m8['bytes'] / 1e6:.2f} MB "
+            f"({m8['bytes_vs_f32']:.0%} of its `f32` file, target ≤ 35%), baseline `mixed8` {b8['bytes'] / 1e6:.2f} MB "
+            f"({b8['bytes_vs_f32']:.0%}); `mixed8` top-1 agreement with the float model {m8['top1_agreement']:.2%} "
+            f"(CLSO) and {b8['top1_agreement']:.2%} (baseline), perplexity change {m8['ppl_change']:+.3%} and "
+            f"{b8['ppl_change']:+.3%}; the C runtime generates {clso['runtime_vs_torch']:.1f}× (CLSO) and "
+            f"{base['runtime_vs_torch']:.1f}× (baseline) the tokens/s of PyTorch eager. Targets missed: "
+            f"{', '.join(missed) or 'none'}.")
 
 
 def report(result: dict, clso_curve: list[dict], evolve: dict) -> str:
@@ -161,6 +161,18 @@ def report(result: dict, clso_curve: list[dict], evolve: dict) -> str:
               f"{r['wall_s']:.1f} |" for r in clso_curve]
     lines += ["", f"Search stopped: {evolve['stopped']}; surrogate predictions replaced "
               f"{evolve['evaluations_saved_share']:.0%} of its evaluations.", ""]
+    if "compile" in result:
+        lines += ["## Compiled files (build/, from `dvc repro compile`)", "",
+                  "| model | mode | bytes | vs f32 | top-1 agreement | val ppl | ppl change | max logit diff |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, m in result["compile"]["models"].items():
+            lines += [f"| {name} | {mode} | {f['bytes']} | {f['bytes_vs_f32']:.1%} | {f['top1_agreement']:.2%} | "
+                      f"{f['val_ppl']:.4g} | {f['ppl_change']:+.3%} | {f['max_abs_logit_diff']:.3g} |"
+                      for mode, f in m["modes"].items()]
+        lines += ["", "| model | C runtime tokens/s | PyTorch eager tokens/s | ratio |", "|---|---|---|---|"]
+        lines += [f"| {name} | {m['runtime_tokens_per_s']:.0f} | {m['torch_tokens_per_s']:.0f} | "
+                  f"{m['runtime_vs_torch']:.2f} |" for name, m in result["compile"]["models"].items()]
+        lines.append("")
     return "\n".join(lines)
 
 

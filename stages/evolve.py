@@ -16,7 +16,7 @@ from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
-from clso.runtime import resolve_device
+from clso.runtime import setup
 from clso.search import build_search
 from clso.surrogate import Surrogate, SurrogateConfig
 from stages.common import PARAMS_OPTION, run_alone, stage
@@ -58,7 +58,7 @@ def evolve(params: Path = PARAMS_OPTION) -> None:
     checkpoints/evolve (a killed run resumes), and writes models/clso/, metrics/evolve.json and
     plots/evolve.csv."""
     p = load_params(params)
-    device = resolve_device(p.base.device)
+    device = setup(p.base)
     search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
                           seed=p.base.seed, device=device)
     surrogate, genomes, losses = _load_surrogate()

@@ -10,7 +10,7 @@ from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.runtime import derive_seed, resolve_device
+from clso.runtime import derive_seed, setup
 from clso.search import build_search, sample_for_surrogate
 from clso.surrogate import Surrogate, SurrogateConfig, ranking_metrics
 from safetensors.torch import save_file
@@ -32,7 +32,7 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
     fitness batch, train the surrogate on all but a held-out share, and write
     models/surrogate/ and metrics/surrogate.json."""
     p = load_params(params)
-    device = resolve_device(p.base.device)
+    device = setup(p.base)
     energy = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
     search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
                           seed=p.base.seed, device=device)

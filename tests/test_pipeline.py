@@ -52,6 +52,26 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo, stage_env):
     assert "Running stage" not in again and "up to date" in again
 
 
+def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(repo, stage_env):
+    files = sorted(p.name for p in (repo / "build").glob("*.crystal"))
+    assert files == sorted(f"{m}-{mode}.crystal" for m in ("clso", "baseline")
+                           for mode in ("f32", "int16", "int8", "mixed16", "mixed8"))
+    metrics = json.loads((repo / "metrics/compile.json").read_text())
+    for model in ("clso", "baseline"):
+        for mode, f in metrics["models"][model]["modes"].items():
+            assert f["bytes"] == (repo / f["file"]).stat().st_size
+            assert f["runtime_vs_python_max_abs_logit_diff"] < 1e-3, (model, mode)
+        assert metrics["models"][model]["runtime_bench"]["runtime_tokens_per_s"] > 0
+    assert set(metrics["met"]) == set(metrics["measured"])
+    compare = json.loads((repo / "metrics/compare.json").read_text())
+    assert compare["compile"]["met"] == metrics["met"]
+    assert "Compiled to `.crystal`" in (repo / "README.md").read_text()
+    # the README's generation command
+    text = sh(["build/crystal", "generate", "build/baseline-mixed8.crystal", "-p", "ROMEO:", "-n", "20", "-s", "1"],
+              repo, stage_env)
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 5
+
+
 def test_exp_run_with_a_new_vocab_reruns_prepare_and_its_dependants_only(repo, stage_env):
     out = sh(["dvc", "exp", "run", "-S", "prepare.vocab_size=300"], repo, stage_env)
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
@@ -64,7 +84,7 @@ def test_exp_run_with_a_new_vocab_reruns_prepare_and_its_dependants_only(repo, s
 def test_exp_run_on_the_search_shows_in_exp_show_and_metrics_diff(repo, stage_env):
     out = sh(["dvc", "exp", "run", "-S", "evolve.population=6"], repo, stage_env)
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'evolve':", "Running stage 'compare':"]
+    assert ran == ["Running stage 'evolve':", "Running stage 'compile':", "Running stage 'compare':"]
     rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo, stage_env))))
     assert "6" in {r["evolve.population"] for r in rows}
     diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], repo, stage_env))

@@ -1,0 +1,271 @@
+"""The .crystal format: both readers, the C runtime against PyTorch in every mode, hostile files."""
+
+import re
+import struct
+import subprocess
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from clso import crystal as cr
+from clso.compile import build_runtime, hf_model, run_runtime, runtime_logits
+from clso.fuzz import tiny_models, tiny_tokenizers
+from clso.library import Library
+from clso.model import CrystallineGPT2, ModelConfig
+from clso.tokenizer import build_char, train_bpe
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 20
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    return build_runtime(tmp_path_factory.mktemp("runtime") / "crystal")
+
+
+@pytest.fixture(scope="module")
+def crystalline():
+    config = ModelConfig(vocab_size=24, n_layer=2, n_embd=16, n_head=2, block_size=16)
+    shares = {"block_diag": 0.3, "ternary_lowrank": 0.3, "structured_sparse": 0.3, "dense_quantized": 0.1}
+    library, stored = Library.generate(4, 16, size=24, shares=shares, ternary_levels=5)
+    model = CrystallineGPT2(config, library, seed=1).eval()
+    kinds = [e["kind"] for e in library.manifest["buckets"]["c_fc"]["matrices"]]
+    # one gene of each kind (low-rank, blocks, dense) among the eight
+    genome = [kinds.index("lowrank"), 0, kinds.index("blocks"), 1, kinds.index("dense"), 2, 3, 5]
+    model.set_genome(genome)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.gain.fill_(0.7)
+    return model, cr.crystalline_spec(model, stored, library.manifest)
+
+
+def test_packing_round_trips():
+    rng = np.random.default_rng(0)
+    for n in (1, 4, 5, 6, 101):
+        t = rng.integers(-1, 2, size=n)
+        assert len(cr.pack_trits(t)) == cr.packed_bytes(cr.TRIT5, n)
+        assert np.array_equal(cr.unpack_trits(cr.pack_trits(t), n), t)
+        q = rng.integers(-8, 8, size=n)
+        assert np.array_equal(cr.unpack_int4(cr.pack_int4(q), n), q)
+    with pytest.raises(cr.CrystalFormatError, match="242"):
+        cr.unpack_trits(bytes([243]), 5)
+
+
+def test_f32_file_reproduces_the_crystalline_model_and_keeps_its_structure(crystalline):
+    model, spec = crystalline
+    blob = cr.build_crystal(spec, "f32")
+    c = cr.read_crystal(blob)
+    x = torch.randint(0, 24, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(cr.CrystalModel(c)(x), model(x), rtol=1e-5, atol=1e-5)
+    names = c.tensors
+    assert "h.0.c_attn.p0.u" in names and "h.0.c_attn.p0.v" in names  # low-rank stays two factors
+    assert "h.0.c_fc.p1.in" in names and "h.0.c_fc.p0.out" in names  # blocks stay blocks
+    assert c.dtypes["h.0.c_attn.p0.u"] == cr.I4  # 5-level values: exact nibbles
+    assert c.header["flags"] & cr.FLAG_CRYSTALLINE
+    for mode in cr.MODES:  # integer library values are stored exactly whatever the mode
+        q = cr.read_crystal(cr.build_crystal(spec, mode))
+        assert q.dtypes["h.0.c_attn.p0.u"] == cr.I4
+        np.testing.assert_array_equal(q.tensors["h.0.c_attn.p0.u"], c.tensors["h.0.c_attn.p0.u"])
+
+
+def test_modes_trade_bytes_for_error_and_mixed_modes_keep_embeddings_f32(crystalline):
+    model, spec = crystalline
+    x = torch.randint(0, 24, (4, 16))
+    with torch.no_grad():
+        ref = model(x)
+    size, error = {}, {}
+    for mode in cr.MODES:
+        blob = cr.build_crystal(spec, mode)
+        c = cr.read_crystal(blob)
+        size[mode], error[mode] = len(blob), float((cr.CrystalModel(c)(x) - ref).abs().max())
+        embeddings_f32 = c.dtypes["wte"] == cr.F32 and c.dtypes["wpe"] == cr.F32
+        assert embeddings_f32 == (mode in ("f32", "mixed16", "mixed8")), mode
+    assert size["int8"] < size["int16"] < size["f32"] and size["mixed8"] < size["f32"]
+    assert error["f32"] < 1e-5 and error["f32"] < error["int16"] < error["int8"] < 0.5
+    assert error["mixed16"] < error["mixed8"]
+
+
+def test_dense_file_reproduces_the_baseline_and_a_stock_gpt2_of_it(crystalline):
+    model, _ = crystalline
+    dense = model.dense_gpt2(model.genome)
+    spec = cr.dense_spec(dense, model.config)
+    c = cr.read_crystal(cr.build_crystal(spec, "f32"))
+    assert not c.header["flags"] & cr.FLAG_CRYSTALLINE
+    x = torch.randint(0, 24, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(cr.CrystalModel(c)(x), dense(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf_model(c)(input_ids=x).logits, dense(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_vocabulary_keeps_the_kept_logits(crystalline):
+    model, spec = crystalline
+    keep = np.array([0, 2, 3, 7, 11, 20])
+    c = cr.read_crystal(cr.build_crystal(spec, "f32", keep_tokens=keep))
+    assert c.header["vocab_rows"] == 6 and c.header["flags"] & cr.FLAG_PRUNED
+    x = torch.from_numpy(np.array([[0, 3, 7, 2, 20, 11]]))
+    with torch.no_grad():
+        got, ref = cr.CrystalModel(c)(x), model(x)
+    torch.testing.assert_close(got[..., keep], ref[..., keep], rtol=1e-5, atol=1e-5)
+    assert torch.isinf(got[..., 1]).all()
+    with pytest.raises(ValueError, match="pruning"):
+        cr.CrystalModel(c)(torch.tensor([[1]]))
+
+
+@pytest.mark.parametrize("mode", cr.MODES)
+def test_runtime_logits_equal_pytorch_in_every_mode(runtime, crystalline, tmp_path, mode):
+    _, spec = crystalline
+    for name, blob in {"crystalline": cr.build_crystal(spec, mode, tiny_tokenizers()["bpe"]),
+                       "pruned": cr.build_crystal(spec, mode, keep_tokens=np.arange(0, 24, 2)),
+                       "dense": cr.build_crystal(cr.dense_spec(crystalline[0].dense_gpt2(crystalline[0].genome),
+                                                               crystalline[0].config), mode)}.items():
+        path = tmp_path / f"{name}.crystal"
+        path.write_bytes(blob)
+        ids = np.array([0, 4, 2, 8, 6, 10, 12, 2, 22, 16, 14, 18])
+        got = runtime_logits(runtime, path, ids)
+        with torch.no_grad():
+            ref = cr.CrystalModel(cr.read_crystal(blob))(torch.from_numpy(ids[None]))[0].double().numpy()
+        assert got.shape == ref.shape == (12, 24)
+        assert np.array_equal(np.isinf(got), np.isinf(ref))
+        finite = np.isfinite(ref)
+        np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-4, atol=1e-4, err_msg=f"{name} {mode}")
+
+
+def test_every_tiny_model_runs_in_the_runtime(runtime, tmp_path):
+    for name, blob in tiny_models().items():
+        path = tmp_path / f"{name}.crystal"
+        path.write_bytes(blob)
+        c = cr.read_crystal(blob)
+        ids = np.flatnonzero(cr.CrystalModel(c).row_of >= 0)[:5]
+        with torch.no_grad():
+            ref = cr.CrystalModel(c)(torch.from_numpy(ids[None]))[0].numpy()
+        got = runtime_logits(runtime, path, ids)
+        finite = np.isfinite(ref)
+        np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_runtime_encodes_like_the_tokenizer_and_generates_deterministically(runtime, crystalline, tmp_path, kind):
+    tok = train_bpe([TEXT], 300) if kind == "bpe" else build_char([TEXT])
+    exported = cr.export_tokenizer(tok)
+    vocab = len(exported.tokens)
+    config = ModelConfig(vocab_size=vocab, n_layer=1, n_embd=16, n_head=2, block_size=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        from transformers import GPT2LMHeadModel
+        dense = GPT2LMHeadModel(config.gpt2()).eval()
+    path = tmp_path / "m.crystal"
+    path.write_bytes(cr.build_crystal(cr.dense_spec(dense, config), "mixed8", exported))
+    for text in ["First Citizen:\nSpeak,  speak.\n\n", "  you're all resolved?  ", "die than to famish", "Zq9 é!"]:
+        got = run_runtime(runtime, "encode", path, text).stdout.decode().split()
+        assert [int(t) for t in got] == tok.encode(text).ids, text
+    args = ["generate", path, "-p", "First", "-n", "20", "-t", "0.9", "-k", "5", "-s", "3"]
+    one, two = run_runtime(runtime, *args).stdout, run_runtime(runtime, *args).stdout
+    other = run_runtime(runtime, *args[:-1], "4").stdout
+    assert one == two and one.startswith(b"First") and len(one) > len(b"First\n")
+    assert other != one
+    greedy = run_runtime(runtime, "generate", path, "-p", "First", "-n", "1", "-t", "0").stdout
+    with torch.no_grad():
+        first = dense(input_ids=torch.tensor([tok.encode("First").ids])).logits[0, -1].argmax()
+    assert greedy == b"First" + exported.tokens[int(first)] + b"\n"
+
+
+def _header(blob: bytes, **changes) -> bytes:
+    """Rewrite header fields and fix both checksums, so only the change itself is wrong."""
+    names = cr._HEADER_NAMES
+    fields = dict(zip(names, cr.HEADER.unpack_from(blob, 0)))
+    fields.update(changes)
+    head = cr.HEADER.pack(*[fields[n] for n in names[:-1]], 0).ljust(cr.HEADER_BYTES, b"\0")
+    head = cr.HEADER.pack(*[fields[n] for n in names[:-1]], zlib.crc32(head)).ljust(cr.HEADER_BYTES, b"\0")
+    return head + blob[cr.HEADER_BYTES:]
+
+
+def _entry(blob: bytes, index: int, **changes) -> bytes:
+    """Rewrite one tensor-table entry and fix both checksums."""
+    at = cr.HEADER_BYTES + index * cr.ENTRY_BYTES
+    name, dtype, ndim, *rest = cr.ENTRY.unpack_from(blob, at)
+    fields = {"name": name, "dtype": dtype, "ndim": ndim, "shape": rest[:4], "offset": rest[4], "nbytes": rest[5],
+              "scale": rest[6], "row_scales": rest[7], **changes}
+    packed = cr.ENTRY.pack(fields["name"], fields["dtype"], fields["ndim"], *fields["shape"], fields["offset"],
+                           fields["nbytes"], fields["scale"], fields["row_scales"])
+    body = bytearray(blob)
+    body[at:at + len(packed)] = packed
+    return _header(bytes(body), payload_crc32=zlib.crc32(bytes(body[cr.HEADER_BYTES:])))
+
+
+def _hostile_files(blob: bytes) -> dict[str, bytes]:
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x40
+    wte = 0
+    return {
+        "empty": b"", "short": blob[:100], "truncated": blob[:-64], "one byte short": blob[:-1],
+        "bad magic": b"CRYSTAl" + blob[7:],
+        "payload bit flip": bytes(flipped),
+        "future version": _header(blob, version=2),
+        "huge layer count": _header(blob, n_layer=100000),
+        "head count not dividing": _header(blob, n_head=3),
+        "table past the data": _header(blob, data_offset=cr.HEADER_BYTES),
+        "tensor past the end": _entry(blob, wte, offset=len(blob) - 64),
+        "shape too big for its bytes": _entry(blob, wte, shape=(24, 17, 0, 0)),
+        "overflowing shape": _entry(blob, wte, ndim=4, shape=(2**32 - 1,) * 4),
+        "unknown dtype": _entry(blob, wte, dtype=99),
+        "misaligned tensor": _entry(blob, wte, offset=cr.ENTRY.unpack_from(blob, cr.HEADER_BYTES)[7] + 4),
+        "non-finite scale": _entry(blob, wte, scale=float("inf")),
+        "row scales of itself": _entry(blob, wte, row_scales=0),
+        "unterminated name": _entry(blob, wte, name=b"w" * 64),
+    }
+
+
+def test_hostile_files_are_rejected_by_both_readers_with_one_line(runtime, crystalline, tmp_path):
+    _, spec = crystalline
+    blob = cr.build_crystal(spec, "mixed8", tiny_tokenizers()["bpe"])
+    assert cr.ENTRY.unpack_from(blob, cr.HEADER_BYTES)[0].rstrip(b"\0") == b"wte"
+    for what, data in _hostile_files(blob).items():
+        with pytest.raises(cr.CrystalFormatError):
+            cr.read_crystal(data)
+        path = tmp_path / "bad.crystal"
+        path.write_bytes(data)
+        done = subprocess.run([str(runtime), "logits", str(path), "1"], capture_output=True, text=True)
+        assert done.returncode == 1, what
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("crystal: error:"), (what, done.stderr)
+        assert not done.stdout
+
+
+def test_checks_behind_the_checksums_reject_corrupt_tables_too(crystalline):
+    _, spec = crystalline
+    blob = cr.build_crystal(spec, "int8")
+    corrupt = bytearray(blob)
+    corrupt[cr.HEADER_BYTES + 64] = 77  # the first tensor's dtype
+    with pytest.raises(cr.CrystalFormatError, match="checksum"):
+        cr.read_crystal(bytes(corrupt))
+    with pytest.raises(cr.CrystalFormatError, match="dtype"):
+        cr.read_crystal(bytes(corrupt), verify_checksums=False)
+
+
+def test_header_and_entry_offsets_match_the_spec():
+    def offsets(fmt):
+        out, at = [], 0
+        for count, code in re.findall(r"(\d*)([a-zA-Z])", fmt.lstrip("<")):
+            for _ in range(1 if code == "s" else int(count or 1)):
+                out.append(at)
+                at += struct.calcsize("<" + (count if code == "s" else "") + code)
+        return out
+
+    header = dict(zip(cr._HEADER_NAMES, offsets(cr.HEADER.format)))
+    assert {k: header[k] for k in ("version", "n_tensors", "mode", "tokenizer_kind", "alignment", "layer_norm_eps",
+                                   "table_offset", "data_offset", "file_bytes", "payload_crc32", "header_crc32")} == {
+        "version": 8, "n_tensors": 20, "mode": 24, "tokenizer_kind": 60, "alignment": 72, "layer_norm_eps": 76,
+        "table_offset": 80, "data_offset": 88, "file_bytes": 96, "payload_crc32": 104, "header_crc32": 108}
+    assert offsets(cr.ENTRY.format) == [0, 64, 68, 72, 76, 80, 84, 88, 96, 104, 108]
+
+
+def test_a_short_fuzz_run_finds_nothing(tmp_path):
+    pytest.importorskip("atheris")
+    from clso.fuzz import run
+
+    result = run(tmp_path, runs=3000, seed=0)
+    assert result["ok"], result["log_tail"]
+    assert result["new_units"] and result["new_units"] > 0  # coverage guidance is working
+    assert result["replay"]["files"] == result["corpus_files"] and not result["replay"]["failures"]
