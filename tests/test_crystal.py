@@ -269,3 +269,15 @@ def test_a_short_fuzz_run_finds_nothing(tmp_path):
     assert result["ok"], result["log_tail"]
     assert result["new_units"] and result["new_units"] > 0  # coverage guidance is working
     assert result["replay"]["files"] == result["corpus_files"] and not result["replay"]["failures"]
+
+
+def test_runtime_benchmark_reports_both_speeds(runtime, crystalline, tmp_path):
+    from clso.compile import bench_runtime
+
+    path = tmp_path / "m.crystal"
+    path.write_bytes(cr.build_crystal(crystalline[1], "mixed8", tiny_tokenizers()["bpe"]))
+    result = bench_runtime(runtime, path, new_tokens=100, repeats=2)
+    assert result["new_tokens"] == 15  # the context (16) holds the start token and 15 more
+    assert result["runtime_tokens_per_s"] > 0 and result["torch_tokens_per_s"] > 0
+    assert len(result["runtime_s"]) == len(result["torch_s"]) == 2
+    assert result["ratio"] == pytest.approx(result["runtime_tokens_per_s"] / result["torch_tokens_per_s"], rel=0.02)
