@@ -150,7 +150,7 @@ def _torch_generate(model: GPT2LMHeadModel, start: int, new_tokens: int, tempera
     past = out.past_key_values
     for _ in range(new_tokens):
         logits = out.logits[0, -1] / temperature
-        top = torch.topk(logits, top_k)
+        top = torch.topk(logits, min(top_k, len(logits)) if top_k else len(logits))
         choice = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=g)]
         out = model(input_ids=choice.view(1, 1), past_key_values=past, use_cache=True)
         past = out.past_key_values
