@@ -21,9 +21,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from clso import ClsoError
 from clso.crystal import FLAG_TIED, CrystalModel, read_crystal
 from clso.library import BUCKETS
+from clso.model import LAYER_NAMES
 
 RUNTIME_SOURCE = Path(__file__).parent / "runtime" / "crystal.c"
-_MODULES = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
 
 
 def build_runtime(out: str | Path, cc: str = "cc", cflags: str = "-O3") -> Path:
@@ -82,8 +82,8 @@ def hf_model(crystal) -> GPT2LMHeadModel:
         for bucket in BUCKETS:
             parts, gain, bias = block[bucket]
             eye = torch.eye(h["n_inner"] if bucket == "mlp_proj" else h["n_embd"])
-            state[f"{prefix}.{_MODULES[bucket]}.weight"] = CrystalModel._linear(eye, (parts, gain, torch.zeros_like(bias)))
-            state[f"{prefix}.{_MODULES[bucket]}.bias"] = bias
+            state[f"{prefix}.{LAYER_NAMES[bucket]}.weight"] = CrystalModel._linear(eye, (parts, gain, torch.zeros_like(bias)))
+            state[f"{prefix}.{LAYER_NAMES[bucket]}.bias"] = bias
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight" and ".attn.bias" not in m]:
         raise AssertionError(f"state does not fit GPT-2: {missing}, {unexpected}")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from clso import ClsoError
 from clso.library import BUCKETS
+from clso.model import LAYER_NAMES
 
 MAGIC = b"CRYSTAL\0"
 VERSION = 1
@@ -196,14 +197,11 @@ class ModelSpec:
     crystalline: bool
 
 
-LINEAR_MODULES = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
-
-
 def dense_spec(model, config) -> ModelSpec:
     """A stock GPT2LMHeadModel (the baseline)."""
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     layers = {f"h.{i}.{b}": state[f"transformer.h.{i}.{m}.weight"]
-              for i in range(config.n_layer) for b, m in LINEAR_MODULES.items()}
+              for i in range(config.n_layer) for b, m in LAYER_NAMES.items()}
     return ModelSpec(config.n_layer, config.n_embd, config.n_head, config.block_size, config.vocab_size,
                      config.tie_embeddings, state, layers, {}, False)
 
@@ -295,7 +293,7 @@ def build_crystal(spec: ModelSpec, mode: str, tokenizer: TokenizerExport | None 
         for ln in ("ln_1", "ln_2"):
             w.floats(f"h.{i}.{ln}.w", s[f"{h}.{ln}.weight"])
             w.floats(f"h.{i}.{ln}.b", s[f"{h}.{ln}.bias"])
-        for bucket, module in LINEAR_MODULES.items():
+        for bucket, module in LAYER_NAMES.items():
             name = f"h.{i}.{bucket}"
             w.floats(f"{name}.bias", s[f"{h}.{module}.bias"])
             layer = spec.layers[name]
@@ -358,10 +356,6 @@ class Crystal:
     header: dict
     tensors: dict[str, np.ndarray]  # dequantized float32, or int32 for index tensors / uint8 bytes
     dtypes: dict[str, int]
-
-    @property
-    def mode(self) -> str:
-        return MODES[self.header["mode"]]
 
     def has(self, name: str) -> bool:
         return name in self.tensors
