@@ -165,11 +165,12 @@ def test_runtime_encodes_like_the_tokenizer_and_generates_deterministically(runt
     one, two = run_runtime(runtime, *args).stdout, run_runtime(runtime, *args).stdout
     other = run_runtime(runtime, *args[:-1], "4").stdout
     assert one == two and one.startswith(b"First") and len(one) > len(b"First\n")
+    one.decode("utf-8")  # half characters of a byte-level BPE are held back or replaced, never printed raw
     assert other != one
     greedy = run_runtime(runtime, "generate", path, "-p", "First", "-n", "1", "-t", "0").stdout
     with torch.no_grad():
         first = dense(input_ids=torch.tensor([tok.encode("First").ids])).logits[0, -1].argmax()
-    assert greedy == b"First" + exported.tokens[int(first)] + b"\n"
+    assert greedy == (b"First" + exported.tokens[int(first)]).decode("utf-8", "replace").encode() + b"\n"
 
 
 def _header(blob: bytes, **changes) -> bytes:
@@ -281,3 +282,29 @@ def test_runtime_benchmark_reports_both_speeds(runtime, crystalline, tmp_path):
     assert result["runtime_tokens_per_s"] > 0 and result["torch_tokens_per_s"] > 0
     assert len(result["runtime_s"]) == len(result["torch_s"]) == 2
     assert result["ratio"] == pytest.approx(result["runtime_tokens_per_s"] / result["torch_tokens_per_s"], rel=0.02)
+
+
+def test_runtime_prints_utf8_even_when_tokens_split_characters(runtime, tmp_path):
+    # a tokenizer whose tokens are single bytes of multi-byte characters, and stray continuation bytes
+    tokens = [bytes([b]) for b in "é€".encode()] + [b"\x80", b"\xff", b"a", b"<|endoftext|>"]
+    export = cr.TokenizerExport("bpe", tokens, [], len(tokens) - 1, None)
+    config = ModelConfig(vocab_size=len(tokens), n_layer=1, n_embd=8, n_head=2, block_size=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        from transformers import GPT2LMHeadModel
+        dense = GPT2LMHeadModel(config.gpt2()).eval()
+    path = tmp_path / "bytes.crystal"
+    path.write_bytes(cr.build_crystal(cr.dense_spec(dense, config), "f32", export))
+    for seed in range(5):
+        out = run_runtime(runtime, "generate", path, "-n", "60", "-t", "2", "-k", "0", "-s", seed).stdout
+        assert out.decode("utf-8").endswith("\n")  # raw bytes never reach the terminal
+
+
+def test_a_missing_compiler_is_one_clear_error(tmp_path):
+    from clso import ClsoError
+
+    with pytest.raises(ClsoError, match="C compiler 'no-such-cc' not found"):
+        build_runtime(tmp_path / "crystal", cc="no-such-cc")
+    with pytest.raises(ClsoError, match="compiling the C runtime failed"):
+        build_runtime(tmp_path / "crystal", cflags="-fno-such-flag")
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
