@@ -29,9 +29,9 @@ TARGETS = {"mixed8_top1_agreement_min": 0.99, "mixed8_ppl_change_max": 0.01, "cl
 @stage("compile", sections=("base", "model", "compile"))
 def compile_(params: Path = PARAMS_OPTION) -> None:
     """Compile the evolved CLSO model and the baseline to build/*.crystal in every mode (f32, int16,
-    int8, mixed16, mixed8) and build the C runtime build/crystal with compile.cc; score every file against its float PyTorch model on the val
-    split, check the runtime's logits against the Python reader's, benchmark generation against
-    PyTorch eager; write metrics/compile.json."""
+    int8, mixed16, mixed8) and build the C runtime build/crystal with compile.cc; score every file
+    against its float PyTorch model on the val split, check the runtime's logits against the Python
+    reader's, benchmark generation against PyTorch eager; write metrics/compile.json."""
     p = load_params(params)
     c = p.compile
     setup(p.base)

@@ -851,6 +851,7 @@ static int cmd_generate(int argc, char **argv) {
     clock_gettime(CLOCK_MONOTONIC, &t1);
     utf8_flush(&utf8);
     putchar('\n');
+    if (made < n_new) fprintf(stderr, "crystal: the context of %d tokens is full; stopped after %d new tokens\n", T, made);
     double secs = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
     if (stats)
         fprintf(stderr, "{\"new_tokens\": %d, \"forward_passes\": %d, \"seconds\": %.6f, \"tokens_per_s\": %.3f}\n",
