@@ -62,7 +62,7 @@ def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(
             assert f["bytes"] == (repo / f["file"]).stat().st_size
             assert f["runtime_vs_python_max_abs_logit_diff"] < 1e-3, (model, mode)
         assert metrics["models"][model]["runtime_bench"]["runtime_tokens_per_s"] > 0
-    assert set(metrics["met"]) == set(metrics["measured"])
+    assert set(metrics["met"]) < set(metrics["measured"])  # plus bytes against the dense f32 file, for context
     compare = json.loads((repo / "metrics/compare.json").read_text())
     assert compare["compile"]["met"] == metrics["met"]
     assert "Compiled to `.crystal`" in (repo / "README.md").read_text()
