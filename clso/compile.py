@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from clso import ClsoError
 from clso.crystal import FLAG_TIED, CrystalModel, read_crystal
 from clso.library import BUCKETS
-from clso.model import LAYER_NAMES
+from clso.model import LAYER_NAMES, ModelConfig
 
 RUNTIME_SOURCE = Path(__file__).parent / "runtime" / "crystal.c"
 
@@ -64,10 +64,9 @@ def hf_model(crystal) -> GPT2LMHeadModel:
     """A stock transformers GPT-2 with the file's weights, dequantized and made dense: PyTorch eager.
     Its token ids are the file's rows (the tokenizer's ids unless the vocabulary was pruned)."""
     h = crystal.header
-    config = GPT2Config(vocab_size=h["vocab_rows"], n_positions=h["block_size"], n_embd=h["n_embd"], n_layer=h["n_layer"],
-                        n_head=h["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        layer_norm_epsilon=float(h["layer_norm_eps"]),
-                        tie_word_embeddings=bool(h["flags"] & FLAG_TIED), bos_token_id=None, eos_token_id=None)
+    config = ModelConfig(vocab_size=h["vocab_rows"], n_layer=h["n_layer"], n_embd=h["n_embd"], n_head=h["n_head"],
+                         block_size=h["block_size"], tie_embeddings=bool(h["flags"] & FLAG_TIED)).gpt2()
+    config.layer_norm_epsilon = float(h["layer_norm_eps"])
     with torch.random.fork_rng(devices=[]):
         model = GPT2LMHeadModel(config).eval()
     ref = CrystalModel(crystal)

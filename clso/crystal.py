@@ -10,6 +10,7 @@ values packed exactly, whatever the mode.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import zlib
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from clso import ClsoError
 from clso.library import BUCKETS
 from clso.model import LAYER_NAMES
+from clso.tokenizer import EOT, UNK
 
 MAGIC = b"CRYSTAL\0"
 VERSION = 1
@@ -234,8 +236,6 @@ class TokenizerExport:
 
 def export_tokenizer(tokenizer) -> TokenizerExport:
     """From a `tokenizers` Tokenizer built by clso.tokenizer (byte-level BPE or characters)."""
-    import json
-
     spec = json.loads(tokenizer.to_str())
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     tokens = [b""] * (max(vocab.values()) + 1)
@@ -254,7 +254,7 @@ def export_tokenizer(tokenizer) -> TokenizerExport:
         for text, i in vocab.items():
             tokens[i] = text.encode()
         merges, kind = [], "char"
-    return TokenizerExport(kind, tokens, merges, vocab.get("<|endoftext|>"), vocab.get("<unk>"))
+    return TokenizerExport(kind, tokens, merges, vocab.get(EOT), vocab.get(UNK))
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -1,17 +1,19 @@
 """Differential fuzzing of the two .crystal readers with atheris (libFuzzer for Python).
 
 Each input goes to the Python reader and, in the same process, to the C loader (crystal.c built
-as a shared library, with AddressSanitizer where the compiler has it). A crash, an exception
-other than CrystalFormatError, or the two readers disagreeing on whether the file is valid, is a
-finding; libFuzzer then stops and writes the input as crash-* in the work folder. Checksums are
+as a shared library). A crash, an exception other than CrystalFormatError, or the two readers
+disagreeing on whether the file is valid, is a finding; libFuzzer then stops and writes the input
+as crash-* in the work folder. The corpus the search grows is then replayed through the C loader
+built with AddressSanitizer and UBSan where the compiler has them. Checksums are
 skipped so that mutations reach the checks behind them. The seed corpus is a few tiny valid
 files covering every dtype, both tokenizers, crystalline parts and a pruned vocabulary.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from clso import ClsoError
+from clso.compile import build_runtime
 from clso.crystal import TokenizerExport, build_crystal, crystalline_spec, dense_spec
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
@@ -85,18 +88,6 @@ def sanitizer_flags(cc: str) -> list[str]:
     return ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"] if ok else []
 
 
-def _build(cc: str, out: Path, flags: list[str]) -> Path:
-    from clso.compile import RUNTIME_SOURCE
-
-    if shutil.which(cc) is None:
-        raise ClsoError(f"C compiler {cc!r} not found; install gcc or clang")
-    done = subprocess.run([cc, "-O1", "-g", *flags, "-o", str(out), str(RUNTIME_SOURCE), "-lm"],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise ClsoError(f"building {out.name} failed: {done.stderr.strip().splitlines()[0]}")
-    return out
-
-
 def run(workdir: str | Path, *, runs: int, seed: int = 0, cc: str = "cc", max_len: int = 0) -> dict:
     """Fuzz both readers for `runs` inputs, then replay the corpus it grew through the C loader
     built with sanitizers; a summary of what happened.
@@ -115,7 +106,7 @@ def run(workdir: str | Path, *, runs: int, seed: int = 0, cc: str = "cc", max_le
     seeds = tiny_models()
     for name, data in seeds.items():
         (corpus / f"{name}.crystal").write_bytes(data)
-    lib = _build(cc, workdir / "libcrystal.so", ["-shared", "-fPIC"])
+    lib = build_runtime(workdir / "libcrystal.so", cc, "-O1 -g -shared -fPIC")
     env = dict(os.environ, CLSO_FUZZ_LIBRARY=str(lib))
     max_len = max_len or max(len(d) for d in seeds.values()) + 1024
     args = [sys.executable, "-m", "clso.fuzz_target", f"-runs={runs}", f"-seed={seed + 1}",
@@ -140,7 +131,7 @@ def run(workdir: str | Path, *, runs: int, seed: int = 0, cc: str = "cc", max_le
 def replay_sanitized(cc: str, workdir: Path, files: list[Path]) -> dict:
     """Every file through `crystal check --no-crc`, built with ASan + UBSan where available."""
     flags = sanitizer_flags(cc)
-    binary = _build(cc, workdir / "crystal-sanitized", flags)
+    binary = build_runtime(workdir / "crystal-sanitized", cc, shlex.join(["-O1", "-g", *flags]))
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="halt_on_error=1")
     failures, valid = [], 0
     for i in range(0, len(files), 200):
@@ -150,6 +141,6 @@ def replay_sanitized(cc: str, workdir: Path, files: list[Path]) -> dict:
         if done.returncode not in (0, 1) or not summary.startswith("{") or "Sanitizer" in done.stderr:
             failures.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
         else:
-            valid += int(summary.split('"valid": ')[1].split(",")[0])
+            valid += json.loads(summary)["valid"]
     return {"files": len(files), "valid": valid, "sanitizers": " ".join(flags) or "none", "failures": failures,
             "ok": not failures}

@@ -1,7 +1,6 @@
 """Stage `compile`: the evolved CLSO model and the dense baseline as .crystal files in every mode,
 the C runtime built beside them, and what quantization and the runtime cost or gain."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +37,8 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
     data = TokenData.open("data/prepared")
     tokenizer = export_tokenizer(load_tokenizer("data/prepared/tokenizer.json"))
     clso_model, baseline_model = final_models(p, data.vocab_size, "cpu")
-    library = load_file("models/library/library.safetensors")
-    manifest = json.loads(Path("models/library/manifest.json").read_text())
-    specs = {"clso": (crystalline_spec(clso_model, library, manifest), clso_model),
+    stored = load_file("models/library/library.safetensors")  # packed as generated; Library holds floats
+    specs = {"clso": (crystalline_spec(clso_model, stored, clso_model.library.manifest), clso_model),
              "baseline": (dense_spec(baseline_model, ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)),
                           lambda x: baseline_model(input_ids=x).logits)}
     keep = np.unique(np.asarray(data.tokens("train"))) if c.prune_vocab else None

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clso import crystal as cr
+from clso.baseline import dense_gpt2
 from clso.compile import build_runtime, hf_model, run_runtime, runtime_logits
 from clso.fuzz import tiny_models, tiny_tokenizers
 from clso.library import Library
@@ -152,10 +153,7 @@ def test_runtime_encodes_like_the_tokenizer_and_generates_deterministically(runt
     exported = cr.export_tokenizer(tok)
     vocab = len(exported.tokens)
     config = ModelConfig(vocab_size=vocab, n_layer=1, n_embd=16, n_head=2, block_size=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        from transformers import GPT2LMHeadModel
-        dense = GPT2LMHeadModel(config.gpt2()).eval()
+    dense = dense_gpt2(config, 0, "cpu").eval()
     path = tmp_path / "m.crystal"
     path.write_bytes(cr.build_crystal(cr.dense_spec(dense, config), "mixed8", exported))
     for text in ["First Citizen:\nSpeak,  speak.\n\n", "  you're all resolved?  ", "die than to famish", "Zq9 é!"]:
@@ -289,10 +287,7 @@ def test_runtime_prints_utf8_even_when_tokens_split_characters(runtime, tmp_path
     tokens = [bytes([b]) for b in "é€".encode()] + [b"\x80", b"\xff", b"a", b"<|endoftext|>"]
     export = cr.TokenizerExport("bpe", tokens, [], len(tokens) - 1, None)
     config = ModelConfig(vocab_size=len(tokens), n_layer=1, n_embd=8, n_head=2, block_size=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        from transformers import GPT2LMHeadModel
-        dense = GPT2LMHeadModel(config.gpt2()).eval()
+    dense = dense_gpt2(config, 0, "cpu").eval()
     path = tmp_path / "bytes.crystal"
     path.write_bytes(cr.build_crystal(cr.dense_spec(dense, config), "f32", export))
     for seed in range(5):
