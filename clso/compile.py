@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from clso import ClsoError
-from clso.crystal import FLAG_TIED, CrystalModel, read_crystal
+from clso.crystal import FLAG_TIED, CrystalFormatError, CrystalModel, read_crystal
 from clso.library import BUCKETS
 from clso.model import LAYER_NAMES, ModelConfig
 
@@ -161,7 +161,10 @@ def bench_runtime(binary, path, *, new_tokens: int = 100, repeats: int = 3, temp
     """Single-sequence generation: the C runtime against PyTorch eager (transformers' GPT-2 with the
     file's weights, KV cache), interleaved repeats, medians. The C time is its own generation
     loop (after mmap and validation); its wall time with process start and load is reported too."""
-    crystal = read_crystal(Path(path).read_bytes())
+    try:
+        crystal = read_crystal(Path(path).read_bytes())
+    except CrystalFormatError as e:
+        raise CrystalFormatError(f"{path}: {e}") from None
     h = crystal.header
     new_tokens = min(new_tokens, h["block_size"] - 1)
     if new_tokens < 1:
