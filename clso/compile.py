@@ -24,6 +24,11 @@ from clso.library import BUCKETS
 from clso.model import LAYER_NAMES, ModelConfig
 
 RUNTIME_SOURCE = Path(__file__).parent / "runtime" / "crystal.c"
+# The C runtime and the Python reader compute the same float32 model in different orders, so their
+# logits differ by rounding alone (at most 1.2e-5 in the default run). Rounding error grows with the
+# values, so the bound scales with the largest logit (never under 1e-3 absolute): ~100x the rounding
+# seen, yet far below the shift a misread index, scale or dtype causes.
+RUNTIME_LOGIT_TOLERANCE = 1e-3
 
 
 def build_runtime(out: str | Path, cc: str = "cc", cflags: str = "-O3") -> Path:
@@ -58,6 +63,21 @@ def runtime_logits(binary, path, ids) -> np.ndarray:
     """(T, tokenizer vocab) logits the C runtime prints for token ids (pruned ids are -inf)."""
     out = run_runtime(binary, "logits", path, *[int(i) for i in ids]).stdout.decode()
     return np.array([[float(v) for v in line.split()] for line in out.splitlines()], dtype=np.float64)
+
+
+def check_runtime_logits(path, c_logits: np.ndarray, python_logits: np.ndarray) -> float:
+    """The largest |C − Python| logit difference of one file; a ClsoError beyond the tolerance."""
+    finite = np.isfinite(python_logits)
+    if c_logits.shape != python_logits.shape or not np.array_equal(finite, np.isfinite(c_logits)):
+        raise ClsoError(f"{path}: the C runtime's logits have shape {c_logits.shape} or -inf ids unlike the "
+                        f"Python reader's {python_logits.shape}; rebuild the runtime with `dvc repro -f compile`")
+    diff = float(np.abs(c_logits[finite] - python_logits[finite]).max())
+    tolerance = RUNTIME_LOGIT_TOLERANCE * max(1.0, float(np.abs(python_logits[finite]).max()))
+    if not diff <= tolerance:  # NaN included
+        raise ClsoError(f"{path}: the C runtime's logits differ from the Python reader's by {diff:.3g}, beyond the "
+                        f"tolerance {tolerance:.3g}; drop value-changing flags such as -ffast-math from "
+                        f"compile.cflags, else the runtime and clso/crystal.py disagree on the format")
+    return diff
 
 
 def hf_model(crystal) -> GPT2LMHeadModel:
@@ -159,8 +179,9 @@ def _torch_generate(model: GPT2LMHeadModel, start: int, new_tokens: int, tempera
 def bench_runtime(binary, path, *, new_tokens: int = 100, repeats: int = 3, temperature: float = 0.8,
                   top_k: int = 40, seed: int = 0) -> dict:
     """Single-sequence generation: the C runtime against PyTorch eager (transformers' GPT-2 with the
-    file's weights, KV cache), interleaved repeats, medians. The C time is its own generation
-    loop (after mmap and validation); its wall time with process start and load is reported too."""
+    file's weights, KV cache), interleaved repeats, medians of the listed per-repeat seconds. The C
+    time is the one its --stats reports for its generation loop (after mmap and validation); its wall
+    time with process start and load is reported too."""
     try:
         crystal = read_crystal(Path(path).read_bytes())
     except CrystalFormatError as e:
@@ -190,4 +211,4 @@ def bench_runtime(binary, path, *, new_tokens: int = 100, repeats: int = 3, temp
             "torch_tokens_per_s": round(new_tokens / t, 2), "runtime_tokens_per_s": round(new_tokens / c, 2),
             "runtime_tokens_per_s_with_process_start": round(new_tokens / w, 2),
             "ratio": round(t / c, 3), "ratio_with_process_start": round(t / w, 3),
-            "torch_s": [round(x, 4) for x in torch_s], "runtime_s": [round(x, 4) for x in c_s]}
+            "torch_s": torch_s, "runtime_s": c_s, "runtime_wall_s": c_wall}

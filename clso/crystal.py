@@ -4,8 +4,10 @@ The layout is specified in clso/runtime/FORMAT.md; this module writes it, reads 
 every field validated, and runs the model it holds in PyTorch (the reference the C runtime is
 tested against). Every linear layer is a sum of parts, y = bias + gain · Σ_k scatter_out_k(M_k
 gather_in_k(x)), with M_k one matrix or a low-rank pair V·U: a dense layer is one full part; a
-crystalline layer keeps its library structure (blocks, masks, ternary factors) and its integer
-values packed exactly, whatever the mode.
+crystalline layer keeps its library structure (blocks, masks, ternary factors). Its integer values
+are packed as integer codes in every mode; its float values (Gaussian blocks, svd factors) follow
+the mode like any float matrix. `build_crystal_with_report` says, per file, which values are
+stored exactly and which are quantized.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ MAX_DIMS = 4
 MAX_PARTS = 256
 NO_TOKEN = 0xFFFFFFFF
 PER_ROW_MIN = 4096  # values a matrix needs before per-row scales (one more tensor) pay for themselves
+MIXED_F32 = ("wte", "wpe")  # kept float32 in the mixed modes (the journal's finding); the head is not
+EMBEDDINGS = ("wte", "wpe", "head")  # vocabulary-sized tables, reported apart from the body
+# How an entry's values relate to the model's: integer codes × scale (bit for bit the library's
+# values), float values rounded to int8/int16 codes (and their row scales), float32 as given, or
+# int32/byte tables (part indices, vocabulary ids, tokenizer).
+STORAGE = ("exact_integer", "quantized_float", "f32", "index")
 
 MODES = ("f32", "int16", "int8", "mixed16", "mixed8")
 MODE_CODES = {m: i for i, m in enumerate(MODES)}
@@ -106,52 +114,83 @@ class Entry:
     data: bytes
     scale: float = 1.0
     row_scales: int = -1  # index of an f32 tensor of shape[0] scales, or -1
+    storage: str = "index"  # one of STORAGE; not written to the file
 
 
 class _Writer:
     def __init__(self, mode: str):
         self.mode, self.entries = mode, []
+        self.crystalline_layers: list[list[Entry]] = []  # the entries of each crystalline layer's parts
 
-    def add(self, name: str, dtype: int, shape, data: bytes, scale=1.0, row_scales=-1) -> None:
+    def add(self, name: str, dtype: int, shape, data: bytes, scale=1.0, row_scales=-1, storage="index") -> None:
         if len(name.encode()) >= NAME_BYTES:
             raise ValueError(f"tensor name {name!r} too long")
-        self.entries.append(Entry(name, dtype, tuple(int(s) for s in shape), data, float(scale), row_scales))
+        self.entries.append(Entry(name, dtype, tuple(int(s) for s in shape), data, float(scale), row_scales, storage))
 
     def exact(self, name: str, values: torch.Tensor, scale: float = 1.0) -> None:
         """Integer values, packed as tightly as their range allows (lossless in every mode)."""
         v = values.detach().cpu().numpy().astype(np.int64)
         lo, hi = (int(v.min()), int(v.max())) if v.size else (0, 0)
         if lo >= -1 and hi <= 1:
-            self.add(name, TRIT5, v.shape, pack_trits(v), scale)
+            self.add(name, TRIT5, v.shape, pack_trits(v), scale, storage="exact_integer")
         elif lo >= -8 and hi <= 7:
-            self.add(name, I4, v.shape, pack_int4(v), scale)
+            self.add(name, I4, v.shape, pack_int4(v), scale, storage="exact_integer")
         elif lo >= -128 and hi <= 127:
-            self.add(name, I8, v.shape, v.astype(np.int8).tobytes(), scale)
+            self.add(name, I8, v.shape, v.astype(np.int8).tobytes(), scale, storage="exact_integer")
         else:
             raise ValueError(f"{name}: integer values {lo}..{hi} do not fit int8")
 
-    def floats(self, name: str, values: torch.Tensor, *, embedding: bool = False) -> None:
-        """Float values: vectors stay f32; matrices follow the mode (embeddings stay f32 in mixed modes)."""
+    def floats(self, name: str, values: torch.Tensor) -> None:
+        """Float values: vectors stay f32; matrices follow the mode (MIXED_F32 stay f32 in mixed modes)."""
         w = values.detach().float().cpu().numpy()
         bits = {"int16": 16, "int8": 8, "mixed16": 16, "mixed8": 8}.get(self.mode)
-        if w.ndim < 2 or bits is None or (embedding and self.mode.startswith("mixed")):
-            self.add(name, F32, w.shape, np.ascontiguousarray(w, dtype="<f4").tobytes())
+        if w.ndim < 2 or bits is None or (name in MIXED_F32 and self.mode.startswith("mixed")):
+            self.add(name, F32, w.shape, np.ascontiguousarray(w, dtype="<f4").tobytes(), storage="f32")
             return
         top, dtype, np_type = (2 ** (bits - 1) - 1), (I16 if bits == 16 else I8), ("<i2" if bits == 16 else "i1")
         if self.mode.startswith("mixed") and w.size >= PER_ROW_MIN:  # rows (outputs) differ in range
             absmax = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
             scales = np.where(absmax > 0, absmax / top, 1.0).astype(np.float32)
             q = np.round(w / scales.reshape(-1, *[1] * (w.ndim - 1)))
-            self.add(f"{name}.scales", F32, scales.shape, scales.astype("<f4").tobytes())
-            self.add(name, dtype, w.shape, q.astype(np_type).tobytes(), 1.0, len(self.entries) - 1)
+            self.add(f"{name}.scales", F32, scales.shape, scales.astype("<f4").tobytes(), storage="quantized_float")
+            self.add(name, dtype, w.shape, q.astype(np_type).tobytes(), 1.0, len(self.entries) - 1, "quantized_float")
         else:  # per tensor, like the journal's
             absmax = float(np.abs(w).max()) if w.size else 0.0
             scale = absmax / top if absmax > 0 else 1.0
-            self.add(name, dtype, w.shape, np.round(w / scale).astype(np_type).tobytes(), scale)
+            self.add(name, dtype, w.shape, np.round(w / scale).astype(np_type).tobytes(), scale,
+                     storage="quantized_float")
+
+    def report(self, file_bytes: int) -> dict:
+        """Values and bytes by STORAGE kind, the EMBEDDINGS apart (`overhead_bytes`: header, table,
+        alignment padding). A crystalline layer is exact when none of its parts is quantized: each
+        factor read back is bit for bit the library's stored tensor (× the library scale, in
+        float32, for the factor that carries it). Integer codes always are, float factors only in
+        f32 files. `float_matrix_values_outside_embeddings`: the body's non-integer matrix values
+        (dense layers, float library factors), quantized or not."""
+        row_scales = {e.row_scales for e in self.entries}
+        body = {k: {"values": 0, "bytes": 0} for k in STORAGE}
+        embeddings = {k: {"values": 0, "bytes": 0} for k in ("quantized_float", "f32")}
+        floats = 0
+        for i, e in enumerate(self.entries):
+            values = 0 if i in row_scales else math.prod(e.shape)  # row scales are bytes, not values
+            embedding = e.name.split(".")[0] in EMBEDDINGS
+            group = (embeddings if embedding else body)[e.storage]
+            group["values"] += values
+            group["bytes"] += len(e.data)
+            if not embedding and len(e.shape) > 1 and e.storage in ("quantized_float", "f32"):
+                floats += values
+        stored = sum(g["bytes"] for groups in (body, embeddings) for g in groups.values())
+        embedding_bytes = sum(g["bytes"] for g in embeddings.values())
+        exact = sum(all(e.storage != "quantized_float" for e in layer) for layer in self.crystalline_layers)
+        return {"storage": {**body, "embeddings": embeddings, "overhead_bytes": file_bytes - stored},
+                "exactness": {"crystalline_layers": len(self.crystalline_layers), "exact_layers": exact,
+                              "float_matrix_values_outside_embeddings": floats,
+                              "embedding_share_of_bytes": embedding_bytes / file_bytes}}
 
 
 def _add_crystal_layer(writer: _Writer, prefix: str, kind: str, stored: dict[str, torch.Tensor]) -> None:
-    """A library matrix as parts in (out × in) orientation, integer values exact, scale kept apart."""
+    """A library matrix as parts in (out × in) orientation, scale kept apart: integer values as
+    integer codes in every mode, float values (Gaussian blocks, svd factors) as floats of the mode."""
     scale = float(stored["scale"][0])
 
     def values(name, t, s=1.0):
@@ -272,6 +311,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 def build_crystal(spec: ModelSpec, mode: str, tokenizer: TokenizerExport | None = None,
                   keep_tokens: np.ndarray | None = None) -> bytes:
     """The bytes of a .crystal file. `keep_tokens` (sorted ids) prunes the vocabulary to them."""
+    return build_crystal_with_report(spec, mode, tokenizer, keep_tokens)[0]
+
+
+def build_crystal_with_report(spec: ModelSpec, mode: str, tokenizer: TokenizerExport | None = None,
+                              keep_tokens: np.ndarray | None = None) -> tuple[bytes, dict]:
+    """The bytes of a .crystal file and how they store the model's values (`_Writer.report`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     w = _Writer(mode)
@@ -286,8 +331,8 @@ def build_crystal(spec: ModelSpec, mode: str, tokenizer: TokenizerExport | None 
         wte = wte[index]
         head = None if head is None else head[index]
         w.add("vocab.ids", I32, keep_tokens.shape, keep_tokens.astype("<i4").tobytes())
-    w.floats("wte", wte, embedding=True)
-    w.floats("wpe", s["transformer.wpe.weight"], embedding=True)
+    w.floats("wte", wte)
+    w.floats("wpe", s["transformer.wpe.weight"])
     for i in range(spec.n_layer):
         h = f"transformer.h.{i}"
         for ln in ("ln_1", "ln_2"):
@@ -300,7 +345,9 @@ def build_crystal(spec: ModelSpec, mode: str, tokenizer: TokenizerExport | None 
             if isinstance(layer, torch.Tensor):  # Conv1D weight (d_in × d_out)
                 w.floats(f"{name}.p0.w", layer.t().contiguous())
             else:
+                first = len(w.entries)
                 _add_crystal_layer(w, name, *layer)
+                w.crystalline_layers.append(w.entries[first:])
             if name in spec.gains:
                 w.floats(f"{name}.gain", torch.tensor([spec.gains[name]]))
     w.floats("ln_f.w", s["transformer.ln_f.weight"])
@@ -314,8 +361,8 @@ def build_crystal(spec: ModelSpec, mode: str, tokenizer: TokenizerExport | None 
         if tokenizer.merges:
             merges = np.asarray(tokenizer.merges, dtype="<i4")
             w.add("tok.merges", I32, merges.shape, merges.tobytes())
-    return _serialise(spec, mode, w.entries, tokenizer, keep_tokens is not None,
-                      len(wte))
+    blob = _serialise(spec, mode, w.entries, tokenizer, keep_tokens is not None, len(wte))
+    return blob, w.report(len(blob))
 
 
 def _align(n: int) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 RAPL_ROOT = Path("/sys/class/powercap")
@@ -34,6 +34,17 @@ class EnergyReading:
     cpu_method: str
     gpu_wh: float = 0.0
     gpu_method: str | None = None
+
+    def minus(self, other: EnergyReading) -> EnergyReading:
+        """This reading less another of the same meter: the work between them, or besides them."""
+        return replace(self, energy_wh=self.energy_wh - other.energy_wh, wall_s=self.wall_s - other.wall_s,
+                       cpu_s=self.cpu_s - other.cpu_s, cpu_wh=self.cpu_wh - other.cpu_wh,
+                       gpu_wh=self.gpu_wh - other.gpu_wh)
+
+    def plus(self, other: EnergyReading) -> EnergyReading:
+        return replace(self, energy_wh=self.energy_wh + other.energy_wh, wall_s=self.wall_s + other.wall_s,
+                       cpu_s=self.cpu_s + other.cpu_s, cpu_wh=self.cpu_wh + other.cpu_wh,
+                       gpu_wh=self.gpu_wh + other.gpu_wh)
 
     def as_metrics(self) -> dict:
         """Flat, rounded, and without the GPU fields when no GPU was used."""

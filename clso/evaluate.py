@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clso.flops import attention_flops_per_token, dense_linear_flops
 from clso.library import BUCKETS
 from clso.model import CrystallineGPT2, load_dense_weights
 
@@ -82,21 +83,26 @@ def _trie_losses(model: CrystallineGPT2, genomes: torch.Tensor, y: torch.Tensor,
     """Losses of sorted, distinct `genomes` that all start with the genes of `path`.
 
     `path[j]` is the state (residual, hidden) after the first j genes of the previous chunk's
-    last genome, `path[0]` the embeddings. Returns the losses and the path of this chunk's last
-    genome, so that the next chunk can start where their prefixes part.
+    last genome, `path[0]` the embeddings. Returns the losses, the path of this chunk's last
+    genome, so that the next chunk can start where their prefixes part, and the matmul FLOPs
+    this call computed (each trie node once, in the convention of clso.flops).
     """
     gpt = model.gpt2.transformer
     size = model.library.size
+    tokens = y.numel()
     start = len(path) - 1
     resid, hidden = path[-1]  # one node: (1, B, T, d) and its pending activation, if any
     node = torch.zeros(len(genomes), dtype=torch.long, device=y.device)
     path = list(path)
+    flops = 0
     for k in range(start, len(model.layers)):
         layer = model.layers[k]
         block, slot = gpt.h[k // len(BUCKETS)], k % len(BUCKETS)
         keys, node = torch.unique(node * size + genomes[:, k], return_inverse=True)
         parent, gene = keys // size, keys % size
+        flops += tokens * sum(model.library.flops_per_token(layer.bucket, g) for g in gene.tolist())
         if slot == 0:
+            flops += len(keys) * attention_flops_per_token(model.config.n_embd, y.shape[-1]) * tokens
             hidden = _attention(_apply_genes(layer, block.ln_1(resid), parent, gene), model.config.n_head)
             resid = _gather(resid, parent)
         elif slot == 1:
@@ -112,7 +118,8 @@ def _trie_losses(model: CrystallineGPT2, genomes: torch.Tensor, y: torch.Tensor,
         last = int(node[-1])
         path.append((_row(resid, last), None if hidden is None else _row(hidden, last)))
     node_losses = _head_losses(model, gpt.ln_f(resid), y)
-    return node_losses[node], path
+    flops += len(node_losses) * tokens * dense_linear_flops(model.config.n_embd, model.config.vocab_size)
+    return node_losses[node], path, flops
 
 
 def _head_losses(model: CrystallineGPT2, final: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -161,9 +168,15 @@ def default_max_networks(device) -> int:
     return 64 if torch.device(device).type == "cuda" else 1
 
 
-@torch.no_grad()
 def population_losses(model: CrystallineGPT2, genomes, batch: EvalBatch, max_networks: int | None = None) -> np.ndarray:
-    """Mean loss of each genome on `batch`; a non-finite loss is returned as +inf (unfit).
+    """Mean loss of each genome on `batch`; a non-finite loss is returned as +inf (unfit)."""
+    return population_losses_and_flops(model, genomes, batch, max_networks)[0]
+
+
+@torch.no_grad()
+def population_losses_and_flops(model: CrystallineGPT2, genomes, batch: EvalBatch,
+                                max_networks: int | None = None) -> tuple[np.ndarray, int]:
+    """The losses of `population_losses` and the matmul FLOPs computed to get them.
 
     Distinct genomes are walked in sorted order, `max_networks` at a time; each chunk starts
     from the state where its prefix leaves the previous chunk's last genome.
@@ -175,14 +188,17 @@ def population_losses(model: CrystallineGPT2, genomes, batch: EvalBatch, max_net
     root = (gpt.wte(batch.x) + gpt.wpe(torch.arange(batch.x.shape[1], device=batch.x.device))).unsqueeze(0)
     path, previous = [(root, None)], None
     out = torch.empty(len(distinct), dtype=torch.float64)
+    flops = 0
     for start in range(0, len(distinct), max_networks):
         chunk = distinct[start:start + max_networks]
         shared = 0 if previous is None else _common_prefix(previous, chunk[-1])
-        losses, path = _trie_losses(model, torch.from_numpy(chunk).to(batch.x.device), batch.y, path[:shared + 1])
+        losses, path, chunk_flops = _trie_losses(model, torch.from_numpy(chunk).to(batch.x.device), batch.y,
+                                                 path[:shared + 1])
         out[start:start + len(chunk)] = losses.double().cpu()
+        flops += chunk_flops
         previous = chunk[-1]
     out[~torch.isfinite(out)] = math.inf
-    return out.numpy()[back.reshape(-1)]
+    return out.numpy()[back.reshape(-1)], flops
 
 
 @torch.no_grad()
@@ -210,20 +226,29 @@ class FitnessEvaluator:
         self.model, self.batch, self.max_networks = model, batch, max_networks
         self.cache: dict[tuple[int, ...], float] = {}
         self.computed = 0  # genomes really evaluated (cache misses)
+        self.flops = 0  # matmul FLOPs of those evaluations, shared prefixes counted once
         self.last_computed: list[tuple[int, ...]] = []  # the cache misses of the last call
+        self.last_flops = 0
 
     def __call__(self, genomes) -> np.ndarray:
         keys = [tuple(int(g) for g in genome) for genome in np.asarray(genomes).reshape(-1, len(self.model.layers))]
         missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        self.last_computed = missing
+        self.last_computed, self.last_flops = missing, 0
         if missing:
-            losses = population_losses(self.model, missing, self.batch, self.max_networks)
+            losses, self.last_flops = population_losses_and_flops(self.model, missing, self.batch, self.max_networks)
             self.cache.update(zip(missing, losses.tolist()))
             self.computed += len(missing)
+            self.flops += self.last_flops
         return np.array([self.cache[k] for k in keys])
 
     def invalidate(self) -> None:
         self.cache.clear()
+
+
+def split_targets(tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """The next-token targets `split_loss` scores: those of its consecutive windows."""
+    windows = (len(tokens) - 1) // block_size
+    return np.asarray(tokens[1:windows * block_size + 1])
 
 
 @torch.no_grad()

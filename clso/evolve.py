@@ -27,25 +27,30 @@ from clso.runtime import derive_seed
 from clso.search import Search
 from clso.surrogate import Surrogate
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
                   "energy_wh", "energy_method", "flops", "wall_s")
 
 
 @dataclass
 class Totals:
-    """Cost so far, carried across resumed segments."""
+    """Cost so far, carried across resumed segments. Writing checkpoints is metered apart: it is
+    neither side's training cost (the baseline writes none)."""
 
     energy_j: float = 0.0
     cpu_s: float = 0.0
     wall_s: float = 0.0
     flops: int = 0
     methods: list[str] = field(default_factory=list)
+    checkpoint_energy_j: float = 0.0
+    checkpoint_wall_s: float = 0.0
 
-    def plus(self, reading: EnergyReading) -> dict:
-        methods = sorted(set(self.methods) | {reading.method})
-        return {"energy_wh": self.energy_j / 3600 + reading.energy_wh, "method": "|".join(methods),
-                "wall_s": self.wall_s + reading.wall_s, "cpu_s": self.cpu_s + reading.cpu_s}
+    def plus(self, search: EnergyReading, checkpoints: EnergyReading | None = None) -> Totals:
+        """These totals with one segment's search and checkpoint readings added."""
+        return Totals(self.energy_j + search.energy_wh * 3600, self.cpu_s + search.cpu_s, self.wall_s + search.wall_s,
+                      self.flops, sorted(set(self.methods) | {search.method}),
+                      self.checkpoint_energy_j + (checkpoints.energy_wh * 3600 if checkpoints else 0.0),
+                      self.checkpoint_wall_s + (checkpoints.wall_s if checkpoints else 0.0))
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Evolution:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.meter_options = meter_options
         self.run = self._resume() or self._start()
+        self.cost: Totals | None = None  # everything spent so far, once a generation has run here
 
     # --- state -----------------------------------------------------------------------------
 
@@ -108,10 +114,8 @@ class Evolution:
                             "folder to start the search afresh") from None
         return run
 
-    def _checkpoint(self, reading: EnergyReading) -> None:
+    def _checkpoint(self, totals: Totals) -> None:
         run = self.run
-        totals = Totals(run.totals.energy_j + reading.energy_wh * 3600, run.totals.cpu_s + reading.cpu_s,
-                        run.totals.wall_s + reading.wall_s, run.totals.flops, sorted(set(run.totals.methods) | {reading.method}))
         # tensors go to files named by generation first; state.json, replaced atomically last, names
         # them: a kill at any instant leaves a consistent checkpoint, the new one or the old one
         stamp = len(run.history)
@@ -134,13 +138,15 @@ class Evolution:
     def _true(self, genomes: np.ndarray) -> np.ndarray:
         losses = self.search.evaluator(genomes)
         self.run.true_evaluations += len(self.search.evaluator.last_computed)
-        self.run.totals.flops += self.search.genome_flops(self.search.evaluator.last_computed)
+        self.run.totals.flops += self.search.evaluator.last_flops
         return losses
 
-    def _predict(self, genomes: np.ndarray) -> np.ndarray:
-        params = sum(p.numel() for p in self.surrogate.members[0].parameters())
-        self.run.totals.flops += 2 * params * len(genomes) * len(self.surrogate.members)
-        return self.surrogate.predict_loss(genomes)
+    def _surrogate(self, genomes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The surrogate's score of each genome and the optimistic score it is ranked by: the mean
+        less the ensemble's spread, so an uncertain genome gets its chance (one member: the mean)."""
+        self.run.totals.flops += self.surrogate.inference_flops(len(genomes))
+        mean, spread = self.surrogate.predict(genomes)
+        return mean, mean - spread
 
     def _score(self, children: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """True losses for a fraction X (known ones, the surrogate's best, random picks), predictions for the rest."""
@@ -150,19 +156,17 @@ class Evolution:
         unknown = np.flatnonzero(~known)
         chosen = np.zeros(len(children), dtype=bool)
         chosen[known] = True
+        fitness = np.empty(len(children))
         if len(unknown):
-            mean, _ = self.surrogate.predict(children[unknown])
-            by_score = unknown[np.argsort(mean, kind="stable")]
-            top = by_score[:math.ceil(budget / 2)]
+            mean, optimistic = self._surrogate(children[unknown])
+            fitness[unknown] = self.surrogate.to_loss(mean)
+            top = unknown[np.argsort(optimistic, kind="stable")][:math.ceil(budget / 2)]
             rest = np.setdiff1d(unknown, top)
             picks = rng.choice(rest, size=min(len(rest), budget - len(top)), replace=False) if len(rest) else []
             chosen[top] = True
             chosen[np.asarray(picks, dtype=int)] = True
-        fitness = np.empty(len(children))
         fitness[chosen] = self._true(children[chosen])
-        if (~chosen).any():
-            fitness[~chosen] = self._predict(children[~chosen])
-            self.run.surrogate_predictions += int((~chosen).sum())
+        self.run.surrogate_predictions += int((~chosen).sum())
         return fitness, chosen
 
     def _local_search(self, rng: np.random.Generator) -> None:
@@ -177,7 +181,7 @@ class Evolution:
             shift = rng.integers(1, self.search.library.size, size=len(neighbours))
             neighbours[np.arange(len(neighbours)), genes] = (neighbours[np.arange(len(neighbours)), genes] + shift) \
                 % self.search.library.size
-            best = neighbours[int(np.argmin(self._predict(neighbours)))]
+            best = neighbours[int(np.argmin(self._surrogate(neighbours)[1]))]
             loss = float(self._true(best[None])[0])
             if loss < fitness[i]:
                 population[i], fitness[i] = best, loss
@@ -193,7 +197,7 @@ class Evolution:
         cache = self.search.evaluator.cache
         genomes = np.array(list(cache), dtype=np.int64)
         self.surrogate.fit(genomes, np.array(list(cache.values())), seed=derive_seed(self.seed, "surrogate", generation))
-        self.run.totals.flops += self.surrogate.training_flops()
+        self.run.totals.flops += self.surrogate.training_flops(len(genomes))
 
     def _hybrid_phase(self, rng: np.random.Generator) -> None:
         """Adam on the continuous parts for the best genome; every cached loss is then stale."""
@@ -242,12 +246,14 @@ class Evolution:
             generation = run.ga_state.generation
             if generation % cfg.local_search_every == 0:
                 self._local_search(rng)
-            if generation % cfg.surrogate_every == 0:
+            # a hybrid phase makes a new landscape: the re-evaluated best counts as progress
+            hybrid = cfg.mode == "hybrid" and generation % cfg.hybrid_every == 0
+            run.since_improvement = 0 if hybrid or run.ga_state.best_fitness < before else run.since_improvement + 1
+            last = generation >= cfg.generations or run.since_improvement >= cfg.patience
+            if generation % cfg.surrogate_every == 0 and not last:  # a surrogate no generation uses costs for nothing
                 self._retrain_surrogate(generation)
-            if cfg.mode == "hybrid" and generation % cfg.hybrid_every == 0:
+            if hybrid:
                 self._hybrid_phase(rng)
-                before = math.inf  # a new landscape: the re-evaluated best counts as progress
-            run.since_improvement = 0 if run.ga_state.best_fitness < before else run.since_improvement + 1
             chosen_fitness = run.ga_state.fitness[run.ga_state.evaluated]
         run.rng = rng.bit_generator.state
         finite = chosen_fitness[np.isfinite(chosen_fitness)]
@@ -266,13 +272,18 @@ class Evolution:
         """Generations until a stop; `stop_after` ends this process early, as a kill would (tests)."""
         done_here = 0
         with EnergyMeter(**self.meter_options) as meter:
+            checkpoints = None  # this segment's checkpoint writing, metered apart from the search
             while self.run.stopped is None:
                 self.step()
                 reading = meter.read()
-                cost = self.run.totals.plus(reading)
-                self.run.history[-1].update({"energy_wh": cost["energy_wh"], "energy_method": cost["method"],
-                                             "flops": self.run.totals.flops, "wall_s": cost["wall_s"]})
-                self._checkpoint(reading)
+                search = reading.minus(checkpoints) if checkpoints else reading
+                totals = self.run.totals.plus(search, checkpoints)
+                self.run.history[-1].update({"energy_wh": totals.energy_j / 3600, "energy_method": "|".join(totals.methods),
+                                             "flops": totals.flops, "wall_s": totals.wall_s})
+                self._checkpoint(totals)
+                written = meter.read().minus(reading)
+                checkpoints = written if checkpoints is None else checkpoints.plus(written)
+                self.cost = self.run.totals.plus(search, checkpoints)
                 if on_generation:
                     on_generation(self.run)
                 done_here += 1

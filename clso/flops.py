@@ -29,6 +29,11 @@ def dense_linear_flops(d_in: int, d_out: int) -> int:
     return 2 * d_in * d_out
 
 
+def attention_flops_per_token(n_embd: int, seq_len: int) -> int:
+    """QKᵀ and AV of one layer, each 2·T·d per token over the full T×T score matrix."""
+    return 4 * seq_len * n_embd
+
+
 def _per_token(config, seq_len: int, linear_flops: Mapping[tuple[int, str], int] | None):
     shapes = linear_shapes(config)
     overrides = linear_flops or {}
@@ -36,7 +41,7 @@ def _per_token(config, seq_len: int, linear_flops: Mapping[tuple[int, str], int]
         overrides.get((layer, name), dense_linear_flops(*shapes[name]))
         for layer in range(config.n_layer) for name in LINEAR_NAMES
     )
-    attention = config.n_layer * 4 * seq_len * config.n_embd  # QKᵀ and AV, each 2·T·d per token
+    attention = config.n_layer * attention_flops_per_token(config.n_embd, seq_len)
     head = dense_linear_flops(config.n_embd, config.vocab_size)
     return linears, attention, head
 

@@ -56,6 +56,9 @@ class PrepareParams:
                        "shakespeare (shipped, offline), wikitext-2, wikitext-103 (hub) or text:PATH "
                        "(a UTF-8 file or a folder of .txt files)", check=_check_corpus)
     stage_directions: bool = spec(False, "keep Shakespeare's stage directions as [bracketed] lines")
+    decode_errors: str = spec("strict", "text:PATH files that are not UTF-8: strict stops with an error, "
+                              "replace turns bad bytes into U+FFFD, skip leaves the file out",
+                              choices=("strict", "replace", "skip"))
     tokenizer: str = spec("bpe", "bpe: byte-level BPE trained on the train split; gpt2: GPT-2's "
                           "BPE; char: characters of the train split", choices=("bpe", "gpt2", "char"))
     vocab_size: int = spec(4096, "vocabulary size of the bpe tokenizer (ignored by gpt2 and char)",
@@ -112,7 +115,8 @@ class SurrogateParams:
     embed_dim: int = spec(16, "embedding size per (bucket, library index)", min=1, max=1024)
     hidden: int = spec(64, "width of the MLP", min=1, max=8192)
     depth: int = spec(2, "hidden layers of the MLP", min=1, max=16)
-    ensemble: int = spec(3, "members; their spread is the uncertainty", min=1, max=32)
+    ensemble: int = spec(1, "members; with more than one, evolve ranks children for true evaluation by "
+                         "mean score less the members' spread (uncertain ones get their chance)", min=1, max=32)
     ranking: str = spec("ranknet", "pairwise ranking loss", choices=("ranknet", "margin"))
     mse_weight: float = spec(0.1, "weight of the MSE on standardised log-loss beside the ranking loss",
                              min=0.0, max=100.0)
@@ -176,7 +180,7 @@ class CompileParams:
                              "model.block_size - 1)", min=1, max=1_000_000)
     bench_repeats: int = spec(3, "interleaved runs of PyTorch and the C runtime; medians are reported",
                               min=1, max=100)
-    sample_prompt: str = spec("", "prompt of the sample text in metrics/compile.json; empty starts a new document")
+    sample_prompt: str = spec("", "prompt of the sample text in build/report.json; empty starts a new document")
     sample_tokens: int = spec(64, "tokens of the sample text", min=1, max=1_000_000)
     cc: str = spec("cc", "the system C compiler that builds build/crystal")
     cflags: str = spec("-O3", "its flags (-O3 -march=native is faster and ties the binary to this CPU)")

@@ -34,11 +34,6 @@ class Search:
     def gene_buckets(self) -> tuple[int, ...]:
         return tuple(k % len(BUCKETS) for k in range(self.genome_length))
 
-    def genome_flops(self, genomes) -> int:
-        """Forward FLOPs of scoring these genomes one by one on the fitness batch (factored form)."""
-        b, t = self.batch.x.shape
-        return int(sum(self.model.genome_flops(g, t, b) for g in genomes))
-
 
 def build_search(data_dir: str | Path, library_dir: str | Path, model, *, fitness_batch_size: int, seed: int,
                  device, mode: str = "pure") -> Search:

@@ -115,15 +115,23 @@ class Surrogate:
         scores = torch.stack([m(g) for m in self.members]).double().numpy()
         return scores.mean(0), scores.std(0)
 
-    def predict_loss(self, genomes) -> np.ndarray:
-        """The mean score mapped back to a loss (meaningful only as far as the MSE term trained it)."""
-        mean, _ = self.predict(genomes)
-        return np.exp(mean * self.target_std + self.target_mean)
+    def to_loss(self, score: np.ndarray) -> np.ndarray:
+        """A score mapped back to a loss (meaningful only as far as the MSE term trained it)."""
+        return np.exp(score * self.target_std + self.target_mean)
 
-    def training_flops(self, steps: int | None = None) -> int:
-        """≈ 6 · parameters · samples for forward and backward of every member (pair losses aside)."""
-        params = sum(p.numel() for p in self.members[0].parameters())
-        return 6 * params * self.config.batch_size * (steps or self.config.steps) * len(self.members)
+    def _mlp_flops(self) -> int:
+        """Matmul FLOPs of one member on one genome (the embedding is a lookup, not a matmul)."""
+        return sum(2 * m.in_features * m.out_features for m in self.members[0].mlp if isinstance(m, nn.Linear))
+
+    def inference_flops(self, n_genomes: int) -> int:
+        """FLOPs of `predict` on n genomes: every member scores every genome."""
+        return self._mlp_flops() * n_genomes * len(self.members)
+
+    def training_flops(self, n_samples: int, steps: int | None = None) -> int:
+        """FLOPs of `fit` on n samples: per step a batch forward (1×) and backward (2×: weight and
+        input gradients, which the trainable embedding needs) through every member."""
+        batch = min(self.config.batch_size, n_samples)
+        return 3 * self._mlp_flops() * batch * (steps or self.config.steps) * len(self.members)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"member{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.state_dict().items()}

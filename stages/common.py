@@ -90,8 +90,18 @@ def final_models(p, vocab_size: int, device):
     clso = CrystallineGPT2(ModelConfig(**genome["model"]), Library.load("models/library"), seed=p.base.seed).to(device)
     clso.load_continuous_state(_safetensors(load_file, "models/clso/continuous.safetensors"))
     clso.set_genome(genome["genome"])
-    baseline = dense_gpt2(ModelConfig.from_params(p.model, vocab_size, layer_gains=False), p.base.seed, device)
-    baseline.load_state_dict(_safetensors(load_file, "models/baseline/model.safetensors"), strict=False)
+    config = ModelConfig.from_params(p.model, vocab_size, layer_gains=False)
+    baseline = dense_gpt2(config, p.base.seed, device)
+    path = "models/baseline/model.safetensors"
+    try:
+        missing, unexpected = baseline.load_state_dict(_safetensors(load_file, path), strict=False)
+    except RuntimeError:  # a tensor of another shape
+        missing, unexpected = ["(shapes differ)"], []
+    # the tied head is the embedding, saved once: every other parameter must come from the file
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ClsoError(f"{path}: does not fit params.yaml's model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); re-create it with `dvc repro -f baseline`")
     baseline.tie_weights()
     return clso.eval(), baseline.eval()
 

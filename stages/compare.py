@@ -1,17 +1,19 @@
 """Stage `compare`: CLSO against the dense AdamW baseline on matched energy and FLOPs, the verdict
 on document 003's hypothesis, and the only look at the test split."""
 
-import csv
 import math
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from clso import ClsoError
-from clso.compare import comparison
+from clso.compare import charged_curve, clso_charges, comparison, methods
 from clso.data import TokenData
+from clso.energy import EnergyMeter
 from clso.evaluate import split_loss
-from clso.io import write_json_atomic, write_text_atomic
+from clso.library import SANITY_MAX_ERROR
+from clso.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from clso.params import load_params
 from clso.plots import comparison_png
 from clso.runtime import setup
@@ -19,88 +21,72 @@ from stages.common import PARAMS_OPTION, final_models, read_json, run_alone, sta
 
 METRICS = Path("metrics/compare.json")
 REPORT = Path("metrics/report.md")
+CHARGED_CURVE = Path("plots/compare_clso.csv")
+CHARGED_FIELDS = ("generation", "best_loss", "energy_wh", "energy_method", "flops", "wall_s")
 README = Path("README.md")
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 EVAL_BATCH = 16
 
 
-def _csv(path) -> list[dict]:
+def _curve(path) -> list[dict]:
     try:
-        with open(path, newline="") as f:
-            return [{k: (v if k == "energy_method" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        frame = pd.read_csv(path)
+        return frame.astype({c: float for c in frame.columns if c != "energy_method"}).to_dict("records")
     except FileNotFoundError:
         raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
-
-
-def _methods(*methods) -> str:
-    return "|".join(sorted({part for m in methods for part in m.split("|")}))
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ClsoError(f"{path}: not a readable curve ({type(e).__name__}); re-create it with `dvc repro -f`") from None
 
 
 @stage("compare", sections=("base", "model"))
 def compare(params: Path = PARAMS_OPTION) -> None:
     """Read the metrics and curves of library, surrogate, evolve and baseline; score both final
-    models on the test split; write metrics/compare.json, metrics/report.md, the comparison plots
-    and the README's block of latest numbers."""
+    models on the test split; write metrics/compare.json, metrics/report.md, CLSO's fully charged
+    curve plots/compare_clso.csv, the comparison plots and the README's block of latest numbers."""
     p = load_params(params)
     device = setup(p.base)
-    library, surrogate, evolve = read_json("metrics/library.json"), read_json("metrics/surrogate.json"), read_json("metrics/evolve.json")
-    base_metrics, base_curve, clso_curve = read_json("metrics/baseline.json"), _csv("plots/baseline.csv"), _csv("plots/evolve.csv")
-    data = TokenData.open("data/prepared")
-    clso_model, baseline_model = final_models(p, data.vocab_size, device)
-    test = data.tokens("test")
-    with torch.no_grad():
-        clso_test = split_loss(clso_model, test, p.model.block_size, EVAL_BATCH, device)
-        base_test = split_loss(lambda x: baseline_model(input_ids=x).logits, test, p.model.block_size, EVAL_BATCH, device)
-    # an svd-warm-started library stands on the trained baseline: its training is CLSO's cost too
-    svd_charge = base_metrics["energy_wh"] if sum(b["families"]["svd"] for b in library["buckets"].values()) else 0.0
-    svd_flops = base_metrics["flops"] if svd_charge else 0
-    before_search = (library["energy_wh"] + surrogate["evaluation"]["energy_wh"] + surrogate["training"]["energy_wh"]
-                     + svd_charge)
+    with EnergyMeter(device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts) as meter:
+        library, surrogate, evolve = read_json("metrics/library.json"), read_json("metrics/surrogate.json"), read_json("metrics/evolve.json")
+        base_metrics, base_curve, search_curve = read_json("metrics/baseline.json"), _curve("plots/baseline.csv"), _curve("plots/evolve.csv")
+        data = TokenData.open("data/prepared")
+        clso_model, baseline_model = final_models(p, data.vocab_size, device)
+        test = data.tokens("test")
+        with torch.no_grad():
+            clso_test = split_loss(clso_model, test, p.model.block_size, EVAL_BATCH, device)
+            base_test = split_loss(lambda x: baseline_model(input_ids=x).logits, test, p.model.block_size, EVAL_BATCH, device)
+    charges = clso_charges(library, surrogate, evolve, base_metrics)
+    bound = evolve.get("frozen_head_bound")
     clso = {
         "mode": evolve["mode"], "val_loss": evolve["val_loss"], "val_ppl": evolve["val_ppl"],
         "test_loss": clso_test, "test_ppl": math.exp(clso_test),
-        "energy_wh": before_search + evolve["energy_wh"],
-        "method": _methods(library["method"], surrogate["evaluation"]["method"], surrogate["training"]["method"],
-                           evolve["method"]),
-        "flops": surrogate["evaluation"]["flops"] + surrogate["training"]["flops"] + evolve["flops"] + svd_flops,
-        "wall_s": library["wall_s"] + surrogate["evaluation"]["wall_s"] + surrogate["training"]["wall_s"]
-        + evolve["wall_s"],
-        "energy_wh_library_and_surrogate": before_search,
-        "energy_wh_charged_for_svd_reference": svd_charge,
+        **{k: charges[k] for k in ("energy_wh", "method", "flops", "wall_s")},
+        "energy_wh_by_part": charges["energy_wh_by_part"],
         "true_evaluations": evolve["true_evaluations"] + surrogate["genomes"],
         "surrogate_predictions": evolve["surrogate_predictions"],
+        **({"frozen_head_bound_val_loss": bound["val_loss"], "frozen_head_bound_val_ppl": bound["val_ppl"]}
+           if bound else {}),
     }
     baseline = {
         "val_loss": base_metrics["final_val_loss"], "val_ppl": base_metrics["final_val_ppl"],
         "test_loss": base_test, "test_ppl": math.exp(base_test), "energy_wh": base_metrics["energy_wh"],
         "method": base_metrics["method"], "flops": base_metrics["flops"], "wall_s": base_metrics["wall_s"],
-        "steps": base_metrics["steps"],
+        "steps": base_metrics["steps"], "eval_energy_wh": base_metrics["eval_energy_wh"],
     }
     result = comparison(clso, baseline, base_curve)
-    result["library_sanity"] = library["sanity_check"]
-    result["compile"] = compile_summary(read_json("metrics/compile.json"))
+    result["cost"] = meter.reading.as_metrics()  # of this stage: charged to neither side
     write_json_atomic(METRICS, result)
-    clso_costs = [{**r, "energy_wh": r["energy_wh"] + before_search,
-                   "flops": r["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"] + svd_flops}
-                  for r in clso_curve]
+    # figures other stages' metrics already hold are quoted in the report, not copied into compare.json
+    others = {"library_sanity": library["sanity_check"], "compile": read_json("metrics/compile.json"),
+              "compiled_files": read_json("build/report.json"), "evolve": evolve}
+    clso_curve = charged_curve(search_curve, charges)
+    write_csv_atomic(CHARGED_CURVE, CHARGED_FIELDS, clso_curve)
     title = f"CLSO ({clso['mode']}) vs AdamW, val loss"
-    comparison_png(base_curve, clso_costs, clso, "energy_wh", f"energy (Wh, {_methods(clso['method'], baseline['method'])})",
+    comparison_png(base_curve, clso_curve, clso, "energy_wh", f"energy (Wh, {methods(clso['method'], baseline['method'])})",
                    "plots/compare_energy.png", title)
-    comparison_png(base_curve, clso_costs, clso, "flops", "FLOPs", "plots/compare_flops.png", title)
-    write_text_atomic(REPORT, report(result, clso_curve, evolve))
-    _update_readme(summary(result))
+    comparison_png(base_curve, clso_curve, clso, "flops", "FLOPs", "plots/compare_flops.png", title)
+    write_text_atomic(REPORT, report(result, others, search_curve))
+    _update_readme(summary(result, others))
     print(f"compare: {result['verdict']['statement']}")
-
-
-def compile_summary(metrics: dict) -> dict:
-    """The figures of metrics/compile.json that the comparison reports."""
-    keys = ("bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "val_ppl", "ppl_change", "max_abs_logit_diff")
-    return {"models": {name: {"modes": {mode: {k: f[k] for k in keys} for mode, f in m["modes"].items()},
-                              "runtime_tokens_per_s": m["runtime_bench"]["runtime_tokens_per_s"],
-                              "torch_tokens_per_s": m["runtime_bench"]["torch_tokens_per_s"],
-                              "runtime_vs_torch": m["runtime_bench"]["ratio"]}
-                       for name, m in metrics["models"].items()},
-            "targets": metrics["targets"], "measured": metrics["measured"], "met": metrics["met"]}
 
 
 def _fmt(x, digits=4):
@@ -111,46 +97,58 @@ def _fmt(x, digits=4):
     return str(x)
 
 
-def summary(result: dict) -> str:
+def summary(result: dict, others: dict) -> str:
+    """The README block: compare.json's figures and those it quotes from library, compile and evolve."""
     c, b, m, v = result["clso"], result["baseline"], result["matched"], result["verdict"]
     rows = [("val perplexity", c["val_ppl"], b["val_ppl"]), ("test perplexity", c["test_ppl"], b["test_ppl"]),
             ("energy (Wh)", c["energy_wh"], b["energy_wh"]), ("FLOPs", c["flops"], b["flops"]),
             ("wall (s)", c["wall_s"], b["wall_s"])]
     lines = [f"| | CLSO ({c['mode']}) | AdamW baseline |", "|---|---|---|"]
     lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} |" for name, x, y in rows]
-    lines += ["", f"Energy method: CLSO `{c['method']}`, baseline `{b['method']}`. At CLSO's energy the baseline's "
+    parts = ", ".join(f"{name.replace('_', ' ')} {_fmt(wh)}" for name, wh in c["energy_wh_by_part"].items())
+    lines += ["", f"Energy method: CLSO `{c['method']}`, baseline `{b['method']}`; CLSO is charged every part it "
+              f"spent (Wh: {parts}). At CLSO's energy the baseline's "
               f"val perplexity was {_fmt(m['baseline_val_ppl_at_clso_energy'])} ({m['at_clso_energy']}); the baseline "
               f"reached CLSO's val perplexity after {_fmt(m['baseline_energy_wh_to_reach_clso'])} Wh "
               f"(step {_fmt(m['baseline_step_to_reach_clso'])}).", "",
-              f"**Hypothesis** ({v['hypothesis']}): **{v['statement']}**."]
-    if "library_sanity" in result:
-        s = result["library_sanity"]
+              f"**Hypothesis** ({v['hypothesis']}; decided on the val split, test reported): **{v['statement']}**."]
+    if "frozen_head_bound_val_ppl" in c:
+        lines += ["", f"Frozen-head bound (pure mode, metrics/evolve.json): with the LM head and final LayerNorm at "
+                  f"their initialisation, no body of any kind — even one that knew each target — gets the val "
+                  f"perplexity below {_fmt(c['frozen_head_bound_val_ppl'])} ({v['bound_ppl_ratio']:.3f}× the "
+                  f"baseline's)."]
+    if "library_sanity" in others:
+        s = others["library_sanity"]
         lines += ["", f"Library sanity check (protocol step 1, metrics/library.json: against the trained baseline's matrices): the best "
                   f"library matrix, with its best gain, leaves on average {s['mean_best_rel_error_with_gain']:.0%} "
                   f"relative Frobenius error (worst {s['worst_best_rel_error_with_gain']:.0%}); the protocol calls a "
-                  f"library above 20% too weak: **{'passes' if s['passes_protocol_20pct'] else 'fails'}**."]
-    if "compile" in result:
-        lines += ["", _compile_line(result["compile"])]
+                  f"library above {SANITY_MAX_ERROR:.0%} too weak: **{'passes' if s['passes_protocol_20pct'] else 'fails'}**."]
+    if "compile" in others:
+        lines += ["", _compile_line(others["compile"])]
     return "\n".join(lines)
 
 
 def _compile_line(c: dict) -> str:
     clso, base = c["models"]["clso"], c["models"]["baseline"]
-    m8, b8 = clso["modes"]["mixed8"], base["modes"]["mixed8"]
+    m8, b8, exact = clso["modes"]["mixed8"], base["modes"]["mixed8"], clso["exactness"]
     missed = [k for k, v in c["met"].items() if not v]
     return (f"Compiled to `.crystal` (metrics/compile.json): CLSO `mixed8` {m8['bytes'] / 1e6:.2f} MB "
-            f"({m8['bytes_vs_f32']:.0%} of its own `f32` file, target ≤ 35%; {m8['bytes_vs_dense_f32']:.0%} of the "
-            f"dense `f32` file of the same architecture), baseline `mixed8` {b8['bytes'] / 1e6:.2f} MB "
-            f"({b8['bytes_vs_f32']:.0%}); `mixed8` top-1 agreement with the float model {m8['top1_agreement']:.2%} "
-            f"(CLSO) and {b8['top1_agreement']:.2%} (baseline), perplexity change {m8['ppl_change']:+.3%} and "
-            f"{b8['ppl_change']:+.3%}; the C runtime generates {clso['runtime_vs_torch']:.1f}× (CLSO) and "
-            f"{base['runtime_vs_torch']:.1f}× (baseline) the tokens/s of PyTorch eager. Targets missed: "
-            f"{', '.join(missed) or 'none'}.")
+            f"({m8['bytes_vs_f32']:.0%} of its own `f32` file, target ≤ {c['targets']['clso_mixed8_bytes_vs_f32_max']:.0%}; "
+            f"{m8['bytes_vs_dense_f32']:.0%} of the dense `f32` file of the same architecture; its f32 embeddings "
+            f"are {exact['embedding_share_of_bytes']:.0%} of it, and {exact['exact_layers']} of its "
+            f"{exact['crystalline_layers']} crystalline layers are stored exactly, with "
+            f"{exact['float_matrix_values_outside_embeddings']:,} float library values quantized), baseline `mixed8` "
+            f"{b8['bytes'] / 1e6:.2f} MB ({b8['bytes_vs_f32']:.0%}); `mixed8` top-1 agreement with the float model "
+            f"{m8['top1_agreement']:.2%} (CLSO) and {b8['top1_agreement']:.2%} (baseline), perplexity change "
+            f"{m8['ppl_change']:+.3%} and {b8['ppl_change']:+.3%}; the C runtime generates "
+            f"{clso['runtime_bench']['ratio']:.1f}× (CLSO) and {base['runtime_bench']['ratio']:.1f}× (baseline) the "
+            f"tokens/s of PyTorch eager. Targets missed: {', '.join(missed) or 'none'}.")
 
 
-def report(result: dict, clso_curve: list[dict], evolve: dict) -> str:
+def report(result: dict, others: dict, search_curve: list[dict]) -> str:
+    evolve = others["evolve"]
     lines = ["# CLSO against the dense AdamW baseline", "",
-             "Generated by `dvc repro compare` from this run's metrics; do not edit.", "", summary(result), "",
+             "Generated by `dvc repro compare` from this run's metrics; do not edit.", "", summary(result, others), "",
              "## Matched comparison", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in result["matched"].items()]
     lines += ["", "## CLSO search, per generation (fitness loss on the train-split fitness batch)", "",
@@ -158,23 +156,40 @@ def report(result: dict, clso_curve: list[dict], evolve: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {int(r['generation'])} | {r['best_loss']:.4f} | {r['mean_loss']:.4f} | {r['std_loss']:.4f} | "
               f"{int(r['true_evaluations'])} | {int(r['surrogate_predictions'])} | {r['energy_wh']:.4f} | "
-              f"{r['wall_s']:.1f} |" for r in clso_curve]
+              f"{r['wall_s']:.1f} |" for r in search_curve]
     lines += ["", f"Search stopped: {evolve['stopped']}; surrogate predictions replaced "
-              f"{evolve['evaluations_saved_share']:.0%} of its evaluations.", ""]
-    if "compile" in result:
-        lines += ["## Compiled files (build/, from `dvc repro compile`)", "",
-                  "| model | mode | bytes | vs its f32 | vs dense f32 | top-1 agreement | val ppl | ppl change | max logit diff |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for name, m in result["compile"]["models"].items():
+              f"{evolve['evaluations_saved_share']:.0%} of its evaluations. Energy and FLOPs above are the search's "
+              f"alone; plots/compare_clso.csv adds what was spent before it.", "",
+              "## Costs charged to neither side", "", "| what | energy (Wh) | method | wall (s) |", "|---|---|---|---|",
+              _cost_row("evolve: writing checkpoints", evolve["checkpoint"]),
+              _cost_row("baseline: periodic validation (its curve)", {"energy_wh": result["baseline"]["eval_energy_wh"],
+                                                                    "method": result["baseline"]["method"]}),
+              _cost_row("compare: scoring the test split, this report", result["cost"]), ""]
+    if "compiled_files" in others:
+        files = others["compiled_files"]["models"]
+        lines += ["## Compiled files (build/report.json, from `dvc repro compile`)", "",
+                  "| model | mode | bytes | vs its f32 | vs dense f32 | exact layers | top-1 agreement | val ppl | "
+                  "ppl change | max logit diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, m in files.items():
             lines += [f"| {name} | {mode} | {f['bytes']} | {f['bytes_vs_f32']:.1%} | {f['bytes_vs_dense_f32']:.1%} | "
-                      f"{f['top1_agreement']:.2%} | "
-                      f"{f['val_ppl']:.4g} | {f['ppl_change']:+.3%} | {f['max_abs_logit_diff']:.3g} |"
-                      for mode, f in m["modes"].items()]
+                      f"{_exact_layers(f['exactness'])} | "
+                      f"{f['top1_agreement']:.2%} | {f['val_ppl']:.4g} | {f['ppl_change']:+.3%} | "
+                      f"{f['max_abs_logit_diff']:.3g} |" for mode, f in m["modes"].items()]
         lines += ["", "| model | C runtime tokens/s | PyTorch eager tokens/s | ratio |", "|---|---|---|---|"]
-        lines += [f"| {name} | {m['runtime_tokens_per_s']:.0f} | {m['torch_tokens_per_s']:.0f} | "
-                  f"{m['runtime_vs_torch']:.2f} |" for name, m in result["compile"]["models"].items()]
+        lines += [f"| {name} | {m['runtime_bench']['runtime_tokens_per_s']:.0f} | "
+                  f"{m['runtime_bench']['torch_tokens_per_s']:.0f} | {m['runtime_bench']['ratio']:.2f} |"
+                  for name, m in files.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _exact_layers(e: dict) -> str:
+    return f"{e['exact_layers']}/{e['crystalline_layers']}" if e["crystalline_layers"] else "dense"
+
+
+def _cost_row(what: str, cost: dict) -> str:
+    wall = _fmt(cost["wall_s"]) if "wall_s" in cost else "—"
+    return f"| {what} | {_fmt(cost['energy_wh'])} | {cost['method']} | {wall} |"
 
 
 def _update_readme(block: str) -> None:

@@ -7,9 +7,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from clso.compile import bench_runtime, build_runtime, quantization_reports, run_runtime, runtime_logits
-from clso.crystal import MODES, CrystalModel, build_crystal, crystalline_spec, dense_spec, export_tokenizer, read_crystal
+from clso.compile import (RUNTIME_LOGIT_TOLERANCE, bench_runtime, build_runtime, check_runtime_logits,
+                          quantization_reports, run_runtime, runtime_logits)
+from clso.crystal import (MODES, CrystalModel, build_crystal_with_report, crystalline_spec, dense_spec,
+                          export_tokenizer, read_crystal)
 from clso.data import TokenData
+from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
 from clso.model import ModelConfig
 from clso.params import load_params
@@ -20,9 +23,14 @@ from stages.common import PARAMS_OPTION, final_models, run_alone, stage
 
 BUILD = Path("build")
 METRICS = Path("metrics/compile.json")
+REPORT = "report.json"  # inside BUILD: every file's figures, the benchmarks and the samples
 CHECK_TOKENS = 64  # val tokens on which the C runtime's logits are compared with the Python reader's
 TARGETS = {"mixed8_top1_agreement_min": 0.99, "mixed8_ppl_change_max": 0.01, "clso_mixed8_bytes_vs_f32_max": 0.35,
            "runtime_vs_torch_tokens_per_s_min": 3.0}
+# what metrics/compile.json keeps of each model (dvc exp show makes a column of every number)
+SUMMARY = ("bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "val_ppl", "ppl_change",
+           "max_abs_logit_diff")
+BENCH_SUMMARY = ("ratio", "runtime_tokens_per_s", "torch_tokens_per_s")
 
 
 @stage("compile", sections=("base", "model", "compile"))
@@ -30,59 +38,36 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
     """Compile the evolved CLSO model and the baseline to build/*.crystal in every mode (f32, int16,
     int8, mixed16, mixed8) and build the C runtime build/crystal with compile.cc; score every file
     against its float PyTorch model on the val split, check the runtime's logits against the Python
-    reader's, benchmark generation against PyTorch eager; write metrics/compile.json."""
+    reader's (the stage fails beyond a tolerance), benchmark generation against PyTorch eager; write
+    build/report.json (everything) and metrics/compile.json (the figures compared across runs)."""
     p = load_params(params)
     c = p.compile
     setup(p.base)
-    data = TokenData.open("data/prepared")
-    tokenizer = export_tokenizer(load_tokenizer("data/prepared/tokenizer.json"))
-    clso_model, baseline_model = final_models(p, data.vocab_size, "cpu")
-    stored = load_file("models/library/library.safetensors")  # packed as generated; Library holds floats
-    specs = {"clso": (crystalline_spec(clso_model, stored, clso_model.library.manifest), clso_model),
-             "baseline": (dense_spec(baseline_model, ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)),
-                          lambda x: baseline_model(input_ids=x).logits)}
-    keep = np.unique(np.asarray(data.tokens("train"))) if c.prune_vocab else None
-    val = np.asarray(data.tokens("val"))
-    val = val[:c.eval_tokens + 1] if c.eval_tokens else val
-    block = p.model.block_size
-    models = {}
-    with atomic_dir(BUILD) as out, progress_bar() as bar:
-        task = bar.add_task("compile", total=len(specs) * len(MODES) + len(specs), info="building the runtime")
-        runtime = build_runtime(out / "crystal", c.cc, c.cflags)
-        for name, (spec, float_logits) in specs.items():
-            files, crystals = {}, {}
-            for mode in MODES:
-                bar.update(task, info=f"{name} {mode}: write, read back, check the runtime")
-                blob = build_crystal(spec, mode, tokenizer, keep)
-                path = out / f"{name}-{mode}.crystal"
-                path.write_bytes(blob)
-                crystals[mode] = crystal = read_crystal(blob)
-                ids = val[:min(CHECK_TOKENS, block)]
-                ids = ids[np.isin(ids, keep)] if keep is not None else ids
-                with torch.no_grad():
-                    python_logits = CrystalModel(crystal)(torch.from_numpy(ids[None].astype(np.int64)))[0].numpy()
-                c_logits = runtime_logits(runtime, path, ids)
-                finite = np.isfinite(python_logits)
-                files[mode] = {"file": f"build/{path.name}", "bytes": len(blob),
-                               "runtime_vs_python_max_abs_logit_diff": float(np.abs(c_logits[finite] - python_logits[finite]).max())}
-            bar.update(task, info=f"{name}: every mode against the float model on val")
-            for mode, report in quantization_reports(float_logits, crystals, val, block).items():
-                files[mode].update(report)
-                bar.advance(task)
-            for mode in MODES:
-                files[mode]["bytes_vs_f32"] = files[mode]["bytes"] / files["f32"]["bytes"]
-            bar.update(task, info=f"{name}: runtime benchmark")
-            bench = bench_runtime(runtime, out / f"{name}-mixed8.crystal", new_tokens=c.bench_tokens,
-                                  repeats=c.bench_repeats, seed=p.base.seed)
-            bench["file"] = f"build/{name}-mixed8.crystal"
-            sample = run_runtime(runtime, "generate", out / f"{name}-mixed8.crystal", "-p", c.sample_prompt,
-                                 "-n", c.sample_tokens, "-s", p.base.seed).stdout.decode(errors="replace")
-            models[name] = {"modes": files, "runtime_bench": bench, "sample_mixed8": sample.rstrip("\n")}
-            bar.advance(task)
-    dense_f32 = models["baseline"]["modes"]["f32"]["bytes"]  # the same architecture, every matrix dense float32
-    for m in models.values():
-        for f in m["modes"].values():
-            f["bytes_vs_dense_f32"] = f["bytes"] / dense_f32
+    with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter:
+        data = TokenData.open("data/prepared")
+        tokenizer = export_tokenizer(load_tokenizer("data/prepared/tokenizer.json"))
+        clso_model, baseline_model = final_models(p, data.vocab_size, "cpu")
+        stored = load_file("models/library/library.safetensors")  # packed as generated; Library holds floats
+        dense_config = ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)
+        specs = {"clso": (crystalline_spec(clso_model, stored, clso_model.library.manifest), clso_model),
+                 "baseline": (dense_spec(baseline_model, dense_config), lambda x: baseline_model(input_ids=x).logits)}
+        keep = np.unique(np.asarray(data.tokens("train"))) if c.prune_vocab else None
+        val = np.asarray(data.tokens("val"))
+        val = val[:c.eval_tokens + 1] if c.eval_tokens else val
+        models = {}
+        with atomic_dir(BUILD) as out, progress_bar() as bar:
+            task = bar.add_task("compile", total=len(specs) * len(MODES) + len(specs), info="building the runtime")
+            runtime = build_runtime(out / "crystal", c.cc, c.cflags)
+            for name, (spec, float_logits) in specs.items():
+                models[name] = _compile_model(name, spec, float_logits, out, runtime, tokenizer, keep, val, p,
+                                              bar, task)
+            dense_f32 = models["baseline"]["modes"]["f32"]["bytes"]  # the same architecture, every matrix dense f32
+            for m in models.values():
+                for f in m["modes"].values():
+                    f["bytes_vs_dense_f32"] = f["bytes"] / dense_f32
+            vocab_rows = int(len(keep)) if keep is not None else data.vocab_size
+            write_json_atomic(out / REPORT, {"prune_vocab": c.prune_vocab, "vocab_rows": vocab_rows,
+                                             "runtime_logit_tolerance": RUNTIME_LOGIT_TOLERANCE, "models": models})
     clso_m8, base_m8 = models["clso"]["modes"]["mixed8"], models["baseline"]["modes"]["mixed8"]
     checks = {
         "mixed8_top1_agreement": min(clso_m8["top1_agreement"], base_m8["top1_agreement"]),
@@ -97,15 +82,57 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
         "clso_mixed8_bytes_vs_f32": checks["clso_mixed8_bytes_vs_f32"] <= TARGETS["clso_mixed8_bytes_vs_f32_max"],
         "runtime_vs_torch_tokens_per_s": checks["runtime_vs_torch_tokens_per_s"] >= TARGETS["runtime_vs_torch_tokens_per_s_min"],
     }
-    write_json_atomic(METRICS, {"prune_vocab": c.prune_vocab, "vocab_rows": int(len(keep)) if keep is not None else data.vocab_size,
-                                "models": models, "targets": TARGETS, "measured": checks, "met": met})
+    summary = {name: {"modes": {"mixed8": {k: m["modes"]["mixed8"][k] for k in SUMMARY}},
+                      "runtime_bench": {k: m["runtime_bench"][k] for k in BENCH_SUMMARY}}
+               for name, m in models.items()}
+    summary["clso"]["exactness"] = clso_m8["exactness"]
+    cost = meter.reading.as_metrics()  # the compile stage's own, charged to neither contestant
+    write_json_atomic(METRICS, {"models": summary, "targets": TARGETS, "measured": checks, "met": met, "cost": cost})
     for name, m in models.items():
         m8 = m["modes"]["mixed8"]
         print(f"compile: {name} mixed8 {m8['bytes'] / 1e6:.2f} MB ({m8['bytes_vs_f32']:.0%} of f32), top-1 "
               f"agreement {m8['top1_agreement']:.2%}, ppl {m8['float_val_ppl']:.1f} → {m8['val_ppl']:.1f}; runtime "
               f"{m['runtime_bench']['runtime_tokens_per_s']:.0f} tokens/s = {m['runtime_bench']['ratio']:.1f}× PyTorch")
+    e = clso_m8["exactness"]
+    print(f"compile: clso mixed8 stores {e['exact_layers']} of {e['crystalline_layers']} crystalline layers exactly, "
+          f"{e['float_matrix_values_outside_embeddings']:,} float matrix values outside the embeddings, embeddings "
+          f"{e['embedding_share_of_bytes']:.0%} of the bytes")
     print(f"compile: targets met: {', '.join(k for k, v in met.items() if v) or 'none'}; "
-          f"missed: {', '.join(k for k, v in met.items() if not v) or 'none'}")
+          f"missed: {', '.join(k for k, v in met.items() if not v) or 'none'}; "
+          f"{cost['energy_wh']:.4f} Wh ({cost['method']}) in {cost['wall_s']:.0f} s")
+
+
+def _compile_model(name, spec, float_logits, out: Path, runtime: Path, tokenizer, keep, val, p, bar,
+                   task) -> dict:
+    """One model in every mode: written, read back, its runtime logits checked against the Python
+    reader's, scored against the float model; then the runtime benchmark and a sample of mixed8."""
+    c = p.compile
+    ids = val[:min(CHECK_TOKENS, p.model.block_size)]
+    ids = ids[np.isin(ids, keep)] if keep is not None else ids
+    files, crystals = {}, {}
+    for mode in MODES:
+        bar.update(task, info=f"{name} {mode}: write, read back, check the runtime")
+        blob, report = build_crystal_with_report(spec, mode, tokenizer, keep)
+        path = out / f"{name}-{mode}.crystal"
+        path.write_bytes(blob)
+        crystals[mode] = crystal = read_crystal(blob)
+        with torch.no_grad():
+            python_logits = CrystalModel(crystal)(torch.from_numpy(ids[None].astype(np.int64)))[0].numpy()
+        diff = check_runtime_logits(f"build/{path.name}", runtime_logits(runtime, path, ids), python_logits)
+        files[mode] = {"file": f"build/{path.name}", "bytes": len(blob), "runtime_vs_python_max_abs_logit_diff": diff,
+                       **report}
+    bar.update(task, info=f"{name}: every mode against the float model on val")
+    for mode, report in quantization_reports(float_logits, crystals, val, p.model.block_size).items():
+        files[mode].update(report, bytes_vs_f32=files[mode]["bytes"] / files["f32"]["bytes"])
+        bar.advance(task)
+    bar.update(task, info=f"{name}: runtime benchmark")
+    mixed8 = out / f"{name}-mixed8.crystal"
+    bench = bench_runtime(runtime, mixed8, new_tokens=c.bench_tokens, repeats=c.bench_repeats, seed=p.base.seed)
+    bench["file"] = f"build/{mixed8.name}"
+    sample = run_runtime(runtime, "generate", mixed8, "-p", c.sample_prompt, "-n", c.sample_tokens,
+                         "-s", p.base.seed).stdout.decode(errors="replace")
+    bar.advance(task)
+    return {"modes": files, "runtime_bench": bench, "sample_mixed8": sample.rstrip("\n")}
 
 
 if __name__ == "__main__":

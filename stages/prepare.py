@@ -20,7 +20,8 @@ def prepare(params: Path = PARAMS_OPTION) -> None:
     p = load_params(params)
     cfg = p.prepare
     with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter:
-        corpus = load_corpus(cfg.corpus, stage_directions=cfg.stage_directions)
+        corpus = load_corpus(cfg.corpus, stage_directions=cfg.stage_directions,
+                             decode_errors=cfg.decode_errors)
         meta = prepare_dataset(
             corpus, OUT_DIR, corpus_name=cfg.corpus, tokenizer_kind=cfg.tokenizer,
             vocab_size=cfg.vocab_size, gpt2_dir=cfg.gpt2_tokenizer_dir,
@@ -32,8 +33,15 @@ def prepare(params: Path = PARAMS_OPTION) -> None:
         "documents": {s: len(meta["documents"][s]) for s in splits},
         "tokens": meta["tokens"],
         "chars_per_token": {s: round(meta["chars"][s] / max(1, meta["tokens"][s]), 4) for s in splits},
+        "decode": corpus.decode.as_metrics(),
         **meter.reading.as_metrics(),
     })
+    for names, what in ((corpus.decode.replaced, "had bytes replaced by U+FFFD"),
+                        (corpus.decode.skipped, "were left out")):
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            print(f"prepare: {len(names)} file(s) not UTF-8 {what} (prepare.decode_errors: "
+                  f"{corpus.decode.errors}): {shown}")
     print(f"prepare: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val / "
           f"{meta['tokens']['test']:,} test tokens, vocab {meta['vocab_size']} → {OUT_DIR}")
 

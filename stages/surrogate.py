@@ -61,8 +61,8 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
         "holdout_metrics": ranking_metrics(predicted[finite], losses[held][finite]),
         "best_loss": float(losses.min()), "median_loss": float(np.median(losses)),
         "unfit": int((~np.isfinite(losses)).sum()),
-        "evaluation": {**eval_meter.reading.as_metrics(), "flops": search.genome_flops(genomes)},
-        "training": {**train_meter.reading.as_metrics(), "flops": model.training_flops()},
+        "evaluation": {**eval_meter.reading.as_metrics(), "flops": search.evaluator.flops},
+        "training": {**train_meter.reading.as_metrics(), "flops": model.training_flops(len(train))},
     }
     write_json_atomic(METRICS, metrics)
     m = metrics["holdout_metrics"]

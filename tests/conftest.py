@@ -37,3 +37,19 @@ def stage_env():
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     return env
+
+
+def counted_flops(fn) -> int:
+    """Matmul FLOPs of fn() by PyTorch's own counter (FlopCounterMode), CPU attention included:
+    torch counts SDPA on GPUs but has no formula for its CPU kernel, so that one is added with
+    torch's own SDPA formula."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}) as counter:
+        fn()
+    return counter.get_total_flops()

@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 
 from clso import ClsoError
-from clso.corpus import (Document, cut_into_pieces, load_corpus, load_wikitext, play_to_text,
+from clso.corpus import (DECODE_ERRORS, Document, cut_into_pieces, load_corpus, load_wikitext, play_to_text,
                          split_documents, split_wikitext_articles)
+from clso.params import PrepareParams
 
 PLAY = """# The Tragedy of Tests
 
@@ -103,6 +106,70 @@ def test_text_corpus_from_folder_and_file(text_corpus, tmp_path):
 def test_text_corpus_errors(tmp_path, make, message):
     with pytest.raises(ClsoError, match=message):
         load_corpus(f"text:{make(tmp_path)}")
+
+
+LATIN1 = "Caf\u00e9 au lait, na\u00efve r\u00e9sum\u00e9.\n".encode("latin-1")  # \xe9 alone is not UTF-8
+
+
+def test_latin1_file_stops_a_strict_load_naming_the_file_and_the_param(text_corpus):
+    (text_corpus / "news" / "latin1.txt").parent.mkdir()
+    (text_corpus / "news" / "latin1.txt").write_bytes(LATIN1)
+    with pytest.raises(ClsoError) as err:
+        load_corpus(f"text:{text_corpus}")
+    message = str(err.value)
+    assert "\n" not in message and "news/latin1.txt: not UTF-8 text (byte 3)" in message
+    assert "iconv -t utf-8" in message and "prepare.decode_errors: replace or skip" in message
+
+
+def test_decode_errors_replace_keeps_the_file_with_replacement_characters(text_corpus):
+    (text_corpus / "latin1.txt").write_bytes(LATIN1)
+    corpus = load_corpus(f"text:{text_corpus}", decode_errors="replace")
+    by_name = {d.name: d.text for d in corpus.documents}
+    assert len(by_name) == 13 and by_name["latin1.txt"] == "Caf\ufffd au lait, na\ufffdve r\ufffdsum\ufffd.\n"
+    assert by_name["doc00.txt"].startswith("Document 0: é ünïcode ✓")  # valid UTF-8 is untouched
+    assert corpus.decode.as_metrics() == {"errors": "replace", "files_with_replacements": 1, "files_skipped": 0}
+    assert corpus.decode.replaced == ("latin1.txt",)
+
+
+def test_decode_errors_skip_leaves_the_file_out(text_corpus):
+    (text_corpus / "latin1.txt").write_bytes(LATIN1)
+    corpus = load_corpus(f"text:{text_corpus}", decode_errors="skip")
+    assert [d.name for d in corpus.documents] == [f"doc{i:02d}.txt" for i in range(12)]
+    assert corpus.decode.as_metrics() == {"errors": "skip", "files_with_replacements": 0, "files_skipped": 1}
+    assert corpus.decode.skipped == ("latin1.txt",)
+
+
+def test_decode_errors_change_nothing_when_every_file_is_utf8(text_corpus):
+    plain = load_corpus(f"text:{text_corpus}")
+    for mode in DECODE_ERRORS:
+        corpus = load_corpus(f"text:{text_corpus}", decode_errors=mode)
+        assert corpus.documents == plain.documents
+        assert corpus.decode.as_metrics() == {"errors": mode, "files_with_replacements": 0, "files_skipped": 0}
+
+
+def test_decode_errors_replace_on_a_single_file(tmp_path):
+    (tmp_path / "book.txt").write_bytes(LATIN1 * 50)
+    corpus = load_corpus(f"text:{tmp_path / 'book.txt'}", decode_errors="replace")
+    assert "\ufffd" in corpus.documents[0].text and corpus.decode.files_with_replacements == 1
+
+
+@pytest.mark.parametrize("target, message", [
+    (lambda p: p / "book.txt", "book.txt: not UTF-8 text, and prepare.decode_errors: skip leaves no corpus"),
+    (lambda p: p, "none of its 2 .txt files is UTF-8 text"),
+])
+def test_skipping_every_file_is_a_clear_error(tmp_path, target, message):
+    (tmp_path / "book.txt").write_bytes(LATIN1)
+    (tmp_path / "other.txt").write_bytes(LATIN1)
+    with pytest.raises(ClsoError, match=message) as err:
+        load_corpus(f"text:{target(tmp_path)}", decode_errors="skip")
+    assert "\n" not in str(err.value) and "prepare.decode_errors: replace" in str(err.value)
+
+
+def test_decode_errors_values_match_the_param_choices():
+    field = next(f for f in dataclasses.fields(PrepareParams) if f.name == "decode_errors")
+    assert tuple(field.metadata["choices"]) == DECODE_ERRORS and field.default == "strict"
+    with pytest.raises(ValueError, match="decode_errors"):
+        load_corpus("shakespeare", decode_errors="ignore")
 
 
 def test_wikitext_lines_split_into_articles():

@@ -1,8 +1,10 @@
 """The .crystal format: both readers, the C runtime against PyTorch in every mode, hostile files."""
 
 import re
+import statistics
 import struct
 import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -11,7 +13,9 @@ import torch
 
 from clso import crystal as cr
 from clso.baseline import dense_gpt2
-from clso.compile import build_runtime, hf_model, run_runtime, runtime_logits
+from clso import ClsoError
+from clso.compile import (RUNTIME_LOGIT_TOLERANCE, bench_runtime, build_runtime, check_runtime_logits, hf_model,
+                          run_runtime, runtime_logits)
 from clso.fuzz import tiny_models, tiny_tokenizers
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
@@ -70,6 +74,78 @@ def test_f32_file_reproduces_the_crystalline_model_and_keeps_its_structure(cryst
         q = cr.read_crystal(cr.build_crystal(spec, mode))
         assert q.dtypes["h.0.c_attn.p0.u"] == cr.I4
         np.testing.assert_array_equal(q.tensors["h.0.c_attn.p0.u"], c.tensors["h.0.c_attn.p0.u"])
+
+
+def _one_family(family):
+    """A crystalline model whose eight layers all come from one library family."""
+    config = ModelConfig(vocab_size=24, n_layer=2, n_embd=16, n_head=2, block_size=16)
+    library, stored = Library.generate(5, 16, size=4, shares={family: 1.0})
+    model = CrystallineGPT2(config, library, seed=1).eval()
+    model.set_genome([0, 1, 2, 3, 1, 2, 3, 0])
+    return model, cr.crystalline_spec(model, stored, library.manifest)
+
+
+def _library_factors(prefix, stored) -> dict[str, np.ndarray]:
+    """What each part tensor must read back as, bit for bit, to be exact: the library's stored
+    tensor (out × in), times the library scale in float32 unless it is a first factor (U, B_u)."""
+    scale, factors = float(stored["scale"][0]), {}
+    for key, t in stored.items():
+        if m := re.fullmatch(r"([UVW])|[BS](\d+)(?:_([uv]))?", key):
+            part = f"p0.{m[1].lower()}" if m[1] else f"p{m[2]}.{m[3] or 'w'}"
+            factors[f"{prefix}.{part}"] = (t.float() * (1.0 if key.endswith(("U", "_u")) else scale)).t().numpy()
+    return factors
+
+
+@pytest.mark.parametrize("family", ["block_diag", "ternary_lowrank"])
+def test_storage_report_says_which_layers_are_exact_and_is_right(family):
+    model, spec = _one_family(family)
+    x = torch.randint(0, 24, (3, 16))
+    with torch.no_grad():
+        ref = model(x)
+    factors = [_library_factors(layer, stored) for layer, (_, stored) in spec.layers.items()]
+    assert all(factors)
+    for mode in cr.MODES:
+        blob, report = cr.build_crystal_with_report(spec, mode)
+        c = cr.read_crystal(blob)
+        exactness, storage = report["exactness"], report["storage"]
+        really_exact = sum(all(np.array_equal(c.tensors[name], want) for name, want in layer.items())
+                           for layer in factors)
+        assert exactness["crystalline_layers"] == 8 and exactness["exact_layers"] == really_exact, mode
+        with torch.no_grad():
+            error = float((cr.CrystalModel(c)(x) - ref).abs().max())
+        float_values = sum(t.numel() for _, stored in spec.layers.values() for t in stored.values()
+                           if t.dtype == torch.float32 and t.ndim == 2)
+        if family == "ternary_lowrank":  # integer codes: exact in every mode
+            assert really_exact == 8 and exactness["float_matrix_values_outside_embeddings"] == 0, mode
+            assert storage["quantized_float"]["values"] == 0 and storage["exact_integer"]["values"] > 0
+            if mode != "int16" and mode != "int8":  # only the int modes quantize the embeddings
+                assert error < 1e-5, mode
+        else:  # Gaussian blocks: exact in f32 only, quantized (and reported so) in the other modes
+            assert exactness["float_matrix_values_outside_embeddings"] == float_values > 0
+            assert really_exact == (8 if mode == "f32" else 0), mode
+            assert storage["quantized_float"]["values"] == (0 if mode == "f32" else float_values)
+            assert (error < 1e-5) == (mode == "f32"), (mode, error)
+        quantized_embeddings = mode in ("int16", "int8")
+        assert storage["embeddings"]["quantized_float"]["values"] == (24 * 16 + 16 * 16 if quantized_embeddings else 0)
+        assert storage["embeddings"]["f32"]["values"] == (0 if quantized_embeddings else 24 * 16 + 16 * 16)
+        embedding_bytes = sum(g["bytes"] for g in storage["embeddings"].values())
+        assert exactness["embedding_share_of_bytes"] == embedding_bytes / len(blob)
+
+
+def test_storage_report_accounts_for_every_byte(crystalline):
+    _, spec = crystalline
+    for mode in cr.MODES:
+        for keep in (None, np.arange(0, 24, 3)):
+            blob, report = cr.build_crystal_with_report(spec, mode, tiny_tokenizers()["bpe"], keep)
+            c = cr.read_crystal(blob)
+            stored = {name: cr.packed_bytes(c.dtypes[name], t.size) for name, t in c.tensors.items()}
+            padding = sum(-n % cr.ALIGNMENT for n in stored.values())
+            s = report["storage"]
+            assert s["overhead_bytes"] == c.header["data_offset"] + padding, mode
+            groups = [s[k] for k in cr.STORAGE] + list(s["embeddings"].values())
+            assert sum(g["bytes"] for g in groups) == sum(stored.values())
+            index = sum(n for name, n in stored.items() if c.dtypes[name] in (cr.I32, cr.U8))
+            assert s["index"]["bytes"] == index > 0
 
 
 def test_modes_trade_bytes_for_error_and_mixed_modes_keep_embeddings_f32(crystalline):
@@ -270,16 +346,59 @@ def test_a_short_fuzz_run_finds_nothing(tmp_path):
     assert result["replay"]["files"] == result["corpus_files"] and not result["replay"]["failures"]
 
 
-def test_runtime_benchmark_reports_both_speeds(runtime, crystalline, tmp_path):
-    from clso.compile import bench_runtime
+def _script(path, body: str):
+    """An executable Python script standing in for the runtime."""
+    path.write_text(f"#!{sys.executable}\nimport json, os, sys, time\nargs = sys.argv\n{body}\n")
+    path.chmod(0o755)
+    return path
 
+
+def test_runtime_benchmark_reports_the_medians_of_what_the_runtime_measured(crystalline, tmp_path):
+    path = tmp_path / "m.crystal"
+    path.write_bytes(cr.build_crystal(crystalline[1], "mixed8", tiny_tokenizers()["bpe"]))
+    # a stand-in whose generation loop takes 0.3, 0.1, 0.2 s by seed and makes what it is asked
+    fake = _script(tmp_path / "fake", "n, seed = (int(args[args.index(o) + 1]) for o in ('-n', '-s'))\n"
+                                      "sys.stderr.write(json.dumps({'new_tokens': n, 'seconds': [0.3, 0.1, 0.2][seed]}))")
+    result = bench_runtime(fake, path, new_tokens=100, repeats=3, seed=0)
+    assert result["new_tokens"] == 15  # the context (16) holds the start token and 15 more
+    assert result["runtime_s"] == [0.3, 0.1, 0.2] and result["runtime_tokens_per_s"] == 75.0  # 15 / median 0.2
+    torch_median, wall_median = statistics.median(result["torch_s"]), statistics.median(result["runtime_wall_s"])
+    assert result["torch_tokens_per_s"] == pytest.approx(15 / torch_median, rel=1e-3)
+    assert result["ratio"] == pytest.approx(torch_median / 0.2, abs=1e-3)  # ratios are rounded to 3 decimals
+    assert result["ratio_with_process_start"] == pytest.approx(torch_median / wall_median, abs=1e-3)
+    # a runtime that stops short must not pass for a fast one
+    short = _script(tmp_path / "short", "print(json.dumps({'new_tokens': 3, 'seconds': 0.1}), file=sys.stderr)")
+    with pytest.raises(AssertionError, match="made 3 tokens, asked 15"):
+        bench_runtime(short, path, new_tokens=100, repeats=1)
+
+
+def test_runtime_benchmark_times_the_real_runtime_with_and_without_process_start(runtime, crystalline, tmp_path):
     path = tmp_path / "m.crystal"
     path.write_bytes(cr.build_crystal(crystalline[1], "mixed8", tiny_tokenizers()["bpe"]))
     result = bench_runtime(runtime, path, new_tokens=100, repeats=2)
-    assert result["new_tokens"] == 15  # the context (16) holds the start token and 15 more
-    assert result["runtime_tokens_per_s"] > 0 and result["torch_tokens_per_s"] > 0
-    assert len(result["runtime_s"]) == len(result["torch_s"]) == 2
-    assert result["ratio"] == pytest.approx(result["runtime_tokens_per_s"] / result["torch_tokens_per_s"], rel=0.02)
+    assert len(result["runtime_s"]) == len(result["runtime_wall_s"]) == len(result["torch_s"]) == 2
+    assert all(0 < loop < wall for loop, wall in zip(result["runtime_s"], result["runtime_wall_s"]))
+    assert result["ratio"] > result["ratio_with_process_start"] > 0
+    # the same runtime started 0.3 s late: the figures with process start must drop, the loop's not see it
+    slow = _script(tmp_path / "slow", f"time.sleep(0.3)\nos.execv({str(runtime)!r}, [{str(runtime)!r}, *args[1:]])")
+    late = bench_runtime(slow, path, new_tokens=100, repeats=2)
+    assert min(late["runtime_wall_s"]) >= 0.3 and late["runtime_tokens_per_s_with_process_start"] <= 15 / 0.3
+    assert late["ratio_with_process_start"] <= statistics.median(late["torch_s"]) / 0.3
+    assert late["ratio_with_process_start"] < result["ratio_with_process_start"]
+    assert max(late["runtime_s"]) < 0.3
+
+
+def test_runtime_logits_beyond_the_tolerance_are_an_error():
+    python = np.array([[1.0, -5.0, -np.inf], [20.0, 3.0, -np.inf]])
+    tolerance = RUNTIME_LOGIT_TOLERANCE * 20.0  # relative to the largest logit
+    assert check_runtime_logits("m.crystal", python + [[0, 0.9 * tolerance, 0], [0, 0, 0]], python) \
+        == pytest.approx(0.9 * tolerance)
+    for bad in (python + [[0, 1.1 * tolerance, 0], [0, 0, 0]], np.where(python == 20.0, np.nan, python),
+                python[:1], np.where(np.isinf(python), 0.0, python)):
+        with pytest.raises(ClsoError, match="m.crystal: the C runtime's logits"):
+            check_runtime_logits("m.crystal", bad, python)
+    small = np.array([[0.01, -0.02]])  # logits near zero: the bound never falls under the absolute tolerance
+    assert check_runtime_logits("m.crystal", small + 0.9 * RUNTIME_LOGIT_TOLERANCE, small) > 0
 
 
 def test_runtime_prints_utf8_even_when_tokens_split_characters(runtime, tmp_path):

@@ -116,3 +116,24 @@ def test_prepare_stage_writes_data_and_metrics(text_corpus, tmp_path, stage_env)
     assert metrics["vocab_size"] == 300 and metrics["documents"] == {"train": 10, "val": 1, "test": 1}
     assert metrics["method"] in ("rapl", "estimate") and metrics["energy_wh"] > 0
     assert TokenData.open(tmp_path / "data/prepared").meta["tokens"] == metrics["tokens"]
+    assert metrics["decode"] == {"errors": "strict", "files_with_replacements": 0, "files_skipped": 0}
+
+
+@pytest.mark.parametrize("mode, documents, counts", [
+    ("replace", 13, {"files_with_replacements": 1, "files_skipped": 0}),
+    ("skip", 12, {"files_with_replacements": 0, "files_skipped": 1}),
+])
+def test_prepare_stage_counts_files_that_are_not_utf8(text_corpus, tmp_path, stage_env, mode, documents, counts):
+    from tests.conftest import REPO
+    (text_corpus / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me.\n".encode("latin-1") * 40)
+    params = (REPO / "params.yaml").read_text().replace("corpus: shakespeare", f"corpus: text:{text_corpus}")
+    params = params.replace("vocab_size: 4096", "vocab_size: 300")
+    params = params.replace("decode_errors: strict", f"decode_errors: {mode}")
+    (tmp_path / "params.yaml").write_text(params)
+    run = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=stage_env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "metrics/prepare.json").read_text())
+    assert metrics["decode"] == {"errors": mode, **counts}
+    assert sum(metrics["documents"].values()) == documents
+    assert f"(prepare.decode_errors: {mode}): latin1.txt" in run.stdout

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from clso.evaluate import EvalBatch, FitnessEvaluator, plain_losses, population_losses
+from clso.evaluate import EvalBatch, FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
 
@@ -92,3 +92,23 @@ def test_batches_are_named_by_their_start_positions():
     assert EvalBatch.sample(tokens, 3, 5, seed=2).starts == EvalBatch.sample(tokens, 3, 5, seed=2).starts
     with pytest.raises(ValueError, match="outside"):
         EvalBatch.from_tokens(tokens, [96], 5)
+
+
+@pytest.mark.parametrize("max_networks", [1, 64])
+def test_flops_are_what_torch_counts_with_each_shared_prefix_once(setup, max_networks):
+    from tests.conftest import counted_flops
+
+    model, batch = setup
+    genomes = genomes_with_shared_prefixes()
+    result = {}
+    torch_count = counted_flops(lambda: result.update(
+        out=population_losses_and_flops(model, genomes, batch, max_networks=max_networks)))
+    losses, flops = result["out"]
+    assert flops == torch_count
+    one_by_one = sum(model.genome_flops(g, 16, 4) for g in np.unique(genomes, axis=0))
+    assert flops < one_by_one  # the prefixes shared by the 40 distinct genomes are computed once
+    evaluator = FitnessEvaluator(model, batch, max_networks=max_networks)
+    evaluator(genomes)
+    assert evaluator.flops == evaluator.last_flops == flops
+    evaluator(genomes)
+    assert evaluator.flops == flops and evaluator.last_flops == 0  # cached: nothing computed

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clso import ClsoError
-from clso.library import (BUCKETS, Library, bucket_shapes, family_counts, generate_matrix,
+from clso.library import (BUCKETS, Library, _ideal_bits, bucket_shapes, family_counts, generate_matrix,
                           library_metrics)
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
@@ -99,6 +99,42 @@ def test_structured_sparse_structure(lib32):
         if e["pattern"] == "checkerboard":
             assert e["density"] == pytest.approx(0.5, abs=0.02)
     assert patterns == {"row", "column", "checkerboard", "random"}
+
+
+# The README's table row for structured_sparse, word for word: the test below holds the code to it.
+SPARSE_ROW = "row, column or random masks at 20/50/80 % density, or a checkerboard (50 %)"
+
+
+def test_structured_sparse_densities_are_what_the_readme_says():
+    from tests.conftest import REPO
+    row = next(line for line in (REPO / "README.md").read_text().splitlines()
+               if line.startswith("| `structured_sparse` |"))
+    assert SPARSE_ROW in row
+    lib, _ = Library.generate(11, 32, size=60, shares={"structured_sparse": 1.0})
+    drawn = {"row": set(), "column": set(), "random": set(), "checkerboard": set()}
+    for _, e, _ in entries(lib, "structured_sparse"):
+        if e["pattern"] == "checkerboard":
+            assert e["density"] == 0.5
+            drawn["checkerboard"].add(0.5)
+            continue
+        nearest = min((0.2, 0.5, 0.8), key=lambda d: abs(d - e["density"]))
+        # row/column masks round density·d to whole rows; random masks draw each cell
+        assert abs(e["density"] - nearest) < 0.07, e
+        drawn[e["pattern"]].add(nearest)
+    assert drawn == {"row": {0.2, 0.5, 0.8}, "column": {0.2, 0.5, 0.8}, "random": {0.2, 0.5, 0.8},
+                     "checkerboard": {0.5}}
+
+
+def test_ideal_bits_count_values_at_log2_levels_and_indices_at_log2_d():
+    scale = {"scale": torch.ones(1)}  # stored with every matrix, counted once
+    lowrank = {"U": torch.zeros(32, 4, dtype=torch.int8), "V": torch.zeros(4, 96, dtype=torch.int8), **scale}
+    assert _ideal_bits(lowrank, {"levels": 3, "rank": 4}, 32, 96) == pytest.approx(
+        ((32 + 96) * 4 * math.log2(3) + 32) / (32 * 96))
+    rows = {"in0": torch.arange(8, dtype=torch.int32), "out0": torch.arange(96, dtype=torch.int32),
+            "S0": torch.ones(8, 96, dtype=torch.int8), **scale}
+    assert _ideal_bits(rows, {"pattern": "row"}, 32, 96) == pytest.approx(((8 + 96) * 7 + 8 * 96 + 32) / (32 * 96))
+    int4 = {"W": torch.zeros(32, 32, dtype=torch.int8), **scale}
+    assert _ideal_bits(int4, {"values": "int4"}, 32, 32) == pytest.approx((32 * 32 * 4 + 32) / (32 * 32))
 
 
 def test_dense_quantized_has_few_distinct_values(lib32):

@@ -72,14 +72,18 @@ def test_continuous_state_round_trips(library):
     assert "transformer.h.0.attn.c_attn.gain" in a.continuous_state()
 
 
-def test_factored_flops_are_the_library_figures(library):
+def test_factored_flops_are_what_torch_counts_on_the_real_forward(library):
+    from tests.conftest import counted_flops
+
     model = CrystallineGPT2(CONFIG, library, seed=0)
-    genome = np.zeros(8, dtype=int)
-    dense = forward_flops(CONFIG.gpt2(), 8, 2)
-    factored = model.genome_flops(genome, 8, 2)
-    saved = sum(2 * i * o - library.flops_per_token(b, 0)
-                for b, (i, o) in zip(gene_buckets(CONFIG), [library.shapes[b] for b in gene_buckets(CONFIG)]))
-    assert factored == dense - saved * 8 * 2
+    kinds = {b: [e["kind"] for e in library.manifest["buckets"][b]["matrices"]] for b in gene_buckets(CONFIG)}
+    genome = [kinds[b].index(kind) for b, kind in zip(gene_buckets(CONFIG), ["lowrank", "blocks", "dense"] * 3)]
+    model.set_genome(genome)
+    idx = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        assert model.genome_flops(genome, 8, 2) == counted_flops(lambda: model(idx))
+        dense = model.dense_gpt2(genome, attn_implementation="sdpa")
+        assert forward_flops(CONFIG.gpt2(), 8, 2) == counted_flops(lambda: dense(input_ids=idx))
 
 
 def test_moving_the_model_moves_its_library(library):

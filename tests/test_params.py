@@ -71,6 +71,8 @@ BAD = {
                                   ["model.n_head", "does not divide"]),
     "shares do not sum to one": (_edit(lambda r: r["library"].update(share_block_diag=0.5)),
                                  ["library.share_*", "sum of 1"]),
+    "bad decode_errors": (_edit(lambda r: r["prepare"].update(decode_errors="ignore")),
+                          ["prepare.decode_errors", "not a valid choice", "one of strict, replace, skip"]),
     "int choice": (_edit(lambda r: r["library"].update(ternary_levels=4)),
                    ["library.ternary_levels", "one of 3, 5"]),
     "top level a list": (lambda: "- base\n- prepare\n", ["top level"]),

@@ -52,3 +52,13 @@ def test_rank_statistics_on_hand_made_cases():
     assert kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / np.sqrt(2 * 3))  # tau-b with a tie
     assert top_recall(np.arange(20), np.arange(20)) == 1.0
     assert top_recall(-np.arange(20), np.arange(20)) == 0.0
+
+
+def test_flops_are_what_torch_counts():
+    from tests.conftest import counted_flops
+
+    g, losses = planted(50, 0)
+    s = Surrogate(SurrogateConfig(BUCKETS, 32, ensemble=2, batch_size=16), seed=0)
+    assert counted_flops(lambda: s.fit(g, losses, steps=3)) == s.training_flops(len(g), steps=3)
+    assert counted_flops(lambda: s.fit(g[:10], losses[:10], steps=2)) == s.training_flops(10, steps=2)
+    assert counted_flops(lambda: s.predict(g)) == s.inference_flops(len(g))

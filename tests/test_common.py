@@ -1,0 +1,53 @@
+"""What stages share: loading the final models strictly."""
+
+import json
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import pytest
+from safetensors.torch import save_file
+
+from clso import ClsoError
+from clso.baseline import dense_gpt2, state_for_saving
+from clso.library import Library
+from clso.model import CrystallineGPT2, ModelConfig
+from stages.common import final_models
+
+MODEL = SimpleNamespace(n_layer=1, n_embd=16, n_head=2, block_size=8, tie_embeddings=True, layer_gains=True)
+PARAMS = SimpleNamespace(base=SimpleNamespace(seed=0), model=MODEL)
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    library, tensors = Library.generate(0, 16, size=4, shares={"ternary_lowrank": 1.0})
+    library.save("models/library", tensors)
+    config = ModelConfig.from_params(MODEL, 30)
+    clso = CrystallineGPT2(config, library, seed=0)
+    (tmp_path / "models/clso").mkdir(parents=True)
+    (tmp_path / "models/clso/best_genome.json").write_text(json.dumps({"genome": [1, 2, 3, 0], "model": asdict(config)}))
+    save_file(clso.continuous_state(), "models/clso/continuous.safetensors")
+    (tmp_path / "models/baseline").mkdir(parents=True)
+    return state_for_saving(dense_gpt2(ModelConfig.from_params(MODEL, 30, layer_gains=False), 1, "cpu"))
+
+
+def test_the_baseline_loads_with_its_tied_head(stage_dir):
+    save_file(stage_dir, "models/baseline/model.safetensors")
+    clso, baseline = final_models(PARAMS, 30, "cpu")
+    assert clso.genome == [1, 2, 3, 0]
+    assert baseline.lm_head.weight is baseline.transformer.wte.weight
+    assert (baseline.transformer.h[0].mlp.c_fc.weight == stage_dir["transformer.h.0.mlp.c_fc.weight"]).all()
+
+
+@pytest.mark.parametrize("damage", ["drop", "extra", "reshape"])
+def test_a_baseline_file_that_does_not_fit_is_one_clear_error(stage_dir, damage):
+    state = dict(stage_dir)
+    if damage == "drop":
+        del state["transformer.h.0.ln_2.weight"]
+    elif damage == "extra":
+        state["transformer.h.1.ln_1.weight"] = state["transformer.h.0.ln_1.weight"].clone()
+    else:
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:4].contiguous()
+    save_file(state, "models/baseline/model.safetensors")
+    with pytest.raises(ClsoError, match="does not fit params.yaml's model.*dvc repro -f baseline"):
+        final_models(PARAMS, 30, "cpu")

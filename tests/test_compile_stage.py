@@ -1,0 +1,106 @@
+"""The compile stage on tiny, hand-made models: what it writes, that it is metered, and that it
+refuses a C runtime whose logits disagree with the Python reader's."""
+
+import contextlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+import stages.compile as stage
+from clso import ClsoError
+from clso.baseline import dense_gpt2, state_for_saving
+from clso.crystal import MODES, STORAGE
+from clso.data import TokenData
+from clso.library import Library
+from clso.model import CrystallineGPT2, ModelConfig
+from clso.params import load_params
+from stages.prepare import prepare
+from tests.conftest import REPO
+
+MIXED8 = {"bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "val_ppl", "ppl_change",
+          "max_abs_logit_diff"}
+BENCH = {"ratio", "runtime_tokens_per_s", "torch_tokens_per_s"}
+EXACTNESS = {"crystalline_layers", "exact_layers", "float_matrix_values_outside_embeddings", "embedding_share_of_bytes"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """data/prepared, a library of block-diagonal (0, 1) and ternary low-rank (2, 3) matrices, a
+    CLSO model with two of each, an untrained baseline; then the compile stage, run once."""
+    folder = tmp_path_factory.mktemp("compile")
+    shutil.copy(REPO / "tests/params_tiny.yaml", folder / "params.yaml")
+    with contextlib.chdir(folder):
+        prepare.__wrapped__(Path("params.yaml"))
+        p = load_params(Path("params.yaml"))
+        vocab = TokenData.open("data/prepared").vocab_size
+        config = ModelConfig.from_params(p.model, vocab)
+        library, tensors = Library.generate(p.base.seed, config.n_embd, size=4,
+                                            shares={"block_diag": 0.5, "ternary_lowrank": 0.5})
+        library.save("models/library", tensors)
+        clso = CrystallineGPT2(config, library, seed=p.base.seed)
+        clso.set_genome([0, 2, 1, 3])  # c_attn, c_fc block-diagonal; attn_proj, mlp_proj ternary
+        Path("models/clso").mkdir(parents=True)
+        Path("models/clso/best_genome.json").write_text(json.dumps({"genome": clso.genome, "model": asdict(config)}))
+        save_file(clso.continuous_state(), "models/clso/continuous.safetensors")
+        baseline = dense_gpt2(ModelConfig.from_params(p.model, vocab, layer_gains=False), p.base.seed, "cpu")
+        Path("models/baseline").mkdir(parents=True)
+        save_file(state_for_saving(baseline), "models/baseline/model.safetensors")
+        stage.compile_.__wrapped__(Path("params.yaml"))
+    return folder
+
+
+def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdir):
+    metrics = json.loads((workdir / "metrics/compile.json").read_text())
+    report = json.loads((workdir / "build/report.json").read_text())
+    assert set(metrics) == {"models", "targets", "measured", "met", "cost"}
+    assert set(metrics["models"]["baseline"]) == {"modes", "runtime_bench"}
+    assert set(metrics["models"]["clso"]) == {"modes", "runtime_bench", "exactness"}
+    assert set(metrics["models"]["clso"]["exactness"]) == EXACTNESS
+    for name, summary in metrics["models"].items():
+        full = report["models"][name]
+        assert set(summary["modes"]) == {"mixed8"} and set(full["modes"]) == set(MODES)
+        assert summary["modes"]["mixed8"] == {k: full["modes"]["mixed8"][k] for k in MIXED8}
+        assert summary["runtime_bench"] == {k: full["runtime_bench"][k] for k in BENCH}
+        assert full["sample_mixed8"] and full["runtime_bench"]["runtime_s"]
+        for mode, f in full["modes"].items():
+            assert f["bytes"] == (workdir / f["file"]).stat().st_size
+            assert f["runtime_vs_python_max_abs_logit_diff"] < stage.RUNTIME_LOGIT_TOLERANCE
+            assert set(f["storage"]) == {*STORAGE, "embeddings", "overhead_bytes"}
+    # two block-diagonal layers of Gaussian blocks, quantized in mixed8; two ternary ones, exact
+    clso = report["models"]["clso"]["modes"]
+    assert metrics["models"]["clso"]["exactness"] == clso["mixed8"]["exactness"]
+    assert clso["mixed8"]["exactness"]["crystalline_layers"] == 4 and clso["mixed8"]["exactness"]["exact_layers"] == 2
+    assert clso["f32"]["exactness"]["exact_layers"] == 4
+    assert clso["mixed8"]["exactness"]["float_matrix_values_outside_embeddings"] > 0
+    assert report["models"]["baseline"]["modes"]["mixed8"]["exactness"]["crystalline_layers"] == 0
+    cost = metrics["cost"]
+    assert cost["energy_wh"] > 0 and cost["method"] in ("rapl", "estimate") and cost["cpu_s"] > 0
+    benchmarks = sum(sum(m["runtime_bench"]["torch_s"] + m["runtime_bench"]["runtime_wall_s"])
+                     for m in report["models"].values())
+    assert cost["wall_s"] > benchmarks  # the meter ran around the whole stage, benchmarks included
+
+
+def _outputs(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in [*(folder / "metrics").iterdir(), *(folder / "build").iterdir()]}
+
+
+def test_runtime_logits_off_the_reader_fail_the_stage_and_write_nothing(workdir, monkeypatch):
+    before = _outputs(workdir)
+    real = stage.runtime_logits
+
+    def off_by_a_little(*args):
+        logits = real(*args)
+        logits[:, 7] += 0.05  # one id off by 50 times the tolerance of these logits (all under 1)
+        return logits
+
+    monkeypatch.setattr(stage, "runtime_logits", off_by_a_little)
+    monkeypatch.chdir(workdir)
+    with pytest.raises(ClsoError, match=r"build/clso-f32\.crystal: the C runtime's logits differ from the Python "
+                                        r"reader's by 0\.05, beyond the tolerance"):
+        stage.compile_.__wrapped__(Path("params.yaml"))
+    assert _outputs(workdir) == before  # metrics untouched, build/ not replaced
+    assert not [p.name for p in workdir.iterdir() if p.name.startswith(".build")]  # no half-built folder either

@@ -1,0 +1,255 @@
+"""Who reads which split: every stage of dvc.yaml runs in-process, in pipeline order, on tiny
+params in a scratch copy of the repository, while two independent observers record the splits it
+touches. Only `compare` may read the test split; the search must not see val or test.
+
+Observers:
+  * `TokenData.tokens(split)`, wrapped: the front door every stage uses today;
+  * a `sys.audit` hook on the "open" event, which every Python-level file open raises
+    (`open`, `io.open`, `os.open`, `Path.read_bytes`, `np.memmap`, `np.fromfile`), and on
+    process launches whose arguments name a split file: a reader that bypasses TokenData is
+    caught too. The open mode tells reading from writing: `prepare` writes every split
+    (mode "wb") and reads none.
+An audit hook cannot be removed once added; it is installed once per process and does nothing
+unless a test here is recording.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from tests.conftest import REPO
+
+SPLIT_FILE = re.compile(r"(?:^|[/\\])(train|val|test)\.bin$")
+SPLIT_IN_COMMAND = re.compile(r"(?:^|[/\\\s=])(train|val|test)\.bin(?:$|[\s;'\"])")
+
+
+class Recorder:
+    def __init__(self):
+        self.stage: str | None = None
+        self.phase: str | None = None
+        self.events: list[tuple[str | None, str | None, str, str, str]] = []  # stage, phase, split, kind, via
+
+    def add(self, split: str, kind: str, via: str) -> None:
+        self.events.append((self.stage, self.phase, split, kind, via))
+
+    def splits(self, stage: str, kind: str = "read", via: str | None = None, phase: str | None = None) -> set[str]:
+        return {sp for st, ph, sp, k, v in self.events
+                if st == stage and k == kind and (via is None or v == via) and (phase is None or ph == phase)}
+
+
+_ACTIVE: list[Recorder] = []  # the recorder of the test running now, if any
+_HOOKED = False
+
+
+def _split_of(path, pattern=SPLIT_FILE) -> str | None:
+    if isinstance(path, int):
+        return None  # an fd: the open that made it was seen already
+    try:
+        m = pattern.search(os.fsdecode(path))
+    except TypeError:
+        return None
+    return m.group(1) if m else None
+
+
+def _kinds(mode, flags) -> tuple[str, ...]:
+    if isinstance(mode, str):  # open() / io.open(): "rb", "wb", "r+b", "a", "x"...
+        read, write = "r" in mode or "+" in mode, any(c in mode for c in "wax+")
+    else:  # os.open(): flags only
+        access = flags & os.O_ACCMODE
+        read = access in (os.O_RDONLY, os.O_RDWR)
+        write = access in (os.O_WRONLY, os.O_RDWR) or bool(flags & (os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+    return (("read",) if read else ()) + (("write",) if write else ())
+
+
+def _audit(event: str, args) -> None:
+    if not _ACTIVE:
+        return
+    if event == "open":
+        split = _split_of(args[0])
+        if split:
+            for kind in _kinds(args[1], args[2]):
+                _ACTIVE[-1].add(split, kind, "open")
+    elif event in ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.system"):
+        # a child process handed a split file (its own reads are beyond this hook)
+        stack = list(args)
+        while stack:
+            a = stack.pop()
+            if isinstance(a, (list, tuple)):
+                stack.extend(a)
+            elif isinstance(a, (str, bytes, os.PathLike)) and (split := _split_of(a, SPLIT_IN_COMMAND)):
+                _ACTIVE[-1].add(split, "read", event)
+
+
+def _install_hook() -> None:
+    global _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_audit)
+        _HOOKED = True
+
+
+# --- the pipeline, in dvc.yaml's order ------------------------------------------------------
+
+def _paths(entries) -> list[str]:
+    return [(next(iter(e)) if isinstance(e, dict) else e).strip().removeprefix("./").rstrip("/") for e in entries or []]
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + "/")
+
+
+def pipeline_order(stages: dict) -> list[str]:
+    """Stages in an order that respects dvc.yaml: a stage runs after every stage whose outs,
+    metrics or plots it depends on (ties keep dvc.yaml's order)."""
+    outs = {n: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for n, s in stages.items()}
+    needs = {n: {m for m in stages if m != n for d in _paths(s.get("deps")) for o in outs[m]
+                 if _under(d, o) or _under(o, d)} for n, s in stages.items()}
+    order: list[str] = []
+    while len(order) < len(stages):
+        ready = [n for n in stages if n not in order and needs[n] <= set(order)]
+        assert ready, f"dvc.yaml has a dependency cycle among {set(stages) - set(order)}"
+        order.append(ready[0])
+    return order
+
+
+def stage_command(stage_name: str, cmd: str):
+    """The typer command `python -m stages.NAME` runs: import the module, find it by name."""
+    m = re.fullmatch(r"python -m ((?:\w+\.)*(\w+))", cmd.strip())
+    assert m, f"stage {stage_name}: cmd {cmd!r} is not `python -m stages.NAME`"
+    importlib.import_module(m.group(1))
+    from stages.common import app
+
+    commands = {c.name: c.callback for c in app.registered_commands}
+    for name in (stage_name, m.group(2)):
+        if name in commands:
+            return commands[name]
+    raise AssertionError(f"stage {stage_name}: no command {stage_name!r} registered by {m.group(1)}")
+
+
+def test_pipeline_order_follows_deps_and_outs():
+    stages = {"c": {"deps": ["a/x.json", "b"]}, "b": {"deps": ["a"], "outs": ["b"]},
+              "a": {"metrics": [{"a/x.json": {"cache": False}}], "outs": ["a/y"]}}
+    assert pipeline_order(stages) == ["a", "b", "c"]
+    with pytest.raises(AssertionError, match="cycle"):
+        pipeline_order({"a": {"deps": ["b"], "outs": ["a"]}, "b": {"deps": ["a"], "outs": ["b"]}})
+
+
+def test_the_audit_hook_tells_reads_from_writes_and_sees_bypasses(tmp_path):
+    import numpy as np
+
+    _install_hook()
+    rec = Recorder()
+    rec.stage = "probe"
+    _ACTIVE.append(rec)
+    try:
+        np.arange(4, dtype=np.uint16).tofile(tmp_path / "test.bin")
+        with open(tmp_path / "val.bin", "wb") as f:
+            f.write(b"\0\0")
+        np.fromfile(tmp_path / "test.bin", dtype=np.uint16)
+        np.memmap(tmp_path / "val.bin", dtype=np.uint16, mode="r")
+        os.close(os.open(tmp_path / "train.bin", os.O_RDONLY | os.O_CREAT))
+        (tmp_path / "other.bin").write_bytes(b"")
+        subprocess.run(["cat", tmp_path / "test.bin"], capture_output=True, check=True)
+        os.system(f"cat '{tmp_path}/val.bin' > /dev/null")
+    finally:
+        _ACTIVE.remove(rec)
+    assert rec.splits("probe", "write") == {"test", "val", "train"}
+    assert rec.splits("probe", "read") == {"test", "val", "train"}
+    np.fromfile(tmp_path / "test.bin", dtype=np.uint16)  # not recording: nothing added
+    assert {(sp, v) for _, _, sp, k, v in rec.events if v != "open"} == {("test", "subprocess.Popen"),
+                                                                          ("val", "os.system")}
+    assert len(rec.events) == 8
+
+
+@pytest.fixture
+def scratch_repo(tmp_path, monkeypatch):
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tmp_path / rel)
+    shutil.copy(REPO / "tests/params_tiny.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratch_repo, monkeypatch):
+    from clso.data import TokenData
+    from clso.evolve import Evolution
+
+    stages = yaml.safe_load((scratch_repo / "dvc.yaml").read_text())["stages"]
+    order = pipeline_order(stages)
+    rec = Recorder()
+
+    real_tokens = TokenData.tokens
+
+    @functools.wraps(real_tokens)
+    def tokens(self, split, *args, **kwargs):
+        rec.add(split, "read", "TokenData.tokens")
+        return real_tokens(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(TokenData, "tokens", tokens)
+
+    def phase(name, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            outer, rec.phase = rec.phase, name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                rec.phase = outer
+        return run
+
+    # evolve's search is the Evolution (built, then run); the stage's later val score is not part of it
+    for method in ("__init__", "run_to_end"):
+        assert hasattr(Evolution, method), f"clso.evolve.Evolution.{method} is gone: update this test"
+        monkeypatch.setattr(Evolution, method, phase("search", getattr(Evolution, method)))
+
+    _install_hook()
+    _ACTIVE.append(rec)
+    seconds = {}
+    try:
+        for name in order:
+            command = stage_command(name, stages[name]["cmd"])
+            rec.stage, start = name, time.perf_counter()
+            try:
+                command(params=Path("params.yaml"))
+            except typer.Exit as e:  # a ClsoError, printed on stderr as one line
+                pytest.fail(f"stage {name} exited with status {e.exit_code}; its error is on stderr")
+            seconds[name] = round(time.perf_counter() - start, 1)
+    finally:
+        _ACTIVE.remove(rec)
+        rec.stage = None
+    print(f"stages in order, seconds: {seconds}")
+    reads = {n: rec.splits(n) for n in order}
+    print(f"splits read: {reads}")
+
+    # the observers agree: the file hook saw every split TokenData.tokens handed out, so a reader
+    # that bypasses TokenData would not go unseen either
+    for name in order:
+        assert rec.splits(name, via="TokenData.tokens") <= rec.splits(name, via="open"), name
+    assert any(rec.splits(n, via="open") for n in order), "the audit hook saw no split being read"
+
+    assert {n for n, r in reads.items() if "test" in r} == {"compare"}, \
+        f"only compare may read the test split; reads: {reads}"
+    assert rec.splits("prepare", "write") == {"train", "val", "test"} and reads["prepare"] == set(), \
+        "prepare writes every split and reads none"
+    writers = {n for n in order if rec.splits(n, "write")}
+    assert writers == {"prepare"}, f"only prepare may write a split; writers: {writers}"
+    # the surrogate learns from fitness losses on the train batch; a val read there is a leak
+    assert reads["surrogate"] == {"train"}, f"surrogate reads {reads['surrogate']}"
+    # the search selects on train alone: evolve's val loss and compare's test loss stay held out
+    search = {sp for st, ph, sp, k, v in rec.events if st == "evolve" and ph == "search" and k == "read"}
+    assert search <= {"train"}, f"evolve's search reads {search}"
