@@ -94,7 +94,7 @@ def clso_charges(library: dict, surrogate: dict, evolve: dict, baseline: dict) -
     """Everything CLSO spent, from the stages' metrics: library generation, the surrogate's true
     evaluations and training, the search — and, when the library holds svd matrices taken from the
     trained baseline, that baseline's training too. Checkpoint writing is no one's training cost."""
-    uses_svd = any(b["families"]["svd"] for b in library["buckets"].values())
+    uses_svd = library["families"]["svd"] > 0
     parts = {"library": (library["energy_wh"], 0, library["wall_s"], library["method"]),
              "surrogate_evaluation": tuple(surrogate["evaluation"][k] for k in ("energy_wh", "flops", "wall_s", "method")),
              "surrogate_training": tuple(surrogate["training"][k] for k in ("energy_wh", "flops", "wall_s", "method")),

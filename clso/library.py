@@ -470,16 +470,16 @@ def _check_stored(kind: str, stored: dict, d_in: int, d_out: int) -> None:
 
 
 def library_metrics(library: Library, file: Path) -> dict:
-    """Counts per family, mean density / rank / bits, and bytes on disk against dense float32."""
-    out = {"size": library.size, "buckets": {}}
+    """Counts per family (the same in every bucket), mean density / rank / bits per bucket, and
+    bytes on disk against dense float32."""
+    first = library.manifest["buckets"][BUCKETS[0]]["matrices"]
+    out = {"size": library.size, "families": {f: sum(e["family"] == f for e in first) for f in FAMILIES}, "buckets": {}}
     dense_bytes = 0
     for bucket, info in library.manifest["buckets"].items():
         entries, (d_in, d_out) = info["matrices"], library.shapes[bucket]
         dense_bytes += len(entries) * d_in * d_out * 4
         mean = lambda key: round(sum(e[key] for e in entries) / len(entries), 4)  # noqa: E731
         out["buckets"][bucket] = {
-            "d_in": d_in, "d_out": d_out,
-            "families": {f: sum(e["family"] == f for e in entries) for f in FAMILIES},
             "mean_density": mean("density"), "mean_rank": mean("rank"),
             "mean_bits_per_weight": mean("bits_per_weight"),
             "mean_flops_vs_dense": round(sum(e["flops_per_token"] for e in entries)

@@ -19,7 +19,8 @@ from clso.params import load_params
 from clso.progress import progress_bar
 from clso.runtime import setup
 from clso.tokenizer import load_tokenizer
-from stages.common import PARAMS_OPTION, final_models, run_alone, stage
+from stages.common import PARAMS_OPTION, run_alone, stage
+from stages.final_models import final_models
 
 BUILD = Path("build")
 METRICS = Path("metrics/compile.json")

@@ -11,7 +11,7 @@ from clso import ClsoError
 from clso.baseline import dense_gpt2, state_for_saving
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
-from stages.common import final_models
+from stages.final_models import final_models
 
 MODEL = SimpleNamespace(n_layer=1, n_embd=16, n_head=2, block_size=8, tie_embeddings=True, layer_gains=True)
 PARAMS = SimpleNamespace(base=SimpleNamespace(seed=0), model=MODEL)

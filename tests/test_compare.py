@@ -95,8 +95,7 @@ def test_a_frozen_head_bound_above_the_tolerance_decides_alone():
 def stage_metrics(svd: int):
     cost = lambda wh, flops, wall, method: {"energy_wh": wh, "flops": flops, "wall_s": wall, "method": method}  # noqa: E731
     library = {"energy_wh": 0.01, "wall_s": 2.0, "method": "estimate",
-               "buckets": {b: {"families": {"block_diag": 3, "svd": svd if b == "c_fc" else 0}}
-                           for b in ("c_attn", "attn_proj", "c_fc", "mlp_proj")}}
+               "families": {"block_diag": 3, "svd": svd}}
     surrogate = {"evaluation": cost(0.1, 1000, 10.0, "estimate"), "training": cost(0.02, 50, 3.0, "estimate")}
     evolve = {**cost(0.3, 5000, 40.0, "rapl"), "checkpoint": cost(0.05, 0, 5.0, "rapl")}
     baseline = {**cost(0.7, 90000, 120.0, "nvml+rapl"), "eval_energy_wh": 0.4}

@@ -1,0 +1,40 @@
+"""The two final models, as the stages after the search (compile, compare) load them."""
+
+from safetensors.torch import load_file
+
+from clso import ClsoError
+from clso.baseline import dense_gpt2
+from clso.library import Library
+from clso.model import CrystallineGPT2, ModelConfig
+from stages.common import read_json
+
+
+def final_models(p, vocab_size: int, device):
+    """The evolved CLSO model (models/clso, models/library) and the trained baseline, in eval mode."""
+    genome = read_json("models/clso/best_genome.json")
+    clso = CrystallineGPT2(ModelConfig(**genome["model"]), Library.load("models/library"), seed=p.base.seed).to(device)
+    clso.load_continuous_state(_safetensors("models/clso/continuous.safetensors"))
+    clso.set_genome(genome["genome"])
+    config = ModelConfig.from_params(p.model, vocab_size, layer_gains=False)
+    baseline = dense_gpt2(config, p.base.seed, device)
+    path = "models/baseline/model.safetensors"
+    try:
+        missing, unexpected = baseline.load_state_dict(_safetensors(path), strict=False)
+    except RuntimeError:  # a tensor of another shape
+        missing, unexpected = ["(shapes differ)"], []
+    # the tied head is the embedding, saved once: every other parameter must come from the file
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ClsoError(f"{path}: does not fit params.yaml's model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); re-create it with `dvc repro -f baseline`")
+    baseline.tie_weights()
+    return clso.eval(), baseline.eval()
+
+
+def _safetensors(path: str) -> dict:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
+    except Exception as e:
+        raise ClsoError(f"{path}: unreadable ({type(e).__name__}); re-create it with `dvc repro -f`") from None
