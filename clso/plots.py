@@ -47,6 +47,9 @@ def comparison_png(baseline_curve: list[dict], clso_curve: list[dict], clso_poin
     ax.plot([r[x_key] for r in clso_curve], [r["best_loss"] for r in clso_curve], ls="--",
             label="CLSO: best fitness loss (train batch)")
     ax.scatter([clso_point[x_key]], [clso_point["val_loss"]], color="C3", zorder=3, label="CLSO: final val loss")
+    if "frozen_head_bound_val_loss" in clso_point:
+        ax.axhline(clso_point["frozen_head_bound_val_loss"], color="C3", ls=":", lw=1,
+                   label="CLSO pure: no body gets below (frozen head)")
     ax.set_xlabel(x_label)
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)

@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from clso.baseline import CURVE_FIELDS, state_for_saving, train_baseline
 from clso.data import TokenData
+from clso.energy import EnergyMeter
 from clso.evaluate import split_loss
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.model import ModelConfig
@@ -40,7 +41,8 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
 
         result = train_baseline(data, config, p.baseline, seed=p.base.seed, device=device,
                                 meter_options=meter, on_eval=show)
-    val = split_loss(lambda x: result.model(input_ids=x).logits, data.tokens("val"), m.block_size, VAL_BATCH, device)
+    with EnergyMeter(**meter) as final_meter:  # measuring, not training: charged to neither side
+        val = split_loss(lambda x: result.model(input_ids=x).logits, data.tokens("val"), m.block_size, VAL_BATCH, device)
     with atomic_dir(OUT_DIR) as tmp:
         save_file(state_for_saving(result.model), str(tmp / "model.safetensors"), metadata={"clso": "baseline/1"})
     best = min(result.curve, key=lambda r: r["val_loss"])
@@ -50,6 +52,7 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
         "best_curve_val_loss": best["val_loss"], "best_curve_val_ppl": math.exp(best["val_loss"]),
         "best_curve_step": best["step"],
         **result.train_energy,
+        "final_evaluation": final_meter.reading.as_metrics(),
     })
     write_csv_atomic(PLOT, CURVE_FIELDS, result.curve)
     print(f"baseline: {p.baseline.steps} steps, val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole "

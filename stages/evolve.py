@@ -1,6 +1,7 @@
 """Stage `evolve`: the CLSO genetic search with its surrogate, resumable after any generation."""
 
 import hashlib
+import inspect
 import json
 import math
 from dataclasses import asdict
@@ -9,9 +10,20 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file, save_file
 
+import clso.data
+import clso.energy
+import clso.evaluate
+import clso.evolve
+import clso.flops
+import clso.ga
+import clso.library
+import clso.model
+import clso.search
+import clso.surrogate
 from clso import ClsoError
 from clso.bound import frozen_head_bound
 from clso.evaluate import split_loss, split_targets
+from clso.energy import EnergyMeter
 from clso.evolve import HISTORY_FIELDS, Evolution
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
@@ -29,6 +41,9 @@ METRICS = Path("metrics/evolve.json")
 PLOT = Path("plots/evolve.csv")
 FIGURE = Path("plots/evolve.png")
 VAL_BATCH = 16
+# the code the search's results and accounting come from: a checkpoint another version wrote is not resumed
+SEARCH_CODE = (clso.data, clso.energy, clso.evaluate, clso.evolve, clso.flops, clso.ga, clso.library, clso.model,
+               clso.search, clso.surrogate)
 
 
 def _load_surrogate() -> tuple[Surrogate, np.ndarray, np.ndarray]:
@@ -46,10 +61,14 @@ def _load_surrogate() -> tuple[Surrogate, np.ndarray, np.ndarray]:
 
 
 def _fingerprint(p, files) -> str:
+    """What a checkpoint must match to be resumed: params, inputs, and the project's code — a fix to
+    the search or its accounting must not be mixed into a run the old code began."""
     h = hashlib.sha256(json.dumps({k: asdict(getattr(p, k)) for k in ("base", "model", "fitness", "evolve")},
                                   sort_keys=True).encode())
     for f in files:
         h.update(Path(f).read_bytes())
+    for module in SEARCH_CODE:
+        h.update(inspect.getsource(module).encode())
     return h.hexdigest()
 
 
@@ -86,12 +105,13 @@ def evolve(params: Path = PARAMS_OPTION) -> None:
     model = search.model
     model.set_genome(run.ga_state.best_genome)
     val_tokens = search.data.tokens("val")
-    val = split_loss(model, val_tokens, p.model.block_size, VAL_BATCH, device)
-    bound = None
-    if p.evolve.mode == "pure":  # nothing continuous trained: the frozen head limits every body
-        gpt = model.gpt2
-        bound = frozen_head_bound(gpt.lm_head.weight, gpt.transformer.ln_f.weight, gpt.transformer.ln_f.bias,
-                                  split_targets(val_tokens, p.model.block_size))
+    with EnergyMeter(**meter) as final_meter:  # measuring, not training: charged to neither side
+        val = split_loss(model, val_tokens, p.model.block_size, VAL_BATCH, device)
+        bound = None
+        if p.evolve.mode == "pure":  # nothing continuous trained: the frozen head limits every body
+            gpt = model.gpt2
+            bound = frozen_head_bound(gpt.lm_head.weight, gpt.transformer.ln_f.weight, gpt.transformer.ln_f.bias,
+                                      split_targets(val_tokens, p.model.block_size))
     last, cost = run.history[-1], evolution.cost
     with atomic_dir(OUT_DIR) as tmp:
         write_json_atomic(tmp / "best_genome.json", {
@@ -109,6 +129,7 @@ def evolve(params: Path = PARAMS_OPTION) -> None:
         # writing checkpoints is metered apart and charged to neither side (the baseline writes none)
         "checkpoint": {"energy_wh": cost.checkpoint_energy_j / 3600, "method": last["energy_method"],
                        "wall_s": cost.checkpoint_wall_s},
+        "final_evaluation": final_meter.reading.as_metrics(),
         **({"frozen_head_bound": {"val_loss": bound["loss"], "val_ppl": bound["ppl"], "solver_gap": bound["solver_gap"],
                                   "distinct_targets": bound["distinct_targets"]}} if bound else {}),
     })

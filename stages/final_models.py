@@ -12,9 +12,14 @@ from stages.common import read_json
 def final_models(p, vocab_size: int, device):
     """The evolved CLSO model (models/clso, models/library) and the trained baseline, in eval mode."""
     genome = read_json("models/clso/best_genome.json")
-    clso = CrystallineGPT2(ModelConfig(**genome["model"]), Library.load("models/library"), seed=p.base.seed).to(device)
-    clso.load_continuous_state(_safetensors("models/clso/continuous.safetensors"))
-    clso.set_genome(genome["genome"])
+    library = Library.load("models/library")
+    try:
+        clso = CrystallineGPT2(ModelConfig(**genome["model"]), library, seed=p.base.seed).to(device)
+        clso.load_continuous_state(_safetensors("models/clso/continuous.safetensors"))
+        clso.set_genome(genome["genome"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ClsoError(f"models/clso: does not fit models/library ({type(e).__name__}: {str(e)[:120]}); "
+                        "re-create it with `dvc repro -f evolve`") from None
     config = ModelConfig.from_params(p.model, vocab_size, layer_gains=False)
     baseline = dense_gpt2(config, p.base.seed, device)
     path = "models/baseline/model.safetensors"

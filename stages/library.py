@@ -28,16 +28,18 @@ def library(params: Path = PARAMS_OPTION) -> None:
     cfg = p.library
     shares = {f: getattr(cfg, f"share_{f}") for f in FAMILIES}
     reference = _reference(p.model.n_layer)
+    # metered: generating the library, CLSO's cost; not the diagnostic check, nor saving (the
+    # baseline's own saving is not metered either)
     with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter, progress_bar() as bar:
         task = bar.add_task("library", total=4 * cfg.size, info="")
         lib, tensors = Library.generate(
             p.base.seed, p.model.n_embd, size=cfg.size, shares=shares, ternary_levels=cfg.ternary_levels,
             max_rank_fraction=cfg.max_rank_fraction, reference=reference, progress=lambda: bar.advance(task))
-        ordered = {f"h.{layer}.{LAYER_NAMES[b]}": reference[b][layer] for layer in range(p.model.n_layer) for b in BUCKETS}
-        sanity = sanity_check(lib, ordered, [b for _ in range(p.model.n_layer) for b in BUCKETS])
-        with atomic_dir(OUT_DIR) as tmp:
-            lib.save(tmp, tensors)
-            write_json_atomic(tmp / "sanity.json", sanity)  # per matrix: detail, not a metric to compare
+    ordered = {f"h.{layer}.{LAYER_NAMES[b]}": reference[b][layer] for layer in range(p.model.n_layer) for b in BUCKETS}
+    sanity = sanity_check(lib, ordered, [b for _ in range(p.model.n_layer) for b in BUCKETS])
+    with atomic_dir(OUT_DIR) as tmp:
+        lib.save(tmp, tensors)
+        write_json_atomic(tmp / "sanity.json", sanity)  # per matrix: detail, not a metric to compare
     metrics = library_metrics(lib, OUT_DIR / "library.safetensors")
     metrics["sanity_check"] = {k: v for k, v in sanity.items() if k != "matrices"}
     write_json_atomic(METRICS, {**metrics, **meter.reading.as_metrics()})

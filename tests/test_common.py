@@ -51,3 +51,18 @@ def test_a_baseline_file_that_does_not_fit_is_one_clear_error(stage_dir, damage)
     save_file(state, "models/baseline/model.safetensors")
     with pytest.raises(ClsoError, match="does not fit params.yaml's model.*dvc repro -f baseline"):
         final_models(PARAMS, 30, "cpu")
+
+
+@pytest.mark.parametrize("damage", ["genome", "config", "continuous"])
+def test_an_evolved_model_that_does_not_fit_is_one_clear_error(stage_dir, damage, tmp_path):
+    save_file(stage_dir, "models/baseline/model.safetensors")
+    best = json.loads((tmp_path / "models/clso/best_genome.json").read_text())
+    if damage == "genome":
+        best["genome"] = [1, 2, 3]
+    elif damage == "config":
+        best["model"]["n_embd"] = 32
+    else:
+        save_file({"transformer.wte.weight": stage_dir["transformer.wte.weight"]}, "models/clso/continuous.safetensors")
+    (tmp_path / "models/clso/best_genome.json").write_text(json.dumps(best))
+    with pytest.raises(ClsoError, match="models/clso: does not fit.*dvc repro -f evolve"):
+        final_models(PARAMS, 30, "cpu")

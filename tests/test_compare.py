@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from clso.compare import charged_curve, clso_charges, comparison, first_reach, value_at, verdict
+from clso.compare import charged_curve, clso_charges, comparison, first_reach, statement, value_at, verdict
 
 CURVE = [{"step": s, "energy_wh": e, "flops": f, "val_loss": v}
          for s, e, f, v in [(0, 0.0, 0, 8.0), (100, 1.0, 100, 6.0), (200, 2.0, 200, 5.0), (300, 3.0, 300, 4.5)]]
@@ -29,11 +29,11 @@ def test_first_reach_interpolates_or_says_never():
 def test_verdict_both_outcomes():
     win = verdict(clso_ppl=104.0, clso_energy=0.4, baseline_ppl=100.0, baseline_energy=1.0)
     assert win["holds"] and win["ppl_within_tolerance"] and win["energy_within_share"]
-    assert win["statement"].startswith("HOLDS")
+    assert statement(win).startswith("HOLDS")
     too_dear = verdict(clso_ppl=100.0, clso_energy=0.6, baseline_ppl=100.0, baseline_energy=1.0)
     assert not too_dear["holds"] and too_dear["ppl_within_tolerance"] and not too_dear["energy_within_share"]
     too_poor = verdict(clso_ppl=106.0, clso_energy=0.1, baseline_ppl=100.0, baseline_energy=1.0)
-    assert not too_poor["holds"] and too_poor["statement"].startswith("DOES NOT HOLD")
+    assert not too_poor["holds"] and statement(too_poor).startswith("DOES NOT HOLD")
 
 
 def point(val_loss, energy, flops):
@@ -80,15 +80,16 @@ def test_the_statement_follows_the_constants(monkeypatch):
     monkeypatch.setattr(c, "ENERGY_SHARE", 0.25)
     v = c.verdict(clso_ppl=108.0, clso_energy=0.3, baseline_ppl=100.0, baseline_energy=1.0)
     assert v["ppl_within_tolerance"] and not v["energy_within_share"]
-    assert "(within 10%)" in v["statement"] and "(more than 25%)" in v["statement"]
+    assert "(within 10%)" in c.statement(v) and "(more than 25%)" in c.statement(v)
+    assert c.hypothesis() == "CLSO within 10% of the baseline's perplexity at <= 25% of its energy"
 
 
 def test_a_frozen_head_bound_above_the_tolerance_decides_alone():
     decided = verdict(clso_ppl=3886.0, clso_energy=0.3, baseline_ppl=164.6, baseline_energy=0.6, bound_ppl=330.0)
     assert decided["decided_by_frozen_head_bound"] and decided["bound_ppl_ratio"] == pytest.approx(2.0049, abs=1e-4)
-    assert "pure mode cannot pass: the frozen head bounds the val perplexity at 330" in decided["statement"]
+    assert "pure mode cannot pass: the frozen head bounds the val perplexity at 330" in statement(decided)
     open_question = verdict(clso_ppl=3886.0, clso_energy=0.3, baseline_ppl=164.6, baseline_energy=0.6, bound_ppl=160.0)
-    assert not open_question["decided_by_frozen_head_bound"] and "cannot pass" not in open_question["statement"]
+    assert not open_question["decided_by_frozen_head_bound"] and "cannot pass" not in statement(open_question)
     assert verdict(3886.0, 0.3, 164.6, 0.6)["bound_ppl_ratio"] is None
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from clso.evaluate import EvalBatch, FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops
+from clso.evaluate import (EvalBatch, FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops,
+                           split_loss, split_targets)
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
 
@@ -112,3 +113,18 @@ def test_flops_are_what_torch_counts_with_each_shared_prefix_once(setup, max_net
     assert evaluator.flops == evaluator.last_flops == flops
     evaluator(genomes)
     assert evaluator.flops == flops and evaluator.last_flops == 0  # cached: nothing computed
+
+
+def test_split_targets_are_the_targets_split_loss_scores():
+    tokens = np.arange(1000) % 97
+    seen = []
+
+    def logits(x):
+        seen.append(x)
+        return torch.zeros(*x.shape, 97)
+
+    split_loss(logits, tokens, 16, 5)
+    inputs = torch.cat(seen).flatten().numpy()
+    targets = split_targets(tokens, 16)
+    assert len(targets) == len(inputs) == (999 // 16) * 16
+    np.testing.assert_array_equal(targets, (inputs + 1) % 97)  # each input's next token

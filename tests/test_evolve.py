@@ -199,3 +199,43 @@ def test_checkpoint_writing_is_metered_apart_from_the_search(tmp_path):
     burned_wh = 9 * 0.1 * 10.0 / 3600  # nine generations (0..8) at the default 10 W per core
     assert evo.cost.checkpoint_energy_j / 3600 >= burned_wh
     assert run.history[-1]["energy_wh"] < 0.5 * burned_wh
+
+
+def test_every_flop_the_search_computes_is_charged(tmp_path):
+    evo = evolution(tmp_path, generations=12, surrogate_every=4, local_search_every=5)
+    expected = {"predict": 0, "fit": 0}
+    predict, fit = evo.surrogate.predict, evo.surrogate.fit
+
+    def counted_predict(genomes):
+        expected["predict"] += evo.surrogate.inference_flops(len(genomes))
+        return predict(genomes)
+
+    def counted_fit(genomes, losses, **kw):
+        expected["fit"] += evo.surrogate.training_flops(len(genomes))
+        return fit(genomes, losses, **kw)
+
+    evo.surrogate.predict, evo.surrogate.fit = counted_predict, counted_fit
+    run = evo.run_to_end()
+    evaluated = 1000 * evo.search.evaluator.computed - 1000 * 60  # less the surrogate's pretraining genomes
+    assert expected["predict"] > 0 and expected["fit"] > 0
+    assert run.history[-1]["flops"] == evaluated + expected["predict"] + expected["fit"]
+
+
+def test_an_uncertain_child_gets_its_true_evaluation_before_a_confidently_mediocre_one(tmp_path):
+    from types import SimpleNamespace
+
+    evo = evolution(tmp_path, population=4, full_eval_fraction=0.25)  # one true evaluation per generation
+    mean, spread = np.array([0.0, 0.3, 1.0, 1.0]), np.array([0.0, 0.5, 0.0, 0.0])
+    evo.surrogate = SimpleNamespace(predict=lambda g: (mean[:len(g)], spread[:len(g)]),
+                                    inference_flops=lambda n: 0, to_loss=lambda s: np.exp(s))
+    def unseen_children(seed):
+        children = np.random.default_rng(seed).integers(0, M, size=(4, N))
+        children[:, 0] = 20  # clear of the planted broken gene
+        assert not any(tuple(c) in evo.search.evaluator.cache for c in children.tolist())
+        return children
+
+    _, chosen = evo._score(unseen_children(7), np.random.default_rng(0))
+    assert chosen.tolist() == [False, True, False, False]  # 0.3 - 0.5 beats 0.0 - 0.0
+    spread[:] = 0.0
+    _, chosen = evo._score(unseen_children(8), np.random.default_rng(0))
+    assert chosen.tolist() == [True, False, False, False]  # no spread (one member): the best mean

@@ -207,7 +207,7 @@ def test_sanity_check_finds_a_library_member_and_measures_a_stranger():
     assert result["matrices"]["a"]["best_rel_error_with_gain"] < 1e-3
     assert result["matrices"]["a"]["best_rel_error"] == pytest.approx(2 / 3, abs=1e-3)
     assert result["matrices"]["b"]["best_rel_error_with_gain"] > 0.5
-    assert not result["passes_protocol_20pct"]
+    assert not result["passes_protocol"] and result["protocol_max_error"] == 0.2
 
 
 def test_svd_family_takes_windows_of_the_reference_spectrum():

@@ -128,3 +128,22 @@ def test_protocol_gpu_profile_loads_at_gpt2_small_scale():
     assert (p.model.n_layer, p.model.n_embd, p.model.n_head) == (12, 768, 12)
     assert (p.library.size, p.evolve.population, p.evolve.generations) == (512, 256, 1000)
     assert p.prepare.corpus == "wikitext-103" and p.prepare.tokenizer == "gpt2"
+
+
+def test_the_readme_shows_the_error_the_loader_gives(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+
+    from clso import ParamsError
+    from clso.params import load_params
+
+    root = Path(__file__).resolve().parent.parent
+    shown = next(line for line in (root / "README.md").read_text().splitlines() if "vocab_sise" in line)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["prepare"]["vocab_sise"] = raw["prepare"].pop("vocab_size")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError) as error:
+        load_params("params.yaml")
+    assert shown == f"clso prepare: error: {error.value}"

@@ -180,7 +180,10 @@ def scratch_repo(tmp_path, monkeypatch):
         if (REPO / rel).is_file():
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, tmp_path / rel)
-    shutil.copy(REPO / "tests/params_tiny.yaml", tmp_path / "params.yaml")
+    # pure mode here: the dvc pipeline test runs the tiny params' hybrid mode
+    params = yaml.safe_load((REPO / "tests/params_tiny.yaml").read_text())
+    params["evolve"]["mode"] = "pure"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -253,3 +256,15 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
     # the search selects on train alone: evolve's val loss and compare's test loss stay held out
     search = {sp for st, ph, sp, k, v in rec.events if st == "evolve" and ph == "search" and k == "read"}
     assert search <= {"train"}, f"evolve's search reads {search}"
+
+    # and what pure mode alone reports: the frozen-head bound, in evolve's metrics and the verdict
+    import json
+
+    from clso.compare import PPL_TOLERANCE
+
+    evolve, compare = (json.loads((scratch_repo / f"metrics/{n}.json").read_text()) for n in ("evolve", "compare"))
+    bound = evolve["frozen_head_bound"]
+    assert evolve["val_loss"] >= bound["val_loss"] and 0 <= bound["solver_gap"] < 1e-3
+    v = compare["verdict"]
+    assert v["bound_ppl"] == bound["val_ppl"]
+    assert v["decided_by_frozen_head_bound"] == (bound["val_ppl"] / compare["baseline"]["val_ppl"] > 1 + PPL_TOLERANCE)
