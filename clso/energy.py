@@ -47,10 +47,10 @@ class EnergyReading:
                        gpu_wh=self.gpu_wh + other.gpu_wh)
 
     def as_metrics(self) -> dict:
-        """Flat, rounded, and without the GPU fields when no GPU was used."""
+        """Flat and rounded; with no GPU, the CPU part is the whole and is not repeated."""
         out = {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
         if self.gpu_method is None:
-            del out["gpu_wh"], out["gpu_method"]
+            del out["gpu_wh"], out["gpu_method"], out["cpu_wh"], out["cpu_method"]
         return out
 
 

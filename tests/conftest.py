@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,3 +55,14 @@ def counted_flops(fn) -> int:
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The tracked and untracked-but-not-ignored files of this checkout, copied to `dest`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    return dest

@@ -1,5 +1,4 @@
 import math
-import re
 from pathlib import Path
 
 import pytest

@@ -55,7 +55,7 @@ def test_cpu_estimate_when_rapl_is_unreadable(tmp_path):
     r = meter.reading
     assert r.method == "estimate" and r.cpu_method == "estimate" and r.gpu_method is None
     assert r.cpu_s >= 0.05 and r.energy_wh == pytest.approx(r.cpu_s * 20.0 / 3600)
-    assert r.wall_s > 0 and "gpu_wh" not in r.as_metrics()
+    assert r.wall_s > 0 and set(r.as_metrics()) == {"energy_wh", "method", "wall_s", "cpu_s"}
 
 
 def test_rapl_unreadable_domain_falls_back(tmp_path):
@@ -94,6 +94,7 @@ def test_gpu_energy_from_the_nvml_counter(tmp_path):
     assert mid.gpu_wh == pytest.approx(0.01) and mid.gpu_method == "nvml"
     r = meter.reading
     assert r.method == "nvml+estimate" and r.energy_wh == pytest.approx(0.01 + r.cpu_wh)
+    assert {"gpu_wh", "gpu_method", "cpu_wh", "cpu_method"} <= set(r.as_metrics())  # each part, with its method
     assert len(synced) >= 3  # at entry, at the read, at exit: the GPU's queue is inside the window
 
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, copy_checkout
 
 
 def sh(args, cwd, env, timeout=900):
@@ -22,13 +22,7 @@ def sh(args, cwd, env, timeout=900):
 def repo(tmp_path_factory):
     """Tracked and untracked-but-not-ignored files of this checkout, committed in a new git repo,
     with the tiny params. The tests below run in order on it, as a user would."""
-    dest = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
+    dest = copy_checkout(tmp_path_factory.mktemp("pipeline") / "repo")
     shutil.copy(REPO / "tests/params_tiny.yaml", dest / "params.yaml")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     sh(["git", "init", "-q"], dest, env)

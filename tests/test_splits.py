@@ -19,7 +19,6 @@ import functools
 import importlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import pytest
 import typer
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_checkout
 
 SPLIT_FILE = re.compile(r"(?:^|[/\\])(train|val|test)\.bin$")
 SPLIT_IN_COMMAND = re.compile(r"(?:^|[/\\\s=])(train|val|test)\.bin(?:$|[\s;'\"])")
@@ -174,12 +173,7 @@ def test_the_audit_hook_tells_reads_from_writes_and_sees_bypasses(tmp_path):
 
 @pytest.fixture
 def scratch_repo(tmp_path, monkeypatch):
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, tmp_path / rel)
+    copy_checkout(tmp_path)
     # pure mode here: the dvc pipeline test runs the tiny params' hybrid mode
     params = yaml.safe_load((REPO / "tests/params_tiny.yaml").read_text())
     params["evolve"]["mode"] = "pure"
