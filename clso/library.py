@@ -203,7 +203,8 @@ def _gen_structured_sparse(g, d_in, d_out, **_):
                           "S0": _signs(g, (d_in, len(keep)))}, variant
     # checkerboard: cell (i, j) is set when (i // period_in + j // period_out) is even
     unit = math.gcd(d_in, d_out)
-    periods = [p for p in (1, 2, 4, 8, 16, 32) if unit % (2 * p) == 0] or [unit]
+    # an odd width has no equal halves: period 1 still alternates, one parity a row or column larger
+    periods = [p for p in (1, 2, 4, 8, 16, 32) if unit % (2 * p) == 0] or [1]
     period = periods[int(torch.randint(0, len(periods), (1,), generator=g))]
     p_in, p_out = period * d_in // unit, period * d_out // unit
     rows, cols = torch.arange(d_in) // p_in % 2, torch.arange(d_out) // p_out % 2

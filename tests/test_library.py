@@ -223,3 +223,11 @@ def test_svd_family_takes_windows_of_the_reference_spectrum():
             assert float(cos) == pytest.approx(1.0, abs=1e-4)  # the same piece, rescaled
     with pytest.raises(ValueError, match="reference"):
         Library.generate(4, 16, size=2, shares={"svd": 1.0})
+
+
+def test_an_odd_width_still_gives_checkerboards_that_load(tmp_path):
+    lib, tensors = Library.generate(1, 9, size=40, shares={"structured_sparse": 1.0})
+    lib.save(tmp_path, tensors)
+    back = Library.load(tmp_path)
+    boards = [e for e in back.manifest["buckets"]["attn_proj"]["matrices"] if e["pattern"] == "checkerboard"]
+    assert boards and all(0.4 < e["density"] < 0.6 for e in boards)
