@@ -262,3 +262,7 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
     v = compare["verdict"]
     assert v["bound_ppl"] == bound["val_ppl"]
     assert v["decided_by_frozen_head_bound"] == (bound["val_ppl"] / compare["baseline"]["val_ppl"] > 1 + PPL_TOLERANCE)
+    # the stages after the search meter themselves too, charged to neither side
+    compile_ = json.loads((scratch_repo / "metrics/compile.json").read_text())
+    for cost in (compare["cost"], compile_["cost"], evolve["final_evaluation"], evolve["checkpoint"]):
+        assert cost["energy_wh"] > 0 and cost["method"] in {"estimate", "rapl"}
