@@ -4,6 +4,12 @@ hybrid phase of Adam on the continuous parts, and a checkpoint after every gener
 Per generation a fraction X of the children is truly evaluated — the best by surrogate score
 plus random picks, on top of children whose loss is already known — and the rest get the
 surrogate's predicted loss. Only true evaluations can make a genome the best or an elite.
+
+The same loop runs the controls that say what each part of CLSO buys (`strategy`):
+  no_surrogate  the GA with every child truly evaluated, until it has spent a given FLOP budget;
+  random        random genomes, as many true evaluations per generation as a schedule allows;
+  fixed_body    one seeded random genome, never searched: only the hybrid phases train.
+Controls have no patience: each spends its whole budget. Every strategy is charged alike.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from clso.search import Search
 from clso.surrogate import Surrogate
 
 CHECKPOINT_VERSION = 2
+STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body")
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
                   "energy_wh", "energy_method", "flops", "wall_s")
 
@@ -67,6 +74,14 @@ class Run:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a control may spend, matched to a GA run."""
+
+    evaluations: tuple[int, ...] | None = None  # random: cumulative true evaluations allowed after each generation
+    flops: int | None = None  # no_surrogate: FLOPs of the whole search
+
+
 def ga_config(cfg, search: Search) -> ga.GAConfig:
     return ga.GAConfig(population=cfg.population, genome_length=search.genome_length,
                        library_size=search.library.size, elite=cfg.elite, selection=cfg.selection,
@@ -75,9 +90,17 @@ def ga_config(cfg, search: Search) -> ga.GAConfig:
 
 
 class Evolution:
-    def __init__(self, search: Search, cfg, surrogate: Surrogate, pretraining: tuple[np.ndarray, np.ndarray],
-                 seed: int, checkpoint_dir: str | Path, fingerprint: str, meter_options: dict):
+    def __init__(self, search: Search, cfg, surrogate: Surrogate | None, pretraining: tuple[np.ndarray, np.ndarray] | None,
+                 seed: int, checkpoint_dir: str | Path, fingerprint: str, meter_options: dict,
+                 strategy: str = "ga", budget: Budget = Budget()):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}")
+        if (strategy == "ga") != (surrogate is not None and pretraining is not None):
+            raise ValueError("the GA needs its surrogate and pretraining data; a control uses neither")
+        if strategy == "fixed_body" and cfg.mode != "hybrid":
+            raise ValueError("a fixed body trains nothing in pure mode")
         self.search, self.cfg, self.surrogate = search, cfg, surrogate
+        self.strategy, self.budget = strategy, budget
         self.gacfg = ga_config(cfg, search)
         self.pretraining = pretraining
         self.seed, self.fingerprint = seed, fingerprint
@@ -91,7 +114,8 @@ class Evolution:
     def _start(self) -> Run:
         state = ga.init(self.gacfg, derive_seed(self.seed, "evolve-ga"))
         run = Run(state, np.random.default_rng(derive_seed(self.seed, "evolve")).bit_generator.state)
-        self.search.evaluator.cache.update(zip(map(tuple, self.pretraining[0].tolist()), self.pretraining[1].tolist()))
+        if self.pretraining is not None:
+            self.search.evaluator.cache.update(zip(map(tuple, self.pretraining[0].tolist()), self.pretraining[1].tolist()))
         return run
 
     def _resume(self) -> Run | None:
@@ -103,7 +127,8 @@ class Evolution:
             if (data.get("version") != CHECKPOINT_VERSION or data.get("fingerprint") != self.fingerprint
                     or data.get("stopped")):
                 return None  # another configuration's, or a finished run's: start afresh
-            self.surrogate.load_state_dict(load_file(str(self.checkpoint_dir / data["surrogate_file"])))
+            if self.surrogate is not None:
+                self.surrogate.load_state_dict(load_file(str(self.checkpoint_dir / data["surrogate_file"])))
             self.search.model.load_continuous_state(load_file(str(self.checkpoint_dir / data["continuous_file"])))
             self.search.evaluator.cache = {tuple(g): float(v) for g, v in data["cache"]}
             run = Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
@@ -119,9 +144,11 @@ class Evolution:
         # tensors go to files named by generation first; state.json, replaced atomically last, names
         # them: a kill at any instant leaves a consistent checkpoint, the new one or the old one
         stamp = len(run.history)
-        files = {"surrogate_file": f"surrogate-{stamp}.safetensors", "continuous_file": f"continuous-{stamp}.safetensors"}
+        files = {"continuous_file": f"continuous-{stamp}.safetensors"}
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self.checkpoint_dir / files["surrogate_file"], save(self.surrogate.state_dict()))
+        if self.surrogate is not None:
+            files["surrogate_file"] = f"surrogate-{stamp}.safetensors"
+            write_bytes_atomic(self.checkpoint_dir / files["surrogate_file"], save(self.surrogate.state_dict()))
         write_bytes_atomic(self.checkpoint_dir / files["continuous_file"], save(self.search.model.continuous_state()))
         data = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, **files, "ga": run.ga_state.to_json(),
                 "rng": run.rng, "true_evaluations": run.true_evaluations,
@@ -181,8 +208,12 @@ class Evolution:
             shift = rng.integers(1, self.search.library.size, size=len(neighbours))
             neighbours[np.arange(len(neighbours)), genes] = (neighbours[np.arange(len(neighbours)), genes] + shift) \
                 % self.search.library.size
-            best = neighbours[int(np.argmin(self._surrogate(neighbours)[1]))]
-            loss = float(self._true(best[None])[0])
+            if self.surrogate is not None:  # the surrogate's favourite alone is truly evaluated
+                best = neighbours[int(np.argmin(self._surrogate(neighbours)[1]))]
+                loss = float(self._true(best[None])[0])
+            else:
+                losses = self._true(neighbours)
+                best, loss = neighbours[int(np.argmin(losses))], float(losses.min())
             if loss < fitness[i]:
                 population[i], fitness[i] = best, loss
         true_fitness = np.where(state.evaluated, fitness, np.inf)
@@ -233,28 +264,26 @@ class Evolution:
         run, cfg = self.run, self.cfg
         rng = np.random.default_rng()
         rng.bit_generator.state = run.rng
-        if np.isnan(run.ga_state.fitness).all():  # generation 0: score the random population
-            population = run.ga_state.population
+        first = bool(np.isnan(run.ga_state.fitness).all())  # generation 0: score the first population
+        before = run.ga_state.best_fitness
+        population, state = self._propose(first)
+        if self.strategy == "ga":
             fitness, chosen = self._score(population, rng)
-            run.ga_state = ga.tell(self.gacfg, run.ga_state, population, fitness, chosen)
-            chosen_fitness = fitness[chosen]
         else:
-            before = run.ga_state.best_fitness
-            children, state = ga.ask(self.gacfg, run.ga_state)
-            fitness, chosen = self._score(children, rng)
-            run.ga_state = ga.tell(self.gacfg, state, children, fitness, chosen)
+            fitness, chosen = self._true(population), np.ones(len(population), dtype=bool)
+        run.ga_state = ga.tell(self.gacfg, state, population, fitness, chosen)
+        if not first:
             generation = run.ga_state.generation
-            if generation % cfg.local_search_every == 0:
+            if self.strategy in ("ga", "no_surrogate") and generation % cfg.local_search_every == 0:
                 self._local_search(rng)
             # a hybrid phase makes a new landscape: the re-evaluated best counts as progress
             hybrid = cfg.mode == "hybrid" and generation % cfg.hybrid_every == 0
             run.since_improvement = 0 if hybrid or run.ga_state.best_fitness < before else run.since_improvement + 1
-            last = generation >= cfg.generations or run.since_improvement >= cfg.patience
-            if generation % cfg.surrogate_every == 0 and not last:  # a surrogate no generation uses costs for nothing
-                self._retrain_surrogate(generation)
+            if self.strategy == "ga" and generation % cfg.surrogate_every == 0 and self._stop() is None:
+                self._retrain_surrogate(generation)  # not after the last generation: no one would use it
             if hybrid:
                 self._hybrid_phase(rng)
-            chosen_fitness = run.ga_state.fitness[run.ga_state.evaluated]
+        chosen_fitness = run.ga_state.fitness[run.ga_state.evaluated]
         run.rng = rng.bit_generator.state
         finite = chosen_fitness[np.isfinite(chosen_fitness)]
         run.history.append({
@@ -263,10 +292,33 @@ class Evolution:
             "std_loss": float(finite.std()) if len(finite) else 0.0,
             "true_evaluations": run.true_evaluations, "surrogate_predictions": run.surrogate_predictions,
         })
+        run.stopped = self._stop()
+
+    def _stop(self) -> str | None:
+        run, cfg = self.run, self.cfg
         if run.ga_state.generation >= cfg.generations:
-            run.stopped = "generation limit"
-        elif run.since_improvement >= cfg.patience:
-            run.stopped = f"no improvement in {cfg.patience} generations"
+            return "generation limit"
+        if self.budget.flops is not None and run.totals.flops >= self.budget.flops:
+            return "FLOP budget spent"
+        if self.budget.evaluations is not None and run.ga_state.generation >= len(self.budget.evaluations) - 1:
+            return "evaluation schedule done"
+        if self.strategy == "ga" and run.since_improvement >= cfg.patience:
+            return f"no improvement in {cfg.patience} generations"
+        return None
+
+    def _propose(self, first: bool) -> tuple[np.ndarray, ga.GAState]:
+        """This generation's genomes: the GA's children, random ones, or the one fixed body."""
+        state = self.run.ga_state
+        if self.strategy == "fixed_body":
+            return state.population[:1], state
+        if self.strategy == "random":
+            schedule = self.budget.evaluations
+            allowed = schedule[min(0 if first else state.generation + 1, len(schedule) - 1)]
+            n = allowed - self.run.true_evaluations
+            if n <= 0:  # nothing left this generation: the best, already known, costs nothing
+                return state.best_genome[None], state
+            return ga.sample(self.gacfg, state, n)
+        return (state.population, state) if first else ga.ask(self.gacfg, state)
 
     def run_to_end(self, on_generation=None, stop_after: int | None = None) -> Run:
         """Generations until a stop; `stop_after` ends this process early, as a kill would (tests)."""

@@ -79,6 +79,12 @@ def random_genomes(n: int, config: GAConfig, rng: np.random.Generator) -> np.nda
     return rng.integers(0, config.library_size, size=(n, config.genome_length), dtype=np.int64)
 
 
+def sample(config: GAConfig, state: GAState, n: int) -> tuple[np.ndarray, GAState]:
+    """n random genomes drawn from the state's generator (random search's ask)."""
+    rng = _rng(state)
+    return random_genomes(n, config, rng), replace(state, rng=rng.bit_generator.state)
+
+
 def init(config: GAConfig, seed: int) -> GAState:
     rng = np.random.default_rng(seed)
     population = random_genomes(config.population, config, rng)

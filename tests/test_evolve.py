@@ -239,3 +239,99 @@ def test_an_uncertain_child_gets_its_true_evaluation_before_a_confidently_medioc
     spread[:] = 0.0
     _, chosen = evo._score(unseen_children(8), np.random.default_rng(0))
     assert chosen.tolist() == [True, False, False, False]  # no spread (one member): the best mean
+
+
+# --- the controls: random search, the GA without surrogate, a fixed body ---------------------
+
+def control(tmp_path, strategy, budget, seed=0, **overrides):
+    from clso.evolve import Evolution
+
+    cfg = defaults(EvolveParams)
+    cfg = EvolveParams(**{**cfg.__dict__, "population": 24, "generations": 25, "patience": 100,
+                          "local_search_every": 10, "surrogate_every": 5, **overrides})
+    return Evolution(planted_search(), cfg, None, None, seed, tmp_path / "ckpt", "fp",
+                     dict(device="cpu", rapl_root=tmp_path / "no-rapl"), strategy=strategy, budget=budget)
+
+
+def test_random_search_follows_the_ga_evaluation_schedule_and_loses_to_it(tmp_path):
+    from clso.evolve import Budget
+
+    for seed in range(3):
+        ga_run = evolution(tmp_path / f"ga{seed}", seed=seed)
+        ga_result = ga_run.run_to_end()
+        pretraining = 60  # the surrogate's genomes, truly evaluated before the search
+        schedule = tuple(pretraining + r["true_evaluations"] for r in ga_result.history)
+        rnd = control(tmp_path / f"random{seed}", "random", Budget(evaluations=schedule), seed=seed).run_to_end()
+        assert [r["true_evaluations"] for r in rnd.history] == list(schedule)
+        assert rnd.surrogate_predictions == 0 and len(rnd.history) == len(schedule)
+        # the GA's best is found with its pretraining's help; random search had the same number of evaluations
+        assert ga_result.ga_state.best_fitness - OPTIMUM < 0.6 * (rnd.ga_state.best_fitness - OPTIMUM)
+
+
+def test_the_ga_without_surrogate_spends_its_flop_budget_on_true_evaluations_only(tmp_path):
+    from clso.evolve import Budget
+
+    evo = control(tmp_path, "no_surrogate", Budget(flops=300_000), generations=1000)
+    run = evo.run_to_end()
+    assert run.stopped == "FLOP budget spent" and run.surrogate_predictions == 0
+    assert 300_000 <= run.history[-1]["flops"] < 300_000 + 1000 * 24 + 1000 * 10 * 5  # at most one generation over
+    assert run.history[-1]["flops"] == 1000 * evo.search.evaluator.computed  # every FLOP is a true evaluation's
+    assert run.true_evaluations == evo.search.evaluator.computed
+    assert all(r["energy_method"] == "estimate" and r["energy_wh"] >= 0 for r in run.history)
+
+
+def test_a_control_is_told_apart_from_the_ga():
+    from clso.evolve import Evolution
+
+    search, cfg = planted_search(), defaults(EvolveParams)
+    with pytest.raises(ValueError, match="surrogate"):
+        Evolution(search, cfg, None, None, 0, "ckpt", "fp", {}, strategy="ga")
+    with pytest.raises(ValueError, match="pure mode"):
+        Evolution(search, cfg, None, None, 0, "ckpt", "fp", {}, strategy="fixed_body")
+
+
+def test_random_search_stops_where_a_shorter_schedule_ends(tmp_path):
+    from clso.evolve import Budget
+
+    rnd = control(tmp_path, "random", Budget(evaluations=(10, 20, 25, 25, 40))).run_to_end()
+    assert [r["true_evaluations"] for r in rnd.history] == [10, 20, 25, 25, 40]
+    assert rnd.stopped == "evaluation schedule done"
+
+
+def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_search, tmp_path, monkeypatch):
+    from clso.evolve import Evolution
+
+    root, model = tiny_gpt2_search
+    steps = []
+    adam_step = torch.optim.Adam.step
+    def counted(self, *a, **k):
+        if type(self) is torch.optim.Adam:  # the hybrid phases' Adam, not the surrogate's AdamW (a subclass)
+            steps.append(1)
+        return adam_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "mode": "hybrid", "population": 6, "generations": 7,
+                          "hybrid_every": 2, "hybrid_steps": 3, "hybrid_batch_size": 2, "local_search_every": 3,
+                          "local_search_top": 2, "surrogate_every": 2})
+
+    def run(strategy, folder):
+        search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
+        surrogate, pretraining = None, None
+        if strategy == "ga":
+            genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
+            surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
+            surrogate.fit(genomes, losses)
+            pretraining = (genomes, losses)
+        evo = Evolution(search, cfg, surrogate, pretraining, 0, tmp_path / folder, "fp",
+                        dict(device="cpu", rapl_root=tmp_path / "no-rapl"), strategy=strategy)
+        steps.clear()
+        return evo, evo.run_to_end(), len(steps)
+
+    _, ga_run, ga_steps = run("ga", "ga")
+    fixed, fixed_run, fixed_steps = run("fixed_body", "fixed")
+    assert fixed_steps == ga_steps == 3 * 3  # generations 2, 4 and 6
+    assert len({tuple(r) for r in fixed_run.ga_state.population.tolist()}) == 1
+    assert fixed_run.ga_state.best_genome.tolist() == fixed_run.ga_state.population[0].tolist()
+    assert fixed_run.surrogate_predictions == 0 and fixed_run.true_evaluations == 1 + 3  # once, and after each phase
+    assert fixed_run.history[-1]["flops"] > 0 and fixed_run.history[-1]["energy_method"] == "estimate"
+    assert fixed_run.ga_state.best_fitness < fixed_run.history[0]["best_loss"]  # Adam alone improved it
