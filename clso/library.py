@@ -470,6 +470,31 @@ def _check_stored(kind: str, stored: dict, d_in: int, d_out: int) -> None:
         raise ValueError(f"unknown kind {kind!r}")
 
 
+_CATEGORIES = {"family": FAMILIES, "kind": ("lowrank", "blocks", "dense"),
+               "pattern": ("row", "column", "checkerboard", "random"), "values": ("ternary", "int4")}
+
+
+def structure_features(manifest: dict) -> torch.Tensor:
+    """What a matrix is, from its manifest entry, as numbers a surrogate can learn from (the way NAS
+    predictors describe operations): one-hots of family, kind, mask pattern and value set, and the
+    standardised rank share, density, bits per weight, FLOPs share and log distinct values.
+    Shape (buckets in BUCKETS order, M, features)."""
+    rows = []
+    for bucket in BUCKETS:
+        info = manifest["buckets"][bucket]
+        d_in, d_out = info["d_in"], info["d_out"]
+        for e in info["matrices"]:
+            onehots = [float(e.get(key) == v) for key, values in _CATEGORIES.items() for v in values]
+            rows.append(onehots + [e["rank"] / min(d_in, d_out), e["density"], e["bits_per_weight"],
+                                   e["flops_per_token"] / (2 * d_in * d_out), math.log(e["distinct_values"]),
+                                   float(e.get("levels", 0) == 5)])
+    table = torch.tensor(rows, dtype=torch.float32)
+    numeric = slice(sum(len(v) for v in _CATEGORIES.values()), None)
+    std = table[:, numeric].std(0)
+    table[:, numeric] = (table[:, numeric] - table[:, numeric].mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
+    return table.view(len(BUCKETS), -1, table.shape[1])
+
+
 def library_metrics(library: Library, file: Path) -> dict:
     """Counts per family (the same in every bucket), mean density / rank / bits per bucket, and
     bytes on disk against dense float32."""

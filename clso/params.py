@@ -112,6 +112,9 @@ class SurrogateParams:
                                   "(the rest are random)", min=0.0, max=0.9)
     holdout_fraction: float = spec(0.2, "share held out to measure Spearman, Kendall and top-10% recall",
                                    min=0.05, max=0.5)
+    inputs: str = spec("index", "what describes each gene: index (a learned embedding per library index), structure "
+                       "(the chosen matrix's family, rank, density, bits, FLOPs from the manifest) or both",
+                       choices=("index", "structure", "both"))
     embed_dim: int = spec(16, "embedding size per (bucket, library index)", min=1, max=1024)
     hidden: int = spec(64, "width of the MLP", min=1, max=8192)
     depth: int = spec(2, "hidden layers of the MLP", min=1, max=16)

@@ -1,9 +1,12 @@
 """The surrogate: a small network that ranks genomes without running the GPT-2.
 
-A learned embedding per (bucket, library index), concatenated over the genome's genes in order,
-feeds an MLP that scores the genome (lower = better, on the scale of standardised log-loss). It
-is trained with a pairwise ranking loss (RankNet or margin), optionally plus MSE on the
-standardised log-loss, because the search only needs to know which genome is better. An
+Each gene is described by a learned embedding of its (bucket, library index), by fixed features
+of the matrix it picks (family, rank, density, bits, FLOPs: `clso.library.structure_features`),
+or by both (`inputs`); the descriptions, concatenated in genome order, feed an MLP that scores the
+genome (lower = better, on the scale of standardised log-loss). A few hundred genomes cannot teach
+an embedding for each of thousands of (gene, index) pairs; structure features are shared by every
+matrix alike. It is trained with a pairwise ranking loss (RankNet or margin), optionally plus MSE
+on the standardised log-loss, because the search only needs to know which genome is better. An
 ensemble of K members gives a spread that reads as uncertainty.
 """
 
@@ -17,12 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 RANKING_LOSSES = ("ranknet", "margin")
+INPUTS = ("index", "structure", "both")
 
 
 @dataclass(frozen=True)
 class SurrogateConfig:
     gene_buckets: tuple[int, ...]  # bucket number of each gene, in genome order
     library_size: int
+    inputs: str = "index"  # index embedding, structure features, or both
+    n_features: int = 0  # structure features per gene
     embed_dim: int = 16
     hidden: int = 64
     depth: int = 2
@@ -38,15 +44,23 @@ class SurrogateConfig:
     def __post_init__(self):
         if self.ranking not in RANKING_LOSSES:
             raise ValueError(f"ranking must be one of {RANKING_LOSSES}")
+        if self.inputs not in INPUTS or (self.inputs != "index") != (self.n_features > 0):
+            raise ValueError(f"inputs must be one of {INPUTS}, with n_features > 0 exactly when structure is used")
+
+    @property
+    def embeds(self) -> bool:
+        return self.inputs in ("index", "both")
 
 
 class SurrogateNet(nn.Module):
     def __init__(self, config: SurrogateConfig):
         super().__init__()
         n_buckets = max(config.gene_buckets) + 1
-        self.embedding = nn.Embedding(n_buckets * config.library_size, config.embed_dim)
+        self.embedding = nn.Embedding(n_buckets * config.library_size, config.embed_dim) if config.embeds else None
+        self.register_buffer("features", torch.zeros(n_buckets * config.library_size, config.n_features))
         self.register_buffer("offsets", torch.tensor(config.gene_buckets) * config.library_size, persistent=False)
-        layers, width = [], len(config.gene_buckets) * config.embed_dim
+        per_gene = (config.embed_dim if config.embeds else 0) + config.n_features
+        layers, width = [], len(config.gene_buckets) * per_gene
         for _ in range(config.depth):
             layers += [nn.Linear(width, config.hidden), nn.ReLU()]
             width = config.hidden
@@ -54,15 +68,22 @@ class SurrogateNet(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, genomes: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.embedding(genomes + self.offsets).flatten(1)).squeeze(1)
+        rows = genomes + self.offsets
+        parts = ([self.embedding(rows)] if self.embedding is not None else []) + [self.features[rows]]
+        return self.mlp(torch.cat(parts, -1).flatten(1)).squeeze(1)
 
 
 class Surrogate:
-    def __init__(self, config: SurrogateConfig, seed: int = 0):
+    def __init__(self, config: SurrogateConfig, seed: int = 0, features: torch.Tensor | None = None):
+        """`features`: (buckets, M, n_features) structure features, needed unless inputs is index
+        (a loaded state brings its own)."""
         self.config = config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.members = [SurrogateNet(config) for _ in range(config.ensemble)]
+        if features is not None:
+            for m in self.members:
+                m.features.copy_(features.reshape(m.features.shape))
         self.target_mean, self.target_std = 0.0, 1.0
 
     def fit(self, genomes, losses, seed: int = 0, steps: int | None = None) -> float:
@@ -119,19 +140,24 @@ class Surrogate:
         """A score mapped back to a loss (meaningful only as far as the MSE term trained it)."""
         return np.exp(score * self.target_std + self.target_mean)
 
+    def _layer_flops(self) -> list[int]:
+        """Matmul FLOPs of each MLP layer of one member on one genome (embeddings are lookups)."""
+        return [2 * m.in_features * m.out_features for m in self.members[0].mlp if isinstance(m, nn.Linear)]
+
     def _mlp_flops(self) -> int:
-        """Matmul FLOPs of one member on one genome (the embedding is a lookup, not a matmul)."""
-        return sum(2 * m.in_features * m.out_features for m in self.members[0].mlp if isinstance(m, nn.Linear))
+        return sum(self._layer_flops())
 
     def inference_flops(self, n_genomes: int) -> int:
         """FLOPs of `predict` on n genomes: every member scores every genome."""
         return self._mlp_flops() * n_genomes * len(self.members)
 
     def training_flops(self, n_samples: int, steps: int | None = None) -> int:
-        """FLOPs of `fit` on n samples: per step a batch forward (1×) and backward (2×: weight and
-        input gradients, which the trainable embedding needs) through every member."""
+        """FLOPs of `fit` on n samples: per step a batch forward (1×) and backward (weight gradients
+        1×, input gradients 1× but for the first layer when no embedding below it trains)."""
         batch = min(self.config.batch_size, n_samples)
-        return 3 * self._mlp_flops() * batch * (steps or self.config.steps) * len(self.members)
+        layers = self._layer_flops()
+        per_sample = 2 * sum(layers) + sum(layers[0 if self.config.embeds else 1:])
+        return per_sample * batch * (steps or self.config.steps) * len(self.members)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"member{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.state_dict().items()}

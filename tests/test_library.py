@@ -231,3 +231,21 @@ def test_an_odd_width_still_gives_checkerboards_that_load(tmp_path):
     back = Library.load(tmp_path)
     boards = [e for e in back.manifest["buckets"]["attn_proj"]["matrices"] if e["pattern"] == "checkerboard"]
     assert boards and all(0.4 < e["density"] < 0.6 for e in boards)
+
+
+def test_structure_features_describe_each_matrix_from_its_manifest_entry():
+    from clso.library import FAMILIES, structure_features
+
+    lib, _ = Library.generate(2, 16, size=20, shares=SHARES)
+    table = structure_features(lib.manifest)
+    assert table.shape[:2] == (4, 20)
+    for b, bucket in enumerate(BUCKETS):
+        for e in lib.manifest["buckets"][bucket]["matrices"]:
+            row = table[b, e["index"]]
+            assert row[:len(FAMILIES)].tolist() == [float(f == e["family"]) for f in FAMILIES]
+    numeric = table[..., -6:-1].reshape(-1, 5)  # standardised: rank, density, bits, FLOPs, distinct values
+    assert torch.allclose(numeric.mean(0), torch.zeros(5), atol=1e-5)
+    dense = [e["index"] for e in lib.manifest["buckets"]["c_fc"]["matrices"] if e["kind"] == "dense"]
+    low = [e["index"] for e in lib.manifest["buckets"]["c_fc"]["matrices"] if e["kind"] == "lowrank"]
+    flops = table[2, :, -3]  # dense matrices cost the most FLOPs, low-rank ones less
+    assert flops[dense].min() > flops[low].max()
