@@ -75,13 +75,13 @@ class SurrogateNet(nn.Module):
 
 class Surrogate:
     def __init__(self, config: SurrogateConfig, seed: int = 0, features: torch.Tensor | None = None):
-        """`features`: (buckets, M, n_features) structure features, needed unless inputs is index
+        """`features`: (buckets, M, n_features) structure features, used unless inputs is index
         (a loaded state brings its own)."""
         self.config = config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.members = [SurrogateNet(config) for _ in range(config.ensemble)]
-        if features is not None:
+        if features is not None and config.n_features:
             for m in self.members:
                 m.features.copy_(features.reshape(m.features.shape))
         self.target_mean, self.target_std = 0.0, 1.0

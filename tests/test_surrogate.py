@@ -104,3 +104,10 @@ def test_structure_features_travel_with_the_state_and_their_flops_are_counted():
     np.testing.assert_array_equal(back.predict(g)[0], s.predict(g)[0])
     with pytest.raises(ValueError, match="n_features"):
         SurrogateConfig(BUCKETS, 64, inputs="structure")
+
+
+def test_an_index_surrogate_ignores_the_structure_table_it_is_handed():
+    g, losses, features = structured(50, 0)
+    s = Surrogate(SurrogateConfig(BUCKETS, 64), seed=0, features=features)
+    s.fit(g, losses, seed=0, steps=5)
+    assert s.members[0].features.shape == (4 * 64, 0)
