@@ -29,7 +29,7 @@ from clso.data import random_batch
 from clso.energy import EnergyMeter, EnergyReading
 from clso.flops import backward_flops, forward_flops
 from clso.io import write_bytes_atomic, write_text_atomic
-from clso.runtime import derive_seed
+from clso.context import derive_seed
 from clso.search import Search
 from clso.surrogate import Surrogate
 

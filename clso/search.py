@@ -14,7 +14,7 @@ from clso.data import TokenData
 from clso.evaluate import EvalBatch, FitnessEvaluator
 from clso.library import BUCKETS, Library
 from clso.model import CrystallineGPT2, ModelConfig, genome_length
-from clso.runtime import derive_seed
+from clso.context import derive_seed
 
 
 @dataclass

@@ -13,7 +13,7 @@ from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.model import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.runtime import setup
+from clso.context import setup
 from stages.common import PARAMS_OPTION, run_alone, stage
 
 OUT_DIR = Path("models/baseline")

@@ -7,7 +7,7 @@ import typer
 
 from clso import ClsoError
 from clso.bench import bench_eval
-from clso.runtime import resolve_device
+from clso.context import resolve_device
 from stages.common import app, one_line_errors
 
 bench = typer.Typer(no_args_is_help=True, help="Benchmarks: JSON on stdout, fast path against plain path.")

@@ -15,7 +15,7 @@ from clso.evaluate import split_loss
 from clso.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from clso.params import load_params
 from clso.plots import comparison_png
-from clso.runtime import setup
+from clso.context import setup
 from stages.common import PARAMS_OPTION, read_json, run_alone, stage
 from stages.final_models import final_models
 

@@ -17,7 +17,7 @@ from clso.io import atomic_dir, write_json_atomic
 from clso.model import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.runtime import setup
+from clso.context import setup
 from clso.tokenizer import load_tokenizer
 from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.final_models import final_models

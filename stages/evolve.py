@@ -29,7 +29,7 @@ from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
-from clso.runtime import setup
+from clso.context import setup
 from clso.search import build_search
 from clso.surrogate import Surrogate, SurrogateConfig
 from stages.common import PARAMS_OPTION, run_alone, stage

@@ -1,4 +1,5 @@
-"""Devices and seeds: settings every compute stage makes the same way."""
+"""The compute context every stage sets up the same way: device, CPU threads, derived seeds.
+(The C runtime is clso/runtime/, a folder of C source and its format spec.)"""
 
 from __future__ import annotations
 
