@@ -89,6 +89,79 @@ def ga_config(cfg, search: Search) -> ga.GAConfig:
                        crossover=cfg.crossover, crossover_rate=cfg.crossover_rate, mutation_rate=cfg.mutation_rate)
 
 
+class Checkpoints:
+    """One run's checkpoint folder. Tensors go to files named by generation first; state.json,
+    replaced atomically last, names them: a kill at any instant leaves a consistent checkpoint,
+    the new one or the old one."""
+
+    def __init__(self, folder: str | Path, fingerprint: str):
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def load(self, search: Search, surrogate: Surrogate | None) -> Run | None:
+        """The run saved here, its surrogate, continuous weights and fitness cache restored; None when
+        there is none, or it is another configuration's, or it had finished."""
+        path = self.folder / "state.json"
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if (data.get("version") != CHECKPOINT_VERSION or data.get("fingerprint") != self.fingerprint
+                    or data.get("stopped")):
+                return None
+            if surrogate is not None:
+                surrogate.load_state_dict(load_file(str(self.folder / data["surrogate_file"])))
+            search.model.load_continuous_state(load_file(str(self.folder / data["continuous_file"])))
+            search.evaluator.cache = {tuple(g): float(v) for g, v in data["cache"]}
+            return Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
+                       data["surrogate_predictions"], data["since_improvement"], data["stopped"],
+                       Totals(**data["totals"]), data["history"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ClsoError(f"{self.folder}: checkpoint unreadable ({type(e).__name__}); delete the "
+                            "folder to start the search afresh") from None
+
+    def save(self, run: Run, totals: Totals, search: Search, surrogate: Surrogate | None) -> None:
+        stamp = len(run.history)
+        files = {"continuous_file": f"continuous-{stamp}.safetensors"}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if surrogate is not None:
+            files["surrogate_file"] = f"surrogate-{stamp}.safetensors"
+            write_bytes_atomic(self.folder / files["surrogate_file"], save(surrogate.state_dict()))
+        write_bytes_atomic(self.folder / files["continuous_file"], save(search.model.continuous_state()))
+        data = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, **files, "ga": run.ga_state.to_json(),
+                "rng": run.rng, "true_evaluations": run.true_evaluations,
+                "surrogate_predictions": run.surrogate_predictions, "since_improvement": run.since_improvement,
+                "stopped": run.stopped, "totals": totals.__dict__, "history": run.history,
+                "cache": [[list(k), v if math.isfinite(v) else "inf"] for k, v in search.evaluator.cache.items()]}
+        write_text_atomic(self.folder / "state.json", json.dumps(data))
+        for old in self.folder.glob("*.safetensors"):
+            if old.name not in files.values():
+                old.unlink()
+
+
+def adam_phase(search: Search, genome: np.ndarray, cfg, rng: np.random.Generator) -> int:
+    """`cfg.hybrid_steps` Adam steps on the continuous parts of the model with `genome` set, on
+    random train windows; returns the FLOPs they cost (the library matrices pass gradients down
+    but never train)."""
+    model = search.model
+    model.set_genome(genome)
+    model.set_mode("hybrid")
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.hybrid_lr)
+    train = search.data.tokens("train")
+    device = search.batch.x.device
+    model.train()
+    for _ in range(cfg.hybrid_steps):
+        x, y = random_batch(train, cfg.hybrid_batch_size, search.config.block_size, rng, device)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.set_mode("pure")
+    t, b, per_layer = search.config.block_size, cfg.hybrid_batch_size, model.linear_flops(genome)
+    return cfg.hybrid_steps * (forward_flops(search.config.gpt2(), t, b, per_layer)
+                               + backward_flops(search.config.gpt2(), t, b, per_layer, train_linears=False))
+
+
 class Evolution:
     def __init__(self, search: Search, cfg, surrogate: Surrogate | None, pretraining: tuple[np.ndarray, np.ndarray] | None,
                  seed: int, checkpoint_dir: str | Path, fingerprint: str, meter_options: dict,
@@ -103,10 +176,10 @@ class Evolution:
         self.strategy, self.budget = strategy, budget
         self.gacfg = ga_config(cfg, search)
         self.pretraining = pretraining
-        self.seed, self.fingerprint = seed, fingerprint
-        self.checkpoint_dir = Path(checkpoint_dir)
+        self.seed = seed
+        self.checkpoints = Checkpoints(checkpoint_dir, fingerprint)
         self.meter_options = meter_options
-        self.run = self._resume() or self._start()
+        self.run = self.checkpoints.load(search, surrogate) or self._start()
         self.cost: Totals | None = None  # everything spent so far, once a generation has run here
 
     # --- state -----------------------------------------------------------------------------
@@ -117,48 +190,6 @@ class Evolution:
         if self.pretraining is not None:
             self.search.evaluator.cache.update(zip(map(tuple, self.pretraining[0].tolist()), self.pretraining[1].tolist()))
         return run
-
-    def _resume(self) -> Run | None:
-        path = self.checkpoint_dir / "state.json"
-        if not path.exists():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            if (data.get("version") != CHECKPOINT_VERSION or data.get("fingerprint") != self.fingerprint
-                    or data.get("stopped")):
-                return None  # another configuration's, or a finished run's: start afresh
-            if self.surrogate is not None:
-                self.surrogate.load_state_dict(load_file(str(self.checkpoint_dir / data["surrogate_file"])))
-            self.search.model.load_continuous_state(load_file(str(self.checkpoint_dir / data["continuous_file"])))
-            self.search.evaluator.cache = {tuple(g): float(v) for g, v in data["cache"]}
-            run = Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
-                      data["surrogate_predictions"], data["since_improvement"], data["stopped"],
-                      Totals(**data["totals"]), data["history"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ClsoError(f"{self.checkpoint_dir}: checkpoint unreadable ({type(e).__name__}); delete the "
-                            "folder to start the search afresh") from None
-        return run
-
-    def _checkpoint(self, totals: Totals) -> None:
-        run = self.run
-        # tensors go to files named by generation first; state.json, replaced atomically last, names
-        # them: a kill at any instant leaves a consistent checkpoint, the new one or the old one
-        stamp = len(run.history)
-        files = {"continuous_file": f"continuous-{stamp}.safetensors"}
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if self.surrogate is not None:
-            files["surrogate_file"] = f"surrogate-{stamp}.safetensors"
-            write_bytes_atomic(self.checkpoint_dir / files["surrogate_file"], save(self.surrogate.state_dict()))
-        write_bytes_atomic(self.checkpoint_dir / files["continuous_file"], save(self.search.model.continuous_state()))
-        data = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, **files, "ga": run.ga_state.to_json(),
-                "rng": run.rng, "true_evaluations": run.true_evaluations,
-                "surrogate_predictions": run.surrogate_predictions, "since_improvement": run.since_improvement,
-                "stopped": run.stopped, "totals": totals.__dict__, "history": run.history,
-                "cache": [[list(k), v if math.isfinite(v) else "inf"] for k, v in self.search.evaluator.cache.items()]}
-        write_text_atomic(self.checkpoint_dir / "state.json", json.dumps(data))
-        for old in self.checkpoint_dir.glob("*.safetensors"):
-            if old.name not in files.values():
-                old.unlink()
 
     # --- one generation ----------------------------------------------------------------------
 
@@ -232,28 +263,8 @@ class Evolution:
 
     def _hybrid_phase(self, rng: np.random.Generator) -> None:
         """Adam on the continuous parts for the best genome; every cached loss is then stale."""
-        search, cfg, state = self.search, self.cfg, self.run.ga_state
-        model = search.model
-        model.set_genome(state.best_genome)
-        model.set_mode("hybrid")
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=cfg.hybrid_lr)
-        train = search.data.tokens("train")
-        device = search.batch.x.device
-        model.train()
-        for _ in range(cfg.hybrid_steps):
-            x, y = random_batch(train, cfg.hybrid_batch_size, search.config.block_size, rng, device)
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        model.eval()
-        model.set_mode("pure")
-        t, b = search.config.block_size, cfg.hybrid_batch_size
-        per_layer = model.linear_flops(state.best_genome)
-        self.run.totals.flops += cfg.hybrid_steps * (
-            forward_flops(search.config.gpt2(), t, b, per_layer)
-            + backward_flops(search.config.gpt2(), t, b, per_layer, train_linears=False))
+        search, state = self.search, self.run.ga_state
+        self.run.totals.flops += adam_phase(search, state.best_genome, self.cfg, rng)
         search.evaluator.invalidate()
         fitness = state.fitness.copy()
         fitness[state.evaluated] = self._true(state.population[state.evaluated])
@@ -332,7 +343,7 @@ class Evolution:
                 totals = self.run.totals.plus(search, checkpoints)
                 self.run.history[-1].update({"energy_wh": totals.energy_j / 3600, "energy_method": "|".join(totals.methods),
                                              "flops": totals.flops, "wall_s": totals.wall_s})
-                self._checkpoint(totals)
+                self.checkpoints.save(self.run, totals, self.search, self.surrogate)
                 written = meter.read().minus(reading)
                 checkpoints = written if checkpoints is None else checkpoints.plus(written)
                 self.cost = self.run.totals.plus(search, checkpoints)

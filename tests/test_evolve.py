@@ -186,15 +186,15 @@ def test_checkpoint_writing_is_metered_apart_from_the_search(tmp_path):
     import time
 
     evo = evolution(tmp_path, generations=8)
-    write = evo._checkpoint
+    write = evo.checkpoints.save
 
-    def slow_write(totals):
+    def slow_write(*args):
         end = time.process_time() + 0.1  # burn CPU, which the `estimate` method charges
         while time.process_time() < end:
             pass
-        write(totals)
+        write(*args)
 
-    evo._checkpoint = slow_write
+    evo.checkpoints.save = slow_write
     run = evo.run_to_end()
     burned_wh = 9 * 0.1 * 10.0 / 3600  # nine generations (0..8) at the default 10 W per core
     assert evo.cost.checkpoint_energy_j / 3600 >= burned_wh
