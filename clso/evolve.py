@@ -33,7 +33,7 @@ from clso.context import derive_seed
 from clso.search import Search
 from clso.surrogate import Surrogate
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body")
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
                   "energy_wh", "energy_method", "flops", "wall_s")
@@ -76,10 +76,17 @@ class Run:
 
 @dataclass(frozen=True)
 class Budget:
-    """What a control may spend, matched to a GA run."""
+    """What a control may spend, matched to a GA run and to everything CLSO was charged for it."""
 
-    evaluations: tuple[int, ...] | None = None  # random: cumulative true evaluations allowed after each generation
-    flops: int | None = None  # no_surrogate: FLOPs of the whole search
+    # random: cumulative true evaluations allowed after each generation — the surrogate's
+    # pretraining genomes plus the GA's cumulative count
+    evaluations: tuple[int, ...] | None = None
+    # no_surrogate: the GA's search FLOPs plus the surrogate stage's (its evaluations and training);
+    # checked between generations, so the last one may cross it
+    flops: int | None = None
+    generations: int | None = None  # fixed_body: the GA's generations, so the same hybrid phases
+
+    NEEDED = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations"}
 
 
 def ga_config(cfg, search: Search) -> ga.GAConfig:
@@ -172,12 +179,15 @@ class Evolution:
             raise ValueError("the GA needs its surrogate and pretraining data; a control uses neither")
         if strategy == "fixed_body" and cfg.mode != "hybrid":
             raise ValueError("a fixed body trains nothing in pure mode")
+        if strategy in Budget.NEEDED and getattr(budget, Budget.NEEDED[strategy]) is None:
+            raise ValueError(f"the {strategy} control needs a budget of {Budget.NEEDED[strategy]} matched to a GA run")
         self.search, self.cfg, self.surrogate = search, cfg, surrogate
         self.strategy, self.budget = strategy, budget
         self.gacfg = ga_config(cfg, search)
         self.pretraining = pretraining
         self.seed = seed
-        self.checkpoints = Checkpoints(checkpoint_dir, fingerprint)
+        # a checkpoint of another strategy or budget, in a folder reused by mistake, is not resumed
+        self.checkpoints = Checkpoints(checkpoint_dir, f"{fingerprint}/{strategy}/{budget}")
         self.meter_options = meter_options
         self.run = self.checkpoints.load(search, surrogate) or self._start()
         self.cost: Totals | None = None  # everything spent so far, once a generation has run here
@@ -266,6 +276,11 @@ class Evolution:
         search, state = self.search, self.run.ga_state
         self.run.totals.flops += adam_phase(search, state.best_genome, self.cfg, rng)
         search.evaluator.invalidate()
+        if self.strategy == "random":  # its batch is drawn afresh next generation: only the best carries on
+            best_loss = float(self._true(state.best_genome[None])[0])
+            self.run.ga_state = replace(state, population=state.best_genome[None].copy(), fitness=np.array([best_loss]),
+                                        evaluated=np.ones(1, dtype=bool), best_fitness=best_loss)
+            return
         fitness = state.fitness.copy()
         fitness[state.evaluated] = self._true(state.population[state.evaluated])
         best_loss = float(self._true(state.best_genome[None])[0])
@@ -288,7 +303,7 @@ class Evolution:
             if self.strategy in ("ga", "no_surrogate") and generation % cfg.local_search_every == 0:
                 self._local_search(rng)
             # a hybrid phase makes a new landscape: the re-evaluated best counts as progress
-            hybrid = cfg.mode == "hybrid" and generation % cfg.hybrid_every == 0
+            hybrid = self._hybrid_at(generation)
             run.since_improvement = 0 if hybrid or run.ga_state.best_fitness < before else run.since_improvement + 1
             if self.strategy == "ga" and generation % cfg.surrogate_every == 0 and self._stop() is None:
                 self._retrain_surrogate(generation)  # not after the last generation: no one would use it
@@ -305,9 +320,12 @@ class Evolution:
         })
         run.stopped = self._stop()
 
+    def _hybrid_at(self, generation: int) -> bool:
+        return self.cfg.mode == "hybrid" and generation > 0 and generation % self.cfg.hybrid_every == 0
+
     def _stop(self) -> str | None:
         run, cfg = self.run, self.cfg
-        if run.ga_state.generation >= cfg.generations:
+        if run.ga_state.generation >= min(cfg.generations, self.budget.generations or cfg.generations):
             return "generation limit"
         if self.budget.flops is not None and run.totals.flops >= self.budget.flops:
             return "FLOP budget spent"
@@ -324,8 +342,10 @@ class Evolution:
             return state.population[:1], state
         if self.strategy == "random":
             schedule = self.budget.evaluations
-            allowed = schedule[min(0 if first else state.generation + 1, len(schedule) - 1)]
-            n = allowed - self.run.true_evaluations
+            generation = 0 if first else state.generation + 1
+            allowed = schedule[min(generation, len(schedule) - 1)]
+            # a hybrid phase this generation re-scores the best once: keep that inside the schedule
+            n = allowed - self.run.true_evaluations - int(self._hybrid_at(generation))
             if n <= 0:  # nothing left this generation: the best, already known, costs nothing
                 return state.best_genome[None], state
             return ga.sample(self.gacfg, state, n)

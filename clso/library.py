@@ -477,8 +477,8 @@ _CATEGORIES = {"family": FAMILIES, "kind": ("lowrank", "blocks", "dense"),
 def structure_features(manifest: dict) -> torch.Tensor:
     """What a matrix is, from its manifest entry, as numbers a surrogate can learn from (the way NAS
     predictors describe operations): one-hots of family, kind, mask pattern and value set, and the
-    standardised rank share, density, bits per weight, FLOPs share and log distinct values.
-    Shape (buckets in BUCKETS order, M, features)."""
+    standardised rank share, density, bits per weight, FLOPs share and log distinct values (not the
+    norm, which the library makes √d_out for every matrix). Shape (buckets in BUCKETS order, M, features)."""
     rows = []
     for bucket in BUCKETS:
         info = manifest["buckets"][bucket]
@@ -486,8 +486,7 @@ def structure_features(manifest: dict) -> torch.Tensor:
         for e in info["matrices"]:
             onehots = [float(e.get(key) == v) for key, values in _CATEGORIES.items() for v in values]
             rows.append(onehots + [e["rank"] / min(d_in, d_out), e["density"], e["bits_per_weight"],
-                                   e["flops_per_token"] / (2 * d_in * d_out), math.log(e["distinct_values"]),
-                                   float(e.get("levels", 0) == 5)])
+                                   e["flops_per_token"] / (2 * d_in * d_out), math.log(e["distinct_values"])])
     table = torch.tensor(rows, dtype=torch.float32)
     numeric = slice(sum(len(v) for v in _CATEGORIES.values()), None)
     std = table[:, numeric].std(0)

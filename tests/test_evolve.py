@@ -277,7 +277,8 @@ def test_the_ga_without_surrogate_spends_its_flop_budget_on_true_evaluations_onl
     assert 300_000 <= run.history[-1]["flops"] < 300_000 + 1000 * 24 + 1000 * 10 * 5  # at most one generation over
     assert run.history[-1]["flops"] == 1000 * evo.search.evaluator.computed  # every FLOP is a true evaluation's
     assert run.true_evaluations == evo.search.evaluator.computed
-    assert all(r["energy_method"] == "estimate" and r["energy_wh"] >= 0 for r in run.history)
+    assert all(r["energy_method"] == "estimate" for r in run.history)
+    assert all(a["energy_wh"] <= b["energy_wh"] for a, b in zip(run.history, run.history[1:]))
 
 
 def test_a_control_is_told_apart_from_the_ga():
@@ -314,7 +315,9 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
                           "hybrid_every": 2, "hybrid_steps": 3, "hybrid_batch_size": 2, "local_search_every": 3,
                           "local_search_top": 2, "surrogate_every": 2})
 
-    def run(strategy, folder):
+    def run(strategy, folder, budget=None):
+        from clso.evolve import Budget
+
         search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
         surrogate, pretraining = None, None
         if strategy == "ga":
@@ -323,15 +326,61 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
             surrogate.fit(genomes, losses)
             pretraining = (genomes, losses)
         evo = Evolution(search, cfg, surrogate, pretraining, 0, tmp_path / folder, "fp",
-                        dict(device="cpu", rapl_root=tmp_path / "no-rapl"), strategy=strategy)
+                        dict(device="cpu", rapl_root=tmp_path / "no-rapl"), strategy=strategy, budget=budget or Budget())
         steps.clear()
         return evo, evo.run_to_end(), len(steps)
 
+    from clso.evolve import Budget
+
     _, ga_run, ga_steps = run("ga", "ga")
-    fixed, fixed_run, fixed_steps = run("fixed_body", "fixed")
+    fixed, fixed_run, fixed_steps = run("fixed_body", "fixed", Budget(generations=ga_run.ga_state.generation))
     assert fixed_steps == ga_steps == 3 * 3  # generations 2, 4 and 6
+    from clso.flops import backward_flops, forward_flops
+
+    genome, gpt = fixed_run.ga_state.best_genome, fixed.search.config.gpt2()
+    per_layer = fixed.search.model.linear_flops(genome)
+    phase = 3 * (forward_flops(gpt, 16, 2, per_layer) + backward_flops(gpt, 16, 2, per_layer, train_linears=False))
     assert len({tuple(r) for r in fixed_run.ga_state.population.tolist()}) == 1
     assert fixed_run.ga_state.best_genome.tolist() == fixed_run.ga_state.population[0].tolist()
     assert fixed_run.surrogate_predictions == 0 and fixed_run.true_evaluations == 1 + 3  # once, and after each phase
-    assert fixed_run.history[-1]["flops"] > 0 and fixed_run.history[-1]["energy_method"] == "estimate"
+    # charged: its true evaluations and three phases of Adam, nothing else
+    assert fixed_run.history[-1]["flops"] == fixed.search.evaluator.flops + 3 * phase
+    assert fixed_run.history[-1]["energy_method"] == "estimate"
     assert fixed_run.ga_state.best_fitness < fixed_run.history[0]["best_loss"]  # Adam alone improved it
+
+
+def test_random_search_in_hybrid_mode_spends_exactly_its_schedule(tiny_gpt2_search, tmp_path):
+    from clso.evolve import Budget, Evolution
+
+    root, model = tiny_gpt2_search
+    cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "mode": "hybrid", "population": 6, "generations": 7,
+                          "hybrid_every": 2, "hybrid_steps": 2, "hybrid_batch_size": 2})
+    schedule = (8, 12, 16, 20, 30, 31, 40, 44)
+
+    def make(folder):
+        search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
+        return Evolution(search, cfg, None, None, 0, tmp_path / folder, "fp", dict(device="cpu", rapl_root=tmp_path / "x"),
+                         strategy="random", budget=Budget(evaluations=schedule))
+
+    run = make("whole").run_to_end()
+    assert [r["true_evaluations"] for r in run.history] == list(schedule)  # re-scoring the best after each phase included
+    with pytest.raises(KeyboardInterrupt):
+        make("killed").run_to_end(stop_after=3)
+    resumed = make("killed").run_to_end()
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("energy_wh", "wall_s")} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(run.history)
+    np.testing.assert_array_equal(resumed.ga_state.best_genome, run.ga_state.best_genome)
+
+
+def test_a_control_needs_its_budget_and_never_resumes_another_runs_checkpoint(tmp_path):
+    from clso.evolve import Budget
+
+    for strategy, needed in (("random", "evaluations"), ("no_surrogate", "flops")):
+        with pytest.raises(ValueError, match=needed):
+            control(tmp_path, strategy, Budget())
+    with pytest.raises(KeyboardInterrupt):
+        control(tmp_path, "random", Budget(evaluations=(5, 10, 15, 20, 25))).run_to_end(stop_after=2)
+    other = control(tmp_path, "no_surrogate", Budget(flops=50_000))  # same folder, same fingerprint
+    assert other.run.history == []  # started afresh
+    again = control(tmp_path, "random", Budget(evaluations=(5, 10, 15, 20, 30)))  # another budget
+    assert again.run.history == []

@@ -243,9 +243,12 @@ def test_structure_features_describe_each_matrix_from_its_manifest_entry():
         for e in lib.manifest["buckets"][bucket]["matrices"]:
             row = table[b, e["index"]]
             assert row[:len(FAMILIES)].tolist() == [float(f == e["family"]) for f in FAMILIES]
-    numeric = table[..., -6:-1].reshape(-1, 5)  # standardised: rank, density, bits, FLOPs, distinct values
+    numeric = table[..., -5:].reshape(-1, 5)  # standardised: rank, density, bits, FLOPs, distinct values
     assert torch.allclose(numeric.mean(0), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(numeric.std(0), torch.ones(5), atol=1e-5)
+    onehots = table[..., :-5]
+    assert (onehots.sum(-1) >= 2).all()  # a family and a kind at least, each exactly one of its set
     dense = [e["index"] for e in lib.manifest["buckets"]["c_fc"]["matrices"] if e["kind"] == "dense"]
     low = [e["index"] for e in lib.manifest["buckets"]["c_fc"]["matrices"] if e["kind"] == "lowrank"]
-    flops = table[2, :, -3]  # dense matrices cost the most FLOPs, low-rank ones less
+    flops = table[2, :, -2]  # dense matrices cost the most FLOPs, low-rank ones less
     assert flops[dense].min() > flops[low].max()
