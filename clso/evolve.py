@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 from clso import ClsoError, ga
+from clso.context import derive_seed
 from clso.data import random_batch
 from clso.energy import EnergyMeter, EnergyReading
 from clso.flops import backward_flops, forward_flops
 from clso.io import write_bytes_atomic, write_text_atomic
-from clso.context import derive_seed
 from clso.search import Search
 from clso.surrogate import Surrogate
 
@@ -86,7 +86,8 @@ class Budget:
     flops: int | None = None
     generations: int | None = None  # fixed_body: the GA's generations, so the same hybrid phases
 
-    NEEDED = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations"}
+
+BUDGET_OF = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations"}  # what each control needs
 
 
 def ga_config(cfg, search: Search) -> ga.GAConfig:
@@ -179,8 +180,8 @@ class Evolution:
             raise ValueError("the GA needs its surrogate and pretraining data; a control uses neither")
         if strategy == "fixed_body" and cfg.mode != "hybrid":
             raise ValueError("a fixed body trains nothing in pure mode")
-        if strategy in Budget.NEEDED and getattr(budget, Budget.NEEDED[strategy]) is None:
-            raise ValueError(f"the {strategy} control needs a budget of {Budget.NEEDED[strategy]} matched to a GA run")
+        if strategy in BUDGET_OF and getattr(budget, BUDGET_OF[strategy]) is None:
+            raise ValueError(f"the {strategy} control needs a budget of {BUDGET_OF[strategy]} matched to a GA run")
         self.search, self.cfg, self.surrogate = search, cfg, surrogate
         self.strategy, self.budget = strategy, budget
         self.gacfg = ga_config(cfg, search)

@@ -24,8 +24,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from clso import ClsoError
-from clso.io import write_bytes_atomic, write_json_atomic
 from clso.context import generator
+from clso.io import write_bytes_atomic, write_json_atomic
 
 # The targeted layers of one GPT-2 block, in genome order: gene 4·layer + j is BUCKETS[j].
 BUCKETS = ("c_attn", "attn_proj", "c_fc", "mlp_proj")

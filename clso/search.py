@@ -10,11 +10,11 @@ import numpy as np
 
 from clso import ClsoError
 from clso import ga
+from clso.context import derive_seed
 from clso.data import TokenData
 from clso.evaluate import EvalBatch, FitnessEvaluator
 from clso.library import BUCKETS, Library
 from clso.model import CrystallineGPT2, ModelConfig, genome_length
-from clso.context import derive_seed
 
 
 @dataclass

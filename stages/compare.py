@@ -9,13 +9,13 @@ import torch
 
 from clso import ClsoError
 from clso.compare import charged_curve, clso_charges, comparison, hypothesis, methods, statement
+from clso.context import setup
 from clso.data import TokenData
 from clso.energy import EnergyMeter
 from clso.evaluate import split_loss
 from clso.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from clso.params import load_params
 from clso.plots import comparison_png
-from clso.context import setup
 from stages.common import PARAMS_OPTION, read_json, run_alone, stage
 from stages.final_models import final_models
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from clso.compile import (RUNTIME_LOGIT_TOLERANCE, bench_runtime, build_runtime, check_runtime_logits,
                           quantization_reports, run_runtime, runtime_logits)
+from clso.context import setup
 from clso.crystal import (MODES, CrystalModel, build_crystal_with_report, crystalline_spec, dense_spec,
                           export_tokenizer, read_crystal)
 from clso.data import TokenData
@@ -17,7 +18,6 @@ from clso.io import atomic_dir, write_json_atomic
 from clso.model import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.context import setup
 from clso.tokenizer import load_tokenizer
 from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.final_models import final_models

@@ -22,6 +22,7 @@ import clso.search
 import clso.surrogate
 from clso import ClsoError
 from clso.bound import frozen_head_bound
+from clso.context import setup
 from clso.evaluate import split_loss, split_targets
 from clso.energy import EnergyMeter
 from clso.evolve import HISTORY_FIELDS, Evolution
@@ -29,7 +30,6 @@ from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
-from clso.context import setup
 from clso.search import build_search
 from clso.surrogate import Surrogate, SurrogateConfig
 from stages.common import PARAMS_OPTION, run_alone, stage

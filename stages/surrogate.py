@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from clso.context import derive_seed, setup
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.context import derive_seed, setup
 from clso.search import build_search, sample_for_surrogate
 from clso.library import structure_features
 from clso.surrogate import INPUTS, Surrogate, SurrogateConfig, ranking_metrics
