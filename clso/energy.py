@@ -35,16 +35,17 @@ class EnergyReading:
     gpu_wh: float = 0.0
     gpu_method: str | None = None
 
+    _ADDITIVE = ("energy_wh", "wall_s", "cpu_s", "cpu_wh", "gpu_wh")
+
+    def _combined(self, other: EnergyReading, sign: int) -> EnergyReading:
+        return replace(self, **{k: getattr(self, k) + sign * getattr(other, k) for k in self._ADDITIVE})
+
     def minus(self, other: EnergyReading) -> EnergyReading:
         """This reading less another of the same meter: the work between them, or besides them."""
-        return replace(self, energy_wh=self.energy_wh - other.energy_wh, wall_s=self.wall_s - other.wall_s,
-                       cpu_s=self.cpu_s - other.cpu_s, cpu_wh=self.cpu_wh - other.cpu_wh,
-                       gpu_wh=self.gpu_wh - other.gpu_wh)
+        return self._combined(other, -1)
 
     def plus(self, other: EnergyReading) -> EnergyReading:
-        return replace(self, energy_wh=self.energy_wh + other.energy_wh, wall_s=self.wall_s + other.wall_s,
-                       cpu_s=self.cpu_s + other.cpu_s, cpu_wh=self.cpu_wh + other.cpu_wh,
-                       gpu_wh=self.gpu_wh + other.gpu_wh)
+        return self._combined(other, +1)
 
     def as_metrics(self) -> dict:
         """Flat and rounded; with no GPU, the CPU part is the whole and is not repeated."""
