@@ -96,15 +96,17 @@ def methods(*names: str) -> str:
     return "|".join(sorted({part for m in names for part in m.split("|")}))
 
 
-def clso_charges(library: dict, surrogate: dict, evolve: dict, baseline: dict) -> dict:
-    """Everything CLSO spent, from the stages' metrics: library generation, the surrogate's true
-    evaluations and training, the search — and, when the library holds svd matrices taken from the
-    trained baseline, that baseline's training too. Checkpoint writing is no one's training cost."""
+def clso_charges(library: dict, surrogate: dict | None, search: dict, baseline: dict) -> dict:
+    """Everything a search spent, from the stages' metrics: library generation, the surrogate's true
+    evaluations and training (CLSO's GA; `surrogate` None for a control, which has none), the search
+    — and, when the library holds svd matrices taken from the trained baseline, that baseline's
+    training too. Checkpoint writing is no one's training cost."""
     uses_svd = library["families"]["svd"] > 0
-    parts = {"library": (library["energy_wh"], 0, library["wall_s"], library["method"]),
-             "surrogate_evaluation": tuple(surrogate["evaluation"][k] for k in ("energy_wh", "flops", "wall_s", "method")),
-             "surrogate_training": tuple(surrogate["training"][k] for k in ("energy_wh", "flops", "wall_s", "method")),
-             "search": (evolve["energy_wh"], evolve["flops"], evolve["wall_s"], evolve["method"])}
+    parts = {"library": (library["energy_wh"], 0, library["wall_s"], library["method"])}
+    if surrogate is not None:
+        parts |= {f"surrogate_{k}": tuple(surrogate[k][m] for m in ("energy_wh", "flops", "wall_s", "method"))
+                  for k in ("evaluation", "training")}
+    parts["search"] = (search["energy_wh"], search["flops"], search["wall_s"], search["method"])
     if uses_svd:
         parts["svd_reference_baseline"] = (baseline["energy_wh"], baseline["flops"], baseline["wall_s"], baseline["method"])
     before = [p for name, p in parts.items() if name != "search"]
@@ -121,3 +123,65 @@ def charged_curve(search_curve: list[dict], charges: dict) -> list[dict]:
     before = charges["before_search"]
     return [{**row, **{key: row[key] + before[key] for key in ("energy_wh", "flops", "wall_s")},
              "energy_method": charges["method"]} for row in search_curve]
+
+
+def spread(xs: list[float]) -> float | None:
+    """Sample standard deviation; None for a single run (no spread to speak of)."""
+    if len(xs) < 2:
+        return None
+    mean = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def seed_summary(runs: list[dict], keys=("val_loss", "val_ppl", "test_ppl", "energy_wh", "flops",
+                                         "true_evaluations")) -> dict:
+    """Mean and spread over seeds of one strategy and mode."""
+    out = {"seeds": len(runs)}
+    for key in keys:
+        values = [r[key] for r in runs]
+        out[key] = sum(values) / len(values)
+        out[f"{key}_spread"] = spread(values)
+    return out
+
+
+# (what is compared, the reference, its control, the question it answers)
+CONTRASTS = (("ga_vs_random", "evolve", "random", "does the GA beat sampling at equal true evaluations?"),
+             ("surrogate_vs_none", "evolve", "no_surrogate", "does the surrogate pay for itself at equal FLOPs?"),
+             ("search_vs_fixed_body", "evolve", "fixed_body", "what does the search add beyond Adam?"))
+
+
+def contrasts(runs: list[dict]) -> dict:
+    """Each control against CLSO's GA of the same mode, seed by seed: the control's val loss less
+    the GA's (positive: the GA is better), its mean and spread over seeds, and the control's
+    charged energy and FLOPs as a share of the GA's. `runs` carry stage, mode, seed and their figures."""
+    by = {(r["stage"], r["mode"], r["seed"]): r for r in runs}
+    out = {}
+    for name, reference, control, _ in CONTRASTS:
+        for (stage, mode, seed), r in sorted(by.items()):
+            ga = by.get((reference, mode, seed))
+            if stage != control or ga is None:
+                continue
+            out.setdefault(name, {}).setdefault(mode, []).append(
+                {"loss_difference": r["val_loss"] - ga["val_loss"], "energy_share": r["energy_wh"] / ga["energy_wh"],
+                 "flops_share": r["flops"] / ga["flops"]})
+    return {name: {mode: {"seeds": len(pairs),
+                          **{k: sum(p[k] for p in pairs) / len(pairs) for k in ("loss_difference", "energy_share",
+                                                                                "flops_share")},
+                          "loss_difference_spread": spread([p["loss_difference"] for p in pairs]),
+                          "clso_better_in": sum(p["loss_difference"] > 0 for p in pairs)}
+                   for mode, pairs in modes.items()}
+            for name, modes in out.items()}
+
+
+def contrast_statement(name: str, mode: str, c: dict) -> str:
+    """One contrast in words."""
+    _, _, control, question = next(x for x in CONTRASTS if x[0] == name)
+    label = {"random": "random search", "no_surrogate": "the GA without surrogate",
+             "fixed_body": "the fixed random body"}[control]
+    d = c["loss_difference"]
+    spread_text = (f" ± {c['loss_difference_spread']:.4f} (spread over {c['seeds']} seeds; CLSO better in "
+                   f"{c['clso_better_in']} of them)" if c["loss_difference_spread"] is not None else " (one seed)")
+    who = "CLSO's GA is better" if d > 0 else "CLSO's GA is not better" if d == 0 else f"{label} is better"
+    return (f"{question[0].upper()}{question[1:]} In {mode} mode, {label}'s val loss is {d:+.4f} nats from CLSO's"
+            f"{spread_text}: {who}, at {c['energy_share']:.2f}× CLSO's charged energy and "
+            f"{c['flops_share']:.2f}× its FLOPs.")

@@ -35,6 +35,7 @@ from clso.surrogate import Surrogate
 
 CHECKPOINT_VERSION = 3
 STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body")
+MODES = ("pure", "hybrid")  # pure: only genes change; hybrid: plus Adam phases on the continuous parts
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
                   "energy_wh", "energy_method", "flops", "wall_s")
 
@@ -173,22 +174,22 @@ def adam_phase(search: Search, genome: np.ndarray, cfg, rng: np.random.Generator
 class Evolution:
     def __init__(self, search: Search, cfg, surrogate: Surrogate | None, pretraining: tuple[np.ndarray, np.ndarray] | None,
                  seed: int, checkpoint_dir: str | Path, fingerprint: str, meter_options: dict,
-                 strategy: str = "ga", budget: Budget = Budget()):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}")
+                 strategy: str = "ga", budget: Budget = Budget(), mode: str = "pure"):
+        if strategy not in STRATEGIES or mode not in MODES:
+            raise ValueError(f"strategy must be one of {STRATEGIES} and mode one of {MODES}")
         if (strategy == "ga") != (surrogate is not None and pretraining is not None):
             raise ValueError("the GA needs its surrogate and pretraining data; a control uses neither")
-        if strategy == "fixed_body" and cfg.mode != "hybrid":
+        if strategy == "fixed_body" and mode != "hybrid":
             raise ValueError("a fixed body trains nothing in pure mode")
         if strategy in BUDGET_OF and getattr(budget, BUDGET_OF[strategy]) is None:
             raise ValueError(f"the {strategy} control needs a budget of {BUDGET_OF[strategy]} matched to a GA run")
         self.search, self.cfg, self.surrogate = search, cfg, surrogate
-        self.strategy, self.budget = strategy, budget
+        self.strategy, self.budget, self.mode = strategy, budget, mode
         self.gacfg = ga_config(cfg, search)
         self.pretraining = pretraining
         self.seed = seed
         # a checkpoint of another strategy or budget, in a folder reused by mistake, is not resumed
-        self.checkpoints = Checkpoints(checkpoint_dir, f"{fingerprint}/{strategy}/{budget}")
+        self.checkpoints = Checkpoints(checkpoint_dir, f"{fingerprint}/{strategy}/{mode}/{budget}")
         self.meter_options = meter_options
         self.run = self.checkpoints.load(search, surrogate) or self._start()
         self.cost: Totals | None = None  # everything spent so far, once a generation has run here
@@ -322,7 +323,7 @@ class Evolution:
         run.stopped = self._stop()
 
     def _hybrid_at(self, generation: int) -> bool:
-        return self.cfg.mode == "hybrid" and generation > 0 and generation % self.cfg.hybrid_every == 0
+        return self.mode == "hybrid" and generation > 0 and generation % self.cfg.hybrid_every == 0
 
     def _stop(self) -> str | None:
         run, cfg = self.run, self.cfg

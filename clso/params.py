@@ -19,12 +19,13 @@ import yaml
 from clso import ParamsError
 
 
-def spec(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, check=None):
-    """A params field: its default, its one-line help, and what values are valid."""
+def spec(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, check=None, min_items=0):
+    """A params field: its default, its one-line help, and what values are valid (for a list: of
+    each item, and `min_items`)."""
     return field(
         default=default,
         metadata={"help": help, "choices": choices, "min": min, "max": max,
-                  "min_exclusive": min_exclusive, "check": check},
+                  "min_exclusive": min_exclusive, "check": check, "min_items": min_items},
     )
 
 
@@ -129,8 +130,6 @@ class SurrogateParams:
 
 @dataclass(frozen=True)
 class EvolveParams:
-    mode: str = spec("pure", "pure: only genes change (the protocol's V1); hybrid: every hybrid_every "
-                     "generations, Adam trains the continuous parts for the best genome", choices=("pure", "hybrid"))
     population: int = spec(64, "genomes per generation (P; the protocol runs 256-512 on a GPU)", min=4, max=1_000_000)
     generations: int = spec(60, "generation limit (G; the protocol runs 1000-2000)", min=1, max=1_000_000)
     patience: int = spec(30, "stop after this many generations without a better truly evaluated genome",
@@ -160,6 +159,27 @@ class EvolveParams:
     hybrid_batch_size: int = spec(8, "hybrid mode: sequences per Adam step, from the train split", min=1, max=4096)
 
 
+MODES = ("pure", "hybrid")
+
+
+@dataclass(frozen=True)
+class GridParams:
+    seeds: tuple[int, ...] = spec((1337,), "search seeds: every variant runs once per seed (the library, surrogate, "
+                                  "fitness batch and initial weights stay on base.seed); with several, compare "
+                                  "reports mean ± spread", min=0, max=2**32 - 1, min_items=1)
+    evolve: tuple[str, ...] = spec(MODES, "modes of the CLSO search (the GA with its surrogate). pure: only genes "
+                                   "change (the protocol's V1); hybrid: every evolve.hybrid_every generations, Adam "
+                                   "trains the continuous parts for the best genome", choices=MODES, min_items=1)
+    random: tuple[str, ...] = spec(MODES, "modes of the random-search control: as many true evaluations per "
+                                   "generation as the GA of that mode and seed (with its surrogate's pretraining)",
+                                   choices=MODES)
+    no_surrogate: tuple[str, ...] = spec(MODES, "modes of the no-surrogate control: the GA with every child truly "
+                                         "evaluated, until it has spent the FLOPs of the GA and its surrogate",
+                                         choices=MODES)
+    fixed_body: tuple[str, ...] = spec(("hybrid",), "the fixed-body control (hybrid only): one seeded random "
+                                       "genome, never searched, with the GA's Adam phases", choices=("hybrid",))
+
+
 @dataclass(frozen=True)
 class BaselineParams:
     steps: int = spec(600, "AdamW steps", min=1, max=100_000_000)
@@ -176,6 +196,8 @@ class BaselineParams:
 
 @dataclass(frozen=True)
 class CompileParams:
+    mode: str = spec("pure", "which CLSO search is compiled: that mode's run at the first of grid.seeds",
+                     choices=MODES)
     prune_vocab: bool = spec(False, "keep only the token ids that occur in the train split (smaller embeddings)")
     eval_tokens: int = spec(0, "val tokens for perplexity and top-1 agreement of each file; 0 = the whole val split",
                             min=0, max=1_000_000_000)
@@ -198,6 +220,7 @@ class Params:
     fitness: FitnessParams
     surrogate: SurrogateParams
     evolve: EvolveParams
+    grid: GridParams
     baseline: BaselineParams
     compile: CompileParams
 
@@ -210,8 +233,11 @@ def _nearest(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _describe_valid(f: dataclasses.Field, kind: type) -> str:
+def _describe_valid(f: dataclasses.Field, kind) -> str:
     m = f.metadata
+    if typing.get_origin(kind) is tuple:
+        at_least = f"at least {m['min_items']} " if m.get("min_items") else ""
+        return f"a list of {at_least}distinct items, each {_describe_valid(f, typing.get_args(kind)[0])}"
     if m.get("choices"):
         return "one of " + ", ".join(map(str, m["choices"]))
     if kind is bool:
@@ -231,7 +257,21 @@ def _describe_valid(f: dataclasses.Field, kind: type) -> str:
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
+def _coerce_list(section: str, f: dataclasses.Field, kind, value) -> tuple:
+    where, valid = f"{section}.{f.name}", _describe_valid(f, kind)
+    if not isinstance(value, (list, tuple)):
+        raise ParamsError(f"{where}: expected a list, got {value!r}; valid: {valid}")
+    if len(value) < f.metadata["min_items"]:
+        raise ParamsError(f"{where}: {len(value)} items; valid: {valid}")
+    items = tuple(_coerce(section, f, typing.get_args(kind)[0], item) for item in value)
+    if len(set(items)) < len(items):
+        raise ParamsError(f"{where}: {value!r} repeats an item; valid: {valid}")
+    return items
+
+
 def _coerce(section: str, f: dataclasses.Field, kind: type, value):
+    if typing.get_origin(kind) is tuple:
+        return _coerce_list(section, f, kind, value)
     where = f"{section}.{f.name}"
     valid = _describe_valid(f, kind)
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
@@ -303,6 +343,15 @@ def _check_across(params: Params) -> None:
                           "valid: fewer elites than genomes")
     if abs(sum(shares) - 1.0) > 1e-6:
         raise ParamsError(f"library.share_*: the five shares sum to {sum(shares):g}; valid: a sum of 1")
+    g = params.grid
+    for control in ("random", "no_surrogate", "fixed_body"):
+        orphans = [mode for mode in getattr(g, control) if mode not in g.evolve]
+        if orphans:  # a control's budget is matched to the GA run of its mode and seed
+            raise ParamsError(f"grid.{control}: {orphans[0]} is not in grid.evolve {list(g.evolve)}; a control "
+                              f"is matched to the CLSO search of its mode: add {orphans[0]} to grid.evolve")
+    if params.compile.mode not in g.evolve:
+        raise ParamsError(f"compile.mode: {params.compile.mode} is not in grid.evolve {list(g.evolve)}; "
+                          "valid: a mode the grid runs")
 
 
 def parse_params(raw) -> Params:
@@ -360,6 +409,6 @@ def defaults(cls: type):
 
 
 __all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "FitnessParams", "SurrogateParams",
-           "EvolveParams", "BaselineParams", "CompileParams",
+           "EvolveParams", "GridParams", "BaselineParams", "CompileParams",
            "Params", "load_params", "parse_params", "section_help",
            "defaults", "SECTIONS"]

@@ -38,22 +38,26 @@ def evolution_png(history: list[dict], path: str | Path, title: str, uniform_los
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def comparison_png(baseline_curve: list[dict], clso_curve: list[dict], clso_point: dict, x_key: str,
-                   x_label: str, path: str | Path, title: str) -> None:
-    """Val loss of the baseline against cost, with CLSO's search curve and its final val loss."""
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot([r[x_key] for r in baseline_curve], [r["val_loss"] for r in baseline_curve], marker=".",
+def frontier_png(baseline_curve: list[dict], runs: list[dict], curves: dict[str, list[dict]], x_key: str,
+                 x_label: str, path: str | Path, title: str) -> None:
+    """Val loss of the baseline against cost, with every variant's search curve (its best fitness
+    loss, on the train batch) and its final val loss as a marker of the same colour."""
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
+    ax.plot([r[x_key] for r in baseline_curve], [r["val_loss"] for r in baseline_curve], color="black", marker=".",
             label="AdamW baseline: val loss")
-    ax.plot([r[x_key] for r in clso_curve], [r["best_loss"] for r in clso_curve], ls="--",
-            label="CLSO: best fitness loss (train batch)")
-    ax.scatter([clso_point[x_key]], [clso_point["val_loss"]], color="C3", zorder=3, label="CLSO: final val loss")
-    if "frozen_head_bound_val_loss" in clso_point:
-        ax.axhline(clso_point["frozen_head_bound_val_loss"], color="C3", ls=":", lw=1,
-                   label="CLSO pure: no body gets below (frozen head)")
+    styles = {"pure": "--", "hybrid": "-"}
+    for i, run in enumerate(runs):
+        colour, curve = f"C{i % 10}", curves[run["variant"]]
+        ax.plot([r[x_key] for r in curve], [r["best_loss"] for r in curve], color=colour, lw=1,
+                ls=styles.get(run["mode"], "-"), label=f"{run['variant']} ({run['label']})")
+        ax.scatter([run[x_key]], [run["val_loss"]], color=colour, zorder=3, edgecolor="black")
+    bounds = [r["frozen_head_bound_val_loss"] for r in runs if "frozen_head_bound_val_loss" in r]
+    if bounds:
+        ax.axhline(max(bounds), color="grey", ls=":", lw=1, label="pure mode: no body gets below (frozen head)")
     ax.set_xlabel(x_label)
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.legend()
+    ax.set_title(title + "\nlines: best fitness (train batch); dots: final val loss", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import typer
 
 from clso import ClsoError
@@ -76,3 +77,12 @@ def read_json(path) -> dict:
         raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
     except ValueError:
         raise ClsoError(f"{path}: not valid JSON; re-create it with `dvc repro -f`") from None
+
+
+def read_curve(path) -> list[dict]:
+    try:
+        return pd.read_csv(path).astype(object).to_dict("records")  # Python numbers, as JSON wants
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ClsoError(f"{path}: not a readable curve ({type(e).__name__}); re-create it with `dvc repro -f`") from None

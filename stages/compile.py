@@ -20,7 +20,8 @@ from clso.params import load_params
 from clso.progress import progress_bar
 from clso.tokenizer import load_tokenizer
 from stages.common import PARAMS_OPTION, run_alone, stage
-from stages.final_models import final_models
+from stages import final_models
+from stages.variants import compiled_variant
 
 BUILD = Path("build")
 METRICS = Path("metrics/compile.json")
@@ -34,9 +35,9 @@ SUMMARY = ("bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "val
 BENCH_SUMMARY = ("ratio", "runtime_tokens_per_s", "torch_tokens_per_s")
 
 
-@stage("compile", sections=("base", "model", "compile"))
+@stage("compile", sections=("base", "model", "grid", "compile"))
 def compile_(params: Path = PARAMS_OPTION) -> None:
-    """Compile the evolved CLSO model and the baseline to build/*.crystal in every mode (f32, int16,
+    """Compile the evolved CLSO model (compile.mode at the first of grid.seeds) and the baseline to build/*.crystal in every mode (f32, int16,
     int8, mixed16, mixed8) and build the C runtime build/crystal with compile.cc; score every file
     against its float PyTorch model on the val split, check the runtime's logits against the Python
     reader's (the stage fails beyond a tolerance), benchmark generation against PyTorch eager; write
@@ -47,7 +48,9 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
     with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter:
         data = TokenData.open("data/prepared")
         tokenizer = export_tokenizer(load_tokenizer("data/prepared/tokenizer.json"))
-        clso_model, baseline_model = final_models(p, data.vocab_size, "cpu")
+        variant = compiled_variant(p)
+        clso_model = final_models.searched_model(p, variant, "cpu")
+        baseline_model = final_models.baseline_model(p, data.vocab_size, "cpu")
         stored = load_file("models/library/library.safetensors")  # packed as generated; Library holds floats
         dense_config = ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)
         specs = {"clso": (crystalline_spec(clso_model, stored, clso_model.library.manifest), clso_model),
@@ -67,7 +70,7 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
                 for f in m["modes"].values():
                     f["bytes_vs_dense_f32"] = f["bytes"] / dense_f32
             vocab_rows = int(len(keep)) if keep is not None else data.vocab_size
-            write_json_atomic(out / REPORT, {"prune_vocab": c.prune_vocab, "vocab_rows": vocab_rows,
+            write_json_atomic(out / REPORT, {"variant": variant.name, "prune_vocab": c.prune_vocab, "vocab_rows": vocab_rows,
                                              "runtime_logit_tolerance": RUNTIME_LOGIT_TOLERANCE, "models": models})
     clso_m8, base_m8 = models["clso"]["modes"]["mixed8"], models["baseline"]["modes"]["mixed8"]
     checks = {
@@ -88,7 +91,7 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
                for name, m in models.items()}
     summary["clso"]["exactness"] = clso_m8["exactness"]
     cost = meter.reading.as_metrics()  # the compile stage's own, charged to neither contestant
-    write_json_atomic(METRICS, {"models": summary, "targets": TARGETS, "measured": checks, "met": met, "cost": cost})
+    write_json_atomic(METRICS, {"variant": variant.name, "models": summary, "targets": TARGETS, "measured": checks, "met": met, "cost": cost})
     for name, m in models.items():
         m8 = m["modes"]["mixed8"]
         print(f"compile: {name} mixed8 {m8['bytes'] / 1e6:.2f} MB ({m8['bytes_vs_f32']:.0%} of f32), top-1 "

@@ -1,4 +1,6 @@
-"""Stage `evolve`: the CLSO genetic search with its surrogate, resumable after any generation."""
+"""Stages `evolve` (the CLSO genetic search with its surrogate) and its controls `random`,
+`no_surrogate` and `fixed_body`: one variant per mode and seed of params.yaml's grid, each
+resumable after any generation. A control's budget is read from the CLSO run of its mode and seed."""
 
 import hashlib
 import inspect
@@ -8,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import typer
 from safetensors.torch import load_file, save_file
 
 import clso.data
@@ -25,21 +28,17 @@ from clso.bound import frozen_head_bound
 from clso.context import setup
 from clso.evaluate import split_loss, split_targets
 from clso.energy import EnergyMeter
-from clso.evolve import HISTORY_FIELDS, Evolution
+from clso.evolve import HISTORY_FIELDS, MODES, Budget, Evolution
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
 from clso.search import build_search
 from clso.surrogate import Surrogate, SurrogateConfig
-from stages.common import PARAMS_OPTION, run_alone, stage
+from stages.common import PARAMS_OPTION, app, read_curve, read_json, stage
+from stages.variants import Variant
 
 SURROGATE_DIR = Path("models/surrogate")
-CHECKPOINT_DIR = Path("checkpoints/evolve")
-OUT_DIR = Path("models/clso")
-METRICS = Path("metrics/evolve.json")
-PLOT = Path("plots/evolve.csv")
-FIGURE = Path("plots/evolve.png")
 VAL_BATCH = 16
 # the code the search's results and accounting come from: a checkpoint another version wrote is not resumed
 SEARCH_CODE = (clso.data, clso.energy, clso.evaluate, clso.evolve, clso.flops, clso.ga, clso.library, clso.model,
@@ -60,11 +59,11 @@ def _load_surrogate() -> tuple[Surrogate, np.ndarray, np.ndarray]:
     return model, np.array(data["genomes"], dtype=np.int64), np.array([float(x) for x in data["losses"]])
 
 
-def _fingerprint(p, files) -> str:
-    """What a checkpoint must match to be resumed: params, inputs, and the project's code — a fix to
-    the search or its accounting must not be mixed into a run the old code began."""
-    h = hashlib.sha256(json.dumps({k: asdict(getattr(p, k)) for k in ("base", "model", "fitness", "evolve")},
-                                  sort_keys=True).encode())
+def _fingerprint(p, variant: Variant, files) -> str:
+    """What a checkpoint must match to be resumed: params, variant, inputs, and the project's code — a
+    fix to the search or its accounting must not be mixed into a run the old code began."""
+    h = hashlib.sha256(json.dumps({**{k: asdict(getattr(p, k)) for k in ("base", "model", "fitness", "evolve")},
+                                   "variant": asdict(variant)}, sort_keys=True).encode())
     for f in files:
         h.update(Path(f).read_bytes())
     for module in SEARCH_CODE:
@@ -72,27 +71,49 @@ def _fingerprint(p, files) -> str:
     return h.hexdigest()
 
 
-@stage("evolve", sections=("base", "model", "fitness", "evolve"))
-def evolve(params: Path = PARAMS_OPTION) -> None:
-    """Run the genetic search from the pretrained surrogate; checkpoints after every generation in
-    checkpoints/evolve (a killed run resumes), and writes models/clso/, metrics/evolve.json and
-    plots/evolve.csv."""
+def _budget(variant: Variant, surrogate: dict) -> Budget:
+    """A control's budget, matched to the CLSO run of its mode and seed and to all CLSO spent on it."""
+    if variant.strategy == "ga":
+        return Budget()
+    clso = variant.clso()
+    metrics = read_json(clso.metrics)
+    if variant.strategy == "random":  # the surrogate's pretraining genomes were true evaluations too
+        return Budget(evaluations=tuple(surrogate["genomes"] + int(row["true_evaluations"])
+                                        for row in read_curve(clso.curve)))
+    if variant.strategy == "no_surrogate":
+        return Budget(flops=metrics["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"])
+    return Budget(generations=metrics["generations"])
+
+
+def _budget_metrics(budget: Budget) -> dict:
+    """What a control was allowed, for its metrics: the evaluation schedule by its total."""
+    allowed = {k: v for k, v in asdict(budget).items() if v is not None}
+    if budget.evaluations:
+        allowed["evaluations"] = budget.evaluations[-1]
+    return allowed
+
+
+def search_variant(variant: Variant, params: Path) -> None:
+    """Run one variant's search from where its checkpoint left it; write its model, metrics, curve and figure."""
     p = load_params(params)
+    budget = _budget(variant, read_json("metrics/surrogate.json"))  # before any work: a control needs its CLSO run
     device = setup(p.base)
     search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
                           seed=p.base.seed, device=device)
-    surrogate, genomes, losses = _load_surrogate()
-    if surrogate.config.gene_buckets != search.gene_buckets or surrogate.config.library_size != search.library.size:
-        raise ClsoError("models/surrogate was trained for another genome layout; run `dvc repro surrogate`")
-    fingerprint = _fingerprint(p, ["data/prepared/meta.json", "models/library/manifest.json",
-                                   SURROGATE_DIR / "surrogate.safetensors"])
+    surrogate, pretraining, inputs = None, None, ["data/prepared/meta.json", "models/library/manifest.json"]
+    if variant.strategy == "ga":
+        surrogate, genomes, losses = _load_surrogate()
+        if surrogate.config.gene_buckets != search.gene_buckets or surrogate.config.library_size != search.library.size:
+            raise ClsoError("models/surrogate was trained for another genome layout; run `dvc repro surrogate`")
+        pretraining, inputs = (genomes, losses), [*inputs, SURROGATE_DIR / "surrogate.safetensors"]
     meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
-    evolution = Evolution(search, p.evolve, surrogate, (genomes, losses), p.base.seed, CHECKPOINT_DIR,
-                          fingerprint, meter)
+    evolution = Evolution(search, p.evolve, surrogate, pretraining, variant.seed, variant.checkpoints,
+                          _fingerprint(p, variant, inputs), meter, strategy=variant.strategy, budget=budget,
+                          mode=variant.mode)
     resumed_at = len(evolution.run.history)
+    limit = min(p.evolve.generations, budget.generations or p.evolve.generations)
     with progress_bar() as bar:
-        task = bar.add_task("evolve", total=p.evolve.generations + 1, completed=resumed_at,
-                            info="resumed" if resumed_at else "")
+        task = bar.add_task(variant.name, total=limit + 1, completed=resumed_at, info="resumed" if resumed_at else "")
 
         def show(run):
             row = run.history[-1]
@@ -108,19 +129,22 @@ def evolve(params: Path = PARAMS_OPTION) -> None:
     with EnergyMeter(**meter) as final_meter:  # measuring, not training: charged to neither side
         val = split_loss(model, val_tokens, p.model.block_size, VAL_BATCH, device)
         bound = None
-        if p.evolve.mode == "pure":  # nothing continuous trained: the frozen head limits every body
+        if variant.mode == "pure":  # nothing continuous trained: the frozen head limits every body
             gpt = model.gpt2
             bound = frozen_head_bound(gpt.lm_head.weight, gpt.transformer.ln_f.weight, gpt.transformer.ln_f.bias,
                                       split_targets(val_tokens, p.model.block_size))
     last, cost = run.history[-1], evolution.cost
-    with atomic_dir(OUT_DIR) as tmp:
+    with atomic_dir(variant.model_dir) as tmp:
         write_json_atomic(tmp / "best_genome.json", {
             "genome": run.ga_state.best_genome.tolist(), "fitness_loss": run.ga_state.best_fitness,
-            "library_seed": search.library.seed, "mode": p.evolve.mode, "model": asdict(search.config)})
+            "library_seed": search.library.seed, "variant": variant.name, "mode": variant.mode,
+            "model": asdict(search.config)})
         save_file(model.continuous_state(), str(tmp / "continuous.safetensors"), metadata={"clso": "continuous/1"})
     total = run.true_evaluations + run.surrogate_predictions
-    write_json_atomic(METRICS, {
-        "mode": p.evolve.mode, "generations": run.ga_state.generation, "stopped": run.stopped,
+    write_json_atomic(variant.metrics, {
+        "variant": variant.name, "strategy": variant.strategy, "mode": variant.mode, "seed": variant.seed,
+        **({"budget": _budget_metrics(budget)} if variant.strategy != "ga" else {}),
+        "generations": run.ga_state.generation, "stopped": run.stopped,
         "best_fitness_loss": run.ga_state.best_fitness, "val_loss": val, "val_ppl": math.exp(val),
         "true_evaluations": run.true_evaluations, "surrogate_predictions": run.surrogate_predictions,
         "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
@@ -133,16 +157,59 @@ def evolve(params: Path = PARAMS_OPTION) -> None:
         **({"frozen_head_bound": {"val_loss": bound["loss"], "val_ppl": bound["ppl"], "solver_gap": bound["solver_gap"],
                                   "distinct_targets": bound["distinct_targets"]}} if bound else {}),
     })
-    write_csv_atomic(PLOT, HISTORY_FIELDS, run.history)
-    evolution_png(run.history, FIGURE, f"CLSO {p.evolve.mode}: P={p.evolve.population}, "
-                                       f"M={search.library.size}, {search.genome_length} genes",
+    write_csv_atomic(variant.curve, HISTORY_FIELDS, run.history)
+    evolution_png(run.history, variant.figure, f"{variant.name} ({variant.label}): P={p.evolve.population}, "
+                                               f"M={search.library.size}, {search.genome_length} genes",
                   uniform_loss=math.log(search.config.vocab_size))
-    print(f"evolve: {run.stopped} after generation {run.ga_state.generation}; best fitness "
+    print(f"{variant.name}: {run.stopped} after generation {run.ga_state.generation}; best fitness "
           f"{run.ga_state.best_fitness:.4f}, val loss {val:.4f} (ppl {math.exp(val):.1f}); "
           f"{run.true_evaluations} true evaluations, {run.surrogate_predictions} predictions")
     if bound:
-        print(f"evolve: no body can bring the frozen head's val loss below {bound['loss']:.4f} (ppl {bound['ppl']:.1f})")
+        print(f"{variant.name}: no body can bring the frozen head's val loss below {bound['loss']:.4f} "
+              f"(ppl {bound['ppl']:.1f})")
+
+
+MODE_OPTION = typer.Option("pure", "--mode", help="pure or hybrid (one of params.yaml's grid lists)")
+SEED_OPTION = typer.Option(None, "--seed", help="search seed (one of grid.seeds); default base.seed")
+SECTIONS = ("base", "model", "fitness", "evolve")
+
+
+def _variant(stage_name: str, mode: str, seed: int | None, params: Path) -> Variant:
+    modes = ("hybrid",) if stage_name == "fixed_body" else MODES
+    if mode not in modes:
+        raise ClsoError(f"--mode {mode}: not valid for {stage_name}; valid: {', '.join(modes)}")
+    return Variant(stage_name, mode, load_params(params).base.seed if seed is None else seed)
+
+
+@stage("evolve", sections=SECTIONS)
+def evolve(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
+    """CLSO: the genetic search with its pretrained surrogate. Checkpoints after every generation in
+    checkpoints/search/evolve/MODE-SEED (a killed run resumes); writes models/search/evolve/MODE-SEED/,
+    metrics/search/evolve/MODE-SEED.json and plots/search/evolve/MODE-SEED.{csv,png}."""
+    search_variant(_variant("evolve", mode, seed, params), params)
+
+
+@stage("random", sections=SECTIONS)
+def random_search(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
+    """Control: random genomes, as many true evaluations per generation as `evolve` of the same mode
+    and seed spent (its surrogate's pretraining included). Outputs as `evolve`'s, under random/."""
+    search_variant(_variant("random", mode, seed, params), params)
+
+
+@stage("no_surrogate", sections=SECTIONS)
+def no_surrogate(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
+    """Control: the GA with every child truly evaluated, until it has spent the FLOPs of `evolve` of
+    the same mode and seed plus its surrogate's. Outputs as `evolve`'s, under no_surrogate/."""
+    search_variant(_variant("no_surrogate", mode, seed, params), params)
+
+
+@stage("fixed_body", sections=SECTIONS)
+def fixed_body(mode: str = typer.Option("hybrid", "--mode", help="hybrid only"), seed: int = SEED_OPTION,
+               params: Path = PARAMS_OPTION) -> None:
+    """Control (hybrid): one seeded random genome, never searched, with exactly the Adam phases of
+    `evolve` of the same seed. Outputs as `evolve`'s, under fixed_body/."""
+    search_variant(_variant("fixed_body", mode, seed, params), params)
 
 
 if __name__ == "__main__":
-    run_alone("evolve")
+    app(prog_name="python -m stages.evolve")  # COMMAND: evolve, random, no_surrogate or fixed_body

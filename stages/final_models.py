@@ -1,4 +1,4 @@
-"""The two final models, as the stages after the search (compile, compare) load them."""
+"""The final models, as the stages after the search (compile, compare) load them."""
 
 from safetensors.torch import load_file
 
@@ -7,19 +7,26 @@ from clso.baseline import dense_gpt2
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
 from stages.common import read_json
+from stages.variants import Variant
 
 
-def final_models(p, vocab_size: int, device):
-    """The evolved CLSO model (models/clso, models/library) and the trained baseline, in eval mode."""
-    genome = read_json("models/clso/best_genome.json")
-    library = Library.load("models/library")
+def searched_model(p, variant: Variant, device, library: Library | None = None) -> CrystallineGPT2:
+    """A variant's searched model (its folder under models/search, on models/library), in eval mode."""
+    folder = variant.model_dir
+    genome = read_json(folder / "best_genome.json")
+    library = library or Library.load("models/library")
     try:
-        clso = CrystallineGPT2(ModelConfig(**genome["model"]), library, seed=p.base.seed).to(device)
-        clso.load_continuous_state(_safetensors("models/clso/continuous.safetensors"))
-        clso.set_genome(genome["genome"])
+        model = CrystallineGPT2(ModelConfig(**genome["model"]), library, seed=p.base.seed).to(device)
+        model.load_continuous_state(_safetensors(folder / "continuous.safetensors"))
+        model.set_genome(genome["genome"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ClsoError(f"models/clso: does not fit models/library ({type(e).__name__}: {str(e)[:120]}); "
-                        "re-create it with `dvc repro -f evolve`") from None
+        raise ClsoError(f"{folder}: does not fit models/library ({type(e).__name__}: {str(e)[:120]}); "
+                        f"re-create it with `dvc repro -f {variant.name}`") from None
+    return model.eval()
+
+
+def baseline_model(p, vocab_size: int, device):
+    """The trained dense baseline (models/baseline), in eval mode."""
     config = ModelConfig.from_params(p.model, vocab_size, layer_gains=False)
     baseline = dense_gpt2(config, p.base.seed, device)
     path = "models/baseline/model.safetensors"
@@ -33,10 +40,10 @@ def final_models(p, vocab_size: int, device):
         raise ClsoError(f"{path}: does not fit params.yaml's model (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); re-create it with `dvc repro -f baseline`")
     baseline.tie_weights()
-    return clso.eval(), baseline.eval()
+    return baseline.eval()
 
 
-def _safetensors(path: str) -> dict:
+def _safetensors(path) -> dict:
     try:
         return load_file(path)
     except FileNotFoundError:

@@ -66,3 +66,44 @@ def copy_checkout(dest: Path) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest / rel)
     return dest
+
+
+def expand_stages(stages: dict, params: dict) -> dict:
+    """dvc.yaml's stages as DVC runs them: each `matrix` stage becomes one stage per item, named
+    STAGE@V1-V2 (DVC's naming), with ${item.KEY} and ${section.key} / ${section.key[i]} filled in."""
+    import itertools
+    import re
+
+    def lookup(expr: str, item: dict):
+        head, *rest = expr.split(".")
+        value = item if head == "item" else params[head]
+        for part in rest:
+            key, *index = re.fullmatch(r"(\w+)((?:\[\d+\])*)", part).groups()
+            value = value[key]
+            for i in re.findall(r"\[(\d+)\]", index[0] if index else ""):
+                value = value[int(i)]
+        return value
+
+    def fill(node, item):
+        if isinstance(node, str):
+            whole = re.fullmatch(r"\$\{([^}]+)\}", node)
+            if whole:
+                return lookup(whole.group(1), item)
+            return re.sub(r"\$\{([^}]+)\}", lambda m: str(lookup(m.group(1), item)), node)
+        if isinstance(node, list):
+            return [fill(x, item) for x in node]
+        if isinstance(node, dict):
+            return {fill(k, item): fill(v, item) for k, v in node.items()}
+        return node
+
+    out = {}
+    for name, stage in stages.items():
+        if "matrix" not in stage:
+            out[name] = fill(stage, {})
+            continue
+        axes = {key: fill(values, {}) for key, values in stage["matrix"].items()}
+        body = {k: v for k, v in stage.items() if k != "matrix"}
+        for combo in itertools.product(*axes.values()):
+            item = dict(zip(axes, combo))
+            out[f"{name}@{'-'.join(map(str, combo))}"] = fill(body, {"item": item})
+    return out

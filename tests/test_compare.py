@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from clso.compare import charged_curve, clso_charges, comparison, first_reach, statement, value_at, verdict
+from clso.compare import (charged_curve, clso_charges, comparison, contrast_statement, contrasts, first_reach,
+                          seed_summary, statement, value_at, verdict)
 
 CURVE = [{"step": s, "energy_wh": e, "flops": f, "val_loss": v}
          for s, e, f, v in [(0, 0.0, 0, 8.0), (100, 1.0, 100, 6.0), (200, 2.0, 200, 5.0), (300, 3.0, 300, 4.5)]]
@@ -128,3 +129,45 @@ def test_the_charged_curve_starts_where_the_search_started():
     assert [r["energy_wh"] for r in curve] == pytest.approx([0.13, 0.43])
     assert [r["flops"] for r in curve] == [1050, 6050] and curve[-1]["best_loss"] == 8.2
     assert curve[-1]["energy_wh"] == pytest.approx(charges["energy_wh"])  # the curve ends at the verdict's cost
+
+
+def test_a_control_is_charged_its_library_and_search_but_no_surrogate():
+    library, _, search, baseline = stage_metrics(svd=0)
+    charges = clso_charges(library, None, search, baseline)
+    assert charges["energy_wh"] == pytest.approx(0.01 + 0.3) and charges["flops"] == 5000
+    assert set(charges["energy_wh_by_part"]) == {"library", "search"}
+    assert charges["before_search"] == pytest.approx({"energy_wh": 0.01, "flops": 0, "wall_s": 2.0})
+    # with an svd library a control pays for the trained baseline too: it searches the same library
+    library["families"]["svd"] = 2
+    assert clso_charges(library, None, search, baseline)["energy_wh"] == pytest.approx(0.01 + 0.3 + 0.7)
+
+
+def run(stage, mode, seed, val_loss, energy=1.0, flops=100):
+    return {"stage": stage, "mode": mode, "seed": seed, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+            "test_ppl": 1.0, "energy_wh": energy, "flops": flops, "true_evaluations": 10}
+
+
+def test_contrasts_pair_each_control_with_clso_of_its_mode_and_seed():
+    runs = [run("evolve", "pure", 1, 8.0), run("evolve", "pure", 2, 7.0), run("evolve", "hybrid", 1, 6.0),
+            run("random", "pure", 1, 8.5, energy=0.5), run("random", "pure", 2, 7.1, energy=1.5),
+            run("fixed_body", "hybrid", 1, 5.5, flops=50), run("random", "pure", 3, 1.0)]  # seed 3: no CLSO to pair
+    c = contrasts(runs)
+    assert set(c) == {"ga_vs_random", "search_vs_fixed_body"} and set(c["ga_vs_random"]) == {"pure"}
+    r = c["ga_vs_random"]["pure"]
+    assert r["seeds"] == 2 and r["loss_difference"] == pytest.approx(0.3) and r["clso_better_in"] == 2
+    assert r["loss_difference_spread"] == pytest.approx(math.sqrt(0.08))  # differences 0.5 and 0.1
+    assert r["energy_share"] == pytest.approx(1.0)
+    f = c["search_vs_fixed_body"]["hybrid"]
+    assert f["loss_difference"] == pytest.approx(-0.5) and f["loss_difference_spread"] is None
+    assert f["flops_share"] == 0.5 and f["clso_better_in"] == 0
+    assert "the fixed random body is better" in contrast_statement("search_vs_fixed_body", "hybrid", f)
+    assert "(one seed)" in contrast_statement("search_vs_fixed_body", "hybrid", f)
+    text = contrast_statement("ga_vs_random", "pure", r)
+    assert text.startswith("Does the GA beat sampling at equal true evaluations? In pure mode, random search")
+    assert "CLSO's GA is better" in text and "+0.3000" in text and "± 0.2828" in text and "2 of them" in text
+
+
+def test_seed_summary_is_mean_and_sample_spread():
+    s = seed_summary([run("evolve", "pure", 1, 8.0, energy=1.0), run("evolve", "pure", 2, 6.0, energy=3.0)])
+    assert s["seeds"] == 2 and s["val_loss"] == 7.0 and s["val_loss_spread"] == pytest.approx(math.sqrt(2))
+    assert s["energy_wh"] == 2.0 and seed_summary([run("evolve", "pure", 1, 8.0)])["val_loss_spread"] is None

@@ -19,6 +19,7 @@ from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
 from clso.params import load_params
 from stages.prepare import prepare
+from stages.variants import compiled_variant
 from tests.conftest import REPO
 
 MIXED8 = {"bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "val_ppl", "ppl_change",
@@ -43,9 +44,10 @@ def workdir(tmp_path_factory):
         library.save("models/library", tensors)
         clso = CrystallineGPT2(config, library, seed=p.base.seed)
         clso.set_genome([0, 2, 1, 3])  # c_attn, c_fc block-diagonal; attn_proj, mlp_proj ternary
-        Path("models/clso").mkdir(parents=True)
-        Path("models/clso/best_genome.json").write_text(json.dumps({"genome": clso.genome, "model": asdict(config)}))
-        save_file(clso.continuous_state(), "models/clso/continuous.safetensors")
+        folder = compiled_variant(p).model_dir
+        folder.mkdir(parents=True)
+        (folder / "best_genome.json").write_text(json.dumps({"genome": clso.genome, "model": asdict(config)}))
+        save_file(clso.continuous_state(), folder / "continuous.safetensors")
         baseline = dense_gpt2(ModelConfig.from_params(p.model, vocab, layer_gains=False), p.base.seed, "cpu")
         Path("models/baseline").mkdir(parents=True)
         save_file(state_for_saving(baseline), "models/baseline/model.safetensors")
@@ -56,7 +58,8 @@ def workdir(tmp_path_factory):
 def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdir):
     metrics = json.loads((workdir / "metrics/compile.json").read_text())
     report = json.loads((workdir / "build/report.json").read_text())
-    assert set(metrics) == {"models", "targets", "measured", "met", "cost"}
+    assert set(metrics) == {"variant", "models", "targets", "measured", "met", "cost"}
+    assert metrics["variant"] == report["variant"] == "evolve@hybrid-1337"  # the tiny params' compile.mode, first seed
     assert set(metrics["models"]["baseline"]) == {"modes", "runtime_bench"}
     assert set(metrics["models"]["clso"]) == {"modes", "runtime_bench", "exactness"}
     assert set(metrics["models"]["clso"]["exactness"]) == EXACTNESS

@@ -1,7 +1,7 @@
 """dvc.yaml names every project file a stage runs: `dvc repro` must not call a stage up to date
 after a change to code it imports (say, the FLOP or energy accounting behind its metrics).
 
-Each stage's `cmd` is `python -m stages.NAME`; the files it runs are the transitive closure of
+Each stage's `cmd` is `python -m stages.NAME [ARGS]` (a matrix stage's template counts once); the files it runs are the transitive closure of
 the project modules (under clso/ and stages/) that stages/NAME.py imports, found statically with
 `ast`: imports at module level and inside functions, `from pkg import submodule`, relative
 imports, and the package __init__.py files each import executes. Files a module reads at run time
@@ -30,7 +30,7 @@ RUNTIME_FILES = {
     "clso/compile.py": ("clso/runtime/crystal.c",),
 }
 
-CMD = re.compile(r"^python -m ((?:stages)(?:\.\w+)+)$")
+CMD = re.compile(r"^python -m ((?:stages)(?:\.\w+)+)(?: .*)?$")  # arguments (a matrix item's) may follow
 
 
 # --- the closure ------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def load_stages(root: Path = REPO) -> dict:
 
 def stage_module(stage: dict) -> str:
     m = CMD.match(stage["cmd"].strip())
-    assert m, f"cmd {stage['cmd']!r} is not `python -m stages.NAME`: this test cannot derive its code"
+    assert m, f"cmd {stage['cmd']!r} is not `python -m stages.NAME [ARGS]`: this test cannot derive its code"
     return m.group(1)
 
 

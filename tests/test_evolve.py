@@ -146,11 +146,11 @@ def test_real_gpt2_search_resumes_identically(tiny_gpt2_search, tmp_path, mode):
         genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
         surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
         surrogate.fit(genomes, losses)
-        cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "mode": mode, "population": 6, "generations": 5,
+        cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 6, "generations": 5,
                               "hybrid_every": 2, "hybrid_steps": 2, "hybrid_batch_size": 2, "local_search_every": 3,
                               "local_search_top": 2, "surrogate_every": 2})
         return Evolution(search, cfg, surrogate, (genomes, losses), 0, tmp_path / "ckpt", "fp",
-                         dict(device="cpu", rapl_root=tmp_path / "no-rapl"))
+                         dict(device="cpu", rapl_root=tmp_path / "no-rapl"), mode=mode)
 
     with pytest.raises(KeyboardInterrupt):
         make().run_to_end(stop_after=3)
@@ -315,7 +315,7 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
         return adam_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "step", counted)
-    cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "mode": "hybrid", "population": 6, "generations": 7,
+    cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 6, "generations": 7,
                           "hybrid_every": 2, "hybrid_steps": 3, "hybrid_batch_size": 2, "local_search_every": 3,
                           "local_search_top": 2, "surrogate_every": 2})
 
@@ -330,7 +330,7 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
             surrogate.fit(genomes, losses)
             pretraining = (genomes, losses)
         evo = Evolution(search, cfg, surrogate, pretraining, 0, tmp_path / folder, "fp",
-                        dict(device="cpu", rapl_root=tmp_path / "no-rapl"), strategy=strategy, budget=budget or Budget())
+                        dict(device="cpu", rapl_root=tmp_path / "no-rapl"), strategy=strategy, budget=budget or Budget(), mode="hybrid")
         steps.clear()
         return evo, evo.run_to_end(), len(steps)
 
@@ -357,14 +357,14 @@ def test_random_search_in_hybrid_mode_spends_exactly_its_schedule(tiny_gpt2_sear
     from clso.evolve import Budget, Evolution
 
     root, model = tiny_gpt2_search
-    cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "mode": "hybrid", "population": 6, "generations": 7,
+    cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 6, "generations": 7,
                           "hybrid_every": 2, "hybrid_steps": 2, "hybrid_batch_size": 2})
     schedule = (8, 12, 16, 20, 30, 31, 40, 44)
 
     def make(folder):
         search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
         return Evolution(search, cfg, None, None, 0, tmp_path / folder, "fp", dict(device="cpu", rapl_root=tmp_path / "x"),
-                         strategy="random", budget=Budget(evaluations=schedule))
+                         strategy="random", budget=Budget(evaluations=schedule), mode="hybrid")
 
     run = make("whole").run_to_end()
     assert [r["true_evaluations"] for r in run.history] == list(schedule)  # re-scoring the best after each phase included

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -79,46 +80,96 @@ def test_exp_run_with_a_new_vocab_reruns_prepare_and_its_dependants_only(repo, s
     assert {r["prepare.vocab_size"] for r in rows} >= {"300", "512"}  # the experiment and its baseline
 
 
+VARIANTS = [f"{stage}@hybrid-1337" for stage in ("evolve", "random", "no_surrogate", "fixed_body")]  # the tiny grid
+
+
+def ran_stages(out: str) -> list[str]:
+    return [line.removeprefix("Running stage '").removesuffix("':") for line in out.splitlines()
+            if line.startswith("Running stage")]
+
+
 def test_exp_run_on_the_search_shows_in_exp_show_and_metrics_diff(repo, stage_env):
     out = sh(["dvc", "exp", "run", "-S", "evolve.population=6"], repo, stage_env)
-    ran = [line for line in out.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'evolve':", "Running stage 'compile':", "Running stage 'compare':"]
+    ran = ran_stages(out)
+    assert ran[0] == "evolve@hybrid-1337" and sorted(ran) == sorted([*VARIANTS, "compile", "compare"])
     rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo, stage_env))))
     assert "6" in {r["evolve.population"] for r in rows}
     diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], repo, stage_env))
-    assert "metrics/evolve.json" in diff and "metrics/compare.json" in diff
+    assert {f"metrics/search/{v.replace('@', '/')}.json" for v in VARIANTS} | {"metrics/compare.json"} <= set(diff)
+    assert_verdict_follows_the_metrics(repo)
+
+
+def test_exp_run_with_another_seed_runs_only_the_new_variants_and_compare(repo, stage_env):
+    out = sh(["dvc", "exp", "run", "-S", "grid.seeds=[1337,7]"], repo, stage_env)
+    new = [v.replace("-1337", "-7") for v in VARIANTS]
+    assert sorted(ran_stages(out)) == sorted([*new, "compare"])  # compile keeps the first seed's CLSO
+    compare = json.loads((repo / "metrics/compare.json").read_text())
+    assert set(compare["variants"]) == {*VARIANTS, *new}
+    spread = compare["over_seeds"]["evolve@hybrid"]
+    losses = [json.loads((repo / f"metrics/search/evolve/hybrid-{s}.json").read_text())["val_loss"] for s in (1337, 7)]
+    assert spread["seeds"] == 2 and spread["val_loss"] == pytest.approx(sum(losses) / 2)
+    assert spread["val_loss_spread"] == pytest.approx(abs(losses[0] - losses[1]) / 2 ** 0.5)
+    assert compare["contrasts"]["ga_vs_random"]["hybrid"]["seeds"] == 2
+    assert "Mean ± spread" in (repo / "README.md").read_text()
     assert_verdict_follows_the_metrics(repo)
 
 
 def assert_verdict_follows_the_metrics(repo):
-    """The verdict is recomputed here from the stages' own metrics files, not taken from compare."""
+    """The verdict and every variant's charges are recomputed here from the stages' own metrics
+    files, not taken from compare: each control is charged like CLSO, and spent CLSO's budget."""
     from clso.compare import ENERGY_SHARE, PPL_TOLERANCE
 
     m = {name: json.loads((repo / f"metrics/{name}.json").read_text())
-         for name in ("library", "surrogate", "evolve", "baseline", "compare")}
-    charged = (m["library"]["energy_wh"] + m["surrogate"]["evaluation"]["energy_wh"]
-               + m["surrogate"]["training"]["energy_wh"] + m["evolve"]["energy_wh"])
-    ppl_ratio = m["evolve"]["val_ppl"] / m["baseline"]["final_val_ppl"]
-    energy_ratio = charged / m["baseline"]["energy_wh"]
-    holds = ppl_ratio <= 1 + PPL_TOLERANCE and energy_ratio <= ENERGY_SHARE
-    v = m["compare"]["verdict"]
-    assert v["holds"] == holds
-    assert v["ppl_ratio"] == pytest.approx(ppl_ratio, abs=1e-4) and v["energy_ratio"] == pytest.approx(energy_ratio, abs=1e-4)
+         for name in ("library", "surrogate", "baseline", "compare")}
+    compare, surrogate = m["compare"], m["surrogate"]
+    searches = {name: json.loads((repo / f"metrics/search/{name.replace('@', '/')}.json").read_text())
+                for name in compare["variants"]}
+    for name, search in searches.items():
+        is_clso = name.startswith("evolve@")
+        charged = m["library"]["energy_wh"] + search["energy_wh"] + is_clso * (
+            surrogate["evaluation"]["energy_wh"] + surrogate["training"]["energy_wh"])
+        flops = search["flops"] + is_clso * (surrogate["evaluation"]["flops"] + surrogate["training"]["flops"])
+        row = compare["variants"][name]
+        assert row["energy_wh"] == pytest.approx(charged, rel=1e-9) and row["flops"] == flops, name
+        assert row["true_evaluations"] == search["true_evaluations"] + is_clso * surrogate["genomes"], name
+        assert row["ppl_ratio"] == pytest.approx(search["val_ppl"] / m["baseline"]["final_val_ppl"], abs=1e-4)
+        clso_run = compare["variants"][f"evolve@{name.split('@')[1]}"]
+        if name.startswith("random@"):  # as many true evaluations as CLSO, pretraining included
+            assert row["true_evaluations"] == clso_run["true_evaluations"], name
+        if name.startswith("no_surrogate@"):  # CLSO's FLOPs spent (the last generation may cross them)
+            assert row["flops"] >= clso_run["flops"], name
+        if name.startswith("fixed_body@"):  # the same generations, so the same Adam phases
+            assert search["generations"] == searches[f"evolve@{name.split('@')[1]}"]["generations"]
+    best = min((n for n in searches if n.startswith("evolve@")), key=lambda n: searches[n]["val_loss"])
+    row = compare["variants"][best]
+    holds = row["ppl_ratio"] <= 1 + PPL_TOLERANCE and row["energy_ratio"] <= ENERGY_SHARE
+    v = compare["verdict"]
+    assert compare["clso"]["variant"] == best and v["holds"] == holds
+    assert v["ppl_ratio"] == row["ppl_ratio"] and v["energy_ratio"] == pytest.approx(
+        row["energy_wh"] / m["baseline"]["energy_wh"], abs=1e-4)
     report = (repo / "metrics/report.md").read_text()
-    assert f"**{'HOLDS' if holds else 'DOES NOT HOLD'}: CLSO's val perplexity is {ppl_ratio:.3f}×" in report
+    assert f"`{best}`: **{'HOLDS' if holds else 'DOES NOT HOLD'}: CLSO's val perplexity is {v['ppl_ratio']:.3f}×" in report
+    for name in searches:
+        assert f"| `{name}` |" in report
 
 
-def test_dvc_plots_draw_clso_fully_charged(repo, stage_env):
-    """The curves `dvc plots show` draws for CLSO end at the cost the verdict charges, not at the search's."""
+def test_dvc_plots_draw_every_variant_fully_charged(repo, stage_env):
+    """The frontier `dvc plots show` draws: each variant's curve ends at the cost compare charges it,
+    not at its search's, and its final val point is its val loss there."""
     import yaml
 
     compare = json.loads((repo / "metrics/compare.json").read_text())
     declared = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    frontier = list(csv.DictReader(io.StringIO((repo / "plots/compare_frontier.csv").read_text())))
     for plot in declared:
         (name, spec), = plot.items()
-        clso_files = [f for f in spec["y"] if f != "plots/baseline.csv"]
-        assert clso_files, name
-        for f in clso_files:
-            last = list(csv.DictReader(io.StringIO((repo / f).read_text())))[-1]
-            assert float(last[spec["x"]]) == pytest.approx(compare["clso"][spec["x"]], rel=1e-6), (name, f)
-    assert compare["clso"]["energy_wh"] > json.loads((repo / "metrics/evolve.json").read_text())["energy_wh"]
+        assert list(spec["y"]) == ["plots/compare_frontier.csv"] and (repo / spec["template"]).is_file()
+        x = spec["x"]
+        for variant, row in compare["variants"].items():
+            curve = [r for r in frontier if r["series"] == f"{variant} (best fitness, train batch)"]
+            final, = [r for r in frontier if r["series"] == f"{variant} (final val)"]
+            assert float(curve[-1][x]) == pytest.approx(row[x], rel=1e-6) == float(final[x]), (name, variant)
+            assert float(final["loss"]) == pytest.approx(math.log(row["val_ppl"]), rel=1e-9)
+        assert sum(r["variant"] == "baseline" for r in frontier) > 1
+    show = json.loads(sh(["dvc", "plots", "show", "--json"], repo, stage_env))
+    assert not show.get("errors") and {"loss_vs_energy", "loss_vs_flops"} <= set(show["data"])

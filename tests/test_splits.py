@@ -22,13 +22,11 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import typer
 import yaml
 
-from tests.conftest import REPO, copy_checkout
+from tests.conftest import REPO, copy_checkout, expand_stages
 
 SPLIT_FILE = re.compile(r"(?:^|[/\\])(train|val|test)\.bin$")
 SPLIT_IN_COMMAND = re.compile(r"(?:^|[/\\\s=])(train|val|test)\.bin(?:$|[\s;'\"])")
@@ -122,18 +120,20 @@ def pipeline_order(stages: dict) -> list[str]:
     return order
 
 
-def stage_command(stage_name: str, cmd: str):
-    """The typer command `python -m stages.NAME` runs: import the module, find it by name."""
-    m = re.fullmatch(r"python -m ((?:\w+\.)*(\w+))", cmd.strip())
-    assert m, f"stage {stage_name}: cmd {cmd!r} is not `python -m stages.NAME`"
+def run_stage(stage_name: str, cmd: str) -> int:
+    """Run, in this process, the typer command `python -m stages.NAME [COMMAND] [OPTIONS]` runs;
+    returns its exit status."""
+    m = re.fullmatch(r"python -m ((?:\w+\.)*(\w+))((?: \S+)*)", cmd.strip())
+    assert m, f"stage {stage_name}: cmd {cmd!r} is not `python -m stages.NAME [ARGS]`"
     importlib.import_module(m.group(1))
     from stages.common import app
 
-    commands = {c.name: c.callback for c in app.registered_commands}
-    for name in (stage_name, m.group(2)):
-        if name in commands:
-            return commands[name]
-    raise AssertionError(f"stage {stage_name}: no command {stage_name!r} registered by {m.group(1)}")
+    args = m.group(3).split()
+    commands = {c.name for c in app.registered_commands}
+    if not args or args[0].startswith("-"):  # run_alone: the module's own command
+        assert m.group(2) in commands, f"stage {stage_name}: no command {m.group(2)!r} registered by {m.group(1)}"
+        args = [m.group(2), *args]
+    return app(args=[*args, "--params", "params.yaml"], standalone_mode=False) or 0
 
 
 def test_pipeline_order_follows_deps_and_outs():
@@ -176,7 +176,8 @@ def scratch_repo(tmp_path, monkeypatch):
     copy_checkout(tmp_path)
     # pure mode here: the dvc pipeline test runs the tiny params' hybrid mode
     params = yaml.safe_load((REPO / "tests/params_tiny.yaml").read_text())
-    params["evolve"]["mode"] = "pure"
+    params["grid"] |= {"evolve": ["pure"], "random": ["pure"], "no_surrogate": ["pure"], "fixed_body": []}
+    params["compile"]["mode"] = "pure"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -186,8 +187,11 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
     from clso.data import TokenData
     from clso.evolve import Evolution
 
-    stages = yaml.safe_load((scratch_repo / "dvc.yaml").read_text())["stages"]
+    stages = expand_stages(yaml.safe_load((scratch_repo / "dvc.yaml").read_text())["stages"],
+                           yaml.safe_load((scratch_repo / "params.yaml").read_text()))
     order = pipeline_order(stages)
+    searches = [n for n in order if "@" in n]
+    assert {n.split("@")[0] for n in searches} == {"evolve", "random", "no_surrogate"}
     rec = Recorder()
 
     real_tokens = TokenData.tokens
@@ -219,12 +223,10 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
     seconds = {}
     try:
         for name in order:
-            command = stage_command(name, stages[name]["cmd"])
             rec.stage, start = name, time.perf_counter()
-            try:
-                command(params=Path("params.yaml"))
-            except typer.Exit as e:  # a ClsoError, printed on stderr as one line
-                pytest.fail(f"stage {name} exited with status {e.exit_code}; its error is on stderr")
+            status = run_stage(name, stages[name]["cmd"])
+            if status:  # a ClsoError, printed on stderr as one line
+                pytest.fail(f"stage {name} exited with status {status}; its error is on stderr")
             seconds[name] = round(time.perf_counter() - start, 1)
     finally:
         _ACTIVE.remove(rec)
@@ -247,18 +249,23 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
     assert writers == {"prepare"}, f"only prepare may write a split; writers: {writers}"
     # the surrogate learns from fitness losses on the train batch; a val read there is a leak
     assert reads["surrogate"] == {"train"}, f"surrogate reads {reads['surrogate']}"
-    # the search selects on train alone: evolve's val loss and compare's test loss stay held out
-    search = {sp for st, ph, sp, k, v in rec.events if st == "evolve" and ph == "search" and k == "read"}
-    assert search <= {"train"}, f"evolve's search reads {search}"
+    # every search selects on train alone: its val loss and compare's test loss stay held out
+    for name in searches:
+        search = {sp for st, ph, sp, k, v in rec.events if st == name and ph == "search" and k == "read"}
+        assert search == {"train"}, f"{name}'s search reads {search}"
 
-    # and what pure mode alone reports: the frozen-head bound, in evolve's metrics and the verdict
+    # and what pure mode alone reports: the frozen-head bound, in the searches' metrics and the verdict
     import json
 
     from clso.compare import PPL_TOLERANCE
 
-    evolve, compare = (json.loads((scratch_repo / f"metrics/{n}.json").read_text()) for n in ("evolve", "compare"))
+    compare = json.loads((scratch_repo / "metrics/compare.json").read_text())
+    evolve = json.loads((scratch_repo / "metrics/search/evolve/pure-1337.json").read_text())
     bound = evolve["frozen_head_bound"]
-    assert evolve["val_loss"] >= bound["val_loss"] and 0 <= bound["solver_gap"] < 1e-3
+    for name in searches:
+        run = json.loads((scratch_repo / f"metrics/search/{name.replace('@', '/')}.json").read_text())
+        assert run["frozen_head_bound"] == bound and run["val_loss"] >= bound["val_loss"], name
+    assert 0 <= bound["solver_gap"] < 1e-3
     v = compare["verdict"]
     assert v["bound_ppl"] == bound["val_ppl"]
     assert v["decided_by_frozen_head_bound"] == (bound["val_ppl"] / compare["baseline"]["val_ppl"] > 1 + PPL_TOLERANCE)
