@@ -88,6 +88,7 @@ class Budget:
     generations: int | None = None  # fixed_body: the GA's generations, so the same hybrid phases
 
 
+NO_SURROGATE_GENERATION_CAP = 10  # × evolve.generations
 BUDGET_OF = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations"}  # what each control needs
 
 
@@ -325,9 +326,18 @@ class Evolution:
     def _hybrid_at(self, generation: int) -> bool:
         return self.mode == "hybrid" and generation > 0 and generation % self.cfg.hybrid_every == 0
 
+    @property
+    def generation_limit(self) -> int:
+        """The GA's is evolve.generations (random search's schedule is as long), the fixed body's its budget.
+        The GA without surrogate runs until its FLOPs are spent — a generation limit would leave it
+        short of CLSO's budget — with a cap against a converged population that costs nothing."""
+        if self.strategy == "no_surrogate":
+            return NO_SURROGATE_GENERATION_CAP * self.cfg.generations
+        return self.budget.generations or self.cfg.generations
+
     def _stop(self) -> str | None:
         run, cfg = self.run, self.cfg
-        if run.ga_state.generation >= min(cfg.generations, self.budget.generations or cfg.generations):
+        if run.ga_state.generation >= self.generation_limit:
             return "generation limit"
         if self.budget.flops is not None and run.totals.flops >= self.budget.flops:
             return "FLOP budget spent"

@@ -111,9 +111,8 @@ def search_variant(variant: Variant, params: Path) -> None:
                           _fingerprint(p, variant, inputs), meter, strategy=variant.strategy, budget=budget,
                           mode=variant.mode)
     resumed_at = len(evolution.run.history)
-    limit = min(p.evolve.generations, budget.generations or p.evolve.generations)
     with progress_bar() as bar:
-        task = bar.add_task(variant.name, total=limit + 1, completed=resumed_at, info="resumed" if resumed_at else "")
+        task = bar.add_task(variant.name, total=evolution.generation_limit + 1, completed=resumed_at, info="resumed" if resumed_at else "")
 
         def show(run):
             row = run.history[-1]

@@ -105,5 +105,5 @@ def expand_stages(stages: dict, params: dict) -> dict:
         body = {k: v for k, v in stage.items() if k != "matrix"}
         for combo in itertools.product(*axes.values()):
             item = dict(zip(axes, combo))
-            out[f"{name}@{'-'.join(map(str, combo))}"] = fill(body, {"item": item})
+            out[f"{name}@{'-'.join(map(str, combo))}"] = fill(body, item)
     return out

@@ -44,10 +44,10 @@ def workdir(tmp_path_factory):
         library.save("models/library", tensors)
         clso = CrystallineGPT2(config, library, seed=p.base.seed)
         clso.set_genome([0, 2, 1, 3])  # c_attn, c_fc block-diagonal; attn_proj, mlp_proj ternary
-        folder = compiled_variant(p).model_dir
-        folder.mkdir(parents=True)
-        (folder / "best_genome.json").write_text(json.dumps({"genome": clso.genome, "model": asdict(config)}))
-        save_file(clso.continuous_state(), folder / "continuous.safetensors")
+        searched = compiled_variant(p).model_dir
+        searched.mkdir(parents=True)
+        (searched / "best_genome.json").write_text(json.dumps({"genome": clso.genome, "model": asdict(config)}))
+        save_file(clso.continuous_state(), searched / "continuous.safetensors")
         baseline = dense_gpt2(ModelConfig.from_params(p.model, vocab, layer_gains=False), p.base.seed, "cpu")
         Path("models/baseline").mkdir(parents=True)
         save_file(state_for_saving(baseline), "models/baseline/model.safetensors")

@@ -252,7 +252,7 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
     # every search selects on train alone: its val loss and compare's test loss stay held out
     for name in searches:
         search = {sp for st, ph, sp, k, v in rec.events if st == name and ph == "search" and k == "read"}
-        assert search == {"train"}, f"{name}'s search reads {search}"
+        assert search <= {"train"}, f"{name}'s search reads {search}"
 
     # and what pure mode alone reports: the frozen-head bound, in the searches' metrics and the verdict
     import json
