@@ -30,12 +30,12 @@ from clso.data import random_batch
 from clso.energy import EnergyMeter, EnergyReading
 from clso.flops import backward_flops, forward_flops
 from clso.io import write_bytes_atomic, write_text_atomic
+from clso.model import MODES
 from clso.search import Search
 from clso.surrogate import Surrogate
 
 CHECKPOINT_VERSION = 3
 STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body")
-MODES = ("pure", "hybrid")  # pure: only genes change; hybrid: plus Adam phases on the continuous parts
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
                   "energy_wh", "energy_method", "flops", "wall_s")
 
@@ -325,6 +325,11 @@ class Evolution:
 
     def _hybrid_at(self, generation: int) -> bool:
         return self.mode == "hybrid" and generation > 0 and generation % self.cfg.hybrid_every == 0
+
+    @property
+    def adam_phases(self) -> int:
+        """Hybrid phases run so far: what the fixed body matches and a hybrid contrast must state."""
+        return sum(self._hybrid_at(g) for g in range(1, self.run.ga_state.generation + 1))
 
     @property
     def generation_limit(self) -> int:

@@ -159,7 +159,7 @@ class EvolveParams:
     hybrid_batch_size: int = spec(8, "hybrid mode: sequences per Adam step, from the train split", min=1, max=4096)
 
 
-MODES = ("pure", "hybrid")
+MODES = ("pure", "hybrid")  # clso.model.MODES, without importing torch here
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
 import typer
 
 from clso import ClsoError
@@ -80,6 +79,8 @@ def read_json(path) -> dict:
 
 
 def read_curve(path) -> list[dict]:
+    import pandas as pd  # here, not at the top: every stage imports this module, few read curves
+
     try:
         return pd.read_csv(path).astype(object).to_dict("records")  # Python numbers, as JSON wants
     except FileNotFoundError:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from clso.compare import (charged_curve, clso_charges, comparison, contrast_statement, contrasts,
+from clso.compare import (best_clso_run, charged_curve, clso_charges, comparison, contrast_statement, contrasts,
                           hypothesis, methods, seed_summary, statement, verdict)
 from clso.context import setup
 from clso.data import TokenData
@@ -24,7 +24,7 @@ METRICS = Path("metrics/compare.json")
 REPORT = Path("metrics/report.md")
 # every variant's search curve, fully charged, on the baseline's: the frontier dvc.yaml's plots draw
 FRONTIER = Path("plots/compare_frontier.csv")
-FRONTIER_FIELDS = ("series", "variant", "loss", "energy_wh", "flops")
+FRONTIER_FIELDS = ("series", "variant", "loss", "energy_wh", "energy_method", "flops")
 README = Path("README.md")
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 EVAL_BATCH = 16
@@ -37,7 +37,8 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     """Read the metrics and curves of library, surrogate, baseline and every variant of the grid
     (CLSO's search and its controls); score every final model on the test split; write
     metrics/compare.json, metrics/report.md, the frontier plots/compare_frontier.csv and its PNGs, and
-    the README's block of latest numbers. The headline verdict is CLSO's best variant's."""
+    the README's block of latest numbers. The headline verdict is for CLSO's best mode (lowest mean
+    val loss over seeds) at the first seed."""
     p = load_params(params)
     device = setup(p.base)
     variants = grid_variants(p.grid)
@@ -72,13 +73,14 @@ def compare(params: Path = PARAMS_OPTION) -> None:
             "energy_wh_by_part": charges["energy_wh_by_part"],
             # the surrogate's pretraining genomes were truly evaluated too
             "true_evaluations": m["true_evaluations"] + (surrogate["genomes"] if v.strategy == "ga" else 0),
-            "surrogate_predictions": m["surrogate_predictions"],
+            "surrogate_predictions": m["surrogate_predictions"], "adam_phases": m["adam_phases"],
             **({"frozen_head_bound_val_loss": bound["val_loss"], "frozen_head_bound_val_ppl": bound["val_ppl"]}
                if bound else {}),
         })
         charged[v.name] = charged_curve(curves[v], charges)
-    best = min((r for r in runs if r["stage"] == "evolve"), key=lambda r: r["val_loss"])
-    result = comparison({k: v for k, v in best.items() if k not in ("stage", "label")}, baseline, base_curve)
+    best = best_clso_run(runs, p.grid.seeds[0])
+    result = comparison({k: v for k, v in best.items() if k not in ("stage", "label", "adam_phases")}, baseline,
+                        base_curve)
     result["variants"] = {}
     for r in runs:
         v = verdict(r["val_ppl"], r["energy_wh"], baseline["val_ppl"], baseline["energy_wh"],
@@ -95,13 +97,13 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     result["cost"] = meter.reading.as_metrics()  # of this stage: charged to neither side
     write_json_atomic(METRICS, result)
     frontier = [{"series": "AdamW baseline (val)", "variant": "baseline", "loss": r["val_loss"],
-                 "energy_wh": r["energy_wh"], "flops": r["flops"]} for r in base_curve]
+                 "energy_wh": r["energy_wh"], "energy_method": baseline["method"], "flops": r["flops"]} for r in base_curve]
     for r in runs:
         frontier += [{"series": f"{r['variant']} (best fitness, train batch)", "variant": r["variant"],
-                      "loss": row["best_loss"], "energy_wh": row["energy_wh"], "flops": row["flops"]}
-                     for row in charged[r["variant"]]]
+                      "loss": row["best_loss"], "energy_wh": row["energy_wh"], "energy_method": row["energy_method"],
+                      "flops": row["flops"]} for row in charged[r["variant"]]]
         frontier.append({"series": f"{r['variant']} (final val)", "variant": r["variant"], "loss": r["val_loss"],
-                         "energy_wh": r["energy_wh"], "flops": r["flops"]})
+                         "energy_wh": r["energy_wh"], "energy_method": r["method"], "flops": r["flops"]})
     write_csv_atomic(FRONTIER, FRONTIER_FIELDS, frontier)
     title = f"CLSO and its controls vs AdamW (best CLSO: {best['variant']})"
     energy_label = f"energy (Wh, {methods(*(r['method'] for r in runs), baseline['method'])})"
@@ -114,7 +116,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
               "best_curve": next(curves[v] for v in variants if v.name == best["variant"])}
     write_text_atomic(REPORT, report(result, others))
     _update_readme(summary(result, others))
-    print(f"compare: {best['variant']} (CLSO's best): {statement(result['verdict'])}")
+    print(f"compare: {best['variant']} (CLSO's best mode, first seed): {statement(result['verdict'])}")
     for name, modes in result["contrasts"].items():
         for mode, c in modes.items():
             print(f"compare: {contrast_statement(name, mode, c)}")
@@ -134,7 +136,7 @@ def summary(result: dict, others: dict) -> str:
     rows = [("val perplexity", c["val_ppl"], b["val_ppl"]), ("test perplexity", c["test_ppl"], b["test_ppl"]),
             ("energy (Wh)", c["energy_wh"], b["energy_wh"]), ("FLOPs", c["flops"], b["flops"]),
             ("wall (s)", c["wall_s"], b["wall_s"])]
-    lines = [f"| | CLSO's best variant, `{c['variant']}` | AdamW baseline |", "|---|---|---|"]
+    lines = [f"| | CLSO's best mode, `{c['variant']}` | AdamW baseline |", "|---|---|---|"]
     lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} |" for name, x, y in rows]
     parts = ", ".join(f"{name.replace('_', ' ')} {_fmt(wh)}" for name, wh in c["energy_wh_by_part"].items())
     lines += ["", f"Energy method: CLSO `{c['method']}`, baseline `{b['method']}`; CLSO is charged every part it "
@@ -142,8 +144,8 @@ def summary(result: dict, others: dict) -> str:
               f"val perplexity was {_fmt(m['baseline_val_ppl_at_clso_energy'])} ({m['at_clso_energy']}); the baseline "
               f"reached CLSO's val perplexity after {_fmt(m['baseline_energy_wh_to_reach_clso'])} Wh "
               f"(step {_fmt(m['baseline_step_to_reach_clso'])}).", "",
-              f"**Hypothesis** ({hypothesis()}; decided on the val split, test reported) for CLSO's best variant "
-              f"`{c['variant']}`: **{statement(v)}**.", "",
+              f"**Hypothesis** ({hypothesis()}; decided on the val split, test reported) for CLSO's best mode "
+              f"(lowest mean val loss over seeds), at the first seed: `{c['variant']}`: **{statement(v)}**.", "",
               "Every variant of the grid (CLSO's search and its controls, each charged everything it spent; "
               "plots/compare_energy.png):", "", *frontier_table(result)]
     if "over_seeds" in result:

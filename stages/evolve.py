@@ -28,9 +28,9 @@ from clso.bound import frozen_head_bound
 from clso.context import setup
 from clso.evaluate import split_loss, split_targets
 from clso.energy import EnergyMeter
-from clso.evolve import HISTORY_FIELDS, MODES, Budget, Evolution
+from clso.evolve import HISTORY_FIELDS, Budget, Evolution
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
-from clso.params import load_params
+from clso.params import MODES, load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
 from clso.search import build_search
@@ -143,7 +143,7 @@ def search_variant(variant: Variant, params: Path) -> None:
     write_json_atomic(variant.metrics, {
         "variant": variant.name, "strategy": variant.strategy, "mode": variant.mode, "seed": variant.seed,
         **({"budget": _budget_metrics(budget)} if variant.strategy != "ga" else {}),
-        "generations": run.ga_state.generation, "stopped": run.stopped,
+        "generations": run.ga_state.generation, "adam_phases": evolution.adam_phases, "stopped": run.stopped,
         "best_fitness_loss": run.ga_state.best_fitness, "val_loss": val, "val_ppl": math.exp(val),
         "true_evaluations": run.true_evaluations, "surrogate_predictions": run.surrogate_predictions,
         "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
