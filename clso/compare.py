@@ -4,6 +4,7 @@ hypothesis of document 003. Pure functions of the stages' metrics and curves."""
 from __future__ import annotations
 
 import math
+import statistics
 
 PPL_TOLERANCE = 0.05
 ENERGY_SHARE = 0.5
@@ -128,10 +129,7 @@ def charged_curve(search_curve: list[dict], charges: dict) -> list[dict]:
 
 def spread(xs: list[float]) -> float | None:
     """Sample standard deviation; None for a single run (no spread to speak of)."""
-    if len(xs) < 2:
-        return None
-    mean = sum(xs) / len(xs)
-    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return statistics.stdev(xs) if len(xs) > 1 else None
 
 
 def seed_summary(runs: list[dict], keys=("val_loss", "val_ppl", "test_ppl", "energy_wh", "flops")) -> dict:
@@ -139,7 +137,7 @@ def seed_summary(runs: list[dict], keys=("val_loss", "val_ppl", "test_ppl", "ene
     out = {"seeds": len(runs)}
     for key in keys:
         values = [r[key] for r in runs]
-        out[key] = sum(values) / len(values)
+        out[key] = statistics.fmean(values)
         out[f"{key}_spread"] = spread(values)
     return out
 

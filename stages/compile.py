@@ -37,8 +37,8 @@ BENCH_SUMMARY = ("ratio", "runtime_tokens_per_s", "torch_tokens_per_s")
 
 @stage("compile", sections=("base", "model", "grid", "compile"))
 def compile_(params: Path = PARAMS_OPTION) -> None:
-    """Compile the evolved CLSO model (compile.mode at the first of grid.seeds) and the baseline to build/*.crystal in every mode (f32, int16,
-    int8, mixed16, mixed8) and build the C runtime build/crystal with compile.cc; score every file
+    """Compile the evolved CLSO model (compile.mode at the first of grid.seeds) and the baseline to
+    build/*.crystal in every mode (f32, int16, int8, mixed16, mixed8) and build the C runtime build/crystal with compile.cc; score every file
     against its float PyTorch model on the val split, check the runtime's logits against the Python
     reader's (the stage fails beyond a tolerance), benchmark generation against PyTorch eager; write
     build/report.json (everything) and metrics/compile.json (the figures compared across runs)."""

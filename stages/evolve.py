@@ -76,10 +76,10 @@ def _budget(variant: Variant, surrogate: dict) -> Budget:
     if variant.strategy == "ga":
         return Budget()
     clso = variant.clso()
-    metrics = read_json(clso.metrics)
     if variant.strategy == "random":  # the surrogate's pretraining genomes were true evaluations too
         return Budget(evaluations=tuple(surrogate["genomes"] + int(row["true_evaluations"])
                                         for row in read_curve(clso.curve)))
+    metrics = read_json(clso.metrics)
     if variant.strategy == "no_surrogate":
         return Budget(flops=metrics["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"])
     return Budget(generations=metrics["generations"])
@@ -93,9 +93,13 @@ def _budget_metrics(budget: Budget) -> dict:
     return allowed
 
 
-def search_variant(variant: Variant, params: Path) -> None:
+def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -> None:
     """Run one variant's search from where its checkpoint left it; write its model, metrics, curve and figure."""
+    modes = ("hybrid",) if stage_name == "fixed_body" else MODES
+    if mode not in modes:
+        raise ClsoError(f"--mode {mode}: not valid for {stage_name}; valid: {', '.join(modes)}")
     p = load_params(params)
+    variant = Variant(stage_name, mode, p.base.seed if seed is None else seed)
     budget = _budget(variant, read_json("metrics/surrogate.json"))  # before any work: a control needs its CLSO run
     device = setup(p.base)
     search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
@@ -173,33 +177,26 @@ SEED_OPTION = typer.Option(None, "--seed", help="search seed (one of grid.seeds)
 SECTIONS = ("base", "model", "fitness", "evolve")
 
 
-def _variant(stage_name: str, mode: str, seed: int | None, params: Path) -> Variant:
-    modes = ("hybrid",) if stage_name == "fixed_body" else MODES
-    if mode not in modes:
-        raise ClsoError(f"--mode {mode}: not valid for {stage_name}; valid: {', '.join(modes)}")
-    return Variant(stage_name, mode, load_params(params).base.seed if seed is None else seed)
-
-
 @stage("evolve", sections=SECTIONS)
 def evolve(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
     """CLSO: the genetic search with its pretrained surrogate. Checkpoints after every generation in
     checkpoints/search/evolve/MODE-SEED (a killed run resumes); writes models/search/evolve/MODE-SEED/,
     metrics/search/evolve/MODE-SEED.json and plots/search/evolve/MODE-SEED.{csv,png}."""
-    search_variant(_variant("evolve", mode, seed, params), params)
+    search_variant("evolve", mode, seed, params)
 
 
 @stage("random", sections=SECTIONS)
 def random_search(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
     """Control: random genomes, as many true evaluations per generation as `evolve` of the same mode
     and seed spent (its surrogate's pretraining included). Outputs as `evolve`'s, under random/."""
-    search_variant(_variant("random", mode, seed, params), params)
+    search_variant("random", mode, seed, params)
 
 
 @stage("no_surrogate", sections=SECTIONS)
 def no_surrogate(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
     """Control: the GA with every child truly evaluated, until it has spent the FLOPs of `evolve` of
     the same mode and seed plus its surrogate's. Outputs as `evolve`'s, under no_surrogate/."""
-    search_variant(_variant("no_surrogate", mode, seed, params), params)
+    search_variant("no_surrogate", mode, seed, params)
 
 
 @stage("fixed_body", sections=SECTIONS)
@@ -207,7 +204,7 @@ def fixed_body(mode: str = typer.Option("hybrid", "--mode", help="hybrid only"),
                params: Path = PARAMS_OPTION) -> None:
     """Control (hybrid): one seeded random genome, never searched, with exactly the Adam phases of
     `evolve` of the same seed. Outputs as `evolve`'s, under fixed_body/."""
-    search_variant(_variant("fixed_body", mode, seed, params), params)
+    search_variant("fixed_body", mode, seed, params)
 
 
 if __name__ == "__main__":
