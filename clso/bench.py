@@ -1,20 +1,48 @@
-"""Benchmarks: the fast paths against the plain ones, measured side by side in one run."""
+"""Benchmarks: the fast paths against the plain ones, measured side by side in one run.
+
+`bench_eval`: population evaluation, the seed's plain loop against `population_losses`, and the
+fast path in bf16 against fp32 (speed and rank agreement). `bench_train`: one AdamW step of the
+dense baseline in each precision / attention / optimizer / compile setting. Both take a preset of
+shapes: `default` (params.yaml's CPU-sized model) or `protocol` (GPT-2 small, as the origin's).
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from clso import ga
-from clso.evaluate import EvalBatch, FitnessEvaluator, plain_losses, population_losses
-from clso.flops import forward_flops
+from clso.baseline import TrainingSetup, TrainStep, dense_gpt2
+from clso.energy import EnergyMeter
+from clso.evaluate import EvalBatch, FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops
+from clso.flops import forward_flops, peak_flops, train_step_flops
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig, genome_length
+from clso.surrogate import spearman
 
 DEFAULT_SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
+# shapes of each preset; vocab 4096 is the offline corpus' BPE (GPT-2's own tokenizer has 50257)
+PRESETS = {
+    "default": {"n_embd": 128, "n_layer": 2, "n_head": 4, "block_size": 128, "batch_size": 16, "vocab_size": 4096,
+                "population": 64, "library_size": 256},
+    "protocol": {"n_embd": 768, "n_layer": 12, "n_head": 12, "block_size": 512, "batch_size": 16, "vocab_size": 4096,
+                 "population": 256, "library_size": 512},
+}
+# the baseline step's settings, from the plain reference to standard practice
+TRAIN_SETTINGS = {
+    "fp32-eager": {"precision": "fp32", "attention": "eager", "adamw": "default", "torch_compile": "none"},
+    "fp32-sdpa": {"precision": "fp32", "attention": "sdpa", "adamw": "default", "torch_compile": "none"},
+    "tf32-sdpa": {"precision": "tf32", "attention": "sdpa", "adamw": "default", "torch_compile": "none"},
+    "bf16-sdpa": {"precision": "bf16", "attention": "sdpa", "adamw": "default", "torch_compile": "none"},
+    "bf16-sdpa-fused": {"precision": "bf16", "attention": "sdpa", "adamw": "fused", "torch_compile": "none"},
+    "bf16-sdpa-fused-compile": {"precision": "bf16", "attention": "sdpa", "adamw": "fused", "torch_compile": "default"},
+}
+DEFAULT_TRAIN_SETTINGS = {"cuda": ("fp32-eager", "tf32-sdpa", "bf16-sdpa-fused", "bf16-sdpa-fused-compile"),
+                          "cpu": ("fp32-eager", "fp32-sdpa", "bf16-sdpa")}
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -23,13 +51,22 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def _side_by_side(genomes: np.ndarray, plain, fast, repeats: int) -> dict:
+def _synchronized(fn, device):
+    def run():
+        out = fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def _side_by_side(genomes: np.ndarray, plain, fast, repeats: int, device="cpu") -> dict:
     """Interleaved repeats of both paths on the same genomes; medians, so one noisy run cannot decide."""
     plain_s, fast_s = [], []
     for _ in range(repeats):
-        t, plain_out = _timed(lambda: plain(genomes))
+        t, plain_out = _timed(_synchronized(lambda: plain(genomes), device))
         plain_s.append(t)
-        t, fast_out = _timed(fast)
+        t, fast_out = _timed(_synchronized(fast, device))
         fast_s.append(t)
     diff = np.abs(fast_out - plain_out)
     plain_t, fast_t = statistics.median(plain_s), statistics.median(fast_s)
@@ -41,22 +78,26 @@ def _side_by_side(genomes: np.ndarray, plain, fast, repeats: int) -> dict:
         "plain_s": [round(t, 4) for t in plain_s], "fast_s": [round(t, 4) for t in fast_s],
         "max_abs_loss_diff": float(diff.max()),
         "max_rel_loss_diff": float((diff / np.abs(plain_out)).max()),
+        "spearman": round(spearman(fast_out, plain_out), 6),
     }
 
 
 def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, block_size=128,
                library_size=256, vocab_size=4096, warmup_generations=10, repeats=3, seed=0,
-               device="cpu") -> dict:
-    """Population evaluation: plain loop (the seed's way) against `population_losses`.
+               device="cpu", precision="fp32") -> dict:
+    """Population evaluation: plain loop (the seed's way, fp32) against `population_losses` in
+    `precision`, and the fast path in bf16 against fp32.
 
     (a) `distinct_random`: P distinct random genomes, no cache: any gain is work really saved.
     (b) `ga_generation`: the children that elitism, tournament selection, crossover and
         mutation make from a population the GA has already evaluated for
         `warmup_generations` generations; the fast path keeps the fitness cache a real run has.
+    (c) `precision`: the fast path on (a)'s genomes in bf16 and in fp32: genomes/s, TFLOP/s and
+        the Spearman rank correlation of their losses (selection must not change: ≥ 0.99).
     Tokens are uniform random ids: speed and agreement do not depend on their content.
     """
     torch.manual_seed(seed)
-    library, _ = Library.generate(seed, n_embd, size=library_size, shares=DEFAULT_SHARES)
+    library, _ = Library.generate(seed, n_embd, size=library_size, shares=DEFAULT_SHARES, stats_device=device)
     config = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block_size)
     model = CrystallineGPT2(config, library, seed=seed).to(device).eval()
     rng = np.random.default_rng(seed)
@@ -79,12 +120,15 @@ def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, 
         extra = rng.integers(0, library_size, size=(population - len(distinct), n_genes))
         distinct = np.unique(np.concatenate([distinct, extra]), axis=0)
     distinct = rng.permutation(distinct)
-    part_a = _side_by_side(distinct, plain, lambda: population_losses(model, distinct, batch), repeats)
+    part_a = _side_by_side(distinct, plain, lambda: population_losses(model, distinct, batch, precision=precision),
+                           repeats, device)
     part_a.update(flops_of(distinct))
+    computed = population_losses_and_flops(model, distinct, batch, precision=precision)[1]
+    part_a["fast_tflops"] = round(computed * part_a["fast_genomes_per_s"] / len(distinct) / 1e12, 6)
 
     # (b) one real GA generation
     cfg = ga.GAConfig(population=population, genome_length=n_genes, library_size=library_size)
-    evaluator = FitnessEvaluator(model, batch)
+    evaluator = FitnessEvaluator(model, batch, precision=precision)
     state = ga.init(cfg, seed)
     state = ga.tell(cfg, state, state.population, evaluator(state.population))
     for _ in range(warmup_generations):
@@ -98,16 +142,107 @@ def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, 
         return evaluator(children)
 
     keys = {tuple(c) for c in children.tolist()}
-    part_b = _side_by_side(children, plain, fast_generation, repeats)
+    part_b = _side_by_side(children, plain, fast_generation, repeats, device)
     part_b.update(flops_of(children))
     part_b.update({"generation": state.generation + 1, "distinct_children": len(keys),
                    "already_evaluated": sum(k in warm_cache for k in keys),
                    "evaluated_by_fast_path": sum(k not in warm_cache for k in keys)})
+
+    # (c) bf16 against fp32, both on the fast path
+    part_c = _precisions(model, distinct, batch, repeats, device)
     return {
-        "benchmark": "eval", "device": str(device), "threads": torch.get_num_threads(),
+        "benchmark": "eval", "device": str(device), "device_name": peak_flops(device)[1],
+        "threads": torch.get_num_threads(), "precision": precision,
         "config": {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "population": population,
                    "batch_size": batch_size, "block_size": block_size, "library_size": library_size,
                    "vocab_size": vocab_size, "genome_length": n_genes, "repeats": repeats, "seed": seed},
         "distinct_random": part_a,
         "ga_generation": part_b,
+        "precision_bf16_vs_fp32": part_c,
     }
+
+
+def _precisions(model, genomes: np.ndarray, batch: EvalBatch, repeats: int, device) -> dict:
+    seconds = {"fp32": [], "bf16": []}
+    losses, flops = {}, 0
+    for _ in range(repeats):
+        for precision in seconds:
+            t, (losses[precision], flops) = _timed(_synchronized(
+                lambda: population_losses_and_flops(model, genomes, batch, precision=precision), device))
+            seconds[precision].append(t)
+    out = {}
+    for precision, times in seconds.items():
+        t = statistics.median(times)
+        out[precision] = {"genomes_per_s": round(len(genomes) / t, 3), "tflops": round(flops / t / 1e12, 6),
+                          "seconds": [round(x, 4) for x in times]}
+    diff = np.abs(losses["bf16"] - losses["fp32"])
+    return {**out, "genomes": len(genomes),
+            "ratio": round(statistics.median(seconds["fp32"]) / statistics.median(seconds["bf16"]), 3),
+            "spearman": round(spearman(losses["bf16"], losses["fp32"]), 6),
+            "max_abs_loss_diff": float(diff.max()), "fp32_loss_spread": float(np.std(losses["fp32"]))}
+
+
+def bench_train(*, n_embd=128, n_layer=2, n_head=4, block_size=128, batch_size=16, vocab_size=4096,
+                micro_batch_size=0, settings: tuple[str, ...] | None = None, steps=10, warmup_steps=3, repeats=3,
+                seed=0, device="cpu", cpu_watts_per_core=10.0, gpu_watts=300.0) -> dict:
+    """One AdamW step of the dense baseline in each setting (TRAIN_SETTINGS): ms/step, tokens/s,
+    achieved TFLOP/s, MFU where the device's peak is known, and energy per step (NVML on an NVIDIA
+    GPU, with the method recorded), each against the first setting. `warmup_steps` (compilation
+    included) are not timed; then `repeats` rounds of `steps` steps go through the settings in
+    turn, and medians are reported, so drift in clocks or temperature touches every setting alike."""
+    device = torch.device(device)
+    settings = settings or DEFAULT_TRAIN_SETTINGS["cuda" if device.type == "cuda" else "cpu"]
+    unknown = [s for s in settings if s not in TRAIN_SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}; valid: {', '.join(TRAIN_SETTINGS)}")
+    config = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block_size)
+    rng = np.random.default_rng(seed)
+    batches = [torch.from_numpy(rng.integers(0, vocab_size, size=(batch_size, block_size + 1))).to(device)
+               for _ in range(4)]
+    step_flops = train_step_flops(config.gpt2(), block_size, batch_size)
+    peak, name = peak_flops(device)
+    runs = {}
+    for setting in settings:
+        cfg = SimpleNamespace(**TRAIN_SETTINGS[setting], micro_batch_size=micro_batch_size, batch_size=batch_size)
+        setup = TrainingSetup.resolve(cfg, device)
+        model = dense_gpt2(config, seed, device, setup.attention).train()
+        step = TrainStep(model, setup, lr=1e-4, weight_decay=0.1, grad_clip=1.0, device=device)
+        for i in range(warmup_steps):
+            xy = batches[i % len(batches)]
+            step(xy[:, :-1], xy[:, 1:], 1e-4)
+        runs[setting] = {"step": step, "setup": setup, "seconds": [], "joules": [], "gpu_joules": [], "method": None}
+    for _ in range(repeats):
+        for setting, run in runs.items():
+            with EnergyMeter(device, cpu_watts_per_core=cpu_watts_per_core, gpu_watts=gpu_watts) as meter:
+                for i in range(steps):
+                    xy = batches[i % len(batches)]
+                    loss = run["step"](xy[:, :-1], xy[:, 1:], 1e-4)
+            reading = meter.reading
+            run["seconds"].append(reading.wall_s / steps)
+            run["joules"].append(reading.energy_wh * 3600 / steps)
+            run["gpu_joules"].append(reading.gpu_wh * 3600 / steps)
+            run["method"], run["loss"] = reading.method, float(loss)
+    tokens = batch_size * block_size
+    out = {}
+    for setting, run in runs.items():
+        t, j = statistics.median(run["seconds"]), statistics.median(run["joules"])
+        out[setting] = {**TRAIN_SETTINGS[setting], "precision": run["setup"].precision, "adamw": run["setup"].adamw,
+                        "ms_per_step": round(t * 1e3, 3), "tokens_per_s": round(tokens / t, 1),
+                        "tflops": round(step_flops / t / 1e12, 6),
+                        "mfu": None if peak is None else round(step_flops / t / peak, 4),
+                        "joules_per_step": round(j, 4), "gpu_joules_per_step": round(statistics.median(run["gpu_joules"]), 4),
+                        "energy_method": run["method"], "last_loss": round(run["loss"], 4),
+                        "ms_per_step_runs": [round(x * 1e3, 3) for x in run["seconds"]]}
+    reference = out[settings[0]]
+    for r in out.values():
+        r["speedup_vs_reference"] = round(reference["ms_per_step"] / r["ms_per_step"], 3)
+        r["energy_vs_reference"] = round(r["joules_per_step"] / reference["joules_per_step"], 4) \
+            if reference["joules_per_step"] else None
+    return {"benchmark": "train", "device": str(device), "device_name": name,
+            "peak_bf16_tflops": None if peak is None else round(peak / 1e12, 1), "threads": torch.get_num_threads(),
+            "reference": settings[0],
+            "config": {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "block_size": block_size,
+                       "batch_size": batch_size, "micro_batch_size": micro_batch_size or batch_size,
+                       "vocab_size": vocab_size, "steps": steps, "warmup_steps": warmup_steps, "repeats": repeats,
+                       "seed": seed, "flops_per_step": step_flops},
+            "settings": out}

@@ -98,26 +98,43 @@ def methods(*names: str) -> str:
     return "|".join(sorted({part for m in names for part in m.split("|")}))
 
 
+def device_parts(m: dict) -> dict:
+    """A metered figure's CPU and GPU parts, each with its method (a stage's metrics give them apart
+    when a GPU did the work); CPU-only work is all CPU."""
+    if m.get("gpu_method"):
+        return {k: m[k] for k in ("cpu_wh", "cpu_method", "gpu_wh", "gpu_method")}
+    return {"cpu_wh": m["energy_wh"], "cpu_method": m["method"], "gpu_wh": 0.0, "gpu_method": None}
+
+
+def summed_device_parts(figures) -> dict:
+    parts = [device_parts(m) for m in figures]
+    gpu_methods = [p["gpu_method"] for p in parts if p["gpu_method"]]
+    return {"cpu_wh": sum(p["cpu_wh"] for p in parts), "cpu_method": methods(*(p["cpu_method"] for p in parts)),
+            "gpu_wh": sum(p["gpu_wh"] for p in parts), "gpu_method": methods(*gpu_methods) if gpu_methods else None}
+
+
 def clso_charges(library: dict, surrogate: dict | None, search: dict, baseline: dict) -> dict:
     """Everything a search spent, from the stages' metrics: library generation, the surrogate's true
     evaluations and training (CLSO's GA; `surrogate` None for a control, which has none), the search
     — and, when the library holds svd matrices taken from the trained baseline, that baseline's
     training too. Checkpoint writing is no one's training cost."""
-    uses_svd = library["families"]["svd"] > 0
-    parts = {"library": (library["energy_wh"], 0, library["wall_s"], library["method"])}
+    parts = {"library": {**library, "flops": 0}}
     if surrogate is not None:
-        parts |= {f"surrogate_{k}": tuple(surrogate[k][m] for m in ("energy_wh", "flops", "wall_s", "method"))
-                  for k in ("evaluation", "training")}
-    parts["search"] = (search["energy_wh"], search["flops"], search["wall_s"], search["method"])
-    if uses_svd:
-        parts["svd_reference_baseline"] = (baseline["energy_wh"], baseline["flops"], baseline["wall_s"], baseline["method"])
+        parts |= {f"surrogate_{k}": surrogate[k] for k in ("evaluation", "training")}
+    parts["search"] = search
+    if library["families"]["svd"] > 0:
+        parts["svd_reference_baseline"] = baseline
     before = [p for name, p in parts.items() if name != "search"]
-    return {"energy_wh": sum(p[0] for p in parts.values()), "flops": sum(p[1] for p in parts.values()),
-            "wall_s": sum(p[2] for p in parts.values()), "method": methods(*(p[3] for p in parts.values())),
+
+    def total(key, figures):
+        return sum(p[key] for p in figures)
+
+    return {"energy_wh": total("energy_wh", parts.values()), "flops": total("flops", parts.values()),
+            "wall_s": total("wall_s", parts.values()), "method": methods(*(p["method"] for p in parts.values())),
+            "energy_by_device": summed_device_parts(parts.values()),
             # what was spent before the search's first generation: its curve starts there
-            "before_search": {"energy_wh": sum(p[0] for p in before), "flops": sum(p[1] for p in before),
-                              "wall_s": sum(p[2] for p in before)},
-            "energy_wh_by_part": {name: p[0] for name, p in parts.items()}}
+            "before_search": {key: total(key, before) for key in ("energy_wh", "flops", "wall_s")},
+            "energy_wh_by_part": {name: p["energy_wh"] for name, p in parts.items()}}
 
 
 def charged_curve(search_curve: list[dict], charges: dict) -> list[dict]:

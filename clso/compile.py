@@ -114,8 +114,10 @@ def hf_model(crystal) -> GPT2LMHeadModel:
 def quantization_reports(float_logits_fn, crystals: dict, tokens: np.ndarray, block_size: int,
                          batch_size: int = 16) -> dict[str, dict]:
     """Each file's model (all of one vocabulary) against the float PyTorch model on consecutive
-    windows of `tokens`, in one pass: the loss of both, top-1 agreement and the largest absolute
-    logit difference. A file with a pruned vocabulary cannot read or predict the ids it dropped:
+    windows of `tokens`, in one pass: the loss of both, top-1 agreement, the mean KL divergence
+    KL(float ‖ file) of the next-token distributions (top-1 alone says little of a near-uniform
+    model, whose flat logits flip their argmax at any rounding; llama.cpp reports both) and the
+    largest absolute logit difference. A file with a pruned vocabulary cannot read or predict the ids it dropped:
     windows holding one are left out (and counted), and both softmaxes run over the kept ids."""
     models = {name: CrystalModel(c) for name, c in crystals.items()}
     row_of = next(iter(models.values())).row_of
@@ -130,20 +132,21 @@ def quantization_reports(float_logits_fn, crystals: dict, tokens: np.ndarray, bl
     kept = torch.from_numpy(row_of >= 0)
     target_of = torch.cumsum(kept.long(), 0) - 1  # tokenizer id → position among the kept ids
     float_sum, count = 0.0, 0
-    sums = {name: {"loss": 0.0, "agree": 0.0, "max_diff": 0.0} for name in models}
+    sums = {name: {"loss": 0.0, "agree": 0.0, "kl": 0.0, "max_diff": 0.0} for name in models}
     for first in range(0, len(usable), batch_size):
         xy = torch.from_numpy(usable[first:first + batch_size])
         x, y = xy[:, :-1], target_of[xy[:, 1:].reshape(-1)]
         ref = float_logits_fn(x).float().flatten(0, 1)
         ref = ref if bool(kept.all()) else ref[:, kept]
         float_sum += float(F.cross_entropy(ref, y, reduction="sum"))
-        ref_top = ref.argmax(-1)
+        ref_top, ref_log_p = ref.argmax(-1), F.log_softmax(ref.double(), -1)  # float64: KL is tiny
         for name, model in models.items():
             got = model(x).flatten(0, 1)
             got = got if bool(kept.all()) else got[:, kept]
             s = sums[name]
             s["loss"] += float(F.cross_entropy(got, y, reduction="sum"))
             s["agree"] += float((got.argmax(-1) == ref_top).sum())
+            s["kl"] += float(F.kl_div(F.log_softmax(got.double(), -1), ref_log_p, log_target=True, reduction="sum"))
             s["max_diff"] = max(s["max_diff"], float(got.sub_(ref).abs_().max()))
         count += y.numel()
     float_loss = float_sum / count
@@ -154,7 +157,8 @@ def quantization_reports(float_logits_fn, crystals: dict, tokens: np.ndarray, bl
         reports[name] = {"val_tokens": count, "val_windows_used": len(usable), "val_windows": n_windows,
                          "float_val_loss": float_loss, "val_loss": loss, "float_val_ppl": math.exp(float_loss),
                          "val_ppl": ppl, "ppl_change": ppl / math.exp(float_loss) - 1.0,
-                         "top1_agreement": s["agree"] / count, "max_abs_logit_diff": s["max_diff"]}
+                         "top1_agreement": s["agree"] / count, "mean_kl": s["kl"] / count,
+                         "max_abs_logit_diff": s["max_diff"]}
     return reports
 
 

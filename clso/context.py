@@ -1,13 +1,16 @@
-"""The compute context every stage sets up the same way: device, CPU threads, derived seeds.
-(The C runtime is clso/runtime/, a folder of C source and its format spec.)"""
+"""The compute context every stage sets up the same way: device, CPU threads, numeric precision,
+derived seeds. (The C runtime is clso/runtime/, a folder of C source and its format spec.)"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
 
 from clso import ClsoError
+
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -21,11 +24,49 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def setup(base) -> torch.device:
-    """Apply the params.yaml `base` section (BaseParams): torch's CPU threads, and the device."""
+def setup(base, cpu_only: bool = False) -> torch.device:
+    """Apply the params.yaml `base` section (BaseParams): the device, and torch's CPU threads.
+
+    With base.threads 0, a CPU run uses every core; a GPU run keeps one CPU thread: the GPU does
+    the work, and idle pool threads spin after each small CPU op, burning energy for nothing (the
+    `estimate` method charges their CPU seconds, RAPL their package power). `cpu_only` is for a
+    stage that does its work on the CPU whatever base.device says."""
+    device = torch.device("cpu") if cpu_only else resolve_device(base.device)
     if base.threads:
         torch.set_num_threads(base.threads)
-    return resolve_device(base.device)
+    elif device.type == "cuda":
+        torch.set_num_threads(1)
+    return device
+
+
+def resolve_precision(choice: str, device) -> str:
+    """fp32, tf32 or bf16; `auto` is bf16 on a CUDA GPU that has it and fp32 elsewhere (on a CPU,
+    bf16 is slow and float32 keeps runs bit for bit deterministic)."""
+    device = torch.device(device)
+    if choice == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if choice == "tf32" and device.type != "cuda":
+        raise ClsoError("precision tf32 needs a CUDA GPU (TF32 is a tensor-core format); use fp32 or bf16 on a CPU")
+    return choice
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device):
+    """Run the enclosed forward passes in `precision`: bf16 as autocast (matmuls in bfloat16,
+    reductions and norms in float32), tf32 as TensorFloat-32 matmuls, fp32 as they are."""
+    device = torch.device(device)
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32":
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    else:
+        yield
 
 
 def derive_seed(*parts) -> int:

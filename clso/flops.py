@@ -71,3 +71,34 @@ def backward_flops(config, seq_len: int, n_seqs: int = 1,
 def train_step_flops(config, seq_len: int, n_seqs: int) -> int:
     """One dense training step (forward + backward, everything trainable): ≈ 6 · params · tokens."""
     return forward_flops(config, seq_len, n_seqs) + backward_flops(config, seq_len, n_seqs)
+
+
+# Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched
+# against torch.cuda.get_device_name; the first matching entry wins, so specific names come first.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+                    ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0))
+
+
+def peak_flops(device) -> tuple[float | None, str | None]:
+    """The device's dense bf16 peak in FLOP/s and its name, or (None, name) when unknown (every CPU):
+    model FLOPs utilisation (MFU) is achieved FLOP/s over this, the convention of PaLM and nanoGPT."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12, name
+    return None, name
+
+
+def throughput(flops: int, tokens: int, seconds: float, device) -> dict:
+    """Tokens/s, achieved TFLOP/s and MFU (None where the device's peak is unknown)."""
+    peak, name = peak_flops(device)
+    achieved = flops / seconds if seconds > 0 else 0.0
+    return {"tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else 0.0,
+            "achieved_tflops": round(achieved / 1e12, 4), "device_name": name,
+            "peak_bf16_tflops": None if peak is None else round(peak / 1e12, 1),
+            "mfu": None if peak is None else round(achieved / peak, 4)}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +70,10 @@ class CrystalMatrix:
             if bias is not None:
                 y += bias
         else:
-            y = bias.expand(len(x), -1).clone() if bias is not None else x.new_zeros(len(x), self.d_out)
+            # under autocast the blocks' products come out in its dtype: gather them in that dtype
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            y = (bias.expand(len(x), -1).to(dtype).clone() if bias is not None
+                 else x.new_zeros(len(x), self.d_out, dtype=dtype))
             for i, o, b in self.blocks:
                 part = _take(x, i) @ scaled(b)
                 if isinstance(o, slice):
@@ -296,9 +301,12 @@ def _ideal_bits(stored: dict[str, torch.Tensor], variant: dict, d_in, d_out) -> 
     return bits / (d_in * d_out)
 
 
-def generate_matrix(seed: int, bucket: str, index: int, d_in: int, d_out: int, family: str,
+def generate_matrix(seed: int, bucket: str, index: int, d_in: int, d_out: int, family: str, stats_device="cpu",
                     **options) -> tuple[dict[str, torch.Tensor], dict, CrystalMatrix]:
-    """One library matrix from (seed, bucket, index): stored tensors, manifest entry, applied form."""
+    """One library matrix from (seed, bucket, index): stored tensors, manifest entry, applied form.
+    Everything is computed on the CPU, so the library is the same bit for bit on every machine, but
+    for the count of distinct values — a sort, most of the time at GPT-2 small shapes — which is
+    exact on any device and runs on `stats_device`."""
     g = generator("clso-library", seed, bucket, index)
     kind, stored, variant = _GENERATORS[family](g, d_in, d_out, **options)
     unscaled = _build(kind, stored, 1.0, d_in, d_out).dense()
@@ -313,7 +321,7 @@ def generate_matrix(seed: int, bucket: str, index: int, d_in: int, d_out: int, f
         "index": index, "family": family, "kind": kind, **variant,
         "rank": _rank_bound(kind, stored, d_in, d_out),
         "density": round(float((dense != 0).float().mean()), 6),
-        "distinct_values": int(torch.unique(dense).numel()),
+        "distinct_values": int(torch.unique(dense.to(stats_device)).numel()),
         "bits_per_weight": round(_ideal_bits(stored, variant, d_in, d_out), 4),
         "flops_per_token": matrix.flops_per_token(),
         "frobenius_norm": round(float(dense.norm()), 6),
@@ -367,8 +375,9 @@ class Library:
     def generate(cls, seed: int, n_embd: int, *, size: int, shares: dict[str, float], ternary_levels: int = 3,
                  max_rank_fraction: float = 0.25, n_inner: int | None = None,
                  reference: dict[str, list[torch.Tensor]] | None = None,
-                 progress=None) -> tuple[Library, dict[str, torch.Tensor]]:
-        """`reference` (dense matrices of a trained model, by bucket) feeds the svd family."""
+                 progress=None, stats_device="cpu") -> tuple[Library, dict[str, torch.Tensor]]:
+        """`reference` (dense matrices of a trained model, by bucket) feeds the svd family. The
+        library is generated on the CPU; `stats_device` speeds up its manifest's statistics."""
         shapes = bucket_shapes(n_embd, n_inner)
         counts = family_counts(size, shares)
         options = {"ternary_levels": ternary_levels, "max_rank_fraction": max_rank_fraction}
@@ -377,18 +386,25 @@ class Library:
         manifest = {"version": LIBRARY_VERSION, "seed": seed, "size": size, "n_embd": n_embd,
                     "family_counts": counts, "options": options, "buckets": {}}
         tensors, matrices = {}, {}
-        for bucket, (d_in, d_out) in shapes.items():
-            entries, matrices[bucket] = [], []
-            for index in range(size):
-                stored, entry, matrix = generate_matrix(seed, bucket, index, d_in, d_out,
-                                                        _family_of(index, counts), svd_bases=bases[bucket],
-                                                        **options)
+        jobs = [(bucket, index) for bucket in shapes for index in range(size)]
+
+        def make(job):
+            bucket, index = job
+            return generate_matrix(seed, bucket, index, *shapes[bucket], _family_of(index, counts), stats_device,
+                                   svd_bases=bases[bucket], **options)
+
+        # each matrix is a pure function of its seed: drawing several at once changes no bit. Workers
+        # share the cores torch's own threads leave (none on a CPU run; most when a GPU does the rest)
+        workers = max(1, _cores() // torch.get_num_threads())
+        with ThreadPoolExecutor(workers) as pool:
+            for (bucket, index), (stored, entry, matrix) in zip(jobs, pool.map(make, jobs)):
                 tensors.update({f"{bucket}.{index}.{name}": t for name, t in stored.items()})
-                entries.append(entry)
-                matrices[bucket].append(matrix)
+                info = manifest["buckets"].setdefault(bucket, {"d_in": shapes[bucket][0], "d_out": shapes[bucket][1],
+                                                               "matrices": []})
+                info["matrices"].append(entry)
+                matrices.setdefault(bucket, []).append(matrix)
                 if progress:
                     progress()
-            manifest["buckets"][bucket] = {"d_in": d_in, "d_out": d_out, "matrices": entries}
         return cls(seed, shapes, matrices, manifest), tensors
 
     def save(self, folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -433,6 +449,10 @@ class Library:
             raise ClsoError(f"{folder}: library manifest and tensors disagree ({type(e).__name__}: {e}); "
                             f"{fix}") from None
         return cls(int(manifest["seed"]), shapes, matrices, manifest).to(device)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_stored(kind: str, stored: dict, d_in: int, d_out: int) -> None:
@@ -524,20 +544,25 @@ def sanity_check(library: Library, reference: dict[str, torch.Tensor], gene_buck
     best scalar gain g (‖W − g·B‖/‖W‖ = √(1 − cos²)), the most the search's own operators reach:
     it picks one matrix per layer and, in hybrid mode, trains its gain; it never combines matrices.
     The protocol calls a library whose best error exceeds SANITY_MAX_ERROR (20 %) too weak.
+    Runs on the library's device; each library matrix is made dense once for every layer of its bucket.
     """
-    per_matrix, plain, gained = {}, [], []
-    for (name, w), bucket in zip(reference.items(), gene_buckets):
-        w = w.float()
-        norm = float(w.norm())
-        best, best_gain = math.inf, math.inf
+    refs = {name: (w.float().to(library.device), bucket) for (name, w), bucket in zip(reference.items(), gene_buckets)}
+    norms = {name: float(w.norm()) for name, (w, _) in refs.items()}
+    best = dict.fromkeys(refs, math.inf)
+    best_gain = dict.fromkeys(refs, math.inf)
+    for bucket in dict.fromkeys(gene_buckets):
+        names = [name for name, (_, b) in refs.items() if b == bucket]
         for m in library.matrices[bucket]:
-            b = m.dense().to(w.device)
-            best = min(best, float((w - b).norm()) / norm)
-            cos = float((w * b).sum()) / (norm * float(b.norm()))
-            best_gain = min(best_gain, math.sqrt(max(0.0, 1 - cos * cos)))
-        per_matrix[name] = {"best_rel_error": round(best, 4), "best_rel_error_with_gain": round(best_gain, 4)}
-        plain.append(best)
-        gained.append(best_gain)
+            b = m.dense()
+            b_norm = float(b.norm())
+            for name in names:
+                w, norm = refs[name][0], norms[name]
+                best[name] = min(best[name], float((w - b).norm()) / norm)
+                cos = float((w * b).sum()) / (norm * b_norm)
+                best_gain[name] = min(best_gain[name], math.sqrt(max(0.0, 1 - cos * cos)))
+    per_matrix = {name: {"best_rel_error": round(best[name], 4), "best_rel_error_with_gain": round(best_gain[name], 4)}
+                  for name in refs}
+    plain, gained = list(best.values()), list(best_gain.values())
     return {"matrices": per_matrix, "mean_best_rel_error": round(sum(plain) / len(plain), 4),
             "mean_best_rel_error_with_gain": round(sum(gained) / len(gained), 4),
             "worst_best_rel_error_with_gain": round(max(gained), 4),

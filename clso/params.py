@@ -104,6 +104,10 @@ class LibraryParams:
 class FitnessParams:
     batch_size: int = spec(8, "sequences of model.block_size tokens in the fixed fitness batch, drawn "
                            "from the train split (val and test stay unseen by the search)", min=1, max=4096)
+    precision: str = spec("auto", "of the search's forward passes (true evaluations and hybrid Adam phases): "
+                          "auto is bf16 on a CUDA GPU that has it (autocast; fp32 reductions) and fp32 elsewhere; "
+                          "fp32 is the reference; final val and test scores are always fp32",
+                          choices=("auto", "fp32", "bf16"))
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,20 @@ class BaselineParams:
     eval_interval: int = spec(50, "steps between rows of plots/baseline.csv", min=1, max=100_000_000)
     eval_batches: int = spec(0, "val batches (of batch_size sequences) per curve point; 0 = the whole val "
                              "split, the same measure evolve and compare use", min=0, max=100_000)
+    micro_batch_size: int = spec(0, "sequences per forward/backward pass, gradients accumulated over "
+                                 "batch_size / micro_batch_size of them (so the protocol's batch fits any "
+                                 "card); 0 = the whole batch at once", min=0, max=65536)
+    precision: str = spec("auto", "auto is bf16 autocast on a CUDA GPU that has it and fp32 elsewhere (on a "
+                          "CPU bf16 is slow and fp32 is bit for bit deterministic); tf32 needs a CUDA GPU; "
+                          "curve and final val scores are always fp32", choices=("auto", "fp32", "tf32", "bf16"))
+    attention: str = spec("sdpa", "sdpa: torch's fused scaled_dot_product_attention (flash or memory-efficient "
+                          "kernels); eager: transformers' reference matmul-softmax-matmul", choices=("sdpa", "eager"))
+    adamw: str = spec("auto", "AdamW implementation: auto is fused on CUDA and torch's default elsewhere "
+                      "(for-loop on a CPU); fused and foreach need tensors torch supports them on",
+                      choices=("auto", "fused", "foreach", "for-loop"))
+    torch_compile: str = spec("auto", "torch.compile mode of the training step's model: auto is default on "
+                              "CUDA and none on a CPU; compilation time is charged to the baseline",
+                              choices=("auto", "none", "default", "reduce-overhead", "max-autotune"))
 
 
 @dataclass(frozen=True)
@@ -337,6 +355,9 @@ def _check_across(params: Params) -> None:
     b = params.baseline
     if b.min_lr > b.lr:
         raise ParamsError(f"baseline.min_lr: {b.min_lr:g} is above baseline.lr {b.lr:g}; valid: at most lr")
+    if b.micro_batch_size and b.batch_size % b.micro_batch_size:
+        raise ParamsError(f"baseline.micro_batch_size: {b.micro_batch_size} does not divide baseline.batch_size "
+                          f"{b.batch_size}; valid: 0 or a divisor of batch_size")
     e = params.evolve
     if e.elite >= e.population:
         raise ParamsError(f"evolve.elite: {e.elite} is not below evolve.population {e.population}; "

@@ -31,13 +31,18 @@ class Search:
         return genome_length(self.config)
 
     @property
+    def precision(self) -> str:
+        return self.evaluator.precision
+
+    @property
     def gene_buckets(self) -> tuple[int, ...]:
         return tuple(k % len(BUCKETS) for k in range(self.genome_length))
 
 
 def build_search(data_dir: str | Path, library_dir: str | Path, model, *, fitness_batch_size: int, seed: int,
-                 device, mode: str = "pure") -> Search:
-    """The crystalline GPT-2 of `model` (ModelParams) on the prepared data and the built library."""
+                 device, mode: str = "pure", precision: str = "fp32") -> Search:
+    """The crystalline GPT-2 of `model` (ModelParams) on the prepared data and the built library;
+    its forward passes run in `precision` (fp32 or bf16)."""
     data = TokenData.open(data_dir)
     library = Library.load(library_dir)
     if library.shapes["c_attn"][0] != model.n_embd:
@@ -50,7 +55,7 @@ def build_search(data_dir: str | Path, library_dir: str | Path, model, *, fitnes
         raise ClsoError(f"the train split has {len(train)} tokens, too few for model.block_size "
                         f"{model.block_size}; lower it or use more data")
     batch = EvalBatch.sample(train, fitness_batch_size, model.block_size, derive_seed(seed, "fitness"), device)
-    return Search(config, crystal.library, crystal, batch, FitnessEvaluator(crystal, batch), data)
+    return Search(config, crystal.library, crystal, batch, FitnessEvaluator(crystal, batch, precision=precision), data)
 
 
 def sample_for_surrogate(search: Search, n: int, mutant_fraction: float, rng: np.random.Generator,

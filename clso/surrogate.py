@@ -74,16 +74,18 @@ class SurrogateNet(nn.Module):
 
 
 class Surrogate:
-    def __init__(self, config: SurrogateConfig, seed: int = 0, features: torch.Tensor | None = None):
+    def __init__(self, config: SurrogateConfig, seed: int = 0, features: torch.Tensor | None = None, device="cpu"):
         """`features`: (buckets, M, n_features) structure features, used unless inputs is index
-        (a loaded state brings its own)."""
-        self.config = config
+        (a loaded state brings its own). Members are initialised on the CPU, the same on every
+        machine, then trained and queried on `device`."""
+        self.config, self.device = config, torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.members = [SurrogateNet(config) for _ in range(config.ensemble)]
         if features is not None and config.n_features:
             for m in self.members:
                 m.features.copy_(features.reshape(m.features.shape))
+        self.members = [m.to(self.device) for m in self.members]
         self.target_mean, self.target_std = 0.0, 1.0
 
     def fit(self, genomes, losses, seed: int = 0, steps: int | None = None) -> float:
@@ -92,7 +94,7 @@ class Surrogate:
         Unfit genomes (infinite loss) are ranked below every fit one by a large target.
         """
         cfg = self.config
-        g = torch.as_tensor(np.asarray(genomes), dtype=torch.long)
+        g = torch.as_tensor(np.asarray(genomes), dtype=torch.long).to(self.device)
         log_loss = np.log(np.asarray(losses, dtype=np.float64))
         finite = np.isfinite(log_loss)
         if not finite.any():
@@ -100,22 +102,22 @@ class Surrogate:
         self.target_mean, self.target_std = float(log_loss[finite].mean()), float(log_loss[finite].std() or 1.0)
         z = (log_loss - self.target_mean) / self.target_std
         z[~finite] = z[finite].max() + 3.0
-        target = torch.as_tensor(z, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(seed)
-        last = 0.0
+        target = torch.as_tensor(z, dtype=torch.float32).to(self.device)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same batches on every device
+        last = None
         for member in self.members:
             opt = torch.optim.AdamW(member.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             member.train()
             for _ in range(steps or cfg.steps):
-                idx = torch.randint(0, len(g), (min(cfg.batch_size, len(g)),), generator=generator)
+                idx = torch.randint(0, len(g), (min(cfg.batch_size, len(g)),), generator=generator).to(self.device)
                 score = member(g[idx])
                 loss = self._ranking_loss(score, target[idx]) + cfg.mse_weight * F.mse_loss(score, target[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                last = loss.item()
+                last = loss.detach()  # read once at the end: no GPU sync per step
             member.eval()
-        return last
+        return float(last)
 
     def _ranking_loss(self, score: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Over all ordered pairs in the batch whose true losses differ."""
@@ -132,8 +134,8 @@ class Surrogate:
     @torch.no_grad()
     def predict(self, genomes) -> tuple[np.ndarray, np.ndarray]:
         """Mean and spread of the members' scores (standardised log-loss; lower is better)."""
-        g = torch.as_tensor(np.asarray(genomes), dtype=torch.long)
-        scores = torch.stack([m(g) for m in self.members]).double().numpy()
+        g = torch.as_tensor(np.asarray(genomes), dtype=torch.long).to(self.device)
+        scores = torch.stack([m(g) for m in self.members]).double().cpu().numpy()
         return scores.mean(0), scores.std(0)
 
     def to_loss(self, score: np.ndarray) -> np.ndarray:
@@ -160,7 +162,7 @@ class Surrogate:
         return per_sample * batch * (steps or self.config.steps) * len(self.members)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"member{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.state_dict().items()}
+        state = {f"member{i}.{k}": v.cpu() for i, m in enumerate(self.members) for k, v in m.state_dict().items()}
         state["target"] = torch.tensor([self.target_mean, self.target_std], dtype=torch.float64)
         return state
 

@@ -1,6 +1,7 @@
 """Stage `baseline`: the dense GPT-2 trained with AdamW, with its loss-against-energy curve."""
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -51,12 +52,15 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
         "final_val_loss": val, "final_val_ppl": math.exp(val),
         "best_curve_val_loss": best["val_loss"], "best_curve_val_ppl": math.exp(best["val_loss"]),
         "best_curve_step": best["step"],
-        **result.train_energy,
+        **result.train_energy, "setup": asdict(result.setup), "device": str(device),
         "final_evaluation": final_meter.reading.as_metrics(),
     })
     write_csv_atomic(PLOT, CURVE_FIELDS, result.curve)
-    print(f"baseline: {p.baseline.steps} steps, val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole "
-          f"val split, {result.train_energy['energy_wh']:.4f} Wh ({result.train_energy['method']})")
+    e, s = result.train_energy, result.setup
+    print(f"baseline: {p.baseline.steps} steps ({s.precision}, {s.attention} attention, {s.adamw} AdamW, compile "
+          f"{s.torch_compile}), val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole val split, "
+          f"{e['energy_wh']:.4f} Wh ({e['method']}), {e['tokens_per_s']:,.0f} tokens/s, "
+          f"{e['achieved_tflops']:.3g} TFLOP/s" + (f", MFU {e['mfu']:.1%}" if e["mfu"] is not None else ""))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from clso.compare import (best_clso_run, charged_curve, clso_charges, comparison, contrast_statement, contrasts,
-                          hypothesis, methods, seed_summary, statement, verdict)
+                          device_parts, hypothesis, methods, seed_summary, statement, verdict)
 from clso.context import setup
 from clso.data import TokenData
 from clso.energy import EnergyMeter
@@ -60,6 +60,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
         "test_loss": base_test, "test_ppl": math.exp(base_test), "energy_wh": base_metrics["energy_wh"],
         "method": base_metrics["method"], "flops": base_metrics["flops"], "wall_s": base_metrics["wall_s"],
         "steps": base_metrics["steps"], "eval_energy_wh": base_metrics["eval_energy_wh"],
+        "energy_by_device": device_parts(base_metrics),
     }
     runs, charged = [], {}
     for v in variants:
@@ -70,7 +71,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
             "variant": v.name, "stage": v.stage, "mode": v.mode, "seed": v.seed, "label": v.label,
             "val_loss": m["val_loss"], "val_ppl": m["val_ppl"], "test_loss": tests[v], "test_ppl": math.exp(tests[v]),
             **{k: charges[k] for k in ("energy_wh", "method", "flops", "wall_s")},
-            "energy_wh_by_part": charges["energy_wh_by_part"],
+            "energy_wh_by_part": charges["energy_wh_by_part"], "energy_by_device": charges["energy_by_device"],
             # the surrogate's pretraining genomes were truly evaluated too
             "true_evaluations": m["true_evaluations"] + (surrogate["genomes"] if v.strategy == "ga" else 0),
             "surrogate_predictions": m["surrogate_predictions"], "adam_phases": m["adam_phases"],
@@ -143,7 +144,7 @@ def summary(result: dict, others: dict) -> str:
               f"spent (Wh: {parts}). At CLSO's energy the baseline's "
               f"val perplexity was {_fmt(m['baseline_val_ppl_at_clso_energy'])} ({m['at_clso_energy']}); the baseline "
               f"reached CLSO's val perplexity after {_fmt(m['baseline_energy_wh_to_reach_clso'])} Wh "
-              f"(step {_fmt(m['baseline_step_to_reach_clso'])}).", "",
+              f"(step {_fmt(m['baseline_step_to_reach_clso'])}).", "", _device_line(c, b), "",
               f"**Hypothesis** ({hypothesis()}; decided on the val split, test reported) for CLSO's best mode "
               f"(lowest mean val loss over seeds), at the first seed: `{c['variant']}`: **{statement(v)}**.", "",
               "Every variant of the grid (CLSO's search and its controls, each charged everything it spent; "
@@ -171,6 +172,18 @@ def summary(result: dict, others: dict) -> str:
     return "\n".join(lines)
 
 
+def _device_line(clso: dict, baseline: dict) -> str:
+    """Where each side's energy went: a GPU run still spends CPU energy, metered apart."""
+    def parts(side: dict) -> str:
+        d = side["energy_by_device"]
+        if d["gpu_method"] is None:
+            return f"all on the CPU, {_fmt(d['cpu_wh'])} Wh (`{d['cpu_method']}`)"
+        return (f"GPU {_fmt(d['gpu_wh'])} Wh (`{d['gpu_method']}`), CPU {_fmt(d['cpu_wh'])} Wh "
+                f"(`{d['cpu_method']}`)")
+
+    return f"Energy by device: CLSO {parts(clso)}; baseline {parts(baseline)}."
+
+
 def _compile_line(c: dict) -> str:
     clso, base = c["models"]["clso"], c["models"]["baseline"]
     m8, b8, exact = clso["modes"]["mixed8"], base["modes"]["mixed8"], clso["exactness"]
@@ -181,8 +194,10 @@ def _compile_line(c: dict) -> str:
             f"are {exact['embedding_share_of_bytes']:.0%} of it, and {exact['exact_layers']} of its "
             f"{exact['crystalline_layers']} crystalline layers are stored exactly, with "
             f"{exact['float_matrix_values_outside_embeddings']:,} float library values quantized), baseline `mixed8` "
-            f"{b8['bytes'] / 1e6:.2f} MB ({b8['bytes_vs_f32']:.0%}); `mixed8` top-1 agreement with the float model "
-            f"{m8['top1_agreement']:.2%} (CLSO) and {b8['top1_agreement']:.2%} (baseline), perplexity change "
+            f"{b8['bytes'] / 1e6:.2f} MB ({b8['bytes_vs_f32']:.0%}); `mixed8` against the float model: mean KL "
+            f"divergence of the next-token distributions {m8['mean_kl']:.2g} (CLSO) and {b8['mean_kl']:.2g} nats "
+            f"(baseline; target ≤ {c['targets']['mixed8_mean_kl_max']:g}), top-1 agreement "
+            f"{m8['top1_agreement']:.2%} and {b8['top1_agreement']:.2%}, perplexity change "
             f"{m8['ppl_change']:+.3%} and {b8['ppl_change']:+.3%}; the C runtime generates "
             f"{clso['runtime_bench']['ratio']:.1f}× (CLSO) and {base['runtime_bench']['ratio']:.1f}× (baseline) the "
             f"tokens/s of PyTorch eager. Targets missed: {', '.join(missed) or 'none'}.")
@@ -249,11 +264,11 @@ def report(result: dict, others: dict) -> str:
     if "compiled_files" in others:
         files = others["compiled_files"]["models"]
         lines += [f"## Compiled files (build/report.json, from `dvc repro compile`; CLSO is `{others['compile']['variant']}`)", "",
-                  "| model | mode | bytes | vs its f32 | vs dense f32 | exact layers | top-1 agreement | val ppl | "
-                  "ppl change | max logit diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| model | mode | bytes | vs its f32 | vs dense f32 | exact layers | mean KL (nats) | top-1 agreement | "
+                  "val ppl | ppl change | max logit diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in files.items():
             lines += [f"| {name} | {mode} | {f['bytes']} | {f['bytes_vs_f32']:.1%} | {f['bytes_vs_dense_f32']:.1%} | "
-                      f"{_exact_layers(f['exactness'])} | "
+                      f"{_exact_layers(f['exactness'])} | {f['mean_kl']:.2g} | "
                       f"{f['top1_agreement']:.2%} | {f['val_ppl']:.4g} | {f['ppl_change']:+.3%} | "
                       f"{f['max_abs_logit_diff']:.3g} |" for mode, f in m["modes"].items()]
         lines += ["", "| model | C runtime tokens/s | PyTorch eager tokens/s | ratio |", "|---|---|---|---|"]

@@ -27,10 +27,13 @@ BUILD = Path("build")
 METRICS = Path("metrics/compile.json")
 REPORT = "report.json"  # inside BUILD: every file's figures, the benchmarks and the samples
 CHECK_TOKENS = 64  # val tokens on which the C runtime's logits are compared with the Python reader's
-TARGETS = {"mixed8_top1_agreement_min": 0.99, "mixed8_ppl_change_max": 0.01, "clso_mixed8_bytes_vs_f32_max": 0.35,
+# mixed8 must keep the float model's next-token distributions: a mean KL(float ‖ file) of a thousandth of a
+# nat per token costs about 0.1 % perplexity; top-1 agreement is reported beside it, but is no target (a
+# near-uniform model's argmax flips at any rounding)
+TARGETS = {"mixed8_mean_kl_max": 0.001, "mixed8_ppl_change_max": 0.01, "clso_mixed8_bytes_vs_f32_max": 0.35,
            "runtime_vs_torch_tokens_per_s_min": 3.0}
 # what metrics/compile.json keeps of each model (dvc exp show makes a column of every number)
-SUMMARY = ("bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "val_ppl", "ppl_change",
+SUMMARY = ("bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "mean_kl", "val_ppl", "ppl_change",
            "max_abs_logit_diff")
 BENCH_SUMMARY = ("ratio", "runtime_tokens_per_s", "torch_tokens_per_s")
 
@@ -44,7 +47,7 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
     build/report.json (everything) and metrics/compile.json (the figures compared across runs)."""
     p = load_params(params)
     c = p.compile
-    setup(p.base)
+    setup(p.base, cpu_only=True)  # the files are scored and run on the CPU, whatever base.device says
     with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter:
         data = TokenData.open("data/prepared")
         tokenizer = export_tokenizer(load_tokenizer("data/prepared/tokenizer.json"))
@@ -74,14 +77,15 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
                                              "runtime_logit_tolerance": RUNTIME_LOGIT_TOLERANCE, "models": models})
     clso_m8, base_m8 = models["clso"]["modes"]["mixed8"], models["baseline"]["modes"]["mixed8"]
     checks = {
-        "mixed8_top1_agreement": min(clso_m8["top1_agreement"], base_m8["top1_agreement"]),
+        "mixed8_mean_kl": max(clso_m8["mean_kl"], base_m8["mean_kl"]),
+        "mixed8_top1_agreement": min(clso_m8["top1_agreement"], base_m8["top1_agreement"]),  # context, not a target
         "mixed8_ppl_change": max(abs(clso_m8["ppl_change"]), abs(base_m8["ppl_change"])),
         "clso_mixed8_bytes_vs_f32": clso_m8["bytes_vs_f32"],
         "clso_mixed8_bytes_vs_dense_f32": clso_m8["bytes_vs_dense_f32"],  # context, not a target
         "runtime_vs_torch_tokens_per_s": min(m["runtime_bench"]["ratio"] for m in models.values()),
     }
     met = {
-        "mixed8_top1_agreement": checks["mixed8_top1_agreement"] >= TARGETS["mixed8_top1_agreement_min"],
+        "mixed8_mean_kl": checks["mixed8_mean_kl"] <= TARGETS["mixed8_mean_kl_max"],
         "mixed8_ppl_change": checks["mixed8_ppl_change"] <= TARGETS["mixed8_ppl_change_max"],
         "clso_mixed8_bytes_vs_f32": checks["clso_mixed8_bytes_vs_f32"] <= TARGETS["clso_mixed8_bytes_vs_f32_max"],
         "runtime_vs_torch_tokens_per_s": checks["runtime_vs_torch_tokens_per_s"] >= TARGETS["runtime_vs_torch_tokens_per_s_min"],
@@ -95,7 +99,7 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
     for name, m in models.items():
         m8 = m["modes"]["mixed8"]
         print(f"compile: {name} mixed8 {m8['bytes'] / 1e6:.2f} MB ({m8['bytes_vs_f32']:.0%} of f32), top-1 "
-              f"agreement {m8['top1_agreement']:.2%}, ppl {m8['float_val_ppl']:.1f} → {m8['val_ppl']:.1f}; runtime "
+              f"agreement {m8['top1_agreement']:.2%}, mean KL {m8['mean_kl']:.2g} nats, ppl {m8['float_val_ppl']:.1f} → {m8['val_ppl']:.1f}; runtime "
               f"{m['runtime_bench']['runtime_tokens_per_s']:.0f} tokens/s = {m['runtime_bench']['ratio']:.1f}× PyTorch")
     e = clso_m8["exactness"]
     print(f"compile: clso mixed8 stores {e['exact_layers']} of {e['crystalline_layers']} crystalline layers exactly, "

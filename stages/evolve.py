@@ -13,6 +13,7 @@ import numpy as np
 import typer
 from safetensors.torch import load_file, save_file
 
+import clso.context
 import clso.data
 import clso.energy
 import clso.evaluate
@@ -25,7 +26,7 @@ import clso.search
 import clso.surrogate
 from clso import ClsoError
 from clso.bound import frozen_head_bound
-from clso.context import setup
+from clso.context import resolve_precision, setup
 from clso.evaluate import split_loss, split_targets
 from clso.energy import EnergyMeter
 from clso.evolve import HISTORY_FIELDS, Budget, Evolution
@@ -41,15 +42,15 @@ from stages.variants import Variant
 SURROGATE_DIR = Path("models/surrogate")
 VAL_BATCH = 16
 # the code the search's results and accounting come from: a checkpoint another version wrote is not resumed
-SEARCH_CODE = (clso.data, clso.energy, clso.evaluate, clso.evolve, clso.flops, clso.ga, clso.library, clso.model,
-               clso.search, clso.surrogate)
+SEARCH_CODE = (clso.context, clso.data, clso.energy, clso.evaluate, clso.evolve, clso.flops, clso.ga, clso.library,
+               clso.model, clso.search, clso.surrogate)
 
 
-def _load_surrogate() -> tuple[Surrogate, np.ndarray, np.ndarray]:
+def _load_surrogate(device) -> tuple[Surrogate, np.ndarray, np.ndarray]:
     try:
         config = json.loads((SURROGATE_DIR / "surrogate.json").read_text())
         data = json.loads((SURROGATE_DIR / "data.json").read_text())
-        model = Surrogate(SurrogateConfig(**{**config, "gene_buckets": tuple(config["gene_buckets"])}))
+        model = Surrogate(SurrogateConfig(**{**config, "gene_buckets": tuple(config["gene_buckets"])}), device=device)
         model.load_state_dict(load_file(str(SURROGATE_DIR / "surrogate.safetensors")))
     except FileNotFoundError as e:
         raise ClsoError(f"{e.filename}: not found; run `dvc repro surrogate` first") from None
@@ -59,11 +60,11 @@ def _load_surrogate() -> tuple[Surrogate, np.ndarray, np.ndarray]:
     return model, np.array(data["genomes"], dtype=np.int64), np.array([float(x) for x in data["losses"]])
 
 
-def _fingerprint(p, variant: Variant, files) -> str:
-    """What a checkpoint must match to be resumed: params, variant, inputs, and the project's code — a
-    fix to the search or its accounting must not be mixed into a run the old code began."""
+def _fingerprint(p, variant: Variant, files, precision: str) -> str:
+    """What a checkpoint must match to be resumed: params, variant, inputs, the precision `auto` gave, and
+    the project's code — a fix to the search or its accounting must not be mixed into a run the old code began."""
     h = hashlib.sha256(json.dumps({**{k: asdict(getattr(p, k)) for k in ("base", "model", "fitness", "evolve")},
-                                   "variant": asdict(variant)}, sort_keys=True).encode())
+                                   "variant": asdict(variant), "precision": precision}, sort_keys=True).encode())
     for f in files:
         h.update(Path(f).read_bytes())
     for module in SEARCH_CODE:
@@ -103,16 +104,16 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
     budget = _budget(variant, read_json("metrics/surrogate.json"))  # before any work: a control needs its CLSO run
     device = setup(p.base)
     search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
-                          seed=p.base.seed, device=device)
+                          seed=p.base.seed, device=device, precision=resolve_precision(p.fitness.precision, device))
     surrogate, pretraining, inputs = None, None, ["data/prepared/meta.json", "models/library/manifest.json"]
     if variant.strategy == "ga":
-        surrogate, genomes, losses = _load_surrogate()
+        surrogate, genomes, losses = _load_surrogate(device)
         if surrogate.config.gene_buckets != search.gene_buckets or surrogate.config.library_size != search.library.size:
             raise ClsoError("models/surrogate was trained for another genome layout; run `dvc repro surrogate`")
         pretraining, inputs = (genomes, losses), [*inputs, SURROGATE_DIR / "surrogate.safetensors"]
     meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
     evolution = Evolution(search, p.evolve, surrogate, pretraining, variant.seed, variant.checkpoints,
-                          _fingerprint(p, variant, inputs), meter, strategy=variant.strategy, budget=budget,
+                          _fingerprint(p, variant, inputs, search.precision), meter, strategy=variant.strategy, budget=budget,
                           mode=variant.mode)
     resumed_at = len(evolution.run.history)
     with progress_bar() as bar:
@@ -151,8 +152,8 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
         "best_fitness_loss": run.ga_state.best_fitness, "val_loss": val, "val_ppl": math.exp(val),
         "true_evaluations": run.true_evaluations, "surrogate_predictions": run.surrogate_predictions,
         "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
-        "energy_wh": last["energy_wh"], "method": last["energy_method"], "flops": last["flops"],
-        "wall_s": last["wall_s"],
+        "energy_wh": last["energy_wh"], "method": last["energy_method"], **cost.by_device(), "flops": last["flops"],
+        "wall_s": last["wall_s"], "device": str(device), "precision": search.precision,
         # writing checkpoints is metered apart and charged to neither side (the baseline writes none)
         "checkpoint": {"energy_wh": cost.checkpoint_energy_j / 3600, "method": last["energy_method"],
                        "wall_s": cost.checkpoint_wall_s},

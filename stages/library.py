@@ -6,6 +6,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from clso import ClsoError
+from clso.context import setup
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
 from clso.library import BUCKETS, FAMILIES, Library, library_metrics, sanity_check
@@ -23,20 +24,24 @@ METRICS = Path("metrics/library.json")
 def library(params: Path = PARAMS_OPTION) -> None:
     """Generate the basis library from base.seed: models/library/{library.safetensors,
     manifest.json} and metrics/library.json, with the protocol's sanity check against the trained
-    baseline's matrices (which also feed the optional svd family)."""
+    baseline's matrices (which also feed the optional svd family). The matrices are drawn on the
+    CPU (the same library on every machine); their statistics and the check run on base.device."""
     p = load_params(params)
+    device = setup(p.base)
     cfg = p.library
     shares = {f: getattr(cfg, f"share_{f}") for f in FAMILIES}
     reference = _reference(p.model.n_layer)
     # metered: generating the library, CLSO's cost; not the diagnostic check, nor saving (the
     # baseline's own saving is not metered either)
-    with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter, progress_bar() as bar:
+    with EnergyMeter(device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts) as meter, \
+            progress_bar() as bar:
         task = bar.add_task("library", total=4 * cfg.size, info="")
         lib, tensors = Library.generate(
             p.base.seed, p.model.n_embd, size=cfg.size, shares=shares, ternary_levels=cfg.ternary_levels,
-            max_rank_fraction=cfg.max_rank_fraction, reference=reference, progress=lambda: bar.advance(task))
+            max_rank_fraction=cfg.max_rank_fraction, reference=reference, progress=lambda: bar.advance(task),
+            stats_device=device)
     ordered = {f"h.{layer}.{LAYER_NAMES[b]}": reference[b][layer] for layer in range(p.model.n_layer) for b in BUCKETS}
-    sanity = sanity_check(lib, ordered, [b for _ in range(p.model.n_layer) for b in BUCKETS])
+    sanity = sanity_check(lib.to(device), ordered, [b for _ in range(p.model.n_layer) for b in BUCKETS])
     with atomic_dir(OUT_DIR) as tmp:
         lib.save(tmp, tensors)
         write_json_atomic(tmp / "sanity.json", sanity)  # per matrix: detail, not a metric to compare

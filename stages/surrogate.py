@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clso.context import derive_seed, setup
+from clso.context import derive_seed, resolve_precision, setup
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
 from clso.params import load_params
@@ -30,7 +30,7 @@ def surrogate_config(p, gene_buckets, library_size, inputs: str, n_features: int
 
 def _trained(p, search, features, inputs, genomes, losses) -> Surrogate:
     model = Surrogate(surrogate_config(p, search.gene_buckets, search.library.size, inputs, features.shape[-1]),
-                      seed=derive_seed(p.base.seed, "surrogate-init"), features=features)
+                      seed=derive_seed(p.base.seed, "surrogate-init"), features=features, device=search.batch.x.device)
     model.fit(genomes, losses, seed=derive_seed(p.base.seed, "surrogate-fit"))
     return model
 
@@ -44,7 +44,7 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
     device = setup(p.base)
     energy = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
     search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
-                          seed=p.base.seed, device=device)
+                          seed=p.base.seed, device=device, precision=resolve_precision(p.fitness.precision, device))
     rng = np.random.default_rng(derive_seed(p.base.seed, "surrogate"))
     with EnergyMeter(**energy) as eval_meter, progress_bar() as bar:
         task = bar.add_task("evaluate genomes", total=p.surrogate.n_train, info="")
@@ -54,7 +54,7 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
     n_hold = max(2, int(round(p.surrogate.holdout_fraction * len(genomes))))
     held, train = order[:n_hold], order[n_hold:]
     features = structure_features(search.library.manifest)
-    with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as train_meter:
+    with EnergyMeter(**energy) as train_meter:
         model = _trained(p, search, features, p.surrogate.inputs, genomes[train], losses[train])
     finite = np.isfinite(losses[held])
 
@@ -62,7 +62,7 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
         return ranking_metrics(m.predict(genomes[held][finite])[0], losses[held][finite])
 
     # the other ways to describe a gene, trained on the same split: a diagnostic, charged to no one
-    with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as compare_meter:
+    with EnergyMeter(**energy) as compare_meter:
         by_inputs = {inputs: held_out(model) if inputs == p.surrogate.inputs
                      else held_out(_trained(p, search, features, inputs, genomes[train], losses[train]))
                      for inputs in INPUTS}
@@ -73,7 +73,7 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
                                               "losses": [float(x) if np.isfinite(x) else "inf" for x in losses],
                                               "holdout": sorted(held.tolist())})
     metrics = {
-        "genomes": len(genomes), "train": len(train), "holdout": len(held),
+        "device": str(device), "precision": search.precision, "genomes": len(genomes), "train": len(train), "holdout": len(held),
         "inputs": p.surrogate.inputs, "holdout_metrics": by_inputs[p.surrogate.inputs],
         "holdout_spearman_by_inputs": {k: v["spearman"] for k, v in by_inputs.items()},
         "inputs_comparison_cost": compare_meter.reading.as_metrics(),

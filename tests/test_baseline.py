@@ -5,13 +5,15 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from clso.baseline import dense_gpt2, learning_rate, state_for_saving, train_baseline
+from clso import ClsoError
+from clso.baseline import TrainingSetup, dense_gpt2, learning_rate, state_for_saving, train_baseline
 from clso.corpus import load_corpus
 from clso.data import TokenData, prepare_dataset
 from clso.model import ModelConfig
 
 CFG = SimpleNamespace(steps=40, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
-                      grad_clip=1.0, eval_interval=10, eval_batches=2)
+                      grad_clip=1.0, eval_interval=10, eval_batches=2, micro_batch_size=0, precision="auto",
+                      attention="sdpa", adamw="auto", torch_compile="auto")
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -64,3 +66,55 @@ def test_saved_state_loads_into_a_stock_gpt2():
     x = torch.from_numpy(np.arange(8)[None])
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def _cfg(**changes):
+    return SimpleNamespace(**{**vars(CFG), "steps": 6, "eval_interval": 3, **changes})
+
+
+def _train(data, tmp_path, **changes):
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    return train_baseline(data, config, _cfg(**changes), seed=2, device="cpu",
+                          meter_options=dict(device="cpu", rapl_root=tmp_path))
+
+
+def test_auto_on_a_cpu_is_the_fp32_reference():
+    setup = TrainingSetup.resolve(CFG, "cpu")
+    assert setup == TrainingSetup("fp32", "sdpa", "default", "none", CFG.batch_size)
+    with pytest.raises(ClsoError, match="tf32 needs a CUDA GPU"):
+        TrainingSetup.resolve(_cfg(precision="tf32"), "cpu")
+
+
+def test_gradient_accumulation_trains_the_model_the_whole_batch_does(data, tmp_path):
+    whole, parts = _train(data, tmp_path), _train(data, tmp_path, micro_batch_size=2)
+    assert parts.setup.micro_batch_size == 2 and whole.setup.micro_batch_size == 4
+    a, b = state_for_saving(whole.model), state_for_saving(parts.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # another summation order: really another path
+    for x, y in zip(whole.curve, parts.curve):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("changes, tolerance", [({"attention": "eager"}, 1e-4), ({"adamw": "foreach"}, 1e-4),
+                                                ({"adamw": "fused"}, 1e-4), ({"precision": "bf16"}, 0.05)])
+def test_every_setting_trains_the_same_model(data, tmp_path, changes, tolerance):
+    reference, other = _train(data, tmp_path), _train(data, tmp_path, **changes)
+    assert [r["val_loss"] for r in other.curve] == pytest.approx([r["val_loss"] for r in reference.curve],
+                                                                 abs=tolerance)
+    assert other.curve[-1]["val_loss"] < other.curve[0]["val_loss"]
+
+
+def test_the_compiled_step_trains_the_model_that_is_saved(data, tmp_path):
+    """torch.compile wraps the model: its steps must move the very parameters the stage saves."""
+    reference, compiled = _train(data, tmp_path), _train(data, tmp_path, torch_compile="default")
+    assert compiled.setup.torch_compile == "default"
+    assert compiled.curve[-1]["val_loss"] == pytest.approx(reference.curve[-1]["val_loss"], abs=1e-4)
+    assert compiled.curve[-1]["val_loss"] < compiled.curve[0]["val_loss"] - 0.1
+
+
+def test_throughput_is_reported_with_the_energy(data, tmp_path):
+    energy = _train(data, tmp_path).train_energy
+    assert energy["tokens_per_s"] == pytest.approx(6 * 4 * 16 / energy["wall_s"], rel=1e-3)
+    assert energy["achieved_tflops"] == pytest.approx(energy["flops"] / energy["wall_s"] / 1e12, rel=1e-2, abs=1e-4)
+    assert energy["mfu"] is None and energy["device_name"] == "cpu"  # no known peak for a CPU
+    assert "gpu_wh" not in energy  # CPU-only work has no parts to tell apart

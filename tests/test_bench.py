@@ -2,18 +2,37 @@ import json
 import subprocess
 import sys
 
-from clso.bench import bench_eval
+import pytest
+
+from clso.bench import bench_eval, bench_train
 
 
-def test_bench_eval_reports_both_populations_and_agreement():
+def test_bench_eval_reports_both_populations_agreement_and_precisions():
     result = bench_eval(n_embd=16, n_layer=1, n_head=2, population=8, batch_size=2, block_size=8,
                         library_size=12, vocab_size=64, warmup_generations=2, repeats=1)
     for part in ("distinct_random", "ga_generation"):
         r = result[part]
-        assert r["genomes"] == 8 and r["ratio"] > 0 and r["max_rel_loss_diff"] <= 1e-5
+        assert r["genomes"] == 8 and r["ratio"] > 0 and r["max_rel_loss_diff"] <= 1e-5 and r["spearman"] > 0.99
         assert r["flops_per_genome_factored"] < r["flops_per_genome_dense"]
     b = result["ga_generation"]
     assert b["already_evaluated"] + b["evaluated_by_fast_path"] == b["distinct_children"] <= 8
+    c = result["precision_bf16_vs_fp32"]
+    assert c["genomes"] == 8 and c["bf16"]["genomes_per_s"] > 0 and c["fp32"]["tflops"] > 0
+    assert 0 < c["max_abs_loss_diff"] and -1 <= c["spearman"] <= 1
+
+
+def test_bench_train_times_each_setting_against_the_reference():
+    result = bench_train(n_embd=16, n_layer=1, n_head=2, block_size=8, batch_size=4, vocab_size=32,
+                         micro_batch_size=2, steps=2, warmup_steps=1, repeats=2)
+    settings = result["settings"]
+    assert list(settings) == ["fp32-eager", "fp32-sdpa", "bf16-sdpa"] and result["reference"] == "fp32-eager"
+    assert settings["fp32-eager"]["speedup_vs_reference"] == 1.0 and settings["fp32-eager"]["energy_vs_reference"] == 1.0
+    for s in settings.values():
+        assert s["ms_per_step"] > 0 and len(s["ms_per_step_runs"]) == 2 and s["energy_method"] == "estimate"
+        assert s["tokens_per_s"] == pytest.approx(4 * 8 / s["ms_per_step"] * 1e3, rel=1e-3)
+        assert s["mfu"] is None and s["joules_per_step"] > 0
+    with pytest.raises(ValueError, match="unknown setting"):
+        bench_train(settings=("fp16",))
 
 
 def test_bench_cli_prints_json(stage_env):
@@ -22,4 +41,15 @@ def test_bench_cli_prints_json(stage_env):
                           "--library-size", "8", "--vocab-size", "32", "--warmup-generations", "1",
                           "--repeats", "1"], env=stage_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["benchmark"] == "eval"
+    out = json.loads(run.stdout)
+    assert out["benchmark"] == "eval" and out["config"]["n_embd"] == 16 and out["config"]["population"] == 4
+    assert out["config"]["library_size"] == 8 and out["precision"] == "fp32"  # auto on a CPU
+
+
+def test_bench_train_cli_takes_a_preset_and_rejects_unknown_settings(stage_env):
+    run = subprocess.run([sys.executable, "-m", "stages.cli", "bench", "train", "--preset", "protocol",
+                          "--settings", "fp32-eager,fp16"], env=stage_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "'fp16' is unknown" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "stages.cli", "bench", "train", "--preset", "gpt3"],
+                         env=stage_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "--preset gpt3: unknown; valid: default, protocol" in run.stderr

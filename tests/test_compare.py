@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from clso.compare import (charged_curve, clso_charges, comparison, contrast_statement, contrasts, first_reach,
+from clso.compare import (charged_curve, clso_charges, comparison, contrast_statement, contrasts, device_parts, first_reach,
                           seed_summary, statement, value_at, verdict)
 
 CURVE = [{"step": s, "energy_wh": e, "flops": f, "val_loss": v}
@@ -182,3 +182,21 @@ def test_seed_summary_is_mean_and_sample_spread():
     s = seed_summary([run("evolve", "pure", 1, 8.0, energy=1.0), run("evolve", "pure", 2, 6.0, energy=3.0)])
     assert s["seeds"] == 2 and s["val_loss"] == 7.0 and s["val_loss_spread"] == pytest.approx(math.sqrt(2))
     assert s["energy_wh"] == 2.0 and seed_summary([run("evolve", "pure", 1, 8.0)])["val_loss_spread"] is None
+
+
+def test_gpu_and_cpu_energy_are_charged_apart():
+    library, surrogate, search, baseline = stage_metrics(svd=5)
+    gpu = lambda cpu, wh: {"cpu_wh": cpu, "cpu_method": "rapl", "gpu_wh": wh, "gpu_method": "nvml"}  # noqa: E731
+    surrogate["evaluation"].update(gpu(0.04, 0.06), method="nvml+rapl")
+    search.update(gpu(0.1, 0.2), method="nvml+rapl")
+    baseline.update(gpu(0.2, 0.5))
+    charges = clso_charges(library, surrogate, search, baseline)
+    parts = charges["energy_by_device"]
+    # CPU-only parts (library, surrogate training) count whole on the CPU
+    assert parts["gpu_wh"] == pytest.approx(0.06 + 0.2 + 0.5)
+    assert parts["cpu_wh"] == pytest.approx(0.01 + 0.04 + 0.02 + 0.1 + 0.2)
+    assert parts["cpu_wh"] + parts["gpu_wh"] == pytest.approx(charges["energy_wh"])
+    assert parts["gpu_method"] == "nvml" and parts["cpu_method"] == "estimate|rapl"
+    cpu_only = clso_charges(*stage_metrics(svd=0))["energy_by_device"]
+    assert cpu_only["gpu_wh"] == 0 and cpu_only["gpu_method"] is None and cpu_only["cpu_method"] == "estimate|rapl"
+    assert device_parts(baseline) == gpu(0.2, 0.5)

@@ -22,7 +22,7 @@ from stages.prepare import prepare
 from stages.variants import compiled_variant
 from tests.conftest import REPO
 
-MIXED8 = {"bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "val_ppl", "ppl_change",
+MIXED8 = {"bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "mean_kl", "val_ppl", "ppl_change",
           "max_abs_logit_diff"}
 BENCH = {"ratio", "runtime_tokens_per_s", "torch_tokens_per_s"}
 EXACTNESS = {"crystalline_layers", "exact_layers", "float_matrix_values_outside_embeddings", "embedding_share_of_bytes"}
@@ -80,6 +80,11 @@ def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdi
     assert clso["f32"]["exactness"]["exact_layers"] == 4
     assert clso["mixed8"]["exactness"]["float_matrix_values_outside_embeddings"] > 0
     assert report["models"]["baseline"]["modes"]["mixed8"]["exactness"]["crystalline_layers"] == 0
+    # KL(float ‖ file): nil for the exact f32 file, above it for the per-tensor int8 one; mixed8's is the target
+    base = report["models"]["baseline"]["modes"]
+    assert abs(base["f32"]["mean_kl"]) < 1e-9 < base["int8"]["mean_kl"]
+    assert metrics["measured"]["mixed8_mean_kl"] == max(m["modes"]["mixed8"]["mean_kl"] for m in metrics["models"].values())
+    assert metrics["met"]["mixed8_mean_kl"] == (metrics["measured"]["mixed8_mean_kl"] <= stage.TARGETS["mixed8_mean_kl_max"])
     cost = metrics["cost"]
     assert cost["energy_wh"] > 0 and cost["method"] in ("rapl", "estimate") and cost["cpu_s"] > 0
     benchmarks = sum(sum(m["runtime_bench"]["torch_s"] + m["runtime_bench"]["runtime_wall_s"])

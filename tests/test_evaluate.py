@@ -8,6 +8,7 @@ from clso.evaluate import (EvalBatch, FitnessEvaluator, plain_losses, population
                            split_loss, split_targets)
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
+from clso.surrogate import spearman
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
 
@@ -128,3 +129,20 @@ def test_split_targets_are_the_targets_split_loss_scores():
     targets = split_targets(tokens, 16)
     assert len(targets) == len(inputs) == (999 // 16) * 16
     np.testing.assert_array_equal(targets, (inputs + 1) % 97)  # each input's next token
+
+
+def test_bf16_losses_rank_genomes_as_fp32_does(setup):
+    """Selection must not change with the fast precision: bf16 autocast (here on the CPU, the same
+    code a GPU runs) ranks a population as the fp32 reference does."""
+    model, batch = setup
+    rng = np.random.default_rng(3)
+    genomes = np.concatenate([genomes_with_shared_prefixes(), rng.integers(0, 24, size=(40, 8))])
+    fp32, fp32_flops = population_losses_and_flops(model, genomes, batch, max_networks=8)
+    bf16, bf16_flops = population_losses_and_flops(model, genomes, batch, max_networks=8, precision="bf16")
+    assert fp32_flops == bf16_flops
+    assert not np.array_equal(bf16, fp32)  # really another precision
+    assert spearman(bf16, fp32) >= 0.99
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-3)
+    evaluator = FitnessEvaluator(model, batch, precision="bf16")
+    np.testing.assert_array_equal(evaluator(genomes[:5]), population_losses(model, genomes[:5], batch,
+                                                                            precision="bf16"))

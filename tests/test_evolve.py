@@ -387,3 +387,16 @@ def test_a_control_needs_its_budget_and_never_resumes_another_runs_checkpoint(tm
     assert other.run.history == []  # started afresh
     again = control(tmp_path, "random", Budget(evaluations=(5, 10, 15, 20, 30)))  # another budget
     assert again.run.history == []
+
+
+def test_totals_keep_the_gpu_and_cpu_parts_apart():
+    from clso.energy import EnergyReading
+    from clso.evolve import Totals
+
+    gpu = EnergyReading(energy_wh=0.3, method="nvml+estimate", wall_s=10.0, cpu_s=9.0, cpu_wh=0.1,
+                        cpu_method="estimate", gpu_wh=0.2, gpu_method="nvml")
+    cpu = EnergyReading(energy_wh=0.05, method="rapl", wall_s=2.0, cpu_s=2.0, cpu_wh=0.05, cpu_method="rapl")
+    totals = Totals().plus(gpu).plus(cpu)
+    assert totals.by_device() == {"cpu_wh": 0.15, "cpu_method": "estimate|rapl", "gpu_wh": 0.2, "gpu_method": "nvml"}
+    assert totals.energy_j == pytest.approx((totals.cpu_j + totals.gpu_j))
+    assert Totals().plus(cpu).by_device() == {}  # CPU-only: no parts, as EnergyReading.as_metrics gives none

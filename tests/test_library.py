@@ -6,7 +6,7 @@ import torch
 
 from clso import ClsoError
 from clso.library import (BUCKETS, Library, _ideal_bits, bucket_shapes, family_counts, generate_matrix,
-                          library_metrics)
+                          library_metrics, sanity_check)
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
 
@@ -252,3 +252,30 @@ def test_structure_features_describe_each_matrix_from_its_manifest_entry():
     low = [e["index"] for e in lib.manifest["buckets"]["c_fc"]["matrices"] if e["kind"] == "lowrank"]
     flops = table[2, :, -2]  # dense matrices cost the most FLOPs, low-rank ones less
     assert flops[dense].min() > flops[low].max()
+
+
+def test_drawing_matrices_side_by_side_changes_no_bit(monkeypatch):
+    """A GPU run keeps one torch thread and draws the library on a pool of the other cores: the same
+    library, bit for bit, as one matrix after another."""
+    one_by_one = Library.generate(3, 32, size=12, shares=SHARES)
+    monkeypatch.setattr("clso.library._cores", lambda: 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pooled = Library.generate(3, 32, size=12, shares=SHARES)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.dumps(pooled[0].manifest) == json.dumps(one_by_one[0].manifest)
+    assert list(pooled[1]) == list(one_by_one[1])
+    assert all(torch.equal(pooled[1][k], one_by_one[1][k]) for k in one_by_one[1])
+
+
+def test_sanity_check_is_the_best_over_every_pair():
+    library = Library.generate(5, 16, size=6, shares=SHARES)[0]
+    g = torch.Generator().manual_seed(0)
+    reference = {f"h.{i}.{b}": torch.randn(*library.shapes[b], generator=g) for i in range(2) for b in BUCKETS}
+    buckets = [b for _ in range(2) for b in BUCKETS]
+    check = sanity_check(library, reference, buckets)
+    for (name, w), bucket in zip(reference.items(), buckets):
+        errors = [float((w - m.dense()).norm() / w.norm()) for m in library.matrices[bucket]]
+        assert check["matrices"][name]["best_rel_error"] == round(min(errors), 4)
