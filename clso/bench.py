@@ -183,7 +183,7 @@ def _precisions(model, genomes: np.ndarray, batch: EvalBatch, repeats: int, devi
 
 
 def bench_train(*, n_embd=128, n_layer=2, n_head=4, block_size=128, batch_size=16, vocab_size=4096,
-                micro_batch_size=0, settings: tuple[str, ...] | None = None, steps=10, warmup_steps=3, repeats=3,
+                micro_batch_size=0, settings: tuple[str, ...] | None = None, steps=50, warmup_steps=3, repeats=3,
                 seed=0, device="cpu", cpu_watts_per_core=10.0, gpu_watts=300.0) -> dict:
     """One AdamW step of the dense baseline in each setting (TRAIN_SETTINGS): ms/step, tokens/s,
     achieved TFLOP/s, MFU where the device's peak is known, and energy per step (NVML on an NVIDIA

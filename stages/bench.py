@@ -84,7 +84,7 @@ def train(
     settings: str = typer.Option("", help="comma-separated settings, the first the reference (default: fp32-eager, "
                                           "tf32-sdpa, bf16-sdpa-fused, bf16-sdpa-fused-compile on CUDA; fp32-eager, "
                                           "fp32-sdpa, bf16-sdpa on a CPU)"),
-    steps: int = typer.Option(10, help="timed steps per round"),
+    steps: int = typer.Option(50, help="timed steps per round (NVML's counter wants rounds of a second or more)"),
     warmup_steps: int = typer.Option(3, help="untimed steps first (compilation happens here)"),
     repeats: int = typer.Option(3, help="rounds through the settings; medians are reported"),
     seed: int = typer.Option(0),
