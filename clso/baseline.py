@@ -90,20 +90,25 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """The step's mean loss, left on the device (reading it would wait for the GPU)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        micro = self.setup.micro_batch_size
-        parts = len(x) // micro
-        total = None
-        for i in range(0, len(x), micro):
-            with precision_context(self.setup.precision, self.device):
-                loss = self.loss(x[i:i + micro], y[i:i + micro])
-            (loss / parts if parts > 1 else loss).backward()
-            total = loss.detach() if total is None else total + loss.detach()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        # tf32 is a matmul mode: it must hold through backward too; bf16 autocast wraps the forward only
+        whole_step = precision_context("tf32" if self.setup.precision == "tf32" else "fp32", self.device)
+        forward_precision = "bf16" if self.setup.precision == "bf16" else "fp32"
+        with whole_step:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            micro = self.setup.micro_batch_size
+            parts = len(x) // micro
+            total = None
+            for i in range(0, len(x), micro):
+                with precision_context(forward_precision, self.device):
+                    loss = self.loss(x[i:i + micro], y[i:i + micro])
+                (loss / parts if parts > 1 else loss).backward()
+                # a copy: with CUDA graphs (compile's reduce-overhead) the output is overwritten next step
+                total = loss.detach().clone() if total is None else total + loss.detach()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
         return total / parts if parts > 1 else total
 
 
@@ -175,10 +180,15 @@ def train_baseline(data: TokenData, config: ModelConfig, cfg, *, seed: int, devi
             if step == cfg.steps:
                 break
             x, y = random_batch(train, cfg.batch_size, config.block_size, rng, device)
+            if step == 0:  # compilation, when there is any, happens in the first step: shown apart (and charged)
+                started = meter.read()
             train_losses.append(step_fn(x, y, learning_rate(step, cfg)))
+            if step == 0:
+                first_step = meter.read().minus(started).as_metrics()
     trained = meter.reading.minus(evals).as_metrics()
     result.train_energy = {**trained, "flops": cfg.steps * step_flops, "eval_energy_wh": evals.energy_wh,
                            "eval_flops": eval_flops * len(result.curve),
+                           "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")},
                            **throughput(cfg.steps * step_flops, cfg.steps * cfg.batch_size * config.block_size,
                                         trained["wall_s"], device)}
     model.eval()

@@ -43,8 +43,8 @@ def resolve_precision(choice: str, device) -> str:
     """fp32, tf32 or bf16; `auto` is bf16 on a CUDA GPU that has it and fp32 elsewhere (on a CPU,
     bf16 is slow and float32 keeps runs bit for bit deterministic)."""
     device = torch.device(device)
-    if choice == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if choice == "auto":  # bf16 tensor cores from Ampere (8.0) on; older GPUs only emulate it, slowly
+        return "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
     if choice == "tf32" and device.type != "cuda":
         raise ClsoError("precision tf32 needs a CUDA GPU (TF32 is a tensor-core format); use fp32 or bf16 on a CPU")
     return choice
@@ -67,6 +67,16 @@ def precision_context(precision: str, device):
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     else:
         yield
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU it goes from pinned memory without blocking: a copy from
+    pageable memory would wait for every kernel queued before it, so the host could not prepare the
+    next piece of work while the GPU runs this one. (PyTorch's caching host allocator keeps the
+    pinned block until the copy is done.)"""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def derive_seed(*parts) -> int:

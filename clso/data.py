@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from clso import ClsoError
+from clso.context import to_device
 from clso.corpus import Corpus, Document, split_documents
 from clso.io import atomic_dir, sha256_text, write_json_atomic
 from clso.progress import progress_bar
@@ -137,5 +138,5 @@ def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.r
                         "lower the block size or use more data")
     starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
     window = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts])
-    xy = torch.from_numpy(window).to(device)
+    xy = to_device(torch.from_numpy(window), device)
     return xy[:, :-1], xy[:, 1:]

@@ -75,7 +75,7 @@ def train_step_flops(config, seq_len: int, n_seqs: int) -> int:
 
 # Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched
 # against torch.cuda.get_device_name; the first matching entry wins, so specific names come first.
-BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200 NVL", 835.0), ("H200", 989.4),
                     ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0))
 
 

@@ -375,9 +375,11 @@ class Library:
     def generate(cls, seed: int, n_embd: int, *, size: int, shares: dict[str, float], ternary_levels: int = 3,
                  max_rank_fraction: float = 0.25, n_inner: int | None = None,
                  reference: dict[str, list[torch.Tensor]] | None = None,
-                 progress=None, stats_device="cpu") -> tuple[Library, dict[str, torch.Tensor]]:
+                 progress=None, stats_device="cpu", workers: int = 1) -> tuple[Library, dict[str, torch.Tensor]]:
         """`reference` (dense matrices of a trained model, by bucket) feeds the svd family. The
-        library is generated on the CPU; `stats_device` speeds up its manifest's statistics."""
+        library is drawn on the CPU, by `workers` threads (each matrix is a pure function of its
+        seed: drawing several at once changes no bit); `stats_device` speeds up its manifest's
+        statistics."""
         shapes = bucket_shapes(n_embd, n_inner)
         counts = family_counts(size, shares)
         options = {"ternary_levels": ternary_levels, "max_rank_fraction": max_rank_fraction}
@@ -393,9 +395,6 @@ class Library:
             return generate_matrix(seed, bucket, index, *shapes[bucket], _family_of(index, counts), stats_device,
                                    svd_bases=bases[bucket], **options)
 
-        # each matrix is a pure function of its seed: drawing several at once changes no bit. Workers
-        # share the cores torch's own threads leave (none on a CPU run; most when a GPU does the rest)
-        workers = max(1, _cores() // torch.get_num_threads())
         with ThreadPoolExecutor(workers) as pool:
             for (bucket, index), (stored, entry, matrix) in zip(jobs, pool.map(make, jobs)):
                 tensors.update({f"{bucket}.{index}.{name}": t for name, t in stored.items()})
@@ -451,7 +450,7 @@ class Library:
         return cls(int(manifest["seed"]), shapes, matrices, manifest).to(device)
 
 
-def _cores() -> int:
+def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -115,7 +115,7 @@ class Surrogate:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                last = loss.detach()  # read once at the end: no GPU sync per step
+                last = loss.detach()
             member.eval()
         return float(last)
 

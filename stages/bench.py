@@ -42,7 +42,7 @@ def eval_(
     n_layer: int = typer.Option(None, help="transformer blocks"),
     n_head: int = typer.Option(None, help="attention heads"),
     population: int = typer.Option(None, help="genomes per population"),
-    batch_size: int = typer.Option(None, help="sequences in the evaluation batch"),
+    batch_size: int = typer.Option(None, help="sequences in the fitness batch (default: the preset's)"),
     block_size: int = typer.Option(None, help="tokens per sequence"),
     library_size: int = typer.Option(None, help="matrices per bucket"),
     vocab_size: int = typer.Option(None, help="vocabulary of the model"),
@@ -61,12 +61,15 @@ def eval_(
 
     _threads(threads)
     shapes = _shapes(preset, n_embd=n_embd, n_layer=n_layer, n_head=n_head, population=population,
-                     batch_size=batch_size, block_size=block_size, library_size=library_size, vocab_size=vocab_size)
+                     eval_batch_size=batch_size, block_size=block_size, library_size=library_size,
+                     vocab_size=vocab_size)
     if precision not in ("auto", "fp32", "bf16"):
         raise ClsoError(f"--precision {precision}: valid: auto, fp32, bf16")
     where = resolve_device(device)
-    result = bench_eval(**shapes, warmup_generations=warmup_generations, repeats=repeats, seed=seed, device=where,
-                        precision=resolve_precision(precision, where))
+    result = bench_eval(**{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "population", "block_size",
+                                                  "library_size", "vocab_size")},
+                        batch_size=shapes["eval_batch_size"], warmup_generations=warmup_generations, repeats=repeats,
+                        seed=seed, device=where, precision=resolve_precision(precision, where))
     print(json.dumps({"preset": preset, **result}, indent=2))
 
 
@@ -77,13 +80,13 @@ def train(
     n_embd: int = typer.Option(None, help="model width (default: the preset's)"),
     n_layer: int = typer.Option(None, help="transformer blocks"),
     n_head: int = typer.Option(None, help="attention heads"),
-    batch_size: int = typer.Option(None, help="sequences per step"),
+    batch_size: int = typer.Option(None, help="sequences per step (default: the preset's baseline batch)"),
     block_size: int = typer.Option(None, help="tokens per sequence"),
     vocab_size: int = typer.Option(None, help="vocabulary of the model"),
     micro_batch_size: int = typer.Option(0, help="sequences per forward/backward (gradient accumulation); 0 = all"),
     settings: str = typer.Option("", help="comma-separated settings, the first the reference (default: fp32-eager, "
-                                          "tf32-sdpa, bf16-sdpa-fused, bf16-sdpa-fused-compile on CUDA; fp32-eager, "
-                                          "fp32-sdpa, bf16-sdpa on a CPU)"),
+                                          "fp32-sdpa, tf32-sdpa, bf16-sdpa-fused, bf16-sdpa-fused-compile on CUDA; "
+                                          "fp32-eager, fp32-sdpa, bf16-sdpa on a CPU)"),
     steps: int = typer.Option(50, help="timed steps per round (NVML's counter wants rounds of a second or more)"),
     warmup_steps: int = typer.Option(3, help="untimed steps first (compilation happens here)"),
     repeats: int = typer.Option(3, help="rounds through the settings; medians are reported"),
@@ -97,16 +100,16 @@ def train(
     from clso.bench import TRAIN_SETTINGS, bench_train
 
     _threads(threads)
-    shapes = _shapes(preset, n_embd=n_embd, n_layer=n_layer, n_head=n_head, batch_size=batch_size,
+    shapes = _shapes(preset, n_embd=n_embd, n_layer=n_layer, n_head=n_head, train_batch_size=batch_size,
                      block_size=block_size, vocab_size=vocab_size)
     chosen = tuple(s.strip() for s in settings.split(",") if s.strip()) or None
     for s in chosen or ():
         if s not in TRAIN_SETTINGS:
             raise ClsoError(f"--settings: {s!r} is unknown; valid: {', '.join(TRAIN_SETTINGS)}")
-    if micro_batch_size and shapes["batch_size"] % micro_batch_size:
-        raise ClsoError(f"--micro-batch-size {micro_batch_size} does not divide the batch of {shapes['batch_size']}")
-    result = bench_train(**{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "block_size", "batch_size",
-                                                   "vocab_size")},
+    if micro_batch_size and shapes["train_batch_size"] % micro_batch_size:
+        raise ClsoError(f"--micro-batch-size {micro_batch_size} does not divide the batch of {shapes['train_batch_size']}")
+    result = bench_train(**{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "block_size", "vocab_size")},
+                         batch_size=shapes["train_batch_size"],
                          micro_batch_size=micro_batch_size, settings=chosen, steps=steps, warmup_steps=warmup_steps,
                          repeats=repeats, seed=seed, device=resolve_device(device))
     print(json.dumps({"preset": preset, **result}, indent=2))

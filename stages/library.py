@@ -9,7 +9,7 @@ from clso import ClsoError
 from clso.context import setup
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
-from clso.library import BUCKETS, FAMILIES, Library, library_metrics, sanity_check
+from clso.library import BUCKETS, FAMILIES, Library, available_cores, library_metrics, sanity_check
 from clso.model import LAYER_NAMES
 from clso.params import load_params
 from clso.progress import progress_bar
@@ -39,7 +39,9 @@ def library(params: Path = PARAMS_OPTION) -> None:
         lib, tensors = Library.generate(
             p.base.seed, p.model.n_embd, size=cfg.size, shares=shares, ternary_levels=cfg.ternary_levels,
             max_rank_fraction=cfg.max_rank_fraction, reference=reference, progress=lambda: bar.advance(task),
-            stats_device=device)
+            stats_device=device,
+            # a GPU run leaves torch one CPU thread (clso.context.setup): draw on a pool of the cores
+            workers=available_cores() if device.type == "cuda" else 1)
     ordered = {f"h.{layer}.{LAYER_NAMES[b]}": reference[b][layer] for layer in range(p.model.n_layer) for b in BUCKETS}
     sanity = sanity_check(lib.to(device), ordered, [b for _ in range(p.model.n_layer) for b in BUCKETS])
     with atomic_dir(OUT_DIR) as tmp:

@@ -6,7 +6,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from clso import ClsoError
-from clso.baseline import TrainingSetup, dense_gpt2, learning_rate, state_for_saving, train_baseline
+from clso.baseline import TrainingSetup, TrainStep, dense_gpt2, learning_rate, state_for_saving, train_baseline
 from clso.corpus import load_corpus
 from clso.data import TokenData, prepare_dataset
 from clso.model import ModelConfig
@@ -104,12 +104,39 @@ def test_every_setting_trains_the_same_model(data, tmp_path, changes, tolerance)
     assert other.curve[-1]["val_loss"] < other.curve[0]["val_loss"]
 
 
-def test_the_compiled_step_trains_the_model_that_is_saved(data, tmp_path):
+def _step(**changes):
+    cfg = SimpleNamespace(**{**vars(CFG), **changes})
+    setup = TrainingSetup.resolve(cfg, "cpu")
+    model = dense_gpt2(ModelConfig(vocab_size=50, n_layer=1, n_embd=16, n_head=2, block_size=8), 0, "cpu",
+                       setup.attention).train()
+    return model, TrainStep(model, setup, lr=1e-3, weight_decay=0.1, grad_clip=1.0, device="cpu")
+
+
+def test_each_setting_reaches_the_step_it_names():
+    model, step = _step(attention="eager", adamw="fused", precision="bf16")
+    assert model.config._attn_implementation == "eager" and step.optimizer.defaults["fused"] is True
+    assert _step(adamw="foreach")[1].optimizer.defaults["foreach"] is True
+    x = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0))
+    seen = []
+    step.loss.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    step(x[:, :-1], x[:, 1:], 1e-3)
+    assert seen == [torch.bfloat16, torch.float32]  # bf16 logits under autocast, the loss in float32
+
+
+def test_the_compiled_step_trains_the_model_that_is_saved():
     """torch.compile wraps the model: its steps must move the very parameters the stage saves."""
-    reference, compiled = _train(data, tmp_path), _train(data, tmp_path, torch_compile="default")
-    assert compiled.setup.torch_compile == "default"
-    assert compiled.curve[-1]["val_loss"] == pytest.approx(reference.curve[-1]["val_loss"], abs=1e-4)
-    assert compiled.curve[-1]["val_loss"] < compiled.curve[0]["val_loss"] - 0.1
+    model, step = _step(torch_compile="default")
+    reference_model, reference = _step()
+    assert isinstance(step.loss, torch._dynamo.eval_frame.OptimizedModule)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        losses = step(x[:, :-1], x[:, 1:], 1e-3), reference(x[:, :-1], x[:, 1:], 1e-3)
+    assert float(losses[0]) == pytest.approx(float(losses[1]), abs=1e-4)
+    after, expected = model.state_dict(), reference_model.state_dict()
+    assert all(torch.allclose(after[k], expected[k], atol=1e-5) for k in after)
+    assert not torch.equal(after["transformer.h.0.mlp.c_fc.weight"], before["transformer.h.0.mlp.c_fc.weight"])
 
 
 def test_throughput_is_reported_with_the_energy(data, tmp_path):
@@ -118,3 +145,4 @@ def test_throughput_is_reported_with_the_energy(data, tmp_path):
     assert energy["achieved_tflops"] == pytest.approx(energy["flops"] / energy["wall_s"] / 1e12, rel=1e-2, abs=1e-4)
     assert energy["mfu"] is None and energy["device_name"] == "cpu"  # no known peak for a CPU
     assert "gpu_wh" not in energy  # CPU-only work has no parts to tell apart
+    assert 0 < energy["first_step"]["wall_s"] < energy["wall_s"] and energy["first_step"]["energy_wh"] <= energy["energy_wh"]

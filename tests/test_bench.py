@@ -18,7 +18,7 @@ def test_bench_eval_reports_both_populations_agreement_and_precisions():
     assert b["already_evaluated"] + b["evaluated_by_fast_path"] == b["distinct_children"] <= 8
     c = result["precision_bf16_vs_fp32"]
     assert c["genomes"] == 8 and c["bf16"]["genomes_per_s"] > 0 and c["fp32"]["tflops"] > 0
-    assert 0 < c["max_abs_loss_diff"] and -1 <= c["spearman"] <= 1
+    assert 0 < c["max_abs_loss_diff"] and c["spearman"] > 0.9
 
 
 def test_bench_train_times_each_setting_against_the_reference():
@@ -28,7 +28,7 @@ def test_bench_train_times_each_setting_against_the_reference():
     assert list(settings) == ["fp32-eager", "fp32-sdpa", "bf16-sdpa"] and result["reference"] == "fp32-eager"
     assert settings["fp32-eager"]["speedup_vs_reference"] == 1.0 and settings["fp32-eager"]["energy_vs_reference"] == 1.0
     for s in settings.values():
-        assert s["ms_per_step"] > 0 and len(s["ms_per_step_runs"]) == 2 and s["energy_method"] == "estimate"
+        assert s["ms_per_step"] > 0 and len(s["ms_per_step_runs"]) == 2 and s["energy_method"] in ("estimate", "rapl")
         assert s["tokens_per_s"] == pytest.approx(4 * 8 / s["ms_per_step"] * 1e3, rel=1e-3)
         assert s["mfu"] is None and s["joules_per_step"] > 0
     with pytest.raises(ValueError, match="unknown setting"):

@@ -143,6 +143,11 @@ def test_bf16_losses_rank_genomes_as_fp32_does(setup):
     assert not np.array_equal(bf16, fp32)  # really another precision
     assert spearman(bf16, fp32) >= 0.99
     np.testing.assert_allclose(bf16, fp32, rtol=2e-3)
+    # near neighbours too, as a GA that has run a while makes them: one gene changed from one genome
+    neighbours = np.repeat(genomes[:1], 24, axis=0)
+    neighbours[:, 7] = np.arange(24)
+    assert spearman(population_losses(model, neighbours, batch, precision="bf16"),
+                    population_losses(model, neighbours, batch)) >= 0.99
     evaluator = FitnessEvaluator(model, batch, precision="bf16")
     np.testing.assert_array_equal(evaluator(genomes[:5]), population_losses(model, genomes[:5], batch,
                                                                             precision="bf16"))

@@ -254,17 +254,11 @@ def test_structure_features_describe_each_matrix_from_its_manifest_entry():
     assert flops[dense].min() > flops[low].max()
 
 
-def test_drawing_matrices_side_by_side_changes_no_bit(monkeypatch):
-    """A GPU run keeps one torch thread and draws the library on a pool of the other cores: the same
+def test_drawing_matrices_side_by_side_changes_no_bit():
+    """A GPU run keeps one torch thread and draws the library on a pool of the cores: the same
     library, bit for bit, as one matrix after another."""
     one_by_one = Library.generate(3, 32, size=12, shares=SHARES)
-    monkeypatch.setattr("clso.library._cores", lambda: 4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pooled = Library.generate(3, 32, size=12, shares=SHARES)
-    finally:
-        torch.set_num_threads(threads)
+    pooled = Library.generate(3, 32, size=12, shares=SHARES, workers=4)
     assert json.dumps(pooled[0].manifest) == json.dumps(one_by_one[0].manifest)
     assert list(pooled[1]) == list(one_by_one[1])
     assert all(torch.equal(pooled[1][k], one_by_one[1][k]) for k in one_by_one[1])
