@@ -104,7 +104,7 @@ class TrainStep:
                 with precision_context(forward_precision, self.device):
                     loss = self.loss(x[i:i + micro], y[i:i + micro])
                 (loss / parts if parts > 1 else loss).backward()
-                # a copy: with CUDA graphs (compile's reduce-overhead) the output is overwritten next step
+                # a copy: with CUDA graphs (compile's reduce-overhead, max-autotune) it is overwritten next step
                 total = loss.detach().clone() if total is None else total + loss.detach()
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)

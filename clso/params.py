@@ -105,7 +105,8 @@ class FitnessParams:
     batch_size: int = spec(8, "sequences of model.block_size tokens in the fixed fitness batch, drawn "
                            "from the train split (val and test stay unseen by the search)", min=1, max=4096)
     precision: str = spec("auto", "of the search's forward passes (true evaluations and hybrid Adam phases): "
-                          "auto is bf16 on a CUDA GPU that has it (autocast; fp32 reductions) and fp32 elsewhere; "
+                          "auto is bf16 on a CUDA GPU of compute capability 8.0 or newer (autocast; fp32 "
+                          "reductions) and fp32 elsewhere; "
                           "fp32 is the reference; final val and test scores are always fp32",
                           choices=("auto", "fp32", "bf16"))
 
@@ -184,6 +185,9 @@ class GridParams:
                                        "genome, never searched, with the GA's Adam phases", choices=("hybrid",))
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+
+
 @dataclass(frozen=True)
 class BaselineParams:
     steps: int = spec(600, "AdamW steps", min=1, max=100_000_000)
@@ -199,8 +203,9 @@ class BaselineParams:
     micro_batch_size: int = spec(0, "sequences per forward/backward pass, gradients accumulated over "
                                  "batch_size / micro_batch_size of them (so the protocol's batch fits any "
                                  "card); 0 = the whole batch at once", min=0, max=65536)
-    precision: str = spec("auto", "auto is bf16 autocast on a CUDA GPU that has it and fp32 elsewhere (on a "
-                          "CPU bf16 is slow and fp32 is bit for bit deterministic); tf32 needs a CUDA GPU; "
+    precision: str = spec("auto", "auto is bf16 autocast on a CUDA GPU of compute capability 8.0 or newer (Ampere "
+                          "on; older GPUs emulate bf16) and fp32 elsewhere (on a CPU bf16 is slow and fp32 is bit "
+                          "for bit deterministic); tf32 needs a CUDA GPU; "
                           "curve and final val scores are always fp32", choices=("auto", "fp32", "tf32", "bf16"))
     attention: str = spec("sdpa", "sdpa: torch's fused scaled_dot_product_attention (flash or memory-efficient "
                           "kernels); eager: transformers' reference matmul-softmax-matmul", choices=("sdpa", "eager"))
@@ -358,6 +363,10 @@ def _check_across(params: Params) -> None:
     if b.micro_batch_size and b.batch_size % b.micro_batch_size:
         raise ParamsError(f"baseline.micro_batch_size: {b.micro_batch_size} does not divide baseline.batch_size "
                           f"{b.batch_size}; valid: 0 or a divisor of batch_size")
+    if b.torch_compile in CUDA_GRAPH_MODES and 0 < b.micro_batch_size < b.batch_size:
+        # a CUDA graph replays into the same output buffers: the first micro-batch's gradients would be overwritten
+        raise ParamsError(f"baseline.torch_compile: {b.torch_compile} records CUDA graphs, which gradient "
+                          "accumulation over micro-batches breaks; valid with micro_batch_size: none or default")
     e = params.evolve
     if e.elite >= e.population:
         raise ParamsError(f"evolve.elite: {e.elite} is not below evolve.population {e.population}; "

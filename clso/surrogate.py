@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clso.context import to_device
+
 RANKING_LOSSES = ("ranknet", "margin")
 INPUTS = ("index", "structure", "both")
 
@@ -109,7 +111,8 @@ class Surrogate:
             opt = torch.optim.AdamW(member.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             member.train()
             for _ in range(steps or cfg.steps):
-                idx = torch.randint(0, len(g), (min(cfg.batch_size, len(g)),), generator=generator).to(self.device)
+                idx = to_device(torch.randint(0, len(g), (min(cfg.batch_size, len(g)),), generator=generator),
+                                self.device)
                 score = member(g[idx])
                 loss = self._ranking_loss(score, target[idx]) + cfg.mse_weight * F.mse_loss(score, target[idx])
                 opt.zero_grad(set_to_none=True)

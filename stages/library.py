@@ -5,6 +5,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import torch
+
 from clso import ClsoError
 from clso.context import setup
 from clso.energy import EnergyMeter
@@ -40,8 +42,8 @@ def library(params: Path = PARAMS_OPTION) -> None:
             p.base.seed, p.model.n_embd, size=cfg.size, shares=shares, ternary_levels=cfg.ternary_levels,
             max_rank_fraction=cfg.max_rank_fraction, reference=reference, progress=lambda: bar.advance(task),
             stats_device=device,
-            # a GPU run leaves torch one CPU thread (clso.context.setup): draw on a pool of the cores
-            workers=available_cores() if device.type == "cuda" else 1)
+            # a GPU run leaves torch one CPU thread (clso.context.setup): draw on a pool of the cores it leaves
+            workers=max(1, available_cores() // torch.get_num_threads()) if device.type == "cuda" else 1)
     ordered = {f"h.{layer}.{LAYER_NAMES[b]}": reference[b][layer] for layer in range(p.model.n_layer) for b in BUCKETS}
     sanity = sanity_check(lib.to(device), ordered, [b for _ in range(p.model.n_layer) for b in BUCKETS])
     with atomic_dir(OUT_DIR) as tmp:

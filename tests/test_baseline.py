@@ -146,3 +146,17 @@ def test_throughput_is_reported_with_the_energy(data, tmp_path):
     assert energy["mfu"] is None and energy["device_name"] == "cpu"  # no known peak for a CPU
     assert "gpu_wh" not in energy  # CPU-only work has no parts to tell apart
     assert 0 < energy["first_step"]["wall_s"] < energy["wall_s"] and energy["first_step"]["energy_wh"] <= energy["energy_wh"]
+
+
+def test_tf32_holds_through_backward():
+    """TF32 is a matmul mode, not autocast: it must hold while the gradients are computed too."""
+    model = dense_gpt2(ModelConfig(vocab_size=50, n_layer=1, n_embd=16, n_head=2, block_size=8), 0, "cpu").train()
+    step = TrainStep(model, TrainingSetup("tf32", "sdpa", "default", "none", 4), lr=1e-3, weight_decay=0.1,
+                     grad_clip=1.0, device="cpu")
+    modes = []
+    model.transformer.h[0].mlp.c_fc.weight.register_hook(
+        lambda grad: modes.append(torch.backends.cuda.matmul.allow_tf32) or grad)
+    x = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0))
+    before = torch.backends.cuda.matmul.allow_tf32
+    step(x[:, :-1], x[:, 1:], 1e-3)
+    assert modes == [True] and torch.backends.cuda.matmul.allow_tf32 == before

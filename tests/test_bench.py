@@ -53,3 +53,11 @@ def test_bench_train_cli_takes_a_preset_and_rejects_unknown_settings(stage_env):
     run = subprocess.run([sys.executable, "-m", "stages.cli", "bench", "train", "--preset", "gpt3"],
                          env=stage_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "--preset gpt3: unknown; valid: default, protocol" in run.stderr
+
+
+def test_presets_keep_the_fitness_batch_apart_from_the_baselines():
+    from stages.bench import _shapes
+
+    assert (_shapes("default")["eval_batch_size"], _shapes("default")["train_batch_size"]) == (8, 16)
+    protocol = _shapes("protocol", n_layer=2)
+    assert (protocol["n_embd"], protocol["n_layer"], protocol["block_size"], protocol["population"]) == (768, 2, 512, 256)

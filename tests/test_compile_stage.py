@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import stages.compile as stage
@@ -112,3 +113,14 @@ def test_runtime_logits_off_the_reader_fail_the_stage_and_write_nothing(workdir,
         stage.compile_.__wrapped__(Path("params.yaml"))
     assert _outputs(workdir) == before  # metrics untouched, build/ not replaced
     assert not [p.name for p in workdir.iterdir() if p.name.startswith(".build")]  # no half-built folder either
+
+
+def test_kl_in_chunks_is_the_kl_of_the_whole():
+    from clso.compile import _kl_sum
+
+    g = torch.Generator().manual_seed(0)
+    ref, got = torch.randn(10, 7, generator=g), torch.randn(10, 7, generator=g)
+    whole = float(torch.nn.functional.kl_div(got.double().log_softmax(-1), ref.double().log_softmax(-1),
+                                             log_target=True, reduction="sum"))
+    assert _kl_sum(ref, got, rows=3) == pytest.approx(whole, rel=1e-12) and whole > 0
+    assert _kl_sum(ref, ref) == pytest.approx(0.0, abs=1e-12)

@@ -45,3 +45,9 @@ def test_bf16_runs_matmuls_in_bfloat16_and_fp32_leaves_them():
         assert (a @ a).dtype == torch.bfloat16
     with precision_context("fp32", "cpu"):
         assert (a @ a).dtype == torch.float32
+
+
+def test_auto_takes_bf16_only_where_tensor_cores_have_it(monkeypatch):
+    for capability, expected in (((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_precision("auto", "cuda") == expected

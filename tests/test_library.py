@@ -257,8 +257,23 @@ def test_structure_features_describe_each_matrix_from_its_manifest_entry():
 def test_drawing_matrices_side_by_side_changes_no_bit():
     """A GPU run keeps one torch thread and draws the library on a pool of the cores: the same
     library, bit for bit, as one matrix after another."""
+    import threading
+
+    import clso.library
+
     one_by_one = Library.generate(3, 32, size=12, shares=SHARES)
-    pooled = Library.generate(3, 32, size=12, shares=SHARES, workers=4)
+    threads, draw = set(), clso.library.generate_matrix
+
+    def recorded(*args, **kwargs):
+        threads.add(threading.get_ident())
+        return draw(*args, **kwargs)
+
+    clso.library.generate_matrix = recorded
+    try:
+        pooled = Library.generate(3, 32, size=12, shares=SHARES, workers=4)
+    finally:
+        clso.library.generate_matrix = draw
+    assert len(threads) > 1  # really drawn side by side
     assert json.dumps(pooled[0].manifest) == json.dumps(one_by_one[0].manifest)
     assert list(pooled[1]) == list(one_by_one[1])
     assert all(torch.equal(pooled[1][k], one_by_one[1][k]) for k in one_by_one[1])

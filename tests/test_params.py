@@ -88,6 +88,9 @@ BAD = {
                                         ["compile.mode: pure is not in grid.evolve"]),
     "micro-batches that do not divide the batch": (_edit(lambda r: r["baseline"].update(batch_size=16, micro_batch_size=5)),
                                                    ["baseline.micro_batch_size: 5 does not divide", "0 or a divisor"]),
+    "CUDA graphs with micro-batches": (_edit(lambda r: r["baseline"].update(batch_size=16, micro_batch_size=4,
+                                                                          torch_compile="reduce-overhead")),
+                                       ["baseline.torch_compile: reduce-overhead records CUDA graphs"]),
     "a yaml bool for a compile mode": (_edit(lambda r: r["baseline"].update(torch_compile=False)),
                                        ["baseline.torch_compile", "expected a string", "none, default"]),
     "fp16 is no precision": (_edit(lambda r: r["fitness"].update(precision="fp16")),
@@ -145,6 +148,15 @@ def test_protocol_gpu_profile_loads_at_gpt2_small_scale():
     assert (p.model.n_layer, p.model.n_embd, p.model.n_head) == (12, 768, 12)
     assert (p.library.size, p.evolve.population, p.evolve.generations) == (512, 256, 1000)
     assert p.prepare.corpus == "wikitext-103" and p.prepare.tokenizer == "gpt2"
+
+
+def test_the_offline_gpu_profile_is_gpt2_small_on_the_shipped_corpus():
+    p = load_params(REPO / "params-gpu.yaml")
+    protocol = load_params(REPO / "params-protocol-gpu.yaml")
+    assert (p.model, p.library, p.fitness) == (protocol.model, protocol.library, protocol.fitness)
+    assert p.prepare.corpus == "shakespeare" and p.prepare.tokenizer == "bpe"  # offline: no hub needed
+    assert p.base.device == "cuda" and p.baseline.precision == "auto" and p.baseline.torch_compile == "auto"
+    assert (p.evolve.population, p.evolve.generations) == (256, 200)
 
 
 def test_the_readme_shows_the_error_the_loader_gives(tmp_path, monkeypatch):
