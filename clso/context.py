@@ -10,8 +10,6 @@ import torch
 
 from clso import ClsoError
 
-PRECISIONS = ("fp32", "tf32", "bf16")
-
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "cpu":
@@ -40,8 +38,8 @@ def setup(base, cpu_only: bool = False) -> torch.device:
 
 
 def resolve_precision(choice: str, device) -> str:
-    """fp32, tf32 or bf16; `auto` is bf16 on a CUDA GPU that has it and fp32 elsewhere (on a CPU,
-    bf16 is slow and float32 keeps runs bit for bit deterministic)."""
+    """fp32, tf32 or bf16; `auto` is bf16 on a CUDA GPU of compute capability 8.0 or newer and fp32
+    elsewhere (on a CPU, bf16 is slow and float32 keeps runs bit for bit deterministic)."""
     device = torch.device(device)
     if choice == "auto":  # bf16 tensor cores from Ampere (8.0) on; older GPUs only emulate it, slowly
         return "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
