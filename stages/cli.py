@@ -9,6 +9,7 @@ import stages.fuzz  # noqa: F401
 import stages.library  # noqa: F401
 import stages.prepare  # noqa: F401
 import stages.surrogate  # noqa: F401
+import stages.transfer  # noqa: F401
 from stages.common import app
 
 __all__ = ["app"]

@@ -16,6 +16,7 @@ from clso.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from clso.library import Library
 from clso.params import load_params
 from clso.plots import frontier_png
+from clso.transfer import statement as transfer_statement
 from stages.common import PARAMS_OPTION, read_curve, read_json, run_alone, stage
 from stages.final_models import baseline_model, searched_model
 from stages.variants import grid_variants
@@ -114,7 +115,8 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     others = {"library_sanity": library["sanity_check"], "compile": read_json("metrics/compile.json"),
               "compiled_files": read_json("build/report.json"), "baseline": base_metrics,
               "searches": {v.name: searches[v] for v in variants},
-              "best_curve": next(curves[v] for v in variants if v.name == best["variant"])}
+              "best_curve": next(curves[v] for v in variants if v.name == best["variant"]),
+              "transfer": read_json("metrics/transfer.json")}
     write_text_atomic(REPORT, report(result, others))
     _update_readme(summary(result, others))
     print(f"compare: {best['variant']} (CLSO's best mode, first seed): {statement(result['verdict'])}")
@@ -169,7 +171,22 @@ def summary(result: dict, others: dict) -> str:
                   f"library above {s['protocol_max_error']:.0%} too weak: **{'passes' if s['passes_protocol'] else 'fails'}**."]
     if "compile" in others:
         lines += ["", _compile_line(others["compile"])]
+    if "transfer" in others:
+        lines += ["", *transfer_table(others["transfer"])]
     return "\n".join(lines)
+
+
+def transfer_table(t: dict) -> list[str]:
+    """metrics/transfer.json as a table and a statement per task."""
+    lines = [f"Transfer (metrics/transfer.json): CLSO's `{t['clso_variant']}` frozen with a trained head, the baseline "
+             "fine-tuned end to end, and the head on a randomly initialised GPT-2 (no pretraining); the test split "
+             "reached no training step. Energy is the fine-tuning's alone.", "",
+             "| task | metric | CLSO | baseline | no pretraining | majority class | CLSO energy (Wh) | baseline energy (Wh) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| `{spec}` | test {r['metric']} | {r['clso']['test']:.4f} | {r['baseline']['test']:.4f} | "
+              f"{r['no_pretraining']['test']:.4f} | {r['majority_class_test']:.4f} | {_fmt(r['clso']['energy_wh'])} | "
+              f"{_fmt(r['baseline']['energy_wh'])} |" for spec, r in t["tasks"].items()]
+    return lines + ["", *(f"- `{spec}`: {transfer_statement(r)}" for spec, r in t["tasks"].items())]
 
 
 def _device_line(clso: dict, baseline: dict) -> str:

@@ -91,7 +91,7 @@ def ran_stages(out: str) -> list[str]:
 def test_exp_run_on_the_search_shows_in_exp_show_and_metrics_diff(repo, stage_env):
     out = sh(["dvc", "exp", "run", "-S", "evolve.population=6"], repo, stage_env)
     ran = ran_stages(out)
-    assert ran[0] == "evolve@hybrid-1337" and sorted(ran) == sorted([*VARIANTS, "compile", "compare"])
+    assert ran[0] == "evolve@hybrid-1337" and sorted(ran) == sorted([*VARIANTS, "compile", "transfer", "compare"]), ran
     rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo, stage_env))))
     assert "6" in {r["evolve.population"] for r in rows}
     diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], repo, stage_env))
@@ -102,7 +102,8 @@ def test_exp_run_on_the_search_shows_in_exp_show_and_metrics_diff(repo, stage_en
 def test_exp_run_with_another_seed_runs_only_the_new_variants_and_compare(repo, stage_env):
     out = sh(["dvc", "exp", "run", "-S", "grid.seeds=[1337,7]"], repo, stage_env)
     new = [v.replace("-1337", "-7") for v in VARIANTS]
-    assert sorted(ran_stages(out)) == sorted([*new, "compare"])  # compile keeps the first seed's CLSO
+    # compile and transfer keep the first seed's CLSO
+    assert sorted(ran_stages(out)) == sorted([*new, "compare"]), ran_stages(out)
     compare = json.loads((repo / "metrics/compare.json").read_text())
     assert set(compare["variants"]) == {*VARIANTS, *new}
     spread = compare["over_seeds"]["evolve@hybrid"]
