@@ -262,6 +262,15 @@ class TransferParams:
     finetune_steps: int = spec(300, "AdamW steps of the baseline fine-tuned end to end", min=1, max=10_000_000)
     finetune_lr: float = spec(0.0003, "its learning rate", min=0.0, max=1.0, min_exclusive=True)
     weight_decay: float = spec(0.01, "AdamW weight decay of both (matrices only when fine-tuning)", min=0.0, max=10.0)
+    partial_share: float = spec(0.15, "CLSO `partial`: share of the genes, those nearest the head, a GA may change "
+                                "(the protocol: 10-20 %); the rest stay as pretraining found them",
+                                min=0.0, max=1.0, min_exclusive=True)
+    partial_population: int = spec(16, "CLSO `partial`: genomes per generation", min=2, max=100_000)
+    partial_generations: int = spec(10, "CLSO `partial`: generations", min=1, max=1_000_000)
+    partial_examples: int = spec(256, "CLSO `partial`: train examples of the fitness batch; a head is fitted on one "
+                                 "half and the fitness is its loss on the other", min=4, max=1_000_000)
+    partial_head_steps: int = spec(100, "CLSO `partial`: full-batch Adam steps of each fitness head", min=1,
+                                   max=1_000_000)
 
 
 @dataclass(frozen=True)

@@ -178,13 +178,15 @@ def summary(result: dict, others: dict) -> str:
 
 def transfer_table(t: dict) -> list[str]:
     """metrics/transfer.json as a table and a statement per task."""
-    lines = [f"Transfer (metrics/transfer.json): CLSO's `{t['clso_variant']}` frozen with a trained head, the baseline "
-             "fine-tuned end to end, and the head on a randomly initialised GPT-2 (no pretraining); the test split "
-             "reached no training step. Energy is the fine-tuning's alone.", "",
-             "| task | metric | CLSO | baseline | no pretraining | majority class | CLSO energy (Wh) | baseline energy (Wh) |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| `{spec}` | test {r['metric']} | {r['clso']['test']:.4f} | {r['baseline']['test']:.4f} | "
-              f"{r['no_pretraining']['test']:.4f} | {r['majority_class_test']:.4f} | {_fmt(r['clso']['energy_wh'])} | "
+    lines = [f"Transfer (metrics/transfer.json): CLSO's `{t['clso_variant']}` frozen with a trained head (`head`), or "
+             "with a GA over the genes nearest the head first (`partial`); the baseline fine-tuned end to end; the head "
+             "on a randomly initialised GPT-2 (no pretraining). The test split reached no training step; energy is "
+             "the fine-tuning's alone.", "",
+             "| task | metric | CLSO head | CLSO partial | baseline | no pretraining | majority class | energy (Wh): "
+             "CLSO head, partial, baseline |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| `{spec}` | test {r['metric']} | {r['clso_head']['test']:.4f} | {r['clso_partial']['test']:.4f} | "
+              f"{r['baseline']['test']:.4f} | {r['no_pretraining']['test']:.4f} | {r['majority_class_test']:.4f} | "
+              f"{_fmt(r['clso_head']['energy_wh'])}, {_fmt(r['clso_partial']['energy_wh'])}, "
               f"{_fmt(r['baseline']['energy_wh'])} |" for spec, r in t["tasks"].items()]
     return lines + ["", *(f"- `{spec}`: {transfer_statement(r)}" for spec, r in t["tasks"].items())]
 

@@ -21,6 +21,7 @@ from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
 from clso.params import load_params
 from clso.tasks import load_task, split_task
+from clso.transfer import chosen_genes, partial_search
 from stages.prepare import prepare
 from stages.transfer import transfer
 from stages.variants import Variant
@@ -84,12 +85,42 @@ def test_every_side_is_scored_on_val_and_test_and_charged(workdir):
     [(spec, r)] = metrics["tasks"].items()
     assert spec.startswith("file:") and r["metric"] == "accuracy" and metrics["clso_variant"] == "evolve@hybrid-1337"
     assert {k: v["examples"] for k, v in r["splits"].items()} == {"train": 72, "val": 24, "test": 24}
-    for side in ("clso", "no_pretraining", "baseline"):
+    sides = ("clso_head", "clso_partial", "no_pretraining", "baseline")
+    for side in sides:
         s = r[side]
         assert 0 <= s["val"] <= 1 and 0 <= s["test"] <= 1 and s["energy_wh"] > 0 and s["flops"] > 0
         assert s["method"] in ("estimate", "rapl")
-    assert [sum(row["side"] == side for row in curve) for side in ("clso", "no_pretraining", "baseline")] == [15, 15, 4]
-    assert r["clso_within_tolerance"] == (r["clso"]["test"] >= 0.95 * r["baseline"]["test"])
+    assert [sum(row["side"] == side for row in curve) for side in sides] == [15, 15, 15, 4]
+    assert sum(row["side"] == "clso_partial_search" for row in curve) == 2  # the tiny params' generations
+    option = max(("clso_head", "clso_partial"), key=lambda side: r[side]["val"])  # chosen on val
+    assert r["clso_option"] == option
+    assert r["clso_within_tolerance"] == (r[option]["test"] >= 0.95 * r["baseline"]["test"])
+    assert r["clso_partial"]["flops"] > r["clso_head"]["flops"]  # its search is charged too
+
+
+def test_partial_changes_only_the_chosen_genes(workdir):
+    metrics, _ = read(workdir)
+    [r] = metrics["tasks"].values()
+    partial, pretrained = r["clso_partial"], json.loads(
+        (workdir / "models/search/evolve/hybrid-1337/best_genome.json").read_text())["genome"]
+    assert partial["chosen_genes"] == [3]  # 15 % of the tiny model's 4 genes: the one nearest the head
+    assert set(partial["changed_genes"]) <= set(partial["chosen_genes"])
+    assert [g for i, g in enumerate(partial["genome"]) if i not in partial["chosen_genes"]] == \
+        [g for i, g in enumerate(pretrained) if i not in partial["chosen_genes"]]
+
+
+def test_the_partial_search_moves_only_its_genes_and_never_loses_the_pretrained_choice():
+    genome = np.zeros(48, dtype=np.int64)
+    chosen = chosen_genes(48, 0.15)
+    assert chosen.tolist() == list(range(41, 48))
+    target = np.arange(7) + 3
+    best, fitness, flops = partial_search(genome, chosen, 50, lambda g: (float(np.abs(g[chosen] - target).sum()), 1),
+                                          population=16, generations=30, seed=0)
+    assert (best[:41] == 0).all() and fitness < np.abs(target).sum() and flops > 16
+    # when the pretrained genes are the best there is, the search keeps them
+    best, fitness, _ = partial_search(genome, chosen, 50, lambda g: (float(np.abs(g[chosen]).sum()), 1),
+                                      population=8, generations=3, seed=1)
+    assert fitness == 0 and (best == 0).all()
 
 
 def test_held_out_examples_never_reach_training(workdir, tmp_path):
@@ -111,7 +142,7 @@ def test_held_out_examples_never_reach_training(workdir, tmp_path):
     [b], [a] = before["tasks"].values(), after["tasks"].values()
     assert {k: v["sha256"] for k, v in b["splits"].items()} == {k: v["sha256"] for k, v in a["splits"].items()}
     assert b["splits"]["train"] == a["splits"]["train"]  # the same examples, the same labels
-    assert any(a[side]["test"] != b[side]["test"] for side in ("clso", "no_pretraining", "baseline"))
+    assert any(a[side]["test"] != b[side]["test"] for side in ("clso_head", "clso_partial", "no_pretraining", "baseline"))
 
 
 def test_a_bad_task_file_stops_the_stage_with_one_line_and_exit_2(workdir, tmp_path, stage_env):
