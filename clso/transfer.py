@@ -145,6 +145,12 @@ def classify(model: Classifier, encoded: Encoded, idx: np.ndarray, batch_size: i
     return torch.cat(out).numpy()
 
 
+def within_tolerance(clso: float, baseline: float) -> bool:
+    """CLSO's metric at most TOLERANCE of the baseline's magnitude below it (a Matthews correlation
+    can be 0 or negative, where a ratio would mean nothing)."""
+    return clso >= baseline - TOLERANCE * abs(baseline)
+
+
 def statement(r: dict) -> str:
     """Did CLSO (its option with the better val metric) transfer within the tolerance of the
     baseline's test metric, and at what energy."""

@@ -94,8 +94,16 @@ def test_every_side_is_scored_on_val_and_test_and_charged(workdir):
     assert sum(row["side"] == "clso_partial_search" for row in curve) == 2  # the tiny params' generations
     option = max(("clso_head", "clso_partial"), key=lambda side: r[side]["val"])  # chosen on val
     assert r["clso_option"] == option
-    assert r["clso_within_tolerance"] == (r[option]["test"] >= 0.95 * r["baseline"]["test"])
+    assert r["clso_within_tolerance"] == (r[option]["test"] >= 0.95 * r["baseline"]["test"])  # accuracy ≥ 0
     assert r["clso_partial"]["flops"] > r["clso_head"]["flops"]  # its search is charged too
+
+
+def test_the_tolerance_holds_for_a_matthews_correlation_at_or_below_zero():
+    from clso.transfer import within_tolerance
+
+    assert within_tolerance(0.96, 1.0) and not within_tolerance(0.94, 1.0)
+    assert within_tolerance(0.0, 0.0) and not within_tolerance(-0.01, 0.0)
+    assert within_tolerance(-0.104, -0.1) and not within_tolerance(-0.106, -0.1)
 
 
 def test_partial_changes_only_the_chosen_genes(workdir):
