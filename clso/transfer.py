@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clso import ga
+from clso.baseline import adamw_optimizer
 from clso.flops import dense_linear_flops, forward_flops
 
 POOLINGS = ("last", "mean")
@@ -75,14 +76,19 @@ def features(hidden_fn, encoded: Encoded, idx: np.ndarray, pooling: str, batch_s
     return torch.cat(out), flops
 
 
+def seeded_head(d: int, n_classes: int, seed: int) -> nn.Linear:
+    """A linear head initialised from `seed` alone, without moving torch's global generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(d, n_classes)
+
+
 def train_head(train_x: torch.Tensor, train_y: torch.Tensor, n_classes: int, *, steps: int, lr: float,
                weight_decay: float, batch_size: int, seed: int, on_step=None) -> tuple[nn.Linear, int]:
     """A linear head on fixed features by AdamW on random train batches; returns it and its FLOPs
     (per example per step: the forward 2·d·C and the weight gradient 2·d·C; no input gradient)."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Linear(train_x.shape[1], n_classes).to(train_x.device)
+    head = seeded_head(train_x.shape[1], n_classes, seed).to(train_x.device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     for step in range(steps):
         idx = torch.randint(0, len(train_x), (min(batch_size, len(train_x)),), generator=generator)
@@ -101,9 +107,7 @@ class Classifier(nn.Module):
     def __init__(self, gpt2, n_classes: int, pooling: str, seed: int):
         super().__init__()
         self.body = gpt2.transformer
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.head = nn.Linear(gpt2.config.n_embd, n_classes)
+        self.head = seeded_head(gpt2.config.n_embd, n_classes, seed)
         self.pooling = pooling
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -115,10 +119,8 @@ def finetune(model: Classifier, encoded: Encoded, labels: torch.Tensor, train_id
     """End to end with AdamW on random batches of the train examples; returns the FLOPs (forward and
     backward of body and head, everything trainable: 3 × forward)."""
     rng = np.random.default_rng(seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    # the baseline's own optimizer: its recipe, fused on CUDA as in pretraining
+    opt = adamw_optimizer(model, lr, weight_decay, "fused" if torch.device(device).type == "cuda" else "default")
     config, flops = model.body.config, 0
     d, classes = config.n_embd, model.head.out_features
     model.train()
@@ -176,9 +178,7 @@ def fitted_head_loss(fit_x: torch.Tensor, fit_y: torch.Tensor, score_x: torch.Te
                      n_classes: int, *, steps: int, lr: float, seed: int) -> tuple[float, int]:
     """The fitness of a body: a linear head fitted (full-batch Adam) on one half of a train batch's
     features, its loss on the other half; and the FLOPs of fitting and scoring it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = nn.Linear(fit_x.shape[1], n_classes).to(fit_x.device)
+    head = seeded_head(fit_x.shape[1], n_classes, seed).to(fit_x.device)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(steps):
         loss = F.cross_entropy(head(fit_x), fit_y)
