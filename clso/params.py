@@ -260,7 +260,7 @@ class TransferParams:
     test_fraction: float = spec(0.1, "share held out for test (GLUE keeps its own validation as test)",
                                 min=0.0, max=0.5, min_exclusive=True)
     batch_size: int = spec(32, "examples per fine-tuning step", min=1, max=65536)
-    head_iterations: int = spec(500, "L-BFGS iterations at most of a linear probe on frozen features (CLSO, the "
+    head_iterations: int = spec(2000, "L-BFGS iterations at most of a linear probe on frozen features (CLSO, the "
                                 "baseline's body, no pretraining); it stops sooner when it converges", min=1,
                                 max=1_000_000)
     head_l2: float = spec(0.0001, "L2 penalty (l2/2 · ‖W‖²) of a probe's weights, on standardised features",
@@ -274,10 +274,13 @@ class TransferParams:
                                 min=0.0, max=1.0, min_exclusive=True)
     partial_population: int = spec(16, "CLSO `partial`: genomes per generation", min=2, max=100_000)
     partial_generations: int = spec(10, "CLSO `partial`: generations", min=1, max=1_000_000)
-    partial_examples: int = spec(256, "CLSO `partial`: train examples of the fitness batch; a head is fitted on one "
-                                 "half and the fitness is its loss on the other", min=4, max=1_000_000)
+    partial_examples: int = spec(512, "CLSO `partial`: train examples of the fitness batch; the fitness is two-fold, "
+                                 "a probe fitted on each half scored on the other", min=4, max=1_000_000)
     partial_head_iterations: int = spec(100, "CLSO `partial`: L-BFGS iterations at most of each fitness probe",
                                         min=1, max=1_000_000)
+    partial_l2: float = spec(1.0, "CLSO `partial`: L2 penalty of each fitness probe (fitted on a few hundred "
+                             "examples: a weak penalty lets it memorise them and its score is noise)", min=0.0,
+                             max=100.0)
 
 
 @dataclass(frozen=True)

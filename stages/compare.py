@@ -176,23 +176,29 @@ def summary(result: dict, others: dict) -> str:
     return "\n".join(lines)
 
 
+TRANSFER_SIDES = {"clso": "CLSO (charged both options)", "clso_head": "CLSO head", "clso_partial": "CLSO partial",
+                  "baseline": "baseline, fine-tuned", "baseline_head": "baseline, probe",
+                  "no_pretraining": "no pretraining, probe", "no_pretraining_finetuned": "no pretraining, fine-tuned"}
+
+
 def transfer_table(t: dict) -> list[str]:
-    """metrics/transfer.json as a table (a row per test split) and a statement per task."""
+    """metrics/transfer.json as a table (a row per task and side) and a statement per task."""
     lines = [f"Transfer (metrics/transfer.json): CLSO's `{t['clso_variant']}` frozen with a linear probe (`head`), or "
              "with a search over the genes nearest the head first (`partial`), the option with the better val metric "
              "charged for both; the baseline fine-tuned end to end, and its body frozen under the same probe; a "
              "randomly initialised GPT-2 both ways (no pretraining). The test split reached no training step; energy "
              "is the fine-tuning's alone.", "",
-             "| task | metric | CLSO | baseline fine-tuned | CLSO probe | baseline probe | no pretraining: probe, "
-             "fine-tuned | majority class | energy (Wh): CLSO, baseline |", "|---|---|---|---|---|---|---|---|---|"]
+             "| task | side | train | val | test (MNLI: matched, mismatched) | energy (Wh) | FLOPs |", "|---|---|---|---|---|---|---|"]
     for spec, r in t["tasks"].items():
-        for split in (s for s in ("test", "test_mismatched") if s in r["clso"]):
-            majority = f"{r['majority_class_test']:.4f}" if split == "test" else ""
-            lines.append(f"| `{spec}` | {split.replace('_', ' ')} {r['metric']} | {r['clso'][split]:.4f} "
-                         f"({r['clso']['option']}) | {r['baseline'][split]:.4f} | {r['clso_head'][split]:.4f} | "
-                         f"{r['baseline_head'][split]:.4f} | {r['no_pretraining'][split]:.4f}, "
-                         f"{r['no_pretraining_finetuned'][split]:.4f} | {majority} | {_fmt(r['clso']['energy_wh'])}, "
-                         f"{_fmt(r['baseline']['energy_wh'])} |")
+        tests = [split for split in r["majority_class"]]
+        for side, name in TRANSFER_SIDES.items():
+            s = r[side]
+            test = ", ".join(f"{s[split]:.4f}" for split in tests)
+            label = f"{name} ({s['option']})" if side == "clso" else name
+            lines.append(f"| `{spec}` ({r['metric']}) | {label} | {s['train']:.4f} | {s['val']:.4f} | {test} | "
+                         f"{_fmt(s['energy_wh'])} | {s['flops']:.3g} |")
+        majority = ", ".join(f"{r['majority_class'][split]:.4f}" for split in tests)
+        lines.append(f"| `{spec}` ({r['metric']}) | majority class of train | | | {majority} | | |")
     return lines + ["", *(f"- `{spec}`: {transfer_statement(r)}" for spec, r in t["tasks"].items())]
 
 

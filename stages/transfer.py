@@ -21,8 +21,8 @@ from clso.model import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
 from clso.tasks import load_task, split_record, split_task, task_metric
-from clso.transfer import (TOLERANCE, Classifier, block_inputs, body_flops, chosen_genes, classify, encode, features,
-                           finetune, fit_probe, fitted_probe_loss, partial_search, pool, replay_blocks, statement,
+from clso.transfer import (TOLERANCE, CachedBody, Classifier, body_flops, chosen_genes, classify, encode, features,
+                           finetune, fit_probe, partial_search, prior_fitness, probe_fitness, statement,
                            within_tolerance)
 from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.final_models import baseline_model, searched_model
@@ -30,9 +30,10 @@ from stages.variants import Variant
 
 METRICS = Path("metrics/transfer.json")
 PLOT = Path("plots/transfer.csv")
-PLOT_FIELDS = ("task", "side", "step", "train_loss")
+PLOT_FIELDS = ("task", "side", "step", "loss")
 EVAL_BATCH = 64
 PROBES = ("clso_head", "baseline_head", "no_pretraining", "clso_partial")  # the sides that fit a probe
+CHOICE = ("val",)  # the split that chooses between CLSO's options: scoring it is charged to them
 
 
 @stage("transfer", sections=("base", "model", "grid", "transfer"))
@@ -41,7 +42,9 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
     grid.seeds) frozen with a linear probe on its features (`head`), and with a search over the genes
     nearest the head before its probe (`partial`); the baseline fine-tuned end to end, and frozen with
     the same probe; a randomly initialised GPT-2 both ways. Writes metrics/transfer.json and
-    plots/transfer.csv (each side's training loss per step, and partial's best fitness per generation)."""
+    plots/transfer.csv: per task and side the loss by step, which is a fine-tuning step's batch
+    cross-entropy, a probe's objective (cross-entropy + L2) at each L-BFGS evaluation, or (side
+    clso_partial_search) the best fitness after each generation."""
     p = load_params(params)
     t = p.transfer
     tasks = {spec: load_task(spec) for spec in t.tasks}  # every task's problem before any work
@@ -60,7 +63,7 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
             progress = bar.add_task(spec, total=len(PROBES) + t.partial_generations + 2 * t.finetune_steps, info="")
 
             def log(side, step, value, spec=spec, progress=progress):
-                curve.append({"task": spec, "side": side, "step": step, "train_loss": value})
+                curve.append({"task": spec, "side": side, "step": step, "loss": value})
                 if side not in PROBES:
                     bar.advance(progress)
 
@@ -71,7 +74,8 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
                       "no_pretraining": lambda: _dense_body(_random_gpt2(p, data.vocab_size, device))}
             sides = {}
             for side, body in bodies.items():
-                sides[side] = _probe_side(*body(), **run, log=functools.partial(log, side))
+                sides[side] = _probe_side(*body(), **run, log=functools.partial(log, side),
+                                          charged=CHOICE if side == "clso_head" else ())
                 bar.advance(progress)
             sides["clso_partial"] = _partial_side(variant, **run, log=log)
             bar.advance(progress)
@@ -116,81 +120,81 @@ def _random_gpt2(p, vocab_size: int, device):
     return dense_gpt2(config, derive_seed(p.base.seed, "transfer-no-pretraining"), device).eval()
 
 
-def _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device, log):
-    """The train features and the probe fitted on them (the caller meters both), and their FLOPs."""
+def _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device, log, charged: tuple[str, ...]):
+    """A probe on a frozen body's train features, and its metric on the `charged` splits: run under
+    the caller's meter. Returns the probe, those scores, the FLOPs of both and how the fit ended."""
     t = p.transfer
     train_x, feature_flops = features(hidden_fn, encoded, splits["train"], t.pooling, EVAL_BATCH, device, flops_fn)
-    probe, probe_flops = fit_probe(train_x, labels[splits["train"]].to(device), len(task.label_names),
-                                   iterations=t.head_iterations, l2=t.head_l2,
-                                   seed=derive_seed(p.base.seed, "transfer-head"), on_step=log)
-    return probe, feature_flops + probe_flops
+    probe, probe_flops, fit = fit_probe(train_x, labels[splits["train"]].to(device), len(task.label_names),
+                                        iterations=t.head_iterations, l2=t.head_l2,
+                                        seed=derive_seed(p.base.seed, "transfer-head"), on_step=log)
+    scores, scoring_flops = _probe_scores(task, {k: splits[k] for k in charged}, encoded, labels, hidden_fn, flops_fn,
+                                          probe, p, device)
+    return probe, scores, feature_flops + probe_flops + scoring_flops, fit
 
 
-def _probe_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, device) -> dict:
-    """The metric of a probe on a frozen body on every split, train included: scoring, charged to no one."""
+def _probe_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, device) -> tuple[dict, int]:
+    """The metric of a probe on a frozen body on each of `splits`, and the FLOPs of scoring them."""
+    scores, flops = {}, 0
     with torch.no_grad():
-        return {split: task_metric(task.metric, probe(features(hidden_fn, encoded, idx, p.transfer.pooling,
-                                                                EVAL_BATCH, device, flops_fn)[0]).argmax(-1).cpu().numpy(),
-                                   labels[idx].numpy())
-                for split, idx in splits.items()}
+        for split, idx in splits.items():
+            x, cost = features(hidden_fn, encoded, idx, p.transfer.pooling, EVAL_BATCH, device, flops_fn)
+            scores[split] = task_metric(task.metric, probe(x).argmax(-1).cpu().numpy(), labels[idx].numpy())
+            flops += cost
+    return scores, flops
 
 
-def _probe_side(model, hidden_fn, flops_fn, *, task, splits, encoded, labels, p, meter, device, log) -> Side:
+def _uncharged_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, device, charged) -> dict:
+    rest = {k: v for k, v in splits.items() if k not in charged}
+    return _probe_scores(task, rest, encoded, labels, hidden_fn, flops_fn, probe, p, device)[0]
+
+
+def _probe_side(model, hidden_fn, flops_fn, *, task, splits, encoded, labels, p, meter, device, log,
+                charged: tuple[str, ...] = ()) -> Side:
+    """A probe on a frozen body; scoring the `charged` splits is charged to it (CLSO's options: val
+    chooses between them), any other scoring to no one."""
     with EnergyMeter(**meter) as trained:
-        probe, flops = _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device, log)
-    return Side(_probe_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, device), trained.reading,
-                flops)
+        probe, scores, flops, fit = _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device, log,
+                                               charged)
+    scores |= _uncharged_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, device, charged)
+    return Side(scores, trained.reading, flops, fit.as_metrics())
 
 
 def _partial_side(variant, *, task, splits, encoded, labels, p, meter, device, log) -> Side:
-    """A search over the chosen genes, its fitness a probe's loss on train examples; then the probe.
-    The blocks below the first chosen gene never change, so their outputs on the fitness examples
-    are computed once and each genome runs only the blocks above."""
+    """A search over the chosen genes, its fitness a probe's two-fold loss on a batch of train
+    examples; then a probe on the whole train split, as in `head`, and val scored for the choice.
+    The blocks below the first chosen gene never change: CachedBody runs them once on the batch.
+    The final probe's train features recompute those blocks, which `head` computed too."""
     t = p.transfer
     model, hidden_fn, flops_fn = _clso_body(p, variant, device)
-    gpt, config = model.gpt2.transformer, model.config.gpt2()
     pretrained = np.array(model.genome)
     chosen = chosen_genes(len(pretrained), t.partial_share)
-    first = int(chosen[0]) // len(BUCKETS)  # the first block a chosen gene sits in
     rng = np.random.default_rng(derive_seed(p.base.seed, "transfer-partial"))
     batch = rng.choice(splits["train"], size=min(t.partial_examples, len(splits["train"])), replace=False)
-    halves = batch[:len(batch) // 2], batch[len(batch) // 2:]
+    batch_labels, n_classes = labels[batch].to(device), len(task.label_names)
 
     with EnergyMeter(**meter) as trained:
-        cached, prefix_flops = [], 0
-        for idx in halves:
-            cached.append([(block_inputs(gpt, ids.to(device), first), lengths)
-                           for ids, lengths in encoded.batches(idx, EVAL_BATCH)])
-            prefix_flops += sum(body_flops(config, ids.shape[1], len(ids), model.linear_flops(pretrained),
-                                           range(first)) for ids, _ in encoded.batches(idx, EVAL_BATCH))
+        body = CachedBody(model, encoded, batch, int(chosen[0]) // len(BUCKETS), EVAL_BATCH, device)
 
-        @torch.no_grad()
         def fitness(genome):
-            model.set_genome(genome)
-            layers, flops = range(first, config.n_layer), 0
-            fit_x, score_x = (torch.cat([pool(replay_blocks(gpt, inputs, first), lengths, t.pooling).float()
-                                         for inputs, lengths in part]) for part in cached)
-            for idx in halves:
-                flops += sum(body_flops(config, ids.shape[1], len(ids), model.linear_flops(genome), layers)
-                             for ids, _ in encoded.batches(idx, EVAL_BATCH))
-            with torch.enable_grad():
-                loss, probe_flops = fitted_probe_loss(
-                    fit_x, labels[halves[0]].to(device), score_x, labels[halves[1]].to(device), len(task.label_names),
-                    iterations=t.partial_head_iterations, l2=t.head_l2,
-                    seed=derive_seed(p.base.seed, "transfer-partial-head"))
+            x, flops = body.features(genome, t.pooling)
+            loss, probe_flops = probe_fitness(x, batch_labels, n_classes, iterations=t.partial_head_iterations,
+                                              l2=t.partial_l2, seed=derive_seed(p.base.seed, "transfer-partial-head"))
             return loss, flops + probe_flops
 
-        best, best_fitness, search_flops = partial_search(
+        best, best_fitness, pretrained_fitness, search_flops = partial_search(
             pretrained, chosen, model.library.size, fitness, population=t.partial_population,
             generations=t.partial_generations, seed=derive_seed(p.base.seed, "transfer-partial-ga"),
             on_generation=lambda g, f: log("clso_partial_search", g, f))
         model.set_genome(best)
-        probe, flops = _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device,
-                                  functools.partial(log, "clso_partial"))
-    return Side(_probe_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, device), trained.reading,
-                prefix_flops + search_flops + flops,
-                {"chosen_genes": chosen.tolist(), "changed_genes": np.flatnonzero(best != pretrained).tolist(),
-                 "genome": best.tolist(), "best_fitness": best_fitness,
+        probe, scores, flops, fit = _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device,
+                                               functools.partial(log, "clso_partial"), CHOICE)
+    scores |= _uncharged_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, device, CHOICE)
+    return Side(scores, trained.reading, body.flops + search_flops + flops,
+                {**fit.as_metrics(), "chosen_genes": chosen.tolist(),
+                 "changed_genes": np.flatnonzero(best != pretrained).tolist(), "genome": best.tolist(),
+                 "best_fitness": best_fitness, "pretrained_fitness": pretrained_fitness,
+                 "prior_fitness": prior_fitness(batch_labels.cpu(), n_classes),
                  "search": "GA" if len(chosen) > 1 else "random search (one chosen gene: every child's is redrawn)"})
 
 
@@ -207,21 +211,28 @@ def _finetuned_side(gpt2, *, task, splits, encoded, labels, p, meter, device, lo
 
 
 def _task_result(task, splits, sides: dict[str, Side]) -> dict:
-    """Every side; the majority-class rate; and the verdict for CLSO: its option with the better val
-    metric (chosen on val, judged on test), charged both options' energy, since choosing took both."""
+    """Every side; the majority class on each test split; what pretraining lifts; and the verdict for
+    CLSO: its option with the better val metric (chosen on val, judged on test), charged both
+    options, since choosing needed both."""
     labels = np.asarray(task.labels)
-    test_labels = labels[splits["test"]]
+    tests = [split for split in splits if split.startswith("test")]
     guess = np.bincount(labels[splits["train"]]).argmax()  # the train split's majority: test picks nothing
-    majority = task_metric(task.metric, np.full(len(test_labels), guess), test_labels)
+    majority = {split: task_metric(task.metric, np.full(len(splits[split]), guess), labels[splits[split]])
+                for split in tests}
     option = max(("clso_head", "clso_partial"), key=lambda side: sides[side].scores["val"])
     head, partial = sides["clso_head"], sides["clso_partial"]
     clso = Side(sides[option].scores, head.reading.plus(partial.reading), head.flops + partial.flops,
                 {"option": option.removeprefix("clso_")})
+    test = {name: side.scores["test"] for name, side in {**sides, "clso": clso}.items()}
     base = sides["baseline"]
-    return {"metric": task.metric, "splits": split_record(task, splits), "majority_class_test": majority,
+    return {"metric": task.metric, "splits": split_record(task, splits), "majority_class": majority,
             **{name: side.metrics() for name, side in {**sides, "clso": clso}.items()},
-            "clso_within_tolerance": within_tolerance(clso.scores["test"], base.scores["test"]),
-            "probe_within_tolerance": within_tolerance(head.scores["test"], sides["baseline_head"].scores["test"]),
+            "clso_within_tolerance": {split: within_tolerance(clso.scores[split], base.scores[split]) for split in tests},
+            # a verdict that a model with no pretraining also passes does not test pretraining
+            "no_pretraining_within_tolerance": within_tolerance(test["no_pretraining_finetuned"], test["baseline"]),
+            "lift": {"pretraining_finetuned": test["baseline"] - test["no_pretraining_finetuned"],
+                     "pretraining_probe": test["baseline_head"] - test["no_pretraining"],
+                     "clso_probe": test["clso_head"] - test["no_pretraining"]},
             "energy_ratio": clso.reading.energy_wh / base.reading.energy_wh if base.reading.energy_wh else math.inf}
 
 

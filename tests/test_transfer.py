@@ -99,10 +99,13 @@ def test_every_side_is_scored_on_every_split_and_charged(workdir):
     option = max(("clso_head", "clso_partial"), key=lambda side: r[side]["val"])  # chosen on val
     clso = r["clso"]
     assert clso["option"] == option.removeprefix("clso_") and clso["test"] == r[option]["test"]
-    # choosing took both options, so CLSO is charged both
+    # choosing took both options, so CLSO is charged both, val scoring included
     assert clso["flops"] == r["clso_head"]["flops"] + r["clso_partial"]["flops"]
+    for probe in ("clso_head", "clso_partial", "baseline_head", "no_pretraining"):
+        assert r[probe]["probe_evaluations"] >= r[probe]["probe_iterations"] >= 1
+    assert r["clso_partial"]["prior_fitness"] > 0 and r["clso_partial"]["best_fitness"] <= r["clso_partial"]["pretrained_fitness"]
     assert clso["energy_wh"] == pytest.approx(r["clso_head"]["energy_wh"] + r["clso_partial"]["energy_wh"], abs=2e-6)
-    assert r["clso_within_tolerance"] == (clso["test"] >= 0.95 * r["baseline"]["test"])  # accuracy ≥ 0
+    assert r["clso_within_tolerance"] == {"test": clso["test"] >= 0.95 * r["baseline"]["test"]}  # accuracy ≥ 0
     assert r["energy_ratio"] == pytest.approx(clso["energy_wh"] / r["baseline"]["energy_wh"], rel=0.03)  # metrics round to 1e-6 Wh
     assert r["clso_partial"]["flops"] > r["clso_head"]["flops"]  # its search is charged too
     assert r["clso_partial"]["search"].startswith("random search")  # one chosen gene
@@ -132,13 +135,44 @@ def test_the_partial_search_moves_only_its_genes_and_never_loses_the_pretrained_
     chosen = chosen_genes(48, 0.15)
     assert chosen.tolist() == list(range(41, 48))
     target = np.arange(7) + 3
-    best, fitness, flops = partial_search(genome, chosen, 50, lambda g: (float(np.abs(g[chosen] - target).sum()), 1),
-                                          population=16, generations=30, seed=0)
-    assert (best[:41] == 0).all() and fitness < np.abs(target).sum() and flops > 16
+    evaluated = []
+
+    def distance(g):
+        evaluated.append(g.copy())
+        return float(np.abs(g[chosen] - target).sum()), 1
+
+    best, fitness, start, flops = partial_search(genome, chosen, 50, distance, population=16, generations=30, seed=0)
+    assert (best[:41] == 0).all() and fitness < start == np.abs(target).sum() and flops == len(evaluated) > 16
+    assert all((g[:41] == 0).all() for g in evaluated)  # no genome off the chosen genes was ever tried
+    assert len({tuple(g[chosen]) for g in evaluated}) == len(evaluated)  # each distinct genome once
     # when the pretrained genes are the best there is, the search keeps them
-    best, fitness, _ = partial_search(genome, chosen, 50, lambda g: (float(np.abs(g[chosen]).sum()), 1),
-                                      population=8, generations=3, seed=1)
+    best, fitness, _, _ = partial_search(genome, chosen, 50, lambda g: (float(np.abs(g[chosen]).sum()), 1),
+                                         population=8, generations=3, seed=1)
     assert fitness == 0 and (best == 0).all()
+
+
+def test_cached_body_features_are_the_whole_models_for_a_changed_gene():
+    """`partial` runs the blocks below its first gene once; a stale cache or a wrong first block
+    would give another genome's features."""
+    import torch
+
+    from clso.transfer import CachedBody, Encoded, features
+
+    config = ModelConfig(vocab_size=40, block_size=16, n_layer=3, n_head=2, n_embd=16)
+    library, _ = Library.generate(0, config.n_embd, size=6, shares={"ternary_lowrank": 0.5, "block_diagonal": 0.5})
+    model = CrystallineGPT2(config, library, seed=0).eval()
+    model.set_genome([1] * 12)
+    encoded = Encoded(torch.randint(0, 40, (10, 12), generator=torch.Generator().manual_seed(0)),
+                      torch.tensor([12, 3, 7, 12, 1, 5, 9, 12, 2, 8]))
+    idx = np.array([4, 0, 7, 2, 9, 5])
+    body = CachedBody(model, encoded, idx, first=2, batch_size=4, device="cpu")
+    changed = [1] * 11 + [4]
+    x, flops = body.features(changed, "mean")
+    model.set_genome(changed)
+    whole, whole_flops = features(lambda ids: model.gpt2.transformer(input_ids=ids).last_hidden_state, encoded, idx,
+                                  "mean", 4, "cpu", lambda T, B: 1)
+    assert torch.allclose(x, whole, atol=1e-6) and not torch.allclose(x, body.features([1] * 12, "mean")[0])
+    assert 0 < flops < body.flops * 2  # one of three blocks per genome; two, once
 
 
 def test_held_out_examples_never_reach_training(workdir, tmp_path):
@@ -156,11 +190,89 @@ def test_held_out_examples_never_reach_training(workdir, tmp_path):
     with contextlib.chdir(folder):
         transfer.__wrapped__(Path("params.yaml"))
     (before, before_curve), (after, after_curve) = read(workdir), read(folder)
-    assert [r["train_loss"] for r in before_curve] == [r["train_loss"] for r in after_curve]
+    assert [r["loss"] for r in before_curve] == [r["loss"] for r in after_curve]
     [b], [a] = before["tasks"].values(), after["tasks"].values()
     assert {k: v["sha256"] for k, v in b["splits"].items()} == {k: v["sha256"] for k, v in a["splits"].items()}
     assert b["splits"]["train"] == a["splits"]["train"]  # the same examples, the same labels
     assert any(a[side]["test"] != b[side]["test"] for side in SIDES)
+
+
+def test_the_test_split_chooses_nothing(workdir, tmp_path):
+    """Poison only the test examples: everything but the test scores stays the same to the bit,
+    CLSO's option (chosen on val) included."""
+    folder = tmp_path / "test-poisoned"
+    shutil.copytree(workdir, folder)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    task = load_task(params["transfer"]["tasks"][0])
+    splits = split_task(task, 0.2, 0.2, seed=params["base"]["seed"])
+    poisoned = task_file(folder / "task.tsv", poison=set(splits["test"].tolist()))
+    params["transfer"]["tasks"] = [f"file:{poisoned}"]
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    with contextlib.chdir(folder):
+        transfer.__wrapped__(Path("params.yaml"))
+    (before, before_curve), (after, after_curve) = read(workdir), read(folder)
+    assert [r["loss"] for r in before_curve] == [r["loss"] for r in after_curve]
+    [b], [a] = before["tasks"].values(), after["tasks"].values()
+    assert a["clso"]["option"] == b["clso"]["option"]
+    for side in (*SIDES, "clso"):
+        assert (a[side]["train"], a[side]["val"], a[side]["flops"]) == (b[side]["train"], b[side]["val"], b[side]["flops"])
+    assert any(a[side]["test"] != b[side]["test"] for side in SIDES)
+
+
+def test_the_verdict_takes_the_option_better_on_val_even_when_test_disagrees():
+    from clso.energy import EnergyReading
+    from stages.transfer import Side, _task_result
+
+    reading = lambda wh: EnergyReading(wh, "estimate", 1.0, 1.0, wh, "estimate")  # noqa: E731
+    side = lambda val, test, wh=0.1: Side({"train": 0.9, "val": val, "test": test}, reading(wh), 10)  # noqa: E731
+    task = load_task("debates_2016")
+    splits = split_task(task, 0.1, 0.1, seed=0)
+    sides = {"clso_head": side(0.60, 0.50, 0.2), "clso_partial": side(0.55, 0.70, 0.3), "baseline": side(0.7, 0.52, 0.4),
+             "baseline_head": side(0.6, 0.6), "no_pretraining": side(0.5, 0.45), "no_pretraining_finetuned": side(0.6, 0.4)}
+    r = _task_result(task, splits, sides)
+    assert r["clso"]["option"] == "head" and r["clso"]["test"] == 0.50  # not partial's better test score
+    assert r["clso_within_tolerance"] == {"test": True}  # 0.50 ≥ 0.52 − 5 % of 0.52
+    assert r["clso"]["energy_wh"] == pytest.approx(0.5) and r["energy_ratio"] == pytest.approx(1.25)
+    assert r["lift"] == pytest.approx({"pretraining_finetuned": 0.12, "pretraining_probe": 0.15, "clso_probe": 0.05})
+    assert not r["no_pretraining_within_tolerance"]
+
+
+def test_statement_and_table_for_mnli_and_a_matthews_correlation():
+    from stages.compare import transfer_table
+    from clso.transfer import statement
+
+    side = lambda test, mm, **extra: {"train": 0.9, "val": 0.5, "test": test, "test_mismatched": mm,  # noqa: E731
+                                      "energy_wh": 0.1, "method": "estimate", "flops": 1e9, **extra}
+    r = {"metric": "accuracy", "splits": {"test": {"examples": 9815}},
+         "majority_class": {"test": 0.35, "test_mismatched": 0.36},
+         "clso": side(0.40, 0.41, option="partial"), "clso_head": side(0.4, 0.41), "clso_partial": side(0.4, 0.41),
+         "baseline": side(0.80, 0.81), "baseline_head": side(0.6, 0.6), "no_pretraining": side(0.4, 0.4),
+         "no_pretraining_finetuned": side(0.6, 0.6), "clso_within_tolerance": {"test": False, "test_mismatched": False},
+         "no_pretraining_within_tolerance": False,
+         "lift": {"pretraining_finetuned": 0.2, "pretraining_probe": 0.2, "clso_probe": 0.0}, "energy_ratio": 1.0}
+    text = statement(r)
+    assert "(mismatched: CLSO 0.4100, baseline 0.8100, not within 5%)" in text and "(9815 examples)" in text
+    assert "does not transfer within 5% of the baseline" in text and "does not test pretraining" not in text
+    lines = transfer_table({"clso_variant": "evolve@hybrid-1", "tasks": {"glue/mnli": r}})
+    assert "| `glue/mnli` (accuracy) | CLSO (charged both options) (partial) | 0.9000 | 0.5000 | 0.4000, 0.4100 |" in \
+        "\n".join(lines)
+    assert "| `glue/mnli` (accuracy) | majority class of train | | | 0.3500, 0.3600 | | |" in lines
+    r_cola = {**r, "metric": "matthews", "majority_class": {"test": 0.0}, "clso_within_tolerance": {"test": True},
+              "no_pretraining_within_tolerance": True}
+    assert "test matthews" in statement(r_cola) and "does not test pretraining" in statement(r_cola)
+
+
+def test_a_pair_is_encoded_as_first_separator_second():
+    from clso.transfer import encode
+
+    class Words:  # a stand-in tokenizer: one id per word
+        def encode_batch(self, texts):
+            from types import SimpleNamespace
+            return [SimpleNamespace(ids=[len(w) for w in t.split()]) for t in texts]
+
+    enc = encode(Words(), ["a bb", ("ccc dddd eeeee", "ff g"), "h"], max_tokens=5, pad_id=0)
+    assert enc.ids.tolist() == [[1, 2, 0, 0, 0], [3, 4, 0, 2, 1], [1, 0, 0, 0, 0]]
+    assert enc.lengths.tolist() == [2, 5, 1]
 
 
 def test_a_bad_task_file_stops_the_stage_with_one_line_and_exit_2(workdir, tmp_path, stage_env):
@@ -223,11 +335,14 @@ def test_a_probe_is_fitted_to_its_optimum_on_ill_conditioned_features():
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
     x = base @ (q * torch.logspace(-3, 1, 8)) @ q.T
     y = (base[:, 0] + 0.5 * base[:, 1] + 0.3 * torch.randn(600, generator=g) > 0).long()
-    probe, flops = fit_probe(x, y, 2, iterations=500, l2=1e-4, seed=0)
+    probe, flops, fit = fit_probe(x, y, 2, iterations=500, l2=1e-4, seed=0)
     loss = F.cross_entropy(probe(x), y) + 0.5e-4 * probe.linear.weight.square().sum()
     grads = torch.autograd.grad(loss, list(probe.linear.parameters()))
-    assert max(float(gr.abs().max()) for gr in grads) < 3e-5
-    assert flops > 0 and flops % (600 * 4 * 8 * 2) == 0  # whole evaluations of the train set
+    assert max(float(gr.abs().max()) for gr in grads) < 3e-5 and fit.max_gradient < 3e-5
+    assert fit.converged and fit.iterations < 500
+    assert (flops - 2 * 600 * 8) == fit.evaluations * 600 * 4 * 8 * 2  # standardising once, then whole evaluations
+    _, _, capped = fit_probe(x, y, 2, iterations=3, l2=1e-4, seed=0)
+    assert not capped.converged and capped.iterations <= 3 and capped.max_gradient > 3e-5  # stopped by a cap
 
 
 def test_body_flops_are_the_forward_flops_without_the_lm_head_and_add_up_by_blocks():
