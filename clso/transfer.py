@@ -268,6 +268,10 @@ def statement(r: dict) -> str:
                   if "test_mismatched" in verdicts else "")
     caveat = (" No pretraining, fine-tuned, comes within it too: at this size the task is learned from scratch, so "
               "this verdict does not test pretraining." if r["no_pretraining_within_tolerance"] else "")
+    partial = r["clso_partial"]
+    if "prior_fitness" in partial and partial["best_fitness"] >= partial["prior_fitness"]:
+        caveat += (f" `partial`'s best fitness ({partial['best_fitness']:.4f} nats) is no better than the label "
+                   f"prior's ({partial['prior_fitness']:.4f}): its choice of genes is noise.")
     return (f"test {r['metric']} ({n} examples) CLSO {c['test']:.4f} ({c['option']}, the better on val), baseline "
             f"fine-tuned {b['test']:.4f}{mismatched}, majority class {r['majority_class']['test']:.4f}. CLSO "
             f"{'transfers' if verdicts['test'] else 'does not transfer'} within {TOLERANCE:.0%} of the baseline, at "

@@ -253,6 +253,9 @@ def test_statement_and_table_for_mnli_and_a_matthews_correlation():
     text = statement(r)
     assert "(mismatched: CLSO 0.4100, baseline 0.8100, not within 5%)" in text and "(9815 examples)" in text
     assert "does not transfer within 5% of the baseline" in text and "does not test pretraining" not in text
+    assert "is noise" not in text
+    noisy = {**r, "clso_partial": side(0.4, 0.41, best_fitness=0.70, prior_fitness=0.69)}
+    assert "`partial`'s best fitness (0.7000 nats) is no better than the label prior's (0.6900)" in statement(noisy)
     lines = transfer_table({"clso_variant": "evolve@hybrid-1", "tasks": {"glue/mnli": r}})
     assert "| `glue/mnli` (accuracy) | CLSO (charged both options) (partial) | 0.9000 | 0.5000 | 0.4000, 0.4100 |" in \
         "\n".join(lines)
