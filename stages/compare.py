@@ -176,7 +176,7 @@ def summary(result: dict, others: dict) -> str:
     return "\n".join(lines)
 
 
-TRANSFER_SIDES = {"clso": "CLSO (charged both options)", "clso_head": "CLSO head", "clso_partial": "CLSO partial",
+TRANSFER_SIDES = {"clso": "CLSO, charged both options", "clso_head": "CLSO head", "clso_partial": "CLSO partial",
                   "baseline": "baseline, fine-tuned", "baseline_head": "baseline, probe",
                   "no_pretraining": "no pretraining, probe", "no_pretraining_finetuned": "no pretraining, fine-tuned"}
 

@@ -257,7 +257,7 @@ def test_statement_and_table_for_mnli_and_a_matthews_correlation():
     noisy = {**r, "clso_partial": side(0.4, 0.41, best_fitness=0.70, prior_fitness=0.69)}
     assert "`partial`'s best fitness (0.7000 nats) is no better than the label prior's (0.6900)" in statement(noisy)
     lines = transfer_table({"clso_variant": "evolve@hybrid-1", "tasks": {"glue/mnli": r}})
-    assert "| `glue/mnli` (accuracy) | CLSO (charged both options) (partial) | 0.9000 | 0.5000 | 0.4000, 0.4100 |" in \
+    assert "| `glue/mnli` (accuracy) | CLSO, charged both options (partial) | 0.9000 | 0.5000 | 0.4000, 0.4100 |" in \
         "\n".join(lines)
     assert "| `glue/mnli` (accuracy) | majority class of train | | | 0.3500, 0.3600 | | |" in lines
     r_cola = {**r, "metric": "matthews", "majority_class": {"test": 0.0}, "clso_within_tolerance": {"test": True},
