@@ -238,9 +238,10 @@ def split_task(task: Task, val_fraction: float, test_fraction: float, seed: int)
 
 
 def split_record(task: Task, splits: dict[str, np.ndarray]) -> dict:
-    """What a metrics file records of the splits: sizes, label counts and a hash of the indices."""
+    """What a metrics file records of the splits: sizes (examples, and groups: a test split of a few
+    groups is noisier than its examples say), label counts and a hash of the indices."""
     labels = np.asarray(task.labels)
-    return {split: {"examples": len(idx),
+    return {split: {"examples": len(idx), "groups": len({task.groups[i] for i in idx.tolist()}),
                     "labels": {task.label_names[k]: int((labels[idx] == k).sum()) for k in range(len(task.label_names))},
                     "sha256": hashlib.sha256(np.sort(idx).tobytes()).hexdigest()[:16]}
             for split, idx in splits.items()}

@@ -12,8 +12,8 @@ pooled final hidden state (after ln_f), trained on a task's train split, scored 
                         what each recipe reaches without pretraining
 
 A probe is a linear layer on features standardised with the train split's mean and spread, fitted
-on the whole train split by L-BFGS: a convex problem solved to its optimum (tested: the gradient
-vanishes), so a weak score is the features' fault, not the optimiser's.
+on the whole train split by L-BFGS: a convex problem solved to its optimum in float32 (tested: the
+gradient vanishes), so a weak score is the features' fault, not the optimiser's.
 
 Texts are the pipeline's tokens, cut to `max_tokens` and padded on the right: attention is causal,
 so real tokens never see the padding, and pooling (the last real token, or the mean of the real
@@ -177,7 +177,8 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, n_classes: int, *, i
               on_step=None) -> tuple[LinearProbe, int, ProbeFit]:
     """A probe minimising mean cross-entropy + l2/2·‖W‖² on the whole train set, by L-BFGS (strong
     Wolfe line search) to convergence or `iterations`: the objective is convex, so this is its
-    optimum, which first-order runs approach slowly on ill-conditioned features. Returns the probe,
+    optimum, which first-order runs approach slowly on ill-conditioned features. L-BFGS stops when
+    the objective stops moving (float32), which `converged` reports, with the gradient left. Returns the probe,
     its FLOPs (standardising once; per example per evaluation the forward 2·d·C and the weight
     gradient 2·d·C) and how the fit ended."""
     probe = LinearProbe(train_x, n_classes, seed)
@@ -269,16 +270,17 @@ def statement(r: dict) -> str:
     caveat = (" No pretraining, fine-tuned, comes within it too: at this size the task is learned from scratch, so "
               "this verdict does not test pretraining." if r["no_pretraining_within_tolerance"] else "")
     partial = r["clso_partial"]
-    if "prior_fitness" in partial and partial["best_fitness"] >= partial["prior_fitness"]:
-        caveat += (f" `partial`'s best fitness ({partial['best_fitness']:.4f} nats) is no better than the label "
-                   f"prior's ({partial['prior_fitness']:.4f}): its choice of genes is noise.")
+    if not partial.get("search_accepted", True):
+        caveat += (f" `partial`'s search found no genes better than the pretrained ones and the label prior "
+                   f"(best fitness {partial['best_fitness']:.4f} nats, pretrained {partial['pretrained_fitness']:.4f}, "
+                   f"prior {partial['prior_fitness']:.4f}), so it kept the pretrained genes.")
     return (f"test {r['metric']} ({n} examples) CLSO {c['test']:.4f} ({c['option']}, the better on val), baseline "
             f"fine-tuned {b['test']:.4f}{mismatched}, majority class {r['majority_class']['test']:.4f}. CLSO "
             f"{'transfers' if verdicts['test'] else 'does not transfer'} within {TOLERANCE:.0%} of the baseline, at "
             f"{r['energy_ratio']:.3g}× its fine-tuning energy ({c['energy_wh']:.4g} Wh {c['method']} for both options "
-            f"against {b['energy_wh']:.4g} Wh {b['method']}). Over no pretraining, pretraining lifts the fine-tuned "
-            f"baseline {lift['pretraining_finetuned']:+.4f} and the baseline's probe {lift['pretraining_probe']:+.4f}; "
-            f"CLSO's body lifts its probe {lift['clso_probe']:+.4f}.{caveat}")
+            f"against {b['energy_wh']:.4g} Wh {b['method']}). Against no pretraining, pretraining changes the "
+            f"fine-tuned baseline's metric by {lift['pretraining_finetuned']:+.4f} and the baseline probe's by "
+            f"{lift['pretraining_probe']:+.4f}; CLSO's body changes its probe's by {lift['clso_probe']:+.4f}.{caveat}")
 
 
 # --- `partial`: a GA over the genes nearest the head, plus the head ----------------------------

@@ -187,7 +187,7 @@ def transfer_table(t: dict) -> list[str]:
              "with a search over the genes nearest the head first (`partial`), the option with the better val metric "
              "charged for both; the baseline fine-tuned end to end, and its body frozen under the same probe; a "
              "randomly initialised GPT-2 both ways (no pretraining). The test split reached no training step; energy "
-             "is the fine-tuning's alone.", "",
+             "is the fine-tuning's, and for CLSO's options also scoring val, which chooses between them.", "",
              "| task | side | train | val | test (MNLI: matched, mismatched) | energy (Wh) | FLOPs |", "|---|---|---|---|---|---|---|"]
     for spec, r in t["tasks"].items():
         tests = [split for split in r["majority_class"]]

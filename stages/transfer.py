@@ -186,6 +186,11 @@ def _partial_side(variant, *, task, splits, encoded, labels, p, meter, device, l
             pretrained, chosen, model.library.size, fitness, population=t.partial_population,
             generations=t.partial_generations, seed=derive_seed(p.base.seed, "transfer-partial-ga"),
             on_generation=lambda g, f: log("clso_partial_search", g, f))
+        # the best of many genomes on one batch beats its batch by luck too: keep the search's genes only
+        # when they beat both the pretrained genes and the label prior, which a body carrying nothing gets
+        prior = prior_fitness(batch_labels.cpu(), n_classes)
+        accepted = best_fitness < min(pretrained_fitness, prior)
+        best = best if accepted else pretrained
         model.set_genome(best)
         probe, scores, flops, fit = _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device,
                                                functools.partial(log, "clso_partial"), CHOICE)
@@ -193,8 +198,8 @@ def _partial_side(variant, *, task, splits, encoded, labels, p, meter, device, l
     return Side(scores, trained.reading, body.flops + search_flops + flops,
                 {**fit.as_metrics(), "chosen_genes": chosen.tolist(),
                  "changed_genes": np.flatnonzero(best != pretrained).tolist(), "genome": best.tolist(),
-                 "best_fitness": best_fitness, "pretrained_fitness": pretrained_fitness,
-                 "prior_fitness": prior_fitness(batch_labels.cpu(), n_classes),
+                 "best_fitness": best_fitness, "pretrained_fitness": pretrained_fitness, "prior_fitness": prior,
+                 "search_accepted": bool(accepted),
                  "search": "GA" if len(chosen) > 1 else "random search (one chosen gene: every child's is redrawn)"})
 
 
@@ -219,6 +224,7 @@ def _task_result(task, splits, sides: dict[str, Side]) -> dict:
     guess = np.bincount(labels[splits["train"]]).argmax()  # the train split's majority: test picks nothing
     majority = {split: task_metric(task.metric, np.full(len(splits[split]), guess), labels[splits[split]])
                 for split in tests}
+    # a tie on val goes to `head`, the cheaper option
     option = max(("clso_head", "clso_partial"), key=lambda side: sides[side].scores["val"])
     head, partial = sides["clso_head"], sides["clso_partial"]
     clso = Side(sides[option].scores, head.reading.plus(partial.reading), head.flops + partial.flops,

@@ -103,7 +103,10 @@ def test_every_side_is_scored_on_every_split_and_charged(workdir):
     assert clso["flops"] == r["clso_head"]["flops"] + r["clso_partial"]["flops"]
     for probe in ("clso_head", "clso_partial", "baseline_head", "no_pretraining"):
         assert r[probe]["probe_evaluations"] >= r[probe]["probe_iterations"] >= 1
-    assert r["clso_partial"]["prior_fitness"] > 0 and r["clso_partial"]["best_fitness"] <= r["clso_partial"]["pretrained_fitness"]
+    partial = r["clso_partial"]
+    assert partial["prior_fitness"] > 0 and partial["best_fitness"] <= partial["pretrained_fitness"]
+    assert partial["search_accepted"] == (partial["best_fitness"] < min(partial["pretrained_fitness"], partial["prior_fitness"]))
+    assert partial["search_accepted"] or partial["changed_genes"] == []
     assert clso["energy_wh"] == pytest.approx(r["clso_head"]["energy_wh"] + r["clso_partial"]["energy_wh"], abs=2e-6)
     assert r["clso_within_tolerance"] == {"test": clso["test"] >= 0.95 * r["baseline"]["test"]}  # accuracy ≥ 0
     assert r["energy_ratio"] == pytest.approx(clso["energy_wh"] / r["baseline"]["energy_wh"], rel=0.03)  # metrics round to 1e-6 Wh
@@ -172,7 +175,12 @@ def test_cached_body_features_are_the_whole_models_for_a_changed_gene():
     whole, whole_flops = features(lambda ids: model.gpt2.transformer(input_ids=ids).last_hidden_state, encoded, idx,
                                   "mean", 4, "cpu", lambda T, B: 1)
     assert torch.allclose(x, whole, atol=1e-6) and not torch.allclose(x, body.features([1] * 12, "mean")[0])
-    assert 0 < flops < body.flops * 2  # one of three blocks per genome; two, once
+    from clso.transfer import body_flops
+
+    assert flops == sum(body_flops(model.config.gpt2(), T, B, model.linear_flops(changed), range(2, 3))
+                        for T, B in body.sizes)  # the last of three blocks per genome
+    assert body.flops == sum(body_flops(model.config.gpt2(), T, B, model.linear_flops([1] * 12), range(2))
+                             for T, B in body.sizes)  # the two below, once
 
 
 def test_held_out_examples_never_reach_training(workdir, tmp_path):
@@ -254,8 +262,10 @@ def test_statement_and_table_for_mnli_and_a_matthews_correlation():
     assert "(mismatched: CLSO 0.4100, baseline 0.8100, not within 5%)" in text and "(9815 examples)" in text
     assert "does not transfer within 5% of the baseline" in text and "does not test pretraining" not in text
     assert "is noise" not in text
-    noisy = {**r, "clso_partial": side(0.4, 0.41, best_fitness=0.70, prior_fitness=0.69)}
-    assert "`partial`'s best fitness (0.7000 nats) is no better than the label prior's (0.6900)" in statement(noisy)
+    noisy = {**r, "clso_partial": side(0.4, 0.41, best_fitness=0.70, pretrained_fitness=0.71, prior_fitness=0.69,
+                                       search_accepted=False)}
+    assert ("found no genes better than the pretrained ones and the label prior (best fitness 0.7000 nats, "
+            "pretrained 0.7100, prior 0.6900), so it kept the pretrained genes") in statement(noisy)
     lines = transfer_table({"clso_variant": "evolve@hybrid-1", "tasks": {"glue/mnli": r}})
     assert "| `glue/mnli` (accuracy) | CLSO, charged both options (partial) | 0.9000 | 0.5000 | 0.4000, 0.4100 |" in \
         "\n".join(lines)
