@@ -183,23 +183,27 @@ def test_cached_body_features_are_the_whole_models_for_a_changed_gene():
                              for T, B in body.sizes)  # the two below, once
 
 
-def test_held_out_examples_never_reach_training(workdir, tmp_path):
-    """Flip the labels and change the words of every val and test example: the training curves stay
-    the same to the bit, while the test scores move (so the poison was really read, by scoring)."""
-    folder = tmp_path / "poisoned"
+def run_poisoned(workdir: Path, folder: Path, splits_to_poison: tuple[str, ...]):
+    """The stage again in a copy of `workdir`, the examples of `splits_to_poison` given the other
+    label and other words; returns (before, after): each the task's metrics and its curve."""
     shutil.copytree(workdir, folder)
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    task = load_task(params["transfer"]["tasks"][0])
-    splits = split_task(task, 0.2, 0.2, seed=params["base"]["seed"])
-    held_out = set(splits["val"].tolist()) | set(splits["test"].tolist())
-    poisoned = task_file(folder / "task.tsv", poison=held_out)
+    splits = split_task(load_task(params["transfer"]["tasks"][0]), 0.2, 0.2, seed=params["base"]["seed"])
+    poisoned = task_file(folder / "task.tsv", poison={i for split in splits_to_poison for i in splits[split].tolist()})
     params["transfer"]["tasks"] = [f"file:{poisoned}"]
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     with contextlib.chdir(folder):
         transfer.__wrapped__(Path("params.yaml"))
     (before, before_curve), (after, after_curve) = read(workdir), read(folder)
-    assert [r["loss"] for r in before_curve] == [r["loss"] for r in after_curve]
     [b], [a] = before["tasks"].values(), after["tasks"].values()
+    return (b, before_curve), (a, after_curve)
+
+
+def test_held_out_examples_never_reach_training(workdir, tmp_path):
+    """Flip the labels and change the words of every val and test example: the training curves stay
+    the same to the bit, while the test scores move (so the poison was really read, by scoring)."""
+    (b, before_curve), (a, after_curve) = run_poisoned(workdir, tmp_path / "poisoned", ("val", "test"))
+    assert [r["loss"] for r in before_curve] == [r["loss"] for r in after_curve]
     assert {k: v["sha256"] for k, v in b["splits"].items()} == {k: v["sha256"] for k, v in a["splits"].items()}
     assert b["splits"]["train"] == a["splits"]["train"]  # the same examples, the same labels
     assert any(a[side]["test"] != b[side]["test"] for side in SIDES)
@@ -208,19 +212,8 @@ def test_held_out_examples_never_reach_training(workdir, tmp_path):
 def test_the_test_split_chooses_nothing(workdir, tmp_path):
     """Poison only the test examples: everything but the test scores stays the same to the bit,
     CLSO's option (chosen on val) included."""
-    folder = tmp_path / "test-poisoned"
-    shutil.copytree(workdir, folder)
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    task = load_task(params["transfer"]["tasks"][0])
-    splits = split_task(task, 0.2, 0.2, seed=params["base"]["seed"])
-    poisoned = task_file(folder / "task.tsv", poison=set(splits["test"].tolist()))
-    params["transfer"]["tasks"] = [f"file:{poisoned}"]
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    with contextlib.chdir(folder):
-        transfer.__wrapped__(Path("params.yaml"))
-    (before, before_curve), (after, after_curve) = read(workdir), read(folder)
+    (b, before_curve), (a, after_curve) = run_poisoned(workdir, tmp_path / "test-poisoned", ("test",))
     assert [r["loss"] for r in before_curve] == [r["loss"] for r in after_curve]
-    [b], [a] = before["tasks"].values(), after["tasks"].values()
     assert a["clso"]["option"] == b["clso"]["option"]
     for side in (*SIDES, "clso"):
         assert (a[side]["train"], a[side]["val"], a[side]["flops"]) == (b[side]["train"], b[side]["val"], b[side]["flops"])
