@@ -141,6 +141,13 @@ def replay_blocks(transformer, inputs: tuple[tuple, dict], first: int) -> torch.
     return transformer.ln_f(hidden)
 
 
+def seeded_linear(d_in: int, d_out: int, seed: int) -> nn.Linear:
+    """A linear layer initialised from `seed` alone, without moving torch's global generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(d_in, d_out)
+
+
 class LinearProbe(nn.Module):
     """A linear head on features standardised with the training features' mean and spread."""
 
@@ -148,9 +155,7 @@ class LinearProbe(nn.Module):
         super().__init__()
         self.register_buffer("mean", train_x.mean(0))
         self.register_buffer("scale", train_x.std(0, correction=0).clamp_min(1e-6))
-        with torch.random.fork_rng(devices=[]):  # initialised from `seed` alone
-            torch.manual_seed(seed)
-            self.linear = nn.Linear(train_x.shape[1], n_classes)
+        self.linear = seeded_linear(train_x.shape[1], n_classes, seed)
         self.to(train_x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,9 +218,7 @@ class Classifier(nn.Module):
     def __init__(self, gpt2, n_classes: int, pooling: str, seed: int):
         super().__init__()
         self.body = gpt2.transformer
-        with torch.random.fork_rng(devices=[]):  # initialised from `seed` alone
-            torch.manual_seed(seed)
-            self.head = nn.Linear(gpt2.config.n_embd, n_classes)
+        self.head = seeded_linear(gpt2.config.n_embd, n_classes, seed)
         self.pooling = pooling
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

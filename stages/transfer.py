@@ -121,8 +121,9 @@ def _random_gpt2(p, vocab_size: int, device):
 
 
 def _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device, log, charged: tuple[str, ...]):
-    """A probe on a frozen body's train features, and its metric on the `charged` splits: run under
-    the caller's meter. Returns the probe, those scores, the FLOPs of both and how the fit ended."""
+    """A probe on a frozen body's train features, its metric on train (from the features it was fitted
+    on) and on the `charged` splits: run under the caller's meter. Returns the probe, those scores,
+    the FLOPs of fitting and of scoring the charged splits, and how the fit ended."""
     t = p.transfer
     train_x, feature_flops = features(hidden_fn, encoded, splits["train"], t.pooling, EVAL_BATCH, device, flops_fn)
     probe, probe_flops, fit = fit_probe(train_x, labels[splits["train"]].to(device), len(task.label_names),
@@ -130,6 +131,9 @@ def _fit_probe(task, splits, encoded, labels, hidden_fn, flops_fn, p, device, lo
                                         seed=derive_seed(p.base.seed, "transfer-head"), on_step=log)
     scores, scoring_flops = _probe_scores(task, {k: splits[k] for k in charged}, encoded, labels, hidden_fn, flops_fn,
                                           probe, p, device)
+    with torch.no_grad():
+        scores["train"] = task_metric(task.metric, probe(train_x).argmax(-1).cpu().numpy(),
+                                      labels[splits["train"]].numpy())
     return probe, scores, feature_flops + probe_flops + scoring_flops, fit
 
 
@@ -145,7 +149,8 @@ def _probe_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, 
 
 
 def _uncharged_scores(task, splits, encoded, labels, hidden_fn, flops_fn, probe, p, device, charged) -> dict:
-    rest = {k: v for k, v in splits.items() if k not in charged}
+    """The held-out splits `_fit_probe` did not score, charged to no one."""
+    rest = {k: v for k, v in splits.items() if k not in (*charged, "train")}
     return _probe_scores(task, rest, encoded, labels, hidden_fn, flops_fn, probe, p, device)[0]
 
 
