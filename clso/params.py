@@ -234,6 +234,53 @@ class CompileParams:
     cflags: str = spec("-O3", "its flags (-O3 -march=native is faster and ties the binary to this CPU)")
 
 
+@dataclass(frozen=True)
+class FieldParams:
+    n_layer: int = spec(1, "blocks of causal self-attention → neuron field → MLP (the journal has one)", min=1, max=96)
+    n_embd: int = spec(128, "width d of the embeddings, the attention and the neurons' positions and values",
+                       min=8, max=8192)
+    n_head: int = spec(4, "attention heads; must divide n_embd", min=1, max=256)
+    initial_neurons: int = spec(64, "neurons of each field at the start (the journal: 64); 0 with grow_every 0 "
+                                "leaves the field empty: attention and MLP alone, a control", min=0, max=1_000_000)
+    max_neurons: int = spec(1024, "the most a field grows to (the journal: 1024)", min=1, max=1_000_000)
+    grow_every: int = spec(1, "steps between births; 0 = no growth (the journal: one neuron per epoch, an epoch "
+                           "being hundreds of steps here)", min=0, max=100_000_000)
+    grow_by: int = spec(1, "neurons born at each birth", min=1, max=1_000_000)
+    rising_tide: bool = spec(True, "the journal's rising tide: a neuron's temperature at birth rises from "
+                             "tide_start to tide_end over training (late neurons attend more widely); false: "
+                             "every neuron is born with tide_start")
+    tide_start: float = spec(0.05, "temperature τ of the first neurons, in units of √d of distance (the journal: "
+                             "0.05)", min=0.0, max=100.0)
+    tide_end: float = spec(0.8, "temperature of the last (the journal: 0.8)", min=0.0, max=100.0)
+    freeze: str = spec("soft", "none; hard: a neuron stops learning for good (hard_age, hard_stability); soft: its "
+                       "learning rate decays as max(floor, 0.5^(age / half_life)), the journal's best",
+                       choices=("none", "hard", "soft"))
+    half_life: float = spec(50.0, "soft: steps of age that halve a neuron's learning rate", min=0.0,
+                            min_exclusive=True, max=1e9)
+    floor: float = spec(0.01, "soft: the lowest multiplier (the journal: 0.01, never zero)", min=0.0,
+                        min_exclusive=True, max=1.0)
+    hard_age: int = spec(0, "hard: freeze a neuron this many steps after its birth; 0 = never by age",
+                         min=0, max=100_000_000)
+    hard_stability: float = spec(0.0, "hard: freeze a neuron whose parameters moved less than this share of "
+                                 "their norm over the last stability_window steps; 0 = never by stability",
+                                 min=0.0, max=10.0)
+    stability_window: int = spec(50, "hard: steps between stability checks", min=1, max=100_000_000)
+    steps: int = spec(600, "training steps (the baseline's, so both see the same tokens)", min=1, max=100_000_000)
+    batch_size: int = spec(16, "sequences of model.block_size tokens per step", min=1, max=65536)
+    lr: float = spec(0.001, "peak learning rate (AdamW for the dense parts, Adam per neuron for the fields)",
+                     min=0.0, max=1.0, min_exclusive=True)
+    min_lr: float = spec(0.0001, "learning rate at the end of the cosine decay", min=0.0, max=1.0)
+    warmup_steps: int = spec(50, "linear warm-up steps", min=0, max=100_000_000)
+    weight_decay: float = spec(0.1, "AdamW weight decay of the dense matrices (not of the neurons)", min=0.0,
+                               max=10.0)
+    grad_clip: float = spec(1.0, "gradient norm clip over every parameter; 0 turns it off", min=0.0, max=1000.0)
+    eval_interval: int = spec(50, "steps between val losses on the whole val split (plots/field.csv)", min=1,
+                              max=100_000_000)
+    precision: str = spec("auto", "of the forward passes: auto is bf16 autocast on a CUDA GPU of compute capability "
+                          "8.0 or newer and fp32 elsewhere; the fields always compute in fp32",
+                          choices=("auto", "fp32", "bf16"))
+
+
 OFFLINE_TASKS = ("rotten_tomatoes", "debates_2016")  # clso.tasks loads them
 GLUE_TASKS = ("sst2", "cola", "mnli")
 
@@ -296,6 +343,7 @@ class Params:
     baseline: BaselineParams
     compile: CompileParams
     transfer: TransferParams
+    field: FieldParams
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -432,6 +480,14 @@ def _check_across(params: Params) -> None:
     if params.transfer.clso_mode not in g.evolve:
         raise ParamsError(f"transfer.clso_mode: {params.transfer.clso_mode} is not in grid.evolve {list(g.evolve)}; "
                           "valid: a mode the grid runs")
+    f = params.field
+    if f.n_embd % f.n_head:
+        raise ParamsError(f"field.n_head: {f.n_head} does not divide field.n_embd {f.n_embd}; valid: a divisor of n_embd")
+    if f.initial_neurons > f.max_neurons:
+        raise ParamsError(f"field.initial_neurons: {f.initial_neurons} is above field.max_neurons {f.max_neurons}; "
+                          "valid: at most max_neurons")
+    if f.min_lr > f.lr:
+        raise ParamsError(f"field.min_lr: {f.min_lr:g} is above field.lr {f.lr:g}; valid: at most lr")
     if params.compile.mode not in g.evolve:
         raise ParamsError(f"compile.mode: {params.compile.mode} is not in grid.evolve {list(g.evolve)}; "
                           "valid: a mode the grid runs")
@@ -492,6 +548,6 @@ def defaults(cls: type):
 
 
 __all__ = ["BaseParams", "PrepareParams", "ModelParams", "LibraryParams", "FitnessParams", "SurrogateParams",
-           "EvolveParams", "GridParams", "BaselineParams", "CompileParams", "TransferParams",
+           "EvolveParams", "GridParams", "BaselineParams", "CompileParams", "TransferParams", "FieldParams",
            "Params", "load_params", "parse_params", "section_help",
            "defaults", "SECTIONS"]

@@ -63,3 +63,33 @@ def frontier_png(baseline_curve: list[dict], runs: list[dict], curves: dict[str,
     fig.savefig(buffer, format="png", metadata={"Software": None})
     plt.close(fig)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def neurons_png(fields, path: str | Path, title: str) -> None:
+    """Each field's neuron positions projected on their first two principal components, coloured by
+    the step each neuron was born at (the journal's picture of its crystal)."""
+    import torch
+
+    fig, axes = plt.subplots(1, len(fields), figsize=(6.5 * len(fields), 5), dpi=120, squeeze=False)
+    for layer, (ax, field) in enumerate(zip(axes[0], fields)):
+        n = field.alive
+        if n < 2:  # no plane to project on
+            ax.set_title(f"field of block {layer}: {n} neurons", fontsize=9)
+            continue
+        positions = field.positions[:n].detach().double().cpu()
+        born = field.birth_step[:n].cpu().numpy()
+        centred = positions - positions.mean(0)
+        _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+        xy = (centred @ vt[:2].t()).numpy()
+        explained = (s[:2] ** 2 / (s ** 2).sum()).numpy()
+        dots = ax.scatter(xy[:, 0], xy[:, 1], c=born, cmap="viridis", s=10)
+        fig.colorbar(dots, ax=ax, label="birth step")
+        ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
+        ax.set_ylabel(f"PC 2 ({explained[1]:.0%})")
+        ax.set_title(f"field of block {layer}: {n} neurons", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())

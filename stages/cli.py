@@ -5,6 +5,7 @@ import stages.bench  # noqa: F401
 import stages.compare  # noqa: F401
 import stages.compile  # noqa: F401
 import stages.evolve  # noqa: F401
+import stages.field  # noqa: F401
 import stages.fuzz  # noqa: F401
 import stages.library  # noqa: F401
 import stages.prepare  # noqa: F401

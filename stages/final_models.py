@@ -4,6 +4,7 @@ from safetensors.torch import load_file
 
 from clso import ClsoError
 from clso.baseline import dense_gpt2
+from clso.field.model import FieldConfig, FieldLM
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
 from stages.common import read_json
@@ -41,6 +42,19 @@ def baseline_model(p, vocab_size: int, device):
                         f"{unexpected[:3]}); re-create it with `dvc repro -f baseline`")
     baseline.tie_weights()
     return baseline.eval()
+
+
+def field_model(device) -> FieldLM:
+    """The trained neuron-field LM (models/field), in eval mode: its config.json, then its weights."""
+    folder = "models/field"
+    config = read_json(f"{folder}/config.json")
+    try:
+        model = FieldLM(FieldConfig(**config)).to(device)
+        model.load_state_dict(_safetensors(f"{folder}/model.safetensors"))
+    except (TypeError, RuntimeError) as e:
+        raise ClsoError(f"{folder}: config.json and model.safetensors do not fit ({type(e).__name__}: {str(e)[:120]}); "
+                        "re-create it with `dvc repro -f field`") from None
+    return model.eval()
 
 
 def _safetensors(path) -> dict:

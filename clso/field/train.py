@@ -1,0 +1,276 @@
+"""Training the neuron-field LM by gradient, with the journal's growth and freezing (document 004).
+
+Growth: the field starts with `initial_neurons` and gains `grow_by` every `grow_every` steps up to
+`max_neurons`. A neuron is born at the query of a random position of the last step's batch with a
+zero value, so a birth leaves the model's function unchanged; its temperature is the tide's at birth
+(the journal's "rising tide": from tide_start to tide_end over training, so late neurons attend more
+widely), or tide_start throughout without it. Capacity is allocated once; neurons not yet born take
+no part in the forward pass.
+
+Freezing (ages in steps, where the journal counts epochs): `hard` freezes a neuron for good once it
+is `hard_age` steps old, or once its parameters moved less than `hard_stability` (relative) over the
+last `stability_window` steps; `soft` scales its learning rate by max(floor, 0.5^(age / half_life)),
+the journal's best variant. The neurons have their own Adam with a step count per neuron (a neuron
+born at step 500 gets the bias correction of its first step, not of step 500), and the multiplier
+scales its update. Everything else (embeddings, attention, MLP, norms) trains with AdamW as the
+baseline does, on the same learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clso.baseline import learning_rate
+from clso.context import precision_context, resolve_precision
+from clso.data import TokenData, random_batch
+from clso.energy import EnergyMeter
+from clso.evaluate import split_loss
+from clso.field.model import FieldConfig, FieldLM, NeuronField, forward_flops
+from clso.flops import throughput
+
+FREEZE_MODES = ("none", "hard", "soft")
+CURVE_FIELDS = ("step", "tokens", "train_loss", "val_loss", "neurons", "frozen_share", "mean_lr_multiplier",
+                "energy_wh", "energy_method", "flops", "wall_s")
+EVAL_BATCH = 16
+
+
+@dataclass(frozen=True)
+class FieldSchedule:
+    """When neurons are born, what temperature they are born with, and how they freeze."""
+
+    steps: int
+    grow_every: int = 5
+    grow_by: int = 1
+    rising_tide: bool = True
+    tide_start: float = 0.05
+    tide_end: float = 0.8
+    freeze: str = "soft"
+    hard_age: int = 0
+    hard_stability: float = 0.0
+    stability_window: int = 50
+    half_life: float = 50.0
+    floor: float = 0.01
+
+    @classmethod
+    def from_params(cls, cfg) -> FieldSchedule:
+        """From the params.yaml `field` section (FieldParams)."""
+        return cls(cfg.steps, cfg.grow_every, cfg.grow_by, cfg.rising_tide, cfg.tide_start, cfg.tide_end, cfg.freeze,
+                   cfg.hard_age, cfg.hard_stability, cfg.stability_window, cfg.half_life, cfg.floor)
+
+    def births(self, step: int, alive: int, capacity: int) -> int:
+        """Neurons born before step `step` (> 0) trains, given `alive` of `capacity`."""
+        if step == 0 or self.grow_every == 0 or step % self.grow_every:
+            return 0
+        return min(self.grow_by, capacity - alive)
+
+    def tide(self, step: int) -> float:
+        if not self.rising_tide:
+            return self.tide_start
+        return self.tide_start + (self.tide_end - self.tide_start) * min(1.0, step / max(1, self.steps))
+
+    def lr_multiplier(self, age: torch.Tensor) -> torch.Tensor:
+        """Of each neuron's update, by age in steps: 1 without soft freezing (hard freezing masks)."""
+        if self.freeze != "soft":
+            return torch.ones_like(age, dtype=torch.float32)
+        return torch.clamp(0.5 ** (age.float() / self.half_life), min=self.floor)
+
+
+
+
+class NeuronAdam:
+    """Adam (betas 0.9, 0.95, no weight decay) for the neurons of one field, with a step count per
+    neuron and a per-neuron multiplier on the update: lr · multiplier · m̂ / (√v̂ + eps). A neuron
+    with multiplier 0 or marked frozen is left bit for bit as it was."""
+
+    def __init__(self, field: NeuronField, betas=(0.9, 0.95), eps: float = 1e-8):
+        self.field, self.betas, self.eps = field, betas, eps
+        self.params = (field.positions, field.values, field.temperatures)
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(len(field.birth_step), dtype=torch.long, device=field.birth_step.device)
+
+    def reset(self, neurons: torch.Tensor) -> None:
+        """New neurons start with fresh moments and step counts."""
+        for m, v in zip(self.m, self.v):
+            m[neurons] = 0
+            v[neurons] = 0
+        self.steps[neurons] = 0
+
+    @torch.no_grad()
+    def step(self, lr: float, multiplier: torch.Tensor) -> None:
+        f = self.field
+        learning = (f.birth_step >= 0) & ~f.frozen & (multiplier > 0)
+        self.steps += learning.long()
+        b1, b2 = self.betas
+        t = self.steps.clamp_min(1).float()
+        correction1, correction2 = 1 - b1 ** t, 1 - b2 ** t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            rows = learning.view(shape)
+            g = p.grad
+            m.copy_(torch.where(rows, b1 * m + (1 - b1) * g, m))
+            v.copy_(torch.where(rows, b2 * v + (1 - b2) * g * g, v))
+            update = (m / correction1.view(shape)) / ((v / correction2.view(shape)).sqrt() + self.eps)
+            p.copy_(torch.where(rows, p - lr * multiplier.view(shape) * update, p))
+
+
+def ages(field: NeuronField, step: int) -> torch.Tensor:
+    """Steps since each neuron's birth (0 for those not yet born)."""
+    return torch.where(field.birth_step >= 0, step - field.birth_step, torch.zeros_like(field.birth_step))
+
+
+@torch.no_grad()
+def give_birth(field: NeuronField, optimizer: NeuronAdam | None, count: int, queries: torch.Tensor, step: int,
+               temperature: float, rng: np.random.Generator) -> None:
+    """`count` neurons at the queries of random positions, with zero values (the function is unchanged)."""
+    first = field.alive
+    if count < 1:
+        return
+    rows = queries.reshape(-1, queries.shape[-1])
+    picks = torch.from_numpy(rng.integers(0, len(rows), size=count)).to(rows.device)
+    new = torch.arange(first, first + count, device=rows.device)
+    field.positions[new] = rows[picks].to(field.positions.dtype)
+    field.values[new] = 0
+    field.temperatures[new] = temperature
+    field.birth_step[new] = step
+    field.alive += count
+    if optimizer is not None:
+        optimizer.reset(new)
+
+
+@torch.no_grad()
+def hard_freeze(field: NeuronField, schedule: FieldSchedule, step: int, snapshot: torch.Tensor | None) -> torch.Tensor | None:
+    """Freeze neurons by age, and every `stability_window` steps by how little they moved since the
+    last snapshot. Returns the new snapshot (all neurons' parameters side by side)."""
+    age, alive = ages(field, step), field.birth_step >= 0
+    if schedule.hard_age:
+        field.frozen |= alive & (age >= schedule.hard_age)
+    if not schedule.hard_stability or step % schedule.stability_window:
+        return snapshot
+    now = torch.cat([field.positions, field.values, field.temperatures[:, None]], 1)
+    if snapshot is not None:
+        moved = (now - snapshot).norm(dim=1) / snapshot.norm(dim=1).clamp_min(1e-8)
+        field.frozen |= alive & (age >= schedule.stability_window) & (moved < schedule.hard_stability)
+    return now.clone()
+
+
+def freeze_counts(field: NeuronField, schedule: FieldSchedule, step: int) -> tuple[int, float]:
+    """(neurons frozen, sum of the learning-rate multipliers) over the neurons born. `frozen`: hard
+    freezing's frozen ones; soft freezing's down at the floor."""
+    n = field.alive
+    if not n:
+        return 0, 0.0
+    multiplier = schedule.lr_multiplier(ages(field, step)[:n])
+    if schedule.freeze == "soft":
+        return int((multiplier <= schedule.floor).sum()), float(multiplier.sum())
+    frozen = field.frozen[:n]
+    return int(frozen.sum()), float((~frozen).sum())
+
+
+def field_config(cfg, vocab_size: int, block_size: int) -> FieldConfig:
+    """From the params.yaml `field` section; the context is the baseline's (model.block_size)."""
+    return FieldConfig(vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head, block_size, cfg.initial_neurons, cfg.max_neurons)
+
+
+def new_field_lm(config: FieldConfig, seed: int, device) -> FieldLM:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FieldLM(config).to(device)
+
+
+@dataclass
+class FieldResult:
+    model: FieldLM
+    precision: str
+    curve: list[dict] = field(default_factory=list)
+    train_energy: dict = field(default_factory=dict)
+
+
+def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device, meter_options: dict,
+                on_step=None) -> FieldResult:
+    """`cfg.steps` steps of AdamW (the dense parts) and NeuronAdam (the fields) on random train
+    batches, neurons born and frozen as FieldSchedule says. The curve has a row per step (after that
+    many steps): neurons, frozen share, mean learning-rate multiplier, FLOPs; and at every
+    `eval_interval` the val loss and the energy of training alone (the periodic validation is metered
+    apart and subtracted, as for the baseline). Births, freezing and their bookkeeping are charged."""
+    schedule = FieldSchedule.from_params(cfg)
+    precision = resolve_precision(cfg.precision, device)
+    model = new_field_lm(config, seed, device)
+    dense = [(n, p) for n, p in model.named_parameters() if ".field." not in n]
+    adamw = torch.optim.AdamW([{"params": [p for n, p in dense if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                               {"params": [p for n, p in dense if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=cfg.lr, betas=(0.9, 0.95))
+    neuron_adams = [NeuronAdam(f) for f in model.fields]
+    queries: list[torch.Tensor | None] = [None] * config.n_layer
+    for layer, f in enumerate(model.fields):  # the last batch's queries: where the next neurons are born
+        f.register_forward_pre_hook(lambda module, args, layer=layer: queries.__setitem__(layer, args[0].detach()))
+    train, val = data.tokens("train"), data.tokens("val")
+    rng, birth_rng = np.random.default_rng(seed), np.random.default_rng(seed + 2)
+    snapshots: list[torch.Tensor | None] = [None] * config.n_layer
+    T, B = config.block_size, cfg.batch_size
+    eval_seqs = (len(val) - 1) // T
+    result = FieldResult(model, precision)
+    flops, evals, losses = 0, None, []
+    with EnergyMeter(**meter_options) as meter:
+        for step in range(cfg.steps + 1):
+            frozen = [freeze_counts(f, schedule, step) for f in model.fields]
+            alive = sum(f.alive for f in model.fields)
+            row = {"step": step, "tokens": step * B * T, "train_loss": None, "val_loss": None,
+                   "neurons": alive, "frozen_share": sum(n for n, _ in frozen) / alive if alive else 0.0,
+                   "mean_lr_multiplier": sum(m for _, m in frozen) / alive if alive else 0.0,
+                   "energy_wh": None, "energy_method": None, "flops": flops, "wall_s": None}
+            if step % cfg.eval_interval == 0 or step == cfg.steps:
+                before = meter.read()
+                model.eval()
+                with torch.no_grad():
+                    row["val_loss"] = split_loss(model, val, T, EVAL_BATCH, device)
+                model.train()
+                trained = before.minus(evals) if evals else before
+                evals = meter.read().minus(before) if evals is None else evals.plus(meter.read().minus(before))
+                row.update(energy_wh=trained.energy_wh, energy_method=trained.method, wall_s=trained.wall_s)
+            result.curve.append(row)
+            if on_step:
+                on_step(row)
+            if step == cfg.steps:
+                break
+            x, y = random_batch(train, B, T, rng, device)
+            if step == 0:  # the initial neurons are born at the first batch's queries
+                with torch.no_grad(), precision_context(precision, device):
+                    model(x)
+                flops += forward_flops(config, [0] * config.n_layer, T, B)
+            for f, opt, q in zip(model.fields, neuron_adams, queries):
+                count = config.initial_neurons if step == 0 else schedule.births(step, f.alive, config.max_neurons)
+                give_birth(f, opt, count, q, step, schedule.tide(step), birth_rng)
+            if schedule.freeze == "hard":
+                snapshots = [hard_freeze(f, schedule, step, s) for f, s in zip(model.fields, snapshots)]
+            lr = learning_rate(step, cfg)
+            model.zero_grad(set_to_none=True)
+            with precision_context(precision, device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for group in adamw.param_groups:
+                group["lr"] = lr
+            adamw.step()
+            for f, opt in zip(model.fields, neuron_adams):
+                opt.step(lr, schedule.lr_multiplier(ages(f, step)))
+            losses.append(loss.detach())
+            # forward and backward (2x: input and weight gradients), every neuron alive this step included
+            flops += 3 * forward_flops(config, [f.alive for f in model.fields], T, B)
+    trained = meter.reading.minus(evals).as_metrics()
+    for row, loss in zip(result.curve[1:], losses):  # read at the end: one sync, not one per step
+        row["train_loss"] = float(loss)
+    result.train_energy = {**trained, "flops": flops, "eval_energy_wh": evals.energy_wh,
+                           "eval_flops": sum(forward_flops(config, [r["neurons"] // config.n_layer] * config.n_layer, T,
+                                                           eval_seqs) for r in result.curve if r["val_loss"] is not None),
+                           **throughput(flops, cfg.steps * B * T, trained["wall_s"], device)}
+    model.eval()
+    return result
