@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from clso import ClsoError
+from clso.field.model import field_op
 from clso.library import BUCKETS
 from clso.model import LAYER_NAMES
 from clso.tokenizer import EOT, UNK
 
 MAGIC = b"CRYSTAL\0"
-VERSION = 1
+VERSION = 2  # written; 2 = 1 + the header's `architecture` and the neuron field op
+READABLE_VERSIONS = (1, 2)
+ARCHITECTURES = ("gpt2", "field")  # header `architecture`; a version-1 file is gpt2 (the field was reserved zero)
 HEADER_BYTES = 256
 ENTRY_BYTES = 128
 ALIGNMENT = 64
@@ -56,8 +59,9 @@ VECTOR, INDEX = (F32,), (I32,)
 
 # magic, version, header_bytes, entry_bytes, n_tensors, mode, flags, vocab_rows, tokenizer_vocab,
 # n_layer, n_embd, n_head, block_size, n_inner, tokenizer_kind, eot_token, unk_token, alignment,
-# layer_norm_eps, table_offset, data_offset, file_bytes, payload_crc32, header_crc32
-HEADER = struct.Struct("<8s17If3Q2I")
+# layer_norm_eps, table_offset, data_offset, file_bytes, payload_crc32, header_crc32, architecture
+HEADER = struct.Struct("<8s17If3Q3I")
+HEADER_CRC_AT = 108
 ENTRY = struct.Struct(f"<{NAME_BYTES}s6IQQfi")
 assert HEADER.size <= HEADER_BYTES and ENTRY.size <= ENTRY_BYTES
 
@@ -236,6 +240,8 @@ class ModelSpec:
     layers: dict[str, tuple[str, dict[str, torch.Tensor]] | torch.Tensor]  # "h.0.c_attn" → (kind, stored) or dense Conv1D weight
     gains: dict[str, float]
     crystalline: bool
+    # the neuron field of each block (architecture `field`): "h.L" → {"ln.w", "ln.b", "pos", "val", "temp"}
+    fields: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 def dense_spec(model, config) -> ModelSpec:
@@ -260,6 +266,32 @@ def crystalline_spec(model, stored_library: dict[str, torch.Tensor], manifest: d
         gains[name] = float(layer.gain)
     return ModelSpec(config.n_layer, config.n_embd, config.n_head, config.block_size, config.vocab_size,
                      config.tie_embeddings, state, layers, gains, True)
+
+
+def field_spec(model) -> ModelSpec:
+    """A clso.field FieldLM: GPT-2's tensors by their transformers names, and each block's field
+    (its born neurons; a field with none is written as one neuron of zero value, the same function)."""
+    config = model.config
+    state = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.wpe.weight,
+             "transformer.ln_f.weight": model.ln_f.weight, "transformer.ln_f.bias": model.ln_f.bias}
+    layers, fields = {}, {}
+    for i, block in enumerate(model.blocks):
+        h = f"transformer.h.{i}"
+        linears = {"c_attn": block.attn.c_attn, "attn_proj": block.attn.c_proj, "c_fc": block.c_fc,
+                   "mlp_proj": block.mlp_proj}
+        for bucket, linear in linears.items():
+            state[f"{h}.{LAYER_NAMES[bucket]}.bias"] = linear.bias
+            layers[f"h.{i}.{bucket}"] = linear.weight.t()  # Conv1D orientation, as dense_spec's
+        for ln in ("ln_1", "ln_2"):
+            state[f"{h}.{ln}.weight"], state[f"{h}.{ln}.bias"] = getattr(block, ln).weight, getattr(block, ln).bias
+        f, n = block.field, max(block.field.alive, 1)
+        fields[f"h.{i}"] = {"ln.w": block.ln_field.weight, "ln.b": block.ln_field.bias, "pos": f.positions[:n],
+                            "val": f.values[:n] if f.alive else torch.zeros_like(f.values[:1]),
+                            "temp": f.temperatures[:n]}
+    detach = lambda t: t.detach().float().cpu()  # noqa: E731
+    return ModelSpec(config.n_layer, config.n_embd, config.n_head, config.block_size, config.vocab_size, True,
+                     {k: detach(v) for k, v in state.items()}, {k: detach(v) for k, v in layers.items()}, {}, False,
+                     {k: {name: detach(t) for name, t in f.items()} for k, f in fields.items()})
 
 
 @dataclass(frozen=True)
@@ -350,6 +382,9 @@ def build_crystal_with_report(spec: ModelSpec, mode: str, tokenizer: TokenizerEx
                 w.crystalline_layers.append(w.entries[first:])
             if name in spec.gains:
                 w.floats(f"{name}.gain", torch.tensor([spec.gains[name]]))
+        if spec.fields is not None:
+            for key, t in spec.fields[f"h.{i}"].items():
+                w.floats(f"h.{i}.field.{key}", t)
     w.floats("ln_f.w", s["transformer.ln_f.weight"])
     w.floats("ln_f.b", s["transformer.ln_f.bias"])
     if head is not None:
@@ -391,8 +426,9 @@ def _serialise(spec: ModelSpec, mode: str, entries: list[Entry], tokenizer, prun
               NO_TOKEN if tokenizer is None or tokenizer.eot is None else tokenizer.eot,
               NO_TOKEN if tokenizer is None or tokenizer.unk is None else tokenizer.unk,
               ALIGNMENT, 1e-5, table_offset, data_offset, HEADER_BYTES + len(body), zlib.crc32(body)]
-    header = HEADER.pack(*fields, 0).ljust(HEADER_BYTES, b"\0")
-    header = HEADER.pack(*fields, zlib.crc32(header)).ljust(HEADER_BYTES, b"\0")
+    architecture = ARCHITECTURES.index("field" if spec.fields is not None else "gpt2")
+    header = HEADER.pack(*fields, 0, architecture).ljust(HEADER_BYTES, b"\0")
+    header = HEADER.pack(*fields, zlib.crc32(header), architecture).ljust(HEADER_BYTES, b"\0")
     return header + body
 
 
@@ -422,7 +458,7 @@ class Crystal:
 _HEADER_NAMES = ("magic", "version", "header_bytes", "entry_bytes", "n_tensors", "mode", "flags", "vocab_rows",
                  "tokenizer_vocab", "n_layer", "n_embd", "n_head", "block_size", "n_inner", "tokenizer_kind",
                  "eot_token", "unk_token", "alignment", "layer_norm_eps", "table_offset", "data_offset",
-                 "file_bytes", "payload_crc32", "header_crc32")
+                 "file_bytes", "payload_crc32", "header_crc32", "architecture")
 
 
 def read_crystal(data: bytes, *, verify_checksums: bool = True) -> Crystal:
@@ -436,11 +472,11 @@ def read_crystal(data: bytes, *, verify_checksums: bool = True) -> Crystal:
     h = dict(zip(_HEADER_NAMES, HEADER.unpack_from(data, 0)))
     if h["magic"] != MAGIC:
         raise CrystalFormatError("not a .crystal file (bad magic)")
-    if h["version"] != VERSION:
-        raise CrystalFormatError(f"format version {h['version']}, this reader knows {VERSION}; {fix}")
+    if h["version"] not in READABLE_VERSIONS:
+        raise CrystalFormatError(f"format version {h['version']}, this reader knows {READABLE_VERSIONS}; {fix}")
     if verify_checksums:
         zeroed = bytearray(data[:HEADER_BYTES])
-        zeroed[HEADER.size - 4:HEADER.size] = b"\0\0\0\0"
+        zeroed[HEADER_CRC_AT:HEADER_CRC_AT + 4] = b"\0\0\0\0"
         if zlib.crc32(bytes(zeroed)) != h["header_crc32"]:
             raise CrystalFormatError(f"header checksum mismatch (corrupt file); {fix}")
     if (h["header_bytes"], h["entry_bytes"], h["alignment"]) != (HEADER_BYTES, ENTRY_BYTES, ALIGNMENT):
@@ -517,6 +553,8 @@ def read_crystal(data: bytes, *, verify_checksums: bool = True) -> Crystal:
 
 
 def _check_header(h: dict) -> None:
+    if h["architecture"] >= len(ARCHITECTURES) or (h["version"] == 1 and h["architecture"]):
+        raise CrystalFormatError(f"unknown architecture {h['architecture']} for format version {h['version']}")
     if h["mode"] >= len(MODES) or h["flags"] & ~(FLAG_TIED | FLAG_PRUNED | FLAG_CRYSTALLINE):
         raise CrystalFormatError(f"unknown mode {h['mode']} or flags {h['flags']:#x}")
     limits = {"n_layer": 256, "n_embd": 65536, "n_head": 1024, "block_size": 1 << 20, "vocab_rows": 1 << 24,
@@ -575,6 +613,8 @@ def _check_model(c: Crystal) -> None:
                         and p["v"].shape == (k_out, p["u"].shape[0])
                 if not ok:
                     raise CrystalFormatError(f"layer {name}: part matrices do not fit {k_in}→{k_out}")
+        if ARCHITECTURES[h["architecture"]] == "field":
+            field_tensors(c, i)
     tok = h["tokenizer_kind"]
     if tok:
         offsets = c.tensor("tok.offsets", (h["tokenizer_vocab"] + 1,), INDEX)
@@ -585,6 +625,18 @@ def _check_model(c: Crystal) -> None:
             m = c.tensor("tok.merges", None, INDEX)
             if m.ndim != 2 or m.shape[1] != 3 or (m < 0).any() or (m >= h["tokenizer_vocab"]).any():
                 raise CrystalFormatError("tok.merges must be (n, 3) token ids")
+
+
+def field_tensors(c: Crystal, layer: int) -> dict[str, np.ndarray]:
+    """Block `layer`'s neuron field, checked: its LayerNorm, N positions and values (N × n_embd) and
+    N temperatures."""
+    d, f = c.header["n_embd"], f"h.{layer}.field"
+    positions = c.tensor(f"{f}.pos")
+    n = positions.shape[0]
+    if positions.shape != (n, d):
+        raise CrystalFormatError(f"field {f}: positions of shape {positions.shape}, expected (neurons, {d})")
+    return {"ln.w": c.tensor(f"{f}.ln.w", (d,), VECTOR), "ln.b": c.tensor(f"{f}.ln.b", (d,), VECTOR), "pos": positions,
+            "val": c.tensor(f"{f}.val", (n, d)), "temp": c.tensor(f"{f}.temp", (n,), VECTOR)}
 
 
 def layer_parts(c: Crystal, name: str) -> list[dict]:
@@ -630,6 +682,8 @@ class CrystalModel:
                           for k, v in p.items()} for p in layer_parts(crystal, name)]
                 gain = float(crystal.tensors[f"{name}.gain"][0]) if crystal.has(f"{name}.gain") else 1.0
                 block[bucket] = (parts, gain, t(f"{name}.bias"))
+            if ARCHITECTURES[h["architecture"]] == "field":
+                block["field"] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in field_tensors(crystal, i).items()}
             self.blocks.append(block)
 
     @staticmethod
@@ -659,6 +713,9 @@ class CrystalModel:
             q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in qkv.split(d, -1))
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
             x = x + self._linear(a, blk["attn_proj"])
+            if "field" in blk:
+                f = blk["field"]
+                x = x + field_op(F.layer_norm(x, (d,), f["ln.w"], f["ln.b"], self.eps), f["pos"], f["val"], f["temp"])
             m = F.gelu(self._linear(F.layer_norm(x, (d,), *blk["ln_2"], self.eps), blk["c_fc"]), approximate="tanh")
             x = x + self._linear(m, blk["mlp_proj"])
         kept = F.layer_norm(x, (d,), *self.ln_f, self.eps) @ self.head.t()

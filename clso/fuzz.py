@@ -6,7 +6,7 @@ disagreeing on whether the file is valid, is a finding; libFuzzer then stops and
 as crash-* in the work folder. The corpus the search grows is then replayed through the C loader
 built with AddressSanitizer and UBSan where the compiler has them. Checksums are
 skipped so that mutations reach the checks behind them. The seed corpus is a few tiny valid
-files covering every dtype, both tokenizers, crystalline parts and a pruned vocabulary.
+files covering every dtype, both tokenizers, crystalline parts, neuron fields and a pruned vocabulary.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 
 from clso import ClsoError
 from clso.compile import build_runtime
-from clso.crystal import TokenizerExport, build_crystal, crystalline_spec, dense_spec
+from clso.crystal import TokenizerExport, build_crystal, crystalline_spec, dense_spec, field_spec
+from clso.field.model import FieldConfig, FieldLM
 from clso.library import Library
 from clso.model import CrystallineGPT2, ModelConfig
 
@@ -65,7 +66,28 @@ def tiny_models(seed: int = 0) -> dict[str, bytes]:
         "crystal-int8-pruned": build_crystal(crystal, "int8", tokenizers["char"], keep_tokens=keep),
         "crystal-mixed16": build_crystal(crystal, "mixed16", tokenizers["bpe"]),
         "crystal-int16-no-tokenizer": build_crystal(crystal, "int16"),
+        "field-mixed8-bpe": build_crystal(field_spec(tiny_field_lm(seed)), "mixed8", tokenizers["bpe"]),
+        "field-int8-pruned": build_crystal(field_spec(tiny_field_lm(seed, n_layer=2)), "int8", tokenizers["char"],
+                                           keep_tokens=keep),
     }
+
+
+def tiny_field_lm(seed: int = 0, n_layer: int = 1, neurons: int = 5, vocab_size: int = 24) -> FieldLM:
+    """A neuron-field LM whose fields hold `neurons` neurons of random positions, values and
+    temperatures (a trained field's values are not zero; a newborn's are)."""
+    config = FieldConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=16, n_head=2, block_size=16,
+                         initial_neurons=neurons, max_neurons=2 * neurons)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FieldLM(config).eval()
+        with torch.no_grad():
+            for f in model.fields:
+                f.positions.normal_()
+                f.values.normal_(0, 0.3)
+                f.temperatures.uniform_(-0.5, 0.8)
+                f.birth_step[:neurons] = torch.arange(neurons)
+                f.alive = neurons
+    return model
 
 
 def _untie(model):

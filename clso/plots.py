@@ -39,12 +39,15 @@ def evolution_png(history: list[dict], path: str | Path, title: str, uniform_los
 
 
 def frontier_png(baseline_curve: list[dict], runs: list[dict], curves: dict[str, list[dict]], x_key: str,
-                 x_label: str, path: str | Path, title: str) -> None:
-    """Val loss of the baseline against cost, with every variant's search curve (its best fitness
-    loss, on the train batch) and its final val loss as a marker of the same colour."""
+                 x_label: str, path: str | Path, title: str, field_curve: list[dict] | None = None) -> None:
+    """Val loss of the baseline (and of the neuron-field LM) against cost, with every variant's search
+    curve (its best fitness loss, on the train batch) and its final val loss as a marker of the same colour."""
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     ax.plot([r[x_key] for r in baseline_curve], [r["val_loss"] for r in baseline_curve], color="black", marker=".",
             label="AdamW baseline: val loss")
+    if field_curve:
+        ax.plot([r[x_key] for r in field_curve], [r["val_loss"] for r in field_curve], color="grey", marker="s",
+                markersize=3, label="neuron-field LM (document 004): val loss")
     styles = {"pure": "--", "hybrid": "-"}
     for i, run in enumerate(runs):
         colour, curve = f"C{i % 10}", curves[run["variant"]]

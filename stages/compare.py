@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from clso.compare import (best_clso_run, charged_curve, clso_charges, comparison, contrast_statement, contrasts,
-                          device_parts, hypothesis, methods, seed_summary, statement, verdict)
+                          device_parts, field_contestant, field_statement, hypothesis, journal_statement, methods,
+                          seed_summary, statement, verdict)
 from clso.context import setup
 from clso.data import TokenData
 from clso.energy import EnergyMeter
@@ -18,7 +19,7 @@ from clso.params import load_params
 from clso.plots import frontier_png
 from clso.transfer import statement as transfer_statement
 from stages.common import PARAMS_OPTION, read_curve, read_json, run_alone, stage
-from stages.final_models import baseline_model, searched_model
+from stages.final_models import baseline_model, field_model, searched_model
 from stages.variants import grid_variants
 
 METRICS = Path("metrics/compare.json")
@@ -39,7 +40,8 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     (CLSO's search and its controls); score every final model on the test split; write
     metrics/compare.json, metrics/report.md, the frontier plots/compare_frontier.csv and its PNGs, and
     the README's block of latest numbers. The headline verdict is for CLSO's best mode (lowest mean
-    val loss over seeds) at the first seed."""
+    val loss over seeds) at the first seed. The journal's neuron-field LM (stage `field`) is the third
+    contestant: on the same plots, its test split scored here too."""
     p = load_params(params)
     device = setup(p.base)
     variants = grid_variants(p.grid)
@@ -56,6 +58,8 @@ def compare(params: Path = PARAMS_OPTION) -> None:
             base_test = split_loss(lambda x: dense(input_ids=x).logits, test, p.model.block_size, EVAL_BATCH, device)
             tests = {v: split_loss(searched_model(p, v, device, crystals), test, p.model.block_size, EVAL_BATCH, device)
                      for v in variants}
+            field_test = split_loss(field_model(device), test, p.model.block_size, EVAL_BATCH, device)
+        field_metrics, field_curve = read_json("metrics/field.json"), read_curve("plots/field.csv")
     baseline = {
         "val_loss": base_metrics["final_val_loss"], "val_ppl": base_metrics["final_val_ppl"],
         "test_loss": base_test, "test_ppl": math.exp(base_test), "energy_wh": base_metrics["energy_wh"],
@@ -93,6 +97,8 @@ def compare(params: Path = PARAMS_OPTION) -> None:
         result["over_seeds"] = {f"{stage}@{mode}": seed_summary([r for r in runs if (r["stage"], r["mode"]) == (stage, mode)])
                                 for stage, mode in dict.fromkeys((r["stage"], r["mode"]) for r in runs)}
     result["contrasts"] = contrasts(runs)
+    tokens_per_char = {split: data.meta["tokens"][split] / data.meta["chars"][split] for split in ("train", "val")}
+    result["field"] = field_contestant(field_metrics, field_curve, field_test, baseline, tokens_per_char)
     bounds = {r["frozen_head_bound_val_ppl"] for r in runs if "frozen_head_bound_val_ppl" in r}
     if bounds:  # every pure variant shares the head (initialised on base.seed), so one bound
         result["frozen_head_bound_val_ppl"] = max(bounds)
@@ -106,11 +112,14 @@ def compare(params: Path = PARAMS_OPTION) -> None:
                       "flops": row["flops"]} for row in charged[r["variant"]]]
         frontier.append({"series": f"{r['variant']} (final val)", "variant": r["variant"], "loss": r["val_loss"],
                          "energy_wh": r["energy_wh"], "energy_method": r["method"], "flops": r["flops"]})
+    field_points = [r for r in field_curve if r["val_loss"] == r["val_loss"]]  # rows with a val loss (not NaN)
+    frontier += [{"series": "neuron field LM (val)", "variant": "field", "loss": r["val_loss"], "energy_wh": r["energy_wh"],
+                  "energy_method": r["energy_method"], "flops": r["flops"]} for r in field_points]
     write_csv_atomic(FRONTIER, FRONTIER_FIELDS, frontier)
-    title = f"CLSO and its controls vs AdamW (best CLSO: {best['variant']})"
-    energy_label = f"energy (Wh, {methods(*(r['method'] for r in runs), baseline['method'])})"
-    frontier_png(base_curve, runs, charged, "energy_wh", energy_label, "plots/compare_energy.png", title)
-    frontier_png(base_curve, runs, charged, "flops", "FLOPs", "plots/compare_flops.png", title)
+    title = f"CLSO and its controls vs AdamW and the neuron-field LM (best CLSO: {best['variant']})"
+    energy_label = f"energy (Wh, {methods(*(r['method'] for r in runs), baseline['method'], field_metrics['method'])})"
+    frontier_png(base_curve, runs, charged, "energy_wh", energy_label, "plots/compare_energy.png", title, field_points)
+    frontier_png(base_curve, runs, charged, "flops", "FLOPs", "plots/compare_flops.png", title, field_points)
     # figures other stages' metrics already hold are quoted in the report, not copied into compare.json
     others = {"library_sanity": library["sanity_check"], "compile": read_json("metrics/compile.json"),
               "compiled_files": read_json("build/report.json"), "baseline": base_metrics,
@@ -123,6 +132,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     for name, modes in result["contrasts"].items():
         for mode, c in modes.items():
             print(f"compare: {contrast_statement(name, mode, c)}")
+    print(f"compare: {field_statement(result['field'])}")
 
 
 def _fmt(x, digits=4):
@@ -154,7 +164,7 @@ def summary(result: dict, others: dict) -> str:
     if "over_seeds" in result:
         lines += ["", *seed_table(result["over_seeds"])]
     statements = [contrast_statement(name, mode, x) for name, modes in result["contrasts"].items()
-                  for mode, x in modes.items()]
+                  for mode, x in modes.items()] + [field_statement(result["field"])]
     if statements:
         lines += ["", *(f"- {text}" for text in statements)]
     if "frozen_head_bound_val_ppl" in result:
@@ -230,7 +240,8 @@ def _compile_line(c: dict) -> str:
             f"{m8['top1_agreement']:.2%} and {b8['top1_agreement']:.2%}, perplexity change "
             f"{m8['ppl_change']:+.3%} and {b8['ppl_change']:+.3%}; the C runtime generates "
             f"{clso['runtime_bench']['ratio']:.1f}× (CLSO) and {base['runtime_bench']['ratio']:.1f}× (baseline) the "
-            f"tokens/s of PyTorch eager. Targets missed: {', '.join(missed) or 'none'}.")
+            f"tokens/s of PyTorch eager. Targets missed: {', '.join(missed) or 'none'}. The crystal journal's quantization "
+            f"claims, on the neuron-field LM's files: {journal_statement(c['models']['field']['journal'])}.")
 
 
 def frontier_table(result: dict) -> list[str]:
@@ -242,6 +253,10 @@ def frontier_table(result: dict) -> list[str]:
               f"({r['ppl_ratio']:.3g}× ppl, {r['energy_ratio']:.3g}× energy) |" for name, r in result["variants"].items()]
     lines.append(f"| AdamW baseline | {_fmt(b['val_ppl'])} | {_fmt(b['test_ppl'])} | {_fmt(b['energy_wh'])} | "
                  f"{b['method']} | {_fmt(b['flops'])} | — | — |")
+    f = result["field"]
+    lines.append(f"| neuron-field LM (document 004, by gradient) | {_fmt(f['val_ppl'])} | {_fmt(f['test_ppl'])} | "
+                 f"{_fmt(f['energy_wh'])} | {f['method']} | {_fmt(f['flops'])} | — | not its claim "
+                 f"({f['ppl_ratio']:.3g}× ppl, {f['energy_ratio']:.3g}× energy) |")
     return lines
 
 
@@ -304,7 +319,7 @@ def report(result: dict, others: dict) -> str:
         lines += ["", "| model | C runtime tokens/s | PyTorch eager tokens/s | ratio |", "|---|---|---|---|"]
         lines += [f"| {name} | {m['runtime_bench']['runtime_tokens_per_s']:.0f} | "
                   f"{m['runtime_bench']['torch_tokens_per_s']:.0f} | {m['runtime_bench']['ratio']:.2f} |"
-                  for name, m in files.items()]
+                  for name, m in files.items() if "runtime_bench" in m]
         lines.append("")
     return "\n".join(lines)
 

@@ -251,10 +251,10 @@ def _header(blob: bytes, **changes) -> bytes:
     """Rewrite header fields and fix both checksums, so only the change itself is wrong."""
     names = cr._HEADER_NAMES
     fields = dict(zip(names, cr.HEADER.unpack_from(blob, 0)))
-    fields.update(changes)
-    head = cr.HEADER.pack(*[fields[n] for n in names[:-1]], 0).ljust(cr.HEADER_BYTES, b"\0")
-    head = cr.HEADER.pack(*[fields[n] for n in names[:-1]], zlib.crc32(head)).ljust(cr.HEADER_BYTES, b"\0")
-    return head + blob[cr.HEADER_BYTES:]
+    fields.update(changes, header_crc32=0)
+    head = cr.HEADER.pack(*[fields[n] for n in names]).ljust(cr.HEADER_BYTES, b"\0")
+    fields["header_crc32"] = zlib.crc32(head)
+    return cr.HEADER.pack(*[fields[n] for n in names]).ljust(cr.HEADER_BYTES, b"\0") + blob[cr.HEADER_BYTES:]
 
 
 def _entry(blob: bytes, index: int, **changes) -> bytes:
@@ -278,7 +278,7 @@ def _hostile_files(blob: bytes) -> dict[str, bytes]:
         "empty": b"", "short": blob[:100], "truncated": blob[:-64], "one byte short": blob[:-1],
         "bad magic": b"CRYSTAl" + blob[7:],
         "payload bit flip": bytes(flipped),
-        "future version": _header(blob, version=2),
+        "future version": _header(blob, version=cr.VERSION + 1),
         "huge layer count": _header(blob, n_layer=100000),
         "head count not dividing": _header(blob, n_head=3),
         "table past the data": _header(blob, data_offset=cr.HEADER_BYTES),
@@ -330,9 +330,11 @@ def test_header_and_entry_offsets_match_the_spec():
 
     header = dict(zip(cr._HEADER_NAMES, offsets(cr.HEADER.format)))
     assert {k: header[k] for k in ("version", "n_tensors", "mode", "tokenizer_kind", "alignment", "layer_norm_eps",
-                                   "table_offset", "data_offset", "file_bytes", "payload_crc32", "header_crc32")} == {
+                                   "table_offset", "data_offset", "file_bytes", "payload_crc32", "header_crc32",
+                                   "architecture")} == {
         "version": 8, "n_tensors": 20, "mode": 24, "tokenizer_kind": 60, "alignment": 72, "layer_norm_eps": 76,
-        "table_offset": 80, "data_offset": 88, "file_bytes": 96, "payload_crc32": 104, "header_crc32": 108}
+        "table_offset": 80, "data_offset": 88, "file_bytes": 96, "payload_crc32": 104, "header_crc32": 108,
+        "architecture": 112}
     assert offsets(cr.ENTRY.format) == [0, 64, 68, 72, 76, 80, 84, 88, 96, 104, 108]
 
 

@@ -34,12 +34,16 @@
 #define NAME_BYTES 64
 #define MAX_PARTS 256
 #define NO_TOKEN 0xFFFFFFFFu
-#define VERSION 1
+#define VERSION 2 /* the newest known; version 1 files (GPT-2 only) are read too */
 enum { F32, I16, I8, I32, TRIT5, I4, U8, N_DTYPES };
 enum { FLAG_TIED = 1, FLAG_PRUNED = 2, FLAG_CRYSTALLINE = 4 };
 static const char *MODES[] = {"f32", "int16", "int8", "mixed16", "mixed8"};
 static const char *DTYPES[] = {"f32", "i16", "i8", "i32", "trit5", "i4", "u8"};
 static const char *BUCKETS[] = {"c_attn", "attn_proj", "c_fc", "mlp_proj"};
+static const char *ARCHITECTURES[] = {"gpt2", "field"};
+enum { ARCH_GPT2, ARCH_FIELD };
+#define DIST_FLOOR 1e-6f       /* under the root of a neuron's squared distance (clso/field/model.py) */
+#define TEMPERATURE_FLOOR 0.1f /* the journal's |tau| + 0.1 */
 
 /* ---------------------------------------------------------------- errors and memory */
 typedef struct {
@@ -103,7 +107,7 @@ typedef struct {
 
 typedef struct {
     uint32_t version, n_tensors, mode, flags, vocab_rows, tok_vocab, n_layer, n_embd, n_head, block_size,
-        n_inner, tok_kind, eot, unk;
+        n_inner, tok_kind, eot, unk, architecture;
     float eps;
 } Header;
 
@@ -129,9 +133,17 @@ typedef struct {
     float gain;
 } Linear;
 
+typedef struct {            /* the neuron field of a block: out = sum_i w_i val_i (FORMAT.md) */
+    const float *ln_w, *ln_b, *temp;
+    Mat pos, val;
+    float *pos_sq;          /* |pos_i|^2 of the values as stored (dequantized), computed at load */
+    int n;                  /* neurons; 0: the block has no field */
+} Field;
+
 typedef struct {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     Linear lin[4];
+    Field field;
 } Block;
 
 typedef struct {
@@ -196,7 +208,7 @@ static void read_header(Model *m, int verify_crc) {
     for (int i = 0; i < 17; i++) f[i] = u32(d + 8 + 4 * i);
     Header *h = &m->h;
     h->version = f[0];
-    if (h->version != VERSION) bad(ctx, "format version %u, this runtime knows %d", h->version, VERSION);
+    if (h->version < 1 || h->version > VERSION) bad(ctx, "format version %u, this runtime knows 1..%d", h->version, VERSION);
     if (verify_crc) {
         uint8_t head[HEADER_BYTES];
         memcpy(head, d, HEADER_BYTES);
@@ -210,7 +222,9 @@ static void read_header(Model *m, int verify_crc) {
         bad(ctx, "payload checksum mismatch (corrupt file)");
     h->n_tensors = f[3], h->mode = f[4], h->flags = f[5], h->vocab_rows = f[6], h->tok_vocab = f[7];
     h->n_layer = f[8], h->n_embd = f[9], h->n_head = f[10], h->block_size = f[11], h->n_inner = f[12];
-    h->tok_kind = f[13], h->eot = f[14], h->unk = f[15], h->eps = f32(d + 76);
+    h->tok_kind = f[13], h->eot = f[14], h->unk = f[15], h->eps = f32(d + 76), h->architecture = u32(d + 112);
+    if (h->architecture > ARCH_FIELD || (h->version == 1 && h->architecture))
+        bad(ctx, "unknown architecture %u for format version %u", h->architecture, h->version);
     if (h->mode > 4 || (h->flags & ~7u)) bad(ctx, "unknown mode %u or flags %#x", h->mode, h->flags);
     struct { const char *name; uint32_t value, top; } limits[] = {
         {"n_layer", h->n_layer, 256}, {"n_embd", h->n_embd, 65536}, {"n_head", h->n_head, 1024},
@@ -357,6 +371,28 @@ static Linear linear(Model *m, int layer, int bucket, int d_in, int d_out) {
     return L;
 }
 
+static float mat_at(const Mat *a, int r, int c);
+
+static Field field(Model *m, uint32_t layer) {
+    char name[64];
+    uint32_t d = m->h.n_embd;
+    Field f = {0};
+    snprintf(name, sizeof name, "h.%u.field.pos", layer);
+    uint32_t shape[2] = {0, d};
+    const Entry *e = need(m, name, 2, shape);
+    uint32_t n = e->shape[0];
+    f.pos = matrix(m, name, n, d);
+    snprintf(name, sizeof name, "h.%u.field.val", layer), f.val = matrix(m, name, n, d);
+    snprintf(name, sizeof name, "h.%u.field.temp", layer), f.temp = vector(m, name, n);
+    snprintf(name, sizeof name, "h.%u.field.ln.w", layer), f.ln_w = vector(m, name, d);
+    snprintf(name, sizeof name, "h.%u.field.ln.b", layer), f.ln_b = vector(m, name, d);
+    f.pos_sq = own(&m->ctx, n * sizeof(float));
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t c = 0; c < d; c++) f.pos_sq[i] += mat_at(&f.pos, i, c) * mat_at(&f.pos, i, c);
+    f.n = (int)n;
+    return f;
+}
+
 static void load_model(Model *m) {
     Header *h = &m->h;
     uint32_t d = h->n_embd;
@@ -374,6 +410,7 @@ static void load_model(Model *m) {
         snprintf(name, sizeof name, "h.%u.ln_2.w", l), b->ln2_w = vector(m, name, d);
         snprintf(name, sizeof name, "h.%u.ln_2.b", l), b->ln2_b = vector(m, name, d);
         for (int k = 0; k < 4; k++) b->lin[k] = linear(m, l, k, shapes[k][0], shapes[k][1]);
+        if (h->architecture == ARCH_FIELD) b->field = field(m, l);
     }
     m->row_of = own(&m->ctx, h->tok_vocab * sizeof(int32_t));
     for (uint32_t i = 0; i < h->tok_vocab; i++) m->row_of[i] = h->flags & FLAG_PRUNED ? -1 : (int32_t)i;
@@ -465,7 +502,7 @@ static void matvec(const Mat *a, const float *x, float *out) {
 }
 
 typedef struct {
-    float *x, *xb, *qkv, *att, *hidden, *gather, *part, *rank, *logits, *key_cache, *value_cache;
+    float *x, *xb, *qkv, *att, *hidden, *gather, *part, *rank, *logits, *key_cache, *value_cache, *weights;
 } State;
 
 static void apply_linear(const Linear *L, const float *x, float *y, State *s) {
@@ -511,20 +548,53 @@ static int max_rank(const Model *m) {
     return r;
 }
 
+static int max_neurons(const Model *m) {
+    int n = 1;
+    for (uint32_t l = 0; l < m->h.n_layer; l++)
+        if (m->blocks[l].field.n > n) n = m->blocks[l].field.n;
+    return n;
+}
+
 static int state_alloc(State *s, const Model *m) {
     size_t d = m->h.n_embd, inner = m->h.n_inner, cache = (size_t)m->h.n_layer * m->h.block_size * d;
     float **fields[] = {&s->x, &s->xb, &s->qkv, &s->att, &s->hidden, &s->gather, &s->part, &s->rank, &s->logits,
-                        &s->key_cache, &s->value_cache};
+                        &s->key_cache, &s->value_cache, &s->weights};
     size_t sizes[] = {d, d, 3 * d, m->h.block_size, inner, inner, 3 * d > inner ? 3 * d : inner, max_rank(m),
-                      m->h.vocab_rows, cache, cache};
+                      m->h.vocab_rows, cache, cache, max_neurons(m)};
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++)
         if (!(*fields[i] = calloc(sizes[i], sizeof(float)))) return 1;
     return 0;
 }
 
 static void state_free(State *s) {
-    float *all[] = {s->x, s->xb, s->qkv, s->att, s->hidden, s->gather, s->part, s->rank, s->logits, s->key_cache, s->value_cache};
+    float *all[] = {s->x, s->xb, s->qkv, s->att, s->hidden, s->gather, s->part, s->rank, s->logits, s->key_cache,
+                    s->value_cache, s->weights};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
+}
+
+/* x += sum_i w_i val_i over the field's neurons, w_i = exp(-dist_i / (sqrt(d) (|temp_i| + 0.1))) and
+   dist_i = sqrt(max(0, |q|^2 - 2 q.pos_i + |pos_i|^2) + 1e-6) for the query q = LayerNorm(x) */
+static void apply_field(const Field *f, float *x, State *s, int d, float eps) {
+    float *q = s->xb, qq = 0.0f;
+    layer_norm(q, x, f->ln_w, f->ln_b, d, eps);
+    for (int c = 0; c < d; c++) qq += q[c] * q[c];
+    matvec(&f->pos, q, s->weights);
+    float unit = sqrtf((float)d);
+    for (int i = 0; i < f->n; i++) {
+        float square = qq - 2.0f * s->weights[i] + f->pos_sq[i];
+        float dist = sqrtf((square > 0.0f ? square : 0.0f) + DIST_FLOOR);
+        s->weights[i] = expf(-dist / (unit * (fabsf(f->temp[i]) + TEMPERATURE_FLOOR)));
+    }
+    for (int i = 0; i < f->n; i++) {
+        float w = s->weights[i], row_scale = f->val.scale * (f->val.row_scales ? f->val.row_scales[i] : 1.0f);
+        size_t base = (size_t)i * d;
+        if (f->val.dtype == F32)
+            for (int c = 0; c < d; c++) x[c] += w * ((const float *)f->val.q)[base + c] * row_scale;
+        else if (f->val.dtype == I16)
+            for (int c = 0; c < d; c++) x[c] += w * ((const int16_t *)f->val.q)[base + c] * row_scale;
+        else
+            for (int c = 0; c < d; c++) x[c] += w * ((const int8_t *)f->val.q)[base + c] * row_scale;
+    }
 }
 
 /* logits over the file's rows for `row` (a wte row) at position pos; earlier positions are cached */
@@ -560,6 +630,7 @@ static float *forward(const Model *m, State *s, int row, int pos) {
         }
         apply_linear(&b->lin[1], s->xb, s->qkv, s);
         for (int i = 0; i < d; i++) x[i] += s->qkv[i];
+        if (b->field.n) apply_field(&b->field, x, s, d, m->h.eps);
         layer_norm(s->xb, x, b->ln2_w, b->ln2_b, d, m->h.eps);
         apply_linear(&b->lin[2], s->xb, s->hidden, s);
         for (int i = 0; i < (int)m->h.n_inner; i++) { /* GPT-2's tanh GELU */
@@ -879,8 +950,8 @@ static int cmd_info(const char *path) {
     Mapped f;
     if (map_file(&f, path, 1)) return 1;
     const Header *h = &f.m.h;
-    printf("%s: version %u, mode %s, %s%s%s, %u layers, n_embd %u, %u heads, context %u, %u of %u tokens, %zu bytes\n",
-           path, h->version, MODES[h->mode], h->flags & FLAG_CRYSTALLINE ? "crystalline" : "dense",
+    printf("%s: version %u, %s, mode %s, %s%s%s, %u layers, n_embd %u, %u heads, context %u, %u of %u tokens, %zu bytes\n",
+           path, h->version, ARCHITECTURES[h->architecture], MODES[h->mode], h->flags & FLAG_CRYSTALLINE ? "crystalline" : "dense",
            h->flags & FLAG_TIED ? ", tied head" : "", h->flags & FLAG_PRUNED ? ", pruned vocabulary" : "",
            h->n_layer, h->n_embd, h->n_head, h->block_size, h->vocab_rows, h->tok_vocab, f.size);
     for (uint32_t i = 0; i < h->n_tensors; i++) {

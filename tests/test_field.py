@@ -1,0 +1,267 @@
+"""The neuron-field LM (document 004): its op, growth, hard and soft freezing, and its .crystal files."""
+
+import subprocess
+import zlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from clso import crystal as cr
+from clso.compile import build_runtime, runtime_logits
+from clso.corpus import load_corpus
+from clso.data import TokenData, prepare_dataset
+from clso.field.model import FieldConfig, NeuronField, field_op
+from clso.field.train import FieldSchedule, NeuronAdam, ages, give_birth, hard_freeze, train_field
+from clso.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
+from clso.params import FieldParams, defaults
+
+
+@pytest.fixture(autouse=True)
+def _own_random_state():
+    """Each test draws from its own seeded generator and leaves the global one as it found it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    return build_runtime(tmp_path_factory.mktemp("runtime") / "crystal")
+
+
+def test_field_op_is_the_journals_formula_with_distances_in_units_of_root_d():
+    x, p, v, tau = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3, 8), torch.tensor([0.3, -0.2, 1.0])
+    distance = torch.cdist(x.double(), p.double())
+    expected = torch.exp(-distance / (8 ** 0.5 * (tau.double().abs() + 0.1))) @ v.double()
+    torch.testing.assert_close(field_op(x, p, v, tau).double(), expected, rtol=1e-4, atol=1e-5)
+    # a query on a neuron: the gradient stays finite
+    p = p.clone().requires_grad_()
+    field_op(p.detach()[:1].clone(), p, v, tau).sum().backward()
+    assert torch.isfinite(p.grad).all()
+
+
+def test_schedule_births_and_tide():
+    s = FieldSchedule(steps=100, grow_every=3, grow_by=2)
+    assert [s.births(step, 10, 100) for step in range(7)] == [0, 0, 0, 2, 0, 0, 2]
+    assert s.births(3, 99, 100) == 1 and s.births(3, 100, 100) == 0
+    assert FieldSchedule(steps=10, grow_every=0).births(5, 1, 9) == 0
+    assert s.tide(0) == 0.05 and s.tide(100) == pytest.approx(0.8) and s.tide(50) == pytest.approx(0.425)
+    assert replace(s, rising_tide=False).tide(80) == 0.05
+
+
+def test_a_birth_adds_neurons_without_changing_the_function():
+    model = tiny_field_lm(1)
+    idx = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        before = model(idx)
+    queries = torch.randn(1, 4, 16)
+    optimizer = NeuronAdam(model.fields[0])
+    give_birth(model.fields[0], optimizer, 3, queries, 7, 0.6, np.random.default_rng(0))
+    f = model.fields[0]
+    assert f.alive == 8 and f.birth_step[5:8].tolist() == [7, 7, 7]
+    assert torch.equal(f.temperatures[5:8], torch.full((3,), 0.6))
+    rows = [r.tolist() for r in queries.reshape(-1, 16)]
+    assert all(p.tolist() in rows for p in f.positions[5:8])
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), before, rtol=0, atol=0)
+
+
+def test_soft_freeze_multiplier_follows_the_schedule():
+    s = FieldSchedule(steps=100, freeze="soft", half_life=10.0, floor=0.01)
+    age = torch.tensor([0, 10, 20, 35, 66, 67, 1000])
+    expected = torch.clamp(0.5 ** (age.float() / 10.0), min=0.01)
+    assert torch.equal(s.lr_multiplier(age), expected)
+    assert s.lr_multiplier(torch.tensor([0]))[0] == 1 and s.lr_multiplier(torch.tensor([10]))[0] == 0.5
+    assert s.lr_multiplier(torch.tensor([1000]))[0] == pytest.approx(0.01)
+    assert torch.equal(replace(s, freeze="none").lr_multiplier(age), torch.ones(7))
+
+
+def test_a_neurons_update_is_its_learning_rate_times_its_multiplier():
+    """Adam's first step moves each coordinate by lr · sign(g): the multiplier must scale exactly that."""
+    f = NeuronField(4, 6)
+    give_birth(f, None, 3, torch.randn(10, 4), 0, 0.5, np.random.default_rng(0))
+    optimizer = NeuronAdam(f)
+    before = [t.detach().clone() for t in (f.positions, f.values, f.temperatures)]
+    for t in (f.positions, f.values, f.temperatures):
+        t.grad = torch.ones_like(t)
+    multiplier = torch.tensor([1.0, 0.25, 0.01, 1.0, 1.0, 1.0])
+    optimizer.step(0.1, multiplier)
+    moved = (before[1] - f.values).detach()
+    torch.testing.assert_close(moved[:3], (0.1 * multiplier[:3])[:, None].expand(3, 4), rtol=1e-5, atol=1e-7)
+    assert torch.equal(f.values[3:], before[1][3:]), "a neuron not yet born moved"
+    assert optimizer.steps.tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_a_hard_frozen_neuron_stays_bit_for_bit_while_others_learn():
+    f = NeuronField(4, 4)
+    give_birth(f, None, 4, torch.randn(10, 4), 0, 0.5, np.random.default_rng(0))
+    f.birth_step[2:] = 30  # two young neurons
+    schedule = FieldSchedule(steps=100, freeze="hard", hard_age=40)
+    hard_freeze(f, schedule, 45, None)
+    assert f.frozen.tolist() == [True, True, False, False]
+    optimizer = NeuronAdam(f)
+    before = [t.detach().clone() for t in (f.positions, f.values, f.temperatures)]
+    for step in range(5):
+        for t in (f.positions, f.values, f.temperatures):
+            t.grad = torch.randn_like(t)
+        optimizer.step(0.05, schedule.lr_multiplier(ages(f, 45 + step)))
+    for old, new in zip(before, (f.positions, f.values, f.temperatures)):
+        assert torch.equal(old[:2], new[:2])
+        assert not torch.equal(old[2:], new[2:])
+
+
+def test_hard_freeze_by_stability_freezes_only_the_still_neurons():
+    f = NeuronField(4, 3)
+    give_birth(f, None, 3, torch.randn(10, 4), 0, 0.5, np.random.default_rng(0))
+    with torch.no_grad():
+        f.values.normal_()
+    schedule = FieldSchedule(steps=100, freeze="hard", hard_stability=0.01, stability_window=10)
+    snapshot = hard_freeze(f, schedule, 10, None)
+    with torch.no_grad():
+        f.values[1] += 1.0  # neuron 1 moved; 0 and 2 did not
+    hard_freeze(f, schedule, 20, snapshot)
+    assert f.frozen.tolist() == [True, False, True]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from tests.conftest import make_text_corpus
+
+    root = tmp_path_factory.mktemp("field")
+    corpus = load_corpus(f"text:{make_text_corpus(root / 'corpus', n_docs=10, lines=40)}")
+    prepare_dataset(corpus, root / "prepared", corpus_name="t", tokenizer_kind="bpe", vocab_size=300,
+                    val_fraction=0.2, test_fraction=0.2, seed=0)
+    return TokenData.open(root / "prepared")
+
+
+def _cfg(**changes) -> FieldParams:
+    small = dict(n_embd=16, n_head=2, initial_neurons=3, max_neurons=9, grow_every=2, grow_by=2, steps=9,
+                 batch_size=2, warmup_steps=1, eval_interval=4)
+    return replace(defaults(FieldParams), **{**small, **changes})
+
+
+def _train(data, cfg, seed=0):
+    config = FieldConfig(data.vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head, 16, cfg.initial_neurons, cfg.max_neurons)
+    return train_field(data, config, cfg, seed=seed, device="cpu", meter_options={"device": "cpu"})
+
+
+def test_growth_adds_exactly_the_scheduled_neurons(prepared):
+    cfg = _cfg()
+    result = _train(prepared, cfg)
+    # row k: after k steps; births happen before steps 2, 4, 6, 8 (two each), capped at 9
+    assert [r["neurons"] for r in result.curve] == [0, 3, 3, 5, 5, 7, 7, 9, 9, 9]
+    born = result.model.fields[0].birth_step
+    assert sorted(born[born >= 0].tolist()) == [0, 0, 0, 2, 2, 4, 4, 6, 6]
+    assert [r["step"] for r in result.curve if r["val_loss"] is not None] == [0, 4, 8, 9]
+    assert all(r["energy_method"] for r in result.curve if r["val_loss"] is not None)
+    assert result.curve[-1]["flops"] == result.train_energy["flops"] > 0
+
+
+def test_training_is_deterministic_and_soft_frozen_neurons_reach_the_floor(prepared):
+    cfg = _cfg(half_life=1.0, floor=0.05)
+    one, two = _train(prepared, cfg), _train(prepared, cfg)
+    for a, b in zip(one.model.state_dict().values(), two.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["train_loss"] for r in one.curve] == [r["train_loss"] for r in two.curve]
+    last = one.curve[-1]
+    # ages 9, 9, 9, 7, 7, 5, 5, 3, 3 at the end: 0.5^age ≤ 0.05 from age 5 on
+    assert last["frozen_share"] == pytest.approx(7 / 9)
+
+
+def test_field_files_run_in_the_c_runtime_like_pytorch_in_every_mode(runtime, tmp_path):
+    model = tiny_field_lm(3, n_layer=2)
+    ids = np.array([0, 4, 2, 8, 6, 10, 12, 2, 22, 16])
+    with torch.no_grad():
+        float_logits = model(torch.from_numpy(ids[None]))[0].double().numpy()
+    for mode in cr.MODES:
+        blob = cr.build_crystal(cr.field_spec(model), mode, tiny_tokenizers()["bpe"])
+        c = cr.read_crystal(blob)
+        assert c.header["version"] == 2 and cr.ARCHITECTURES[c.header["architecture"]] == "field"
+        with torch.no_grad():
+            ref = cr.CrystalModel(c)(torch.from_numpy(ids[None]))[0].double().numpy()
+        if mode == "f32":
+            np.testing.assert_allclose(ref, float_logits, rtol=1e-5, atol=1e-5)
+        path = tmp_path / f"{mode}.crystal"
+        path.write_bytes(blob)
+        np.testing.assert_allclose(runtime_logits(runtime, path, ids), ref, rtol=1e-4, atol=1e-4, err_msg=mode)
+
+
+def test_a_field_with_no_neurons_compiles_to_the_same_function():
+    model = tiny_field_lm(2)
+    f = model.fields[0]
+    f.birth_step.fill_(-1)
+    f.alive = 0
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(cr.CrystalModel(cr.read_crystal(cr.build_crystal(cr.field_spec(model), "f32")))(ids),
+                                   model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_fuzz_seeds_hold_field_files():
+    fields = [name for name, blob in tiny_models().items()
+              if cr.ARCHITECTURES[cr.read_crystal(blob).header["architecture"]] == "field"]
+    assert len(fields) >= 2
+
+
+def _rewrite_header(blob: bytes, **changes) -> bytes:
+    names = cr._HEADER_NAMES
+    fields = dict(zip(names, cr.HEADER.unpack_from(blob, 0)), **changes, header_crc32=0)
+    head = cr.HEADER.pack(*[fields[n] for n in names]).ljust(cr.HEADER_BYTES, b"\0")
+    fields["header_crc32"] = zlib.crc32(head)
+    return cr.HEADER.pack(*[fields[n] for n in names]).ljust(cr.HEADER_BYTES, b"\0") + blob[cr.HEADER_BYTES:]
+
+
+def _rename(blob: bytes, old: str, new: str) -> bytes:
+    """Rename a tensor (same length), checksums fixed: the field then lacks it."""
+    at = blob.index(old.encode() + b"\0", cr.HEADER_BYTES)
+    body = bytearray(blob)
+    body[at:at + len(new)] = new.encode()
+    return _rewrite_header(bytes(body), payload_crc32=zlib.crc32(bytes(body[cr.HEADER_BYTES:])))
+
+
+def test_malformed_field_sections_are_rejected_by_both_readers_in_one_line(runtime, tmp_path):
+    blob = cr.build_crystal(cr.field_spec(tiny_field_lm(4)), "mixed8", tiny_tokenizers()["bpe"])
+    gpt2 = tiny_models()["dense-f32-bpe"]
+    bad = {
+        "temperatures missing": _rename(blob, "h.0.field.temp", "h.0.field.tmpx"),
+        "values missing": _rename(blob, "h.0.field.val", "h.0.field.vax"),
+        "field LayerNorm missing": _rename(blob, "h.0.field.ln.w", "h.0.field.ln.x"),
+        "unknown architecture": _rewrite_header(blob, architecture=2),
+        "a field in a version-1 file": _rewrite_header(blob, version=1),
+        "a GPT-2 file that claims a field": _rewrite_header(gpt2, architecture=1),
+    }
+    for what, data in bad.items():
+        with pytest.raises(cr.CrystalFormatError):
+            cr.read_crystal(data)
+        path = tmp_path / "bad.crystal"
+        path.write_bytes(data)
+        done = subprocess.run([str(runtime), "logits", str(path), "1"], capture_output=True, text=True)
+        assert done.returncode == 1 and not done.stdout, what
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("crystal: error:"), (what, done.stderr)
+
+
+def test_version_1_gpt2_files_are_still_read(runtime, tmp_path):
+    blob = _rewrite_header(tiny_models()["dense-f32-bpe"], version=1)
+    c = cr.read_crystal(blob)
+    assert c.header["version"] == 1 and c.header["architecture"] == 0
+    path = tmp_path / "v1.crystal"
+    path.write_bytes(blob)
+    assert runtime_logits(runtime, path, [1, 2]).shape == (2, 24)
+
+
+def test_field_params_are_checked(tmp_path):
+    from clso import ParamsError
+    from clso.params import load_params
+    import yaml
+
+    raw = yaml.safe_load(open("params.yaml"))
+    for change, message in (({"n_head": 5}, "field.n_head"), ({"initial_neurons": 2000}, "field.initial_neurons"),
+                            ({"freeze": "warm"}, "field.freeze"), ({"half_life": 0}, "field.half_life")):
+        bad = {**raw, "field": {**raw["field"], **change}}
+        path = tmp_path / "params.yaml"
+        with open(path, "w") as out:
+            yaml.safe_dump(bad, out)
+        with pytest.raises(ParamsError, match=message):
+            load_params(path)
