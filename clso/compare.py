@@ -216,25 +216,29 @@ def contrast_statement(name: str, mode: str, c: dict) -> str:
 
 
 # The crystal journal's figures for its neuron-field LM (document 004): training losses per GPT-2
-# token on Tiny Shakespeare. `gpt2_tokens_per_char`: nanoGPT's data/shakespeare/prepare.py counts
-# 338,025 GPT-2 tokens in its 1,115,394 characters, which puts the journal's losses in nats per
-# character, the one unit a loss over another tokenizer shares with them.
-JOURNAL_FIELD = {"causal_train_loss": 2.39, "causal_neurons": 208, "flat_plateau_train_loss": 2.55,
-                 "flat_plateau_neurons": 788, "gpt2_tokens_per_char": 338_025 / 1_115_394}
+# token on Tiny Shakespeare, 2.39 with causal attention at 208 neurons (epoch 60) and 2.55 for the
+# flat field (no attention) after 600 epochs. `gpt2_tokens_per_char`: nanoGPT's
+# data/shakespeare/prepare.py counts 338,025 GPT-2 tokens in its 1,115,394 characters, which puts
+# them in nats per character, the one unit a loss over another tokenizer shares with them.
+JOURNAL_FIELD = {"causal_train_loss": 2.39, "causal_neurons": 208, "causal_epochs": 60,
+                 "flat_plateau_train_loss": 2.55, "flat_plateau_neurons": 788, "flat_epochs": 600,
+                 "gpt2_tokens_per_char": 338_025 / 1_115_394, "text_gpt2_tokens": 338_025}
+TRAIN_LOSS_WINDOW = 20  # steps whose train losses are averaged for the final train loss (one batch is noisy)
 
 
 def field_contestant(metrics: dict, curve: list[dict], test_loss: float, baseline: dict,
                      tokens_per_char: dict[str, float]) -> dict:
-    """The neuron-field LM (stage `field`) against the baseline, and against the journal's figures.
+    """The neuron-field LM (stage `field`) against the baseline, and against the journal's figures:
+    our final train loss (the mean of the last TRAIN_LOSS_WINDOW steps) and val loss per character
+    beside the journal's training losses per character, with the tokens each run trained on.
     `curve` is plots/field.csv (a row per step); `tokens_per_char` our tokenizer's, per split."""
     j = JOURNAL_FIELD
-    at = next((r for r in curve if r["neurons"] >= j["causal_neurons"]), curve[-1])  # first step with ≥ 208 alive
-    # the train loss around that step: a mean over up to 20 steps, one step's batch is noisy
-    around = [r["train_loss"] for r in curve
-              if at["step"] - 10 < r["step"] <= at["step"] + 10 and _number(r["train_loss"])]
-    train_at = sum(around) / len(around) if around else math.nan
-    journal_per_char = j["causal_train_loss"] * j["gpt2_tokens_per_char"]
-    ours_per_char = train_at * tokens_per_char["train"]
+    last = [r["train_loss"] for r in curve[-TRAIN_LOSS_WINDOW:] if _number(r["train_loss"])]
+    train_loss = sum(last) / len(last)
+    per_char = {"our_final_train": train_loss * tokens_per_char["train"],
+                "our_final_val": metrics["final_val_loss"] * tokens_per_char["val"],
+                "journal_causal_train": j["causal_train_loss"] * j["gpt2_tokens_per_char"],
+                "journal_flat_train": j["flat_plateau_train_loss"] * j["gpt2_tokens_per_char"]}
     return {
         "val_loss": metrics["final_val_loss"], "val_ppl": metrics["final_val_ppl"], "test_loss": test_loss,
         "test_ppl": math.exp(test_loss), "energy_wh": metrics["energy_wh"], "method": metrics["method"],
@@ -244,11 +248,12 @@ def field_contestant(metrics: dict, curve: list[dict], test_loss: float, baselin
         "ppl_ratio": round(metrics["final_val_ppl"] / baseline["val_ppl"], 4),
         "energy_ratio": round(metrics["energy_wh"] / baseline["energy_wh"], 4),
         "flops_ratio": round(metrics["flops"] / baseline["flops"], 4),
-        "journal": {**j, "our_step_at_causal_neurons": at["step"], "our_neurons_then": at["neurons"],
-                    "our_train_loss_then": train_at, "our_train_nats_per_char_then": ours_per_char,
-                    "journal_causal_nats_per_char": journal_per_char,
-                    "our_val_nats_per_char": metrics["final_val_loss"] * tokens_per_char["val"],
-                    "causal_figure_reached": ours_per_char <= journal_per_char},
+        "journal": {**j, "our_final_train_loss": train_loss, "our_train_tokens": metrics["tokens"],
+                    "journal_causal_train_tokens": j["causal_epochs"] * j["text_gpt2_tokens"],
+                    "nats_per_char": per_char,
+                    # the journal's training loss is met when ours, per character, is at or below it
+                    "causal_train_loss_met": per_char["our_final_train"] <= per_char["journal_causal_train"],
+                    "flat_train_loss_met": per_char["our_final_train"] <= per_char["journal_flat_train"]},
     }
 
 
@@ -259,26 +264,33 @@ def _number(x) -> bool:
 
 def field_statement(f: dict) -> str:
     """The third contestant in words: against the baseline, then against the journal's figures."""
-    j = f["journal"]
+    j, c = f["journal"], f["journal"]["nats_per_char"]
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "not met"
+
     return (f"The journal's neuron-field LM (stage `field`: attention → field of {f['neurons']} neurons → MLP, "
             f"{f['frozen_share']:.0%} {'at the soft-freeze floor' if f['freeze'] == 'soft' else 'frozen'}) reaches val "
             f"perplexity {f['val_ppl']:.4g}, {f['ppl_ratio']:.3f}× the AdamW baseline's, at {f['energy_ratio']:.3f}× its "
-            f"energy and {f['flops_ratio']:.3f}× its FLOPs. The journal reports a training loss of "
-            f"{j['causal_train_loss']} nats per GPT-2 token with {j['causal_neurons']} neurons (≈ "
-            f"{j['journal_causal_nats_per_char']:.3f} nats per character of Tiny Shakespeare); ours, when the field "
-            f"first held {j['our_neurons_then']} neurons (step {j['our_step_at_causal_neurons']}), was "
-            f"{j['our_train_loss_then']:.3f} per token of our tokenizer, {j['our_train_nats_per_char_then']:.3f} nats per "
-            f"character: the journal's figure is {'reached' if j['causal_figure_reached'] else 'not reached'} on our "
-            f"data (whole plays, not Tiny Shakespeare; the journal's losses come after 60 epochs over its text, "
-            f"ours within the first). Held out, ours is {j['our_val_nats_per_char']:.3f} nats per character on val. "
-            f"The flat field of its {j['flat_plateau_train_loss']} plateau ({j['flat_plateau_neurons']} neurons, no "
-            f"attention) is not built here.")
+            f"energy and {f['flops_ratio']:.3f}× its FLOPs. Against the journal's training losses in nats per "
+            f"character (its nats per GPT-2 token × {j['gpt2_tokens_per_char']:.3f} GPT-2 tokens per character of Tiny "
+            f"Shakespeare): ours is {c['our_final_train']:.3f} on train (final; {c['our_final_val']:.3f} held out on "
+            f"val) after {j['our_train_tokens'] / 1e6:.2f} M training tokens, the journal's "
+            f"{c['journal_causal_train']:.3f} ({j['causal_train_loss']} per token, with attention, "
+            f"{j['causal_neurons']} neurons, {j['causal_epochs']} epochs ≈ {j['journal_causal_train_tokens'] / 1e6:.0f} M "
+            f"tokens): {met(j['causal_train_loss_met'])}; and {c['journal_flat_train']:.3f} for its flat field "
+            f"({j['flat_plateau_train_loss']}, {j['flat_plateau_neurons']} neurons, no attention, {j['flat_epochs']} "
+            f"epochs): {met(j['flat_train_loss_met'])}. Different texts (whole plays here, Tiny Shakespeare there) "
+            f"and budgets: a figure not met here is not shown false, only not reproduced at this budget. The flat "
+            f"field itself is not built.")
 
 
-# The crystal journal's quantization claims (document 004), tested on the neuron-field LM: a per-tensor
-# int mode "breaks it" when it costs more than this much perplexity (the journal saw generation turn
-# to newlines); "mixed8 = full quality" is judged by the compile stage's mixed8 targets
+# The crystal journal's quantization claims (document 004), tested on the neuron-field LM. A per-tensor
+# int mode "breaks it" when the file's top token differs from the float model's at more than a tenth
+# of the positions (the journal's symptom: the top token turned into a newline) or it costs more than
+# a tenth in perplexity; "mixed8 = full quality" is judged by the compile stage's mixed8 targets.
 BROKEN_PPL_CHANGE = 0.10
+BROKEN_TOP1_AGREEMENT = 0.90
 
 def journal_claims(modes: dict, max_kl: float, max_ppl_change: float) -> dict:
     """Document 004's claims on its files, measured on the neuron-field LM's (quantization_reports of
@@ -287,9 +299,10 @@ def journal_claims(modes: dict, max_kl: float, max_ppl_change: float) -> dict:
     m8 = modes["mixed8"]
     return {"mixed8_full_quality": m8["mean_kl"] <= max_kl and abs(m8["ppl_change"]) <= max_ppl_change,
             "mixed8_ppl_change": m8["ppl_change"], "mixed8_mean_kl": m8["mean_kl"],
-            **{f"{mode}_breaks": modes[mode]["ppl_change"] > BROKEN_PPL_CHANGE for mode in ("int8", "int16")},
-            **{f"{mode}_ppl_change": modes[mode]["ppl_change"] for mode in ("int8", "int16")},
-            "broken_ppl_change": BROKEN_PPL_CHANGE, "max_kl": max_kl, "max_ppl_change": max_ppl_change}
+            **{f"{mode}_breaks": modes[mode]["ppl_change"] > BROKEN_PPL_CHANGE
+               or modes[mode]["top1_agreement"] < BROKEN_TOP1_AGREEMENT for mode in ("int8", "int16")},
+            **{f"{mode}_{k}": modes[mode][k] for mode in ("int8", "int16") for k in ("ppl_change", "top1_agreement")},
+            "broken_ppl_change": BROKEN_PPL_CHANGE, "broken_top1_agreement": BROKEN_TOP1_AGREEMENT, "max_kl": max_kl, "max_ppl_change": max_ppl_change}
 
 
 def journal_statement(j: dict) -> str:
@@ -299,5 +312,7 @@ def journal_statement(j: dict) -> str:
     return (f"'mixed8 = full quality' {verdict(j['mixed8_full_quality'])} (perplexity {j['mixed8_ppl_change']:+.2%}, "
             f"mean KL {j['mixed8_mean_kl']:.2g} nats; full quality: within ±{j['max_ppl_change']:.0%} and "
             f"≤ {j['max_kl']:g}); 'per-tensor int8 breaks it' {verdict(j['int8_breaks'])} "
-            f"({j['int8_ppl_change']:+.2%}), 'per-tensor int16 breaks it' {verdict(j['int16_breaks'])} "
-            f"({j['int16_ppl_change']:+.2%}; broken means more than {j['broken_ppl_change']:+.0%} perplexity)")
+            f"({j['int8_ppl_change']:+.2%} perplexity, top-1 agreement {j['int8_top1_agreement']:.2%}), 'per-tensor int16 "
+            f"breaks it' {verdict(j['int16_breaks'])} ({j['int16_ppl_change']:+.2%}, {j['int16_top1_agreement']:.2%}; "
+            f"broken: more than {j['broken_ppl_change']:+.0%} perplexity or under {j['broken_top1_agreement']:.0%} "
+            "top-1 agreement)")

@@ -72,10 +72,11 @@ def tiny_models(seed: int = 0) -> dict[str, bytes]:
     }
 
 
-def tiny_field_lm(seed: int = 0, n_layer: int = 1, neurons: int = 5, vocab_size: int = 24) -> FieldLM:
+def tiny_field_lm(seed: int = 0, n_layer: int = 1, neurons: int = 5, vocab_size: int = 24,
+                  block_size: int = 16) -> FieldLM:
     """A neuron-field LM whose fields hold `neurons` neurons of random positions, values and
     temperatures (a trained field's values are not zero; a newborn's are)."""
-    config = FieldConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=16, n_head=2, block_size=16,
+    config = FieldConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=16, n_head=2, block_size=block_size,
                          initial_neurons=neurons, max_neurons=2 * neurons)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -42,7 +42,7 @@ def field(params: Path = PARAMS_OPTION) -> None:
         def show(row):
             if row["val_loss"] is not None:
                 bar.update(task, completed=row["step"], info=f"val {row['val_loss']:.4f}  {row['neurons']} neurons  "
-                           f"{row['frozen_share']:.0%} frozen  {row['energy_wh']:.4f} Wh")
+                           f"{row['energy_wh']:.4f} Wh")
 
         result = train_field(data, config, cfg, seed=p.base.seed, device=device, meter_options=meter, on_step=show)
     model = result.model

@@ -1,5 +1,6 @@
 """The final models, as the stages after the search (compile, compare) load them."""
 
+import torch
 from safetensors.torch import load_file
 
 from clso import ClsoError
@@ -49,7 +50,8 @@ def field_model(device) -> FieldLM:
     folder = "models/field"
     config = read_json(f"{folder}/config.json")
     try:
-        model = FieldLM(FieldConfig(**config)).to(device)
+        with torch.random.fork_rng(devices=[]):  # its initialisation is overwritten: leave the global generator be
+            model = FieldLM(FieldConfig(**config)).to(device)
         model.load_state_dict(_safetensors(f"{folder}/model.safetensors"))
     except (TypeError, RuntimeError) as e:
         raise ClsoError(f"{folder}: config.json and model.safetensors do not fit ({type(e).__name__}: {str(e)[:120]}); "

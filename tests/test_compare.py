@@ -202,3 +202,39 @@ def test_gpu_and_cpu_energy_are_charged_apart():
     cpu_only = clso_charges(*stage_metrics(svd=0))["energy_by_device"]
     assert cpu_only["gpu_wh"] == 0 and cpu_only["gpu_method"] is None and cpu_only["cpu_method"] == "estimate|rapl"
     assert device_parts(baseline) == gpu(0.2, 0.5)
+
+
+def test_the_field_contestant_sets_its_final_losses_per_character_beside_the_journals():
+    from clso.compare import JOURNAL_FIELD, field_contestant
+
+    curve = [{"step": s, "neurons": 200 + s, "train_loss": (float("nan") if s == 0 else 4.0 + s / 100),
+              "val_loss": None} for s in range(30)]
+    metrics = {"final_val_loss": 5.0, "final_val_ppl": math.exp(5.0), "energy_wh": 2.0, "method": "estimate",
+               "flops": 10.0, "wall_s": 1.0, "neurons": 229, "frozen_share": 0.5, "freeze": "soft", "parameters": 7,
+               "tokens": 1000}
+    f = field_contestant(metrics, curve, 5.5, {"val_ppl": math.exp(4.9), "energy_wh": 4.0, "flops": 20.0},
+                         {"train": 0.25, "val": 0.5})
+    j, c = f["journal"], f["journal"]["nats_per_char"]
+    assert j["our_final_train_loss"] == pytest.approx(4.195)  # steps 10..29: 4.10 … 4.29
+    assert c["our_final_train"] == pytest.approx(4.195 * 0.25) and c["our_final_val"] == pytest.approx(2.5)
+    assert c["journal_causal_train"] == pytest.approx(2.39 * 338_025 / 1_115_394)
+    assert j["causal_train_loss_met"] is (4.195 * 0.25 <= 2.39 * JOURNAL_FIELD["gpt2_tokens_per_char"])
+    assert j["journal_causal_train_tokens"] == 60 * 338_025 and j["our_train_tokens"] == 1000
+    assert f["ppl_ratio"] == pytest.approx(math.exp(0.1), abs=1e-4) and f["energy_ratio"] == 0.5
+    assert f["test_ppl"] == pytest.approx(math.exp(5.5))
+    met = field_contestant(metrics, curve, 5.5, {"val_ppl": 1.0, "energy_wh": 1.0, "flops": 1.0}, {"train": 0.1, "val": 0.1})
+    assert met["journal"]["causal_train_loss_met"] and met["journal"]["flat_train_loss_met"]
+
+
+def test_the_journals_quantization_claims_follow_the_thresholds():
+    from clso.compare import BROKEN_PPL_CHANGE, BROKEN_TOP1_AGREEMENT, journal_claims
+
+    modes = {"mixed8": {"mean_kl": 5e-4, "ppl_change": 0.004},
+             "int8": {"ppl_change": BROKEN_PPL_CHANGE + 0.01, "top1_agreement": 0.99},
+             "int16": {"ppl_change": BROKEN_PPL_CHANGE - 0.01, "top1_agreement": BROKEN_TOP1_AGREEMENT}}
+    j = journal_claims(modes, 1e-3, 0.01)
+    assert j["mixed8_full_quality"] and j["int8_breaks"] and not j["int16_breaks"]
+    modes["int16"]["top1_agreement"] = BROKEN_TOP1_AGREEMENT - 0.01  # the top token moved: broken
+    assert journal_claims(modes, 1e-3, 0.01)["int16_breaks"]
+    modes["mixed8"]["ppl_change"] = -0.02
+    assert not journal_claims(modes, 1e-3, 0.01)["mixed8_full_quality"]

@@ -1,6 +1,7 @@
 """The neuron-field LM (document 004): its op, growth, hard and soft freezing, and its .crystal files."""
 
 import subprocess
+from pathlib import Path
 import zlib
 from dataclasses import replace
 
@@ -159,6 +160,22 @@ def test_growth_adds_exactly_the_scheduled_neurons(prepared):
     assert result.curve[-1]["flops"] == result.train_energy["flops"] > 0
 
 
+def test_neurons_are_born_at_training_queries_never_at_validation_ones(prepared, monkeypatch):
+    """Births at steps that also evaluate (every 2nd and 4th): the queries must be the training batch's."""
+    import clso.field.train as train
+
+    seen, real = [], train.give_birth
+
+    def spy(field, optimizer, count, queries, *args):
+        seen.append(tuple(queries.shape))
+        return real(field, optimizer, count, queries, *args)
+
+    monkeypatch.setattr(train, "give_birth", spy)
+    cfg = _cfg()
+    _train(prepared, cfg)
+    assert seen and set(seen) == {(cfg.batch_size, 16, cfg.n_embd)}
+
+
 def test_training_is_deterministic_and_soft_frozen_neurons_reach_the_floor(prepared):
     cfg = _cfg(half_life=1.0, floor=0.05)
     one, two = _train(prepared, cfg), _train(prepared, cfg)
@@ -224,7 +241,18 @@ def _rename(blob: bytes, old: str, new: str) -> bytes:
 def test_malformed_field_sections_are_rejected_by_both_readers_in_one_line(runtime, tmp_path):
     blob = cr.build_crystal(cr.field_spec(tiny_field_lm(4)), "mixed8", tiny_tokenizers()["bpe"])
     gpt2 = tiny_models()["dense-f32-bpe"]
+
+    def with_field(**tensors) -> bytes:
+        spec = cr.field_spec(tiny_field_lm(4))
+        spec.fields["h.0"].update(tensors)
+        return cr.build_crystal(spec, "mixed8", tiny_tokenizers()["bpe"])
+
+    pos = cr.field_spec(tiny_field_lm(4)).fields["h.0"]["pos"]
     bad = {
+        "fewer values than positions": with_field(val=torch.zeros(4, 16)),
+        "a temperature short": with_field(temp=torch.zeros(4)),
+        "positions of another width": with_field(pos=pos[:, :8].contiguous(), val=torch.zeros(5, 8)),
+        "temperatures as a matrix": with_field(temp=torch.zeros(5, 1)),
         "temperatures missing": _rename(blob, "h.0.field.temp", "h.0.field.tmpx"),
         "values missing": _rename(blob, "h.0.field.val", "h.0.field.vax"),
         "field LayerNorm missing": _rename(blob, "h.0.field.ln.w", "h.0.field.ln.x"),
@@ -256,7 +284,7 @@ def test_field_params_are_checked(tmp_path):
     from clso.params import load_params
     import yaml
 
-    raw = yaml.safe_load(open("params.yaml"))
+    raw = yaml.safe_load((Path(__file__).parent / "params_tiny.yaml").read_text())
     for change, message in (({"n_head": 5}, "field.n_head"), ({"initial_neurons": 2000}, "field.initial_neurons"),
                             ({"freeze": "warm"}, "field.freeze"), ({"half_life": 0}, "field.half_life")):
         bad = {**raw, "field": {**raw["field"], **change}}

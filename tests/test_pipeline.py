@@ -49,7 +49,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo, stage_env):
 
 def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(repo, stage_env):
     files = sorted(p.name for p in (repo / "build").glob("*.crystal"))
-    assert files == sorted(f"{m}-{mode}.crystal" for m in ("clso", "baseline")
+    assert files == sorted(f"{m}-{mode}.crystal" for m in ("clso", "baseline", "field")
                            for mode in ("f32", "int16", "int8", "mixed16", "mixed8"))
     metrics = json.loads((repo / "metrics/compile.json").read_text())
     details = json.loads((repo / "build/report.json").read_text())

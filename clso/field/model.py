@@ -9,9 +9,11 @@ a query x (one position's normalised residual) weighs every neuron by its distan
     wᵢ = exp(−dᵢ / (√d · (|τᵢ| + 0.1))),   dᵢ = √(max(0, ‖x‖² − 2 x·pᵢ + ‖pᵢ‖²) + 1e-6),
     field(x) = Σᵢ wᵢ vᵢ     (unnormalised, as the journal has it),
 
-the journal's exp(−‖x − pᵢ‖ / (|τ| + 0.1)) with distances in units of √d, so that its temperatures
-(0.05 … 0.8) mean the same at any width (LayerNorm outputs lie about √(2d) apart), and a floor inside
-the root that keeps the gradient finite where a query sits on a neuron. The C runtime computes the
+an adaptation of the journal's exp(−‖x − pᵢ‖ / (|τ| + 0.1)): distances are in units of √d, so that
+its temperatures (0.05 … 0.8) mean the same at any width (LayerNorm outputs lie about √(2d) apart);
+each neuron has its own temperature (its birth scale, the journal's rising tide; its flat field had
+one); the field reads a LayerNorm and adds to the residual stream like the other sub-layers; and a
+floor inside the root keeps the gradient finite where a query sits on a neuron. The C runtime computes the
 same formula (clso/runtime/FORMAT.md, version 2).
 
 Neurons are born and frozen during training: clso/field/train.py.

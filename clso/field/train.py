@@ -11,8 +11,8 @@ Freezing (ages in steps, where the journal counts epochs): `hard` freezes a neur
 is `hard_age` steps old, or once its parameters moved less than `hard_stability` (relative) over the
 last `stability_window` steps; `soft` scales its learning rate by max(floor, 0.5^(age / half_life)),
 the journal's best variant. The neurons have their own Adam with a step count per neuron (a neuron
-born at step 500 gets the bias correction of its first step, not of step 500), and the multiplier
-scales its update. Everything else (embeddings, attention, MLP, norms) trains with AdamW as the
+born at step 500 starts with fresh moments and the bias correction of a first step, not of step
+500), and the multiplier scales its update. Everything else (embeddings, attention, MLP, norms) trains with AdamW as the
 baseline does, on the same learning-rate schedule.
 """
 
@@ -43,7 +43,7 @@ class FieldSchedule:
     """When neurons are born, what temperature they are born with, and how they freeze."""
 
     steps: int
-    grow_every: int = 5
+    grow_every: int = 1
     grow_by: int = 1
     rising_tide: bool = True
     tide_start: float = 0.05
@@ -160,17 +160,16 @@ def hard_freeze(field: NeuronField, schedule: FieldSchedule, step: int, snapshot
     return now.clone()
 
 
-def freeze_counts(field: NeuronField, schedule: FieldSchedule, step: int) -> tuple[int, float]:
-    """(neurons frozen, sum of the learning-rate multipliers) over the neurons born. `frozen`: hard
-    freezing's frozen ones; soft freezing's down at the floor."""
+def freeze_counts(field: NeuronField, schedule: FieldSchedule, step: int) -> torch.Tensor:
+    """[neurons frozen, sum of their learning-rate multipliers] over the neurons born, left on the
+    device (reading them each step would wait for a GPU). `frozen`: hard freezing's frozen ones; soft
+    freezing's down at the floor."""
     n = field.alive
-    if not n:
-        return 0, 0.0
     multiplier = schedule.lr_multiplier(ages(field, step)[:n])
     if schedule.freeze == "soft":
-        return int((multiplier <= schedule.floor).sum()), float(multiplier.sum())
+        return torch.stack([(multiplier <= schedule.floor).sum().float(), multiplier.sum()])
     frozen = field.frozen[:n]
-    return int(frozen.sum()), float((~frozen).sum())
+    return torch.stack([frozen.sum().float(), (~frozen).sum().float()])
 
 
 def field_config(cfg, vocab_size: int, block_size: int) -> FieldConfig:
@@ -208,22 +207,26 @@ def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device,
                               lr=cfg.lr, betas=(0.9, 0.95))
     neuron_adams = [NeuronAdam(f) for f in model.fields]
     queries: list[torch.Tensor | None] = [None] * config.n_layer
-    for layer, f in enumerate(model.fields):  # the last batch's queries: where the next neurons are born
-        f.register_forward_pre_hook(lambda module, args, layer=layer: queries.__setitem__(layer, args[0].detach()))
+    def keep_queries(layer):  # the last training batch's queries: where the next neurons are born (never val's)
+        def hook(module, args):
+            if module.training:
+                queries[layer] = args[0].detach()
+        return hook
+
+    for layer, f in enumerate(model.fields):
+        f.register_forward_pre_hook(keep_queries(layer))
     train, val = data.tokens("train"), data.tokens("val")
     rng, birth_rng = np.random.default_rng(seed), np.random.default_rng(seed + 2)
     snapshots: list[torch.Tensor | None] = [None] * config.n_layer
     T, B = config.block_size, cfg.batch_size
     eval_seqs = (len(val) - 1) // T
     result = FieldResult(model, precision)
-    flops, evals, losses = 0, None, []
+    flops, evals, losses, counts = 0, None, [], []
     with EnergyMeter(**meter_options) as meter:
         for step in range(cfg.steps + 1):
-            frozen = [freeze_counts(f, schedule, step) for f in model.fields]
-            alive = sum(f.alive for f in model.fields)
+            counts.append(sum(freeze_counts(f, schedule, step) for f in model.fields))
             row = {"step": step, "tokens": step * B * T, "train_loss": None, "val_loss": None,
-                   "neurons": alive, "frozen_share": sum(n for n, _ in frozen) / alive if alive else 0.0,
-                   "mean_lr_multiplier": sum(m for _, m in frozen) / alive if alive else 0.0,
+                   "neurons": sum(f.alive for f in model.fields), "frozen_share": None, "mean_lr_multiplier": None,
                    "energy_wh": None, "energy_method": None, "flops": flops, "wall_s": None}
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 before = meter.read()
@@ -268,6 +271,9 @@ def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device,
     trained = meter.reading.minus(evals).as_metrics()
     for row, loss in zip(result.curve[1:], losses):  # read at the end: one sync, not one per step
         row["train_loss"] = float(loss)
+    for row, (frozen, multipliers) in zip(result.curve, torch.stack(counts).tolist()):
+        row["frozen_share"] = frozen / row["neurons"] if row["neurons"] else 0.0
+        row["mean_lr_multiplier"] = multipliers / row["neurons"] if row["neurons"] else 0.0
     result.train_energy = {**trained, "flops": flops, "eval_energy_wh": evals.energy_wh,
                            "eval_flops": sum(forward_flops(config, [r["neurons"] // config.n_layer] * config.n_layer, T,
                                                            eval_seqs) for r in result.curve if r["val_loss"] is not None),
