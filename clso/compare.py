@@ -266,9 +266,6 @@ def field_statement(f: dict) -> str:
     """The third contestant in words: against the baseline, then against the journal's figures."""
     j, c = f["journal"], f["journal"]["nats_per_char"]
 
-    def met(ok: bool) -> str:
-        return "met" if ok else "not met"
-
     return (f"The journal's neuron-field LM (stage `field`: attention → field of {f['neurons']} neurons → MLP, "
             f"{f['frozen_share']:.0%} {'at the soft-freeze floor' if f['freeze'] == 'soft' else 'frozen'}) reaches val "
             f"perplexity {f['val_ppl']:.4g}, {f['ppl_ratio']:.3f}× the AdamW baseline's, at {f['energy_ratio']:.3f}× its "
@@ -278,9 +275,9 @@ def field_statement(f: dict) -> str:
             f"val) after {j['our_train_tokens'] / 1e6:.2f} M training tokens, the journal's "
             f"{c['journal_causal_train']:.3f} ({j['causal_train_loss']} per token, with attention, "
             f"{j['causal_neurons']} neurons, {j['causal_epochs']} epochs ≈ {j['journal_causal_train_tokens'] / 1e6:.0f} M "
-            f"tokens): {met(j['causal_train_loss_met'])}; and {c['journal_flat_train']:.3f} for its flat field "
+            f"tokens): {_word(j['causal_train_loss_met'], 'met', 'not met')}; and {c['journal_flat_train']:.3f} for its flat field "
             f"({j['flat_plateau_train_loss']}, {j['flat_plateau_neurons']} neurons, no attention, {j['flat_epochs']} "
-            f"epochs): {met(j['flat_train_loss_met'])}. Different texts (whole plays here, Tiny Shakespeare there) "
+            f"epochs): {_word(j['flat_train_loss_met'], 'met', 'not met')}. Different texts (whole plays here, Tiny Shakespeare there) "
             f"and budgets: a figure not met here is not shown false, only not reproduced at this budget. The flat "
             f"field itself is not built.")
 
@@ -305,9 +302,13 @@ def journal_claims(modes: dict, max_kl: float, max_ppl_change: float) -> dict:
             "broken_ppl_change": BROKEN_PPL_CHANGE, "broken_top1_agreement": BROKEN_TOP1_AGREEMENT, "max_kl": max_kl, "max_ppl_change": max_ppl_change}
 
 
+def _word(ok: bool, yes: str, no: str) -> str:
+    return yes if ok else no
+
+
 def journal_statement(j: dict) -> str:
     def verdict(holds: bool) -> str:
-        return "holds" if holds else "does not hold"
+        return _word(holds, "holds", "does not hold")
 
     return (f"'mixed8 = full quality' {verdict(j['mixed8_full_quality'])} (perplexity {j['mixed8_ppl_change']:+.2%}, "
             f"mean KL {j['mixed8_mean_kl']:.2g} nats; full quality: within ±{j['max_ppl_change']:.0%} and "

@@ -32,7 +32,6 @@ from clso.evaluate import split_loss
 from clso.field.model import FieldConfig, FieldLM, NeuronField, forward_flops
 from clso.flops import throughput
 
-FREEZE_MODES = ("none", "hard", "soft")
 CURVE_FIELDS = ("step", "tokens", "train_loss", "val_loss", "neurons", "frozen_share", "mean_lr_multiplier",
                 "energy_wh", "energy_method", "flops", "wall_s")
 EVAL_BATCH = 16
