@@ -31,7 +31,10 @@ from clso.tokenizer import EOT, UNK
 MAGIC = b"CRYSTAL\0"
 VERSION = 2  # written; 2 = 1 + the header's `architecture` and the neuron field op
 READABLE_VERSIONS = (1, 2)
-ARCHITECTURES = ("gpt2", "field")  # header `architecture`; a version-1 file is gpt2 (the field was reserved zero)
+# header `architecture`; a version-1 file is gpt2 (the field was reserved zero). flat_field: a field
+# without the attention (no ln_1, c_attn, attn_proj)
+ARCHITECTURES = ("gpt2", "field", "flat_field")
+ATTENTION_BUCKETS = ("c_attn", "attn_proj")
 HEADER_BYTES = 256
 ENTRY_BYTES = 128
 ALIGNMENT = 64
@@ -242,6 +245,18 @@ class ModelSpec:
     crystalline: bool
     # the neuron field of each block (architecture `field`): "h.L" → {"ln.w", "ln.b", "pos", "val", "temp"}
     fields: dict[str, dict[str, torch.Tensor]] | None = None
+    attention: bool = True  # False: a flat field's blocks (no ln_1, c_attn, attn_proj)
+
+    @property
+    def architecture(self) -> str:
+        return "gpt2" if self.fields is None else "field" if self.attention else "flat_field"
+
+
+def block_parts(architecture: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The LayerNorms and linear layers (BUCKETS) of one block of the architecture."""
+    if architecture == "flat_field":
+        return ("ln_2",), tuple(b for b in BUCKETS if b not in ATTENTION_BUCKETS)
+    return ("ln_1", "ln_2"), BUCKETS
 
 
 def dense_spec(model, config) -> ModelSpec:
@@ -277,12 +292,15 @@ def field_spec(model) -> ModelSpec:
     layers, fields = {}, {}
     for i, block in enumerate(model.blocks):
         h = f"transformer.h.{i}"
-        linears = {"c_attn": block.attn.c_attn, "attn_proj": block.attn.c_proj, "c_fc": block.c_fc,
-                   "mlp_proj": block.mlp_proj}
+        linears = {"c_fc": block.c_fc, "mlp_proj": block.mlp_proj}
+        lns = ["ln_2"]
+        if block.attn is not None:
+            linears |= {"c_attn": block.attn.c_attn, "attn_proj": block.attn.c_proj}
+            lns.append("ln_1")
         for bucket, linear in linears.items():
             state[f"{h}.{LAYER_NAMES[bucket]}.bias"] = linear.bias
             layers[f"h.{i}.{bucket}"] = linear.weight.t()  # Conv1D orientation, as dense_spec's
-        for ln in ("ln_1", "ln_2"):
+        for ln in lns:
             state[f"{h}.{ln}.weight"], state[f"{h}.{ln}.bias"] = getattr(block, ln).weight, getattr(block, ln).bias
         f, n = block.field, max(block.field.alive, 1)
         fields[f"h.{i}"] = {"ln.w": block.ln_field.weight, "ln.b": block.ln_field.bias, "pos": f.positions[:n],
@@ -291,7 +309,7 @@ def field_spec(model) -> ModelSpec:
     detach = lambda t: t.detach().float().cpu()  # noqa: E731
     return ModelSpec(config.n_layer, config.n_embd, config.n_head, config.block_size, config.vocab_size, True,
                      {k: detach(v) for k, v in state.items()}, {k: detach(v) for k, v in layers.items()}, {}, False,
-                     {k: {name: detach(t) for name, t in f.items()} for k, f in fields.items()})
+                     {k: {name: detach(t) for name, t in f.items()} for k, f in fields.items()}, config.attention)
 
 
 @dataclass(frozen=True)
@@ -365,14 +383,15 @@ def build_crystal_with_report(spec: ModelSpec, mode: str, tokenizer: TokenizerEx
         w.add("vocab.ids", I32, keep_tokens.shape, keep_tokens.astype("<i4").tobytes())
     w.floats("wte", wte)
     w.floats("wpe", s["transformer.wpe.weight"])
+    lns, buckets = block_parts(spec.architecture)
     for i in range(spec.n_layer):
         h = f"transformer.h.{i}"
-        for ln in ("ln_1", "ln_2"):
+        for ln in lns:
             w.floats(f"h.{i}.{ln}.w", s[f"{h}.{ln}.weight"])
             w.floats(f"h.{i}.{ln}.b", s[f"{h}.{ln}.bias"])
-        for bucket, module in LAYER_NAMES.items():
+        for bucket in buckets:
             name = f"h.{i}.{bucket}"
-            w.floats(f"{name}.bias", s[f"{h}.{module}.bias"])
+            w.floats(f"{name}.bias", s[f"{h}.{LAYER_NAMES[bucket]}.bias"])
             layer = spec.layers[name]
             if isinstance(layer, torch.Tensor):  # Conv1D weight (d_in × d_out)
                 w.floats(f"{name}.p0.w", layer.t().contiguous())
@@ -426,7 +445,7 @@ def _serialise(spec: ModelSpec, mode: str, entries: list[Entry], tokenizer, prun
               NO_TOKEN if tokenizer is None or tokenizer.eot is None else tokenizer.eot,
               NO_TOKEN if tokenizer is None or tokenizer.unk is None else tokenizer.unk,
               ALIGNMENT, 1e-5, table_offset, data_offset, HEADER_BYTES + len(body), zlib.crc32(body)]
-    architecture = ARCHITECTURES.index("field" if spec.fields is not None else "gpt2")
+    architecture = ARCHITECTURES.index(spec.architecture)
     header = HEADER.pack(*fields, 0, architecture).ljust(HEADER_BYTES, b"\0")
     header = HEADER.pack(*fields, zlib.crc32(header), architecture).ljust(HEADER_BYTES, b"\0")
     return header + body
@@ -588,11 +607,14 @@ def _check_model(c: Crystal) -> None:
     elif v != h["tokenizer_vocab"]:
         raise CrystalFormatError("an unpruned file must keep the whole vocabulary")
     shapes = {"c_attn": (d, 3 * d), "attn_proj": (d, d), "c_fc": (d, inner), "mlp_proj": (inner, d)}
+    architecture = ARCHITECTURES[h["architecture"]]
+    lns, buckets = block_parts(architecture)
     for i in range(h["n_layer"]):
-        for ln in ("ln_1", "ln_2"):
+        for ln in lns:
             c.tensor(f"h.{i}.{ln}.w", (d,), VECTOR)
             c.tensor(f"h.{i}.{ln}.b", (d,), VECTOR)
-        for bucket, (d_in, d_out) in shapes.items():
+        for bucket in buckets:
+            d_in, d_out = shapes[bucket]
             name = f"h.{i}.{bucket}"
             c.tensor(f"{name}.bias", (d_out,), VECTOR)
             if c.has(f"{name}.gain"):
@@ -613,7 +635,7 @@ def _check_model(c: Crystal) -> None:
                         and p["v"].shape == (k_out, p["u"].shape[0])
                 if not ok:
                     raise CrystalFormatError(f"layer {name}: part matrices do not fit {k_in}→{k_out}")
-        if ARCHITECTURES[h["architecture"]] == "field":
+        if architecture != "gpt2":
             field_tensors(c, i)
     tok = h["tokenizer_kind"]
     if tok:
@@ -674,15 +696,17 @@ class CrystalModel:
             self.row_of[:] = -1
             self.row_of[self.vocab_ids] = np.arange(len(self.vocab_ids))
         self.blocks = []
+        architecture = ARCHITECTURES[h["architecture"]]
+        lns, buckets = block_parts(architecture)
         for i in range(h["n_layer"]):
-            block = {ln: (t(f"h.{i}.{ln}.w"), t(f"h.{i}.{ln}.b")) for ln in ("ln_1", "ln_2")}
-            for bucket in BUCKETS:
+            block = {ln: (t(f"h.{i}.{ln}.w"), t(f"h.{i}.{ln}.b")) for ln in lns}
+            for bucket in buckets:
                 name = f"h.{i}.{bucket}"
                 parts = [{k: (None if v is None else torch.from_numpy(np.ascontiguousarray(v)))
                           for k, v in p.items()} for p in layer_parts(crystal, name)]
                 gain = float(crystal.tensors[f"{name}.gain"][0]) if crystal.has(f"{name}.gain") else 1.0
                 block[bucket] = (parts, gain, t(f"{name}.bias"))
-            if ARCHITECTURES[h["architecture"]] == "field":
+            if architecture != "gpt2":
                 block["field"] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in field_tensors(crystal, i).items()}
             self.blocks.append(block)
 
@@ -709,10 +733,11 @@ class CrystalModel:
         x = self.wte[rows] + self.wpe[:t]
         d = x.shape[-1]
         for blk in self.blocks:
-            qkv = self._linear(F.layer_norm(x, (d,), *blk["ln_1"], self.eps), blk["c_attn"])
-            q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in qkv.split(d, -1))
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-            x = x + self._linear(a, blk["attn_proj"])
+            if "c_attn" in blk:
+                qkv = self._linear(F.layer_norm(x, (d,), *blk["ln_1"], self.eps), blk["c_attn"])
+                q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in qkv.split(d, -1))
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+                x = x + self._linear(a, blk["attn_proj"])
             if "field" in blk:
                 f = blk["field"]
                 x = x + field_op(F.layer_norm(x, (d,), f["ln.w"], f["ln.b"], self.eps), f["pos"], f["val"], f["temp"])

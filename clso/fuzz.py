@@ -69,15 +69,17 @@ def tiny_models(seed: int = 0) -> dict[str, bytes]:
         "field-mixed8-bpe": build_crystal(field_spec(tiny_field_lm(seed)), "mixed8", tokenizers["bpe"]),
         "field-int8-pruned": build_crystal(field_spec(tiny_field_lm(seed, n_layer=2)), "int8", tokenizers["char"],
                                            keep_tokens=keep),
+        "flat-field-mixed16": build_crystal(field_spec(tiny_field_lm(seed, attention=False)), "mixed16",
+                                            tokenizers["bpe"]),
     }
 
 
 def tiny_field_lm(seed: int = 0, n_layer: int = 1, neurons: int = 5, vocab_size: int = 24,
-                  block_size: int = 16) -> FieldLM:
+                  block_size: int = 16, attention: bool = True) -> FieldLM:
     """A neuron-field LM whose fields hold `neurons` neurons of random positions, values and
     temperatures (a trained field's values are not zero; a newborn's are)."""
     config = FieldConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=16, n_head=2, block_size=block_size,
-                         initial_neurons=neurons, max_neurons=2 * neurons)
+                         initial_neurons=neurons, max_neurons=2 * neurons, attention=attention)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FieldLM(config).eval()

@@ -240,6 +240,8 @@ class FieldParams:
     n_embd: int = spec(128, "width d of the embeddings, the attention and the neurons' positions and values",
                        min=8, max=8192)
     n_head: int = spec(4, "attention heads; must divide n_embd", min=1, max=256)
+    attention: bool = spec(True, "causal self-attention before each field (the journal's Part 8); false: its flat "
+                           "field, each position querying the field alone")
     initial_neurons: int = spec(64, "neurons of each field at the start (the journal: 64); 0 with grow_every 0 "
                                 "leaves the field empty: attention and MLP alone, a control", min=0, max=1_000_000)
     max_neurons: int = spec(1024, "the most a field grows to (the journal: 1024)", min=1, max=1_000_000)

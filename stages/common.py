@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -87,3 +89,15 @@ def read_curve(path) -> list[dict]:
         raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
     except (ValueError, pd.errors.ParserError) as e:
         raise ClsoError(f"{path}: not a readable curve ({type(e).__name__}); re-create it with `dvc repro -f`") from None
+
+
+def fingerprint(settings: dict, files, modules) -> str:
+    """What a checkpoint must match to be resumed: the settings (params sections and the like), the
+    input files, and the code its results and accounting come from — a fix must not be mixed into a
+    run the old code began."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    for module in modules:
+        h.update(inspect.getsource(module).encode())
+    return h.hexdigest()

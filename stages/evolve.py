@@ -2,8 +2,6 @@
 `no_surrogate` and `fixed_body`: one variant per mode and seed of params.yaml's grid, each
 resumable after any generation. A control's budget is read from the CLSO run of its mode and seed."""
 
-import hashlib
-import inspect
 import json
 import math
 from dataclasses import asdict
@@ -36,7 +34,7 @@ from clso.plots import evolution_png
 from clso.progress import progress_bar
 from clso.search import build_search
 from clso.surrogate import Surrogate, SurrogateConfig
-from stages.common import PARAMS_OPTION, app, read_curve, read_json, stage
+from stages.common import PARAMS_OPTION, app, fingerprint, read_curve, read_json, stage
 from stages.variants import Variant
 
 SURROGATE_DIR = Path("models/surrogate")
@@ -61,15 +59,9 @@ def _load_surrogate(device) -> tuple[Surrogate, np.ndarray, np.ndarray]:
 
 
 def _fingerprint(p, variant: Variant, files, precision: str) -> str:
-    """What a checkpoint must match to be resumed: params, variant, inputs, the precision `auto` gave, and
-    the project's code — a fix to the search or its accounting must not be mixed into a run the old code began."""
-    h = hashlib.sha256(json.dumps({**{k: asdict(getattr(p, k)) for k in ("base", "model", "fitness", "evolve")},
-                                   "variant": asdict(variant), "precision": precision}, sort_keys=True).encode())
-    for f in files:
-        h.update(Path(f).read_bytes())
-    for module in SEARCH_CODE:
-        h.update(inspect.getsource(module).encode())
-    return h.hexdigest()
+    """A checkpoint resumes only under the same params, variant, inputs, the precision `auto` gave, and code."""
+    return fingerprint({**{k: asdict(getattr(p, k)) for k in ("base", "model", "fitness", "evolve")},
+                        "variant": asdict(variant), "precision": precision}, files, SEARCH_CODE)
 
 
 def _budget(variant: Variant, surrogate: dict) -> Budget:

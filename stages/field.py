@@ -11,17 +11,32 @@ from clso.context import setup
 from clso.data import TokenData
 from clso.energy import EnergyMeter
 from clso.evaluate import split_loss
+import clso.baseline
+import clso.context
+import clso.data
+import clso.energy
+import clso.evaluate
+import clso.field.checkpoint
+import clso.field.model
+import clso.field.train
+import clso.flops
+from clso.context import resolve_precision
+from clso.field.checkpoint import FieldCheckpoint
 from clso.field.train import CURVE_FIELDS, EVAL_BATCH, field_config, train_field
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
 from clso.plots import neurons_png
 from clso.progress import progress_bar
-from stages.common import PARAMS_OPTION, run_alone, stage
+from stages.common import PARAMS_OPTION, fingerprint, run_alone, stage
 
 OUT_DIR = Path("models/field")
 METRICS = Path("metrics/field.json")
 PLOT = Path("plots/field.csv")
 NEURONS_PNG = Path("plots/field_neurons.png")
+CHECKPOINT = Path("checkpoints/field")
+# the code the run's results and accounting come from: a checkpoint another version wrote is not resumed
+FIELD_CODE = (clso.baseline, clso.context, clso.data, clso.energy, clso.evaluate, clso.field.checkpoint, clso.field.model,
+              clso.field.train, clso.flops)
 
 
 @stage("field", sections=("base", "model", "field"))
@@ -29,7 +44,8 @@ def field(params: Path = PARAMS_OPTION) -> None:
     """Train the neuron-field LM of params.yaml's `field` section on the train split (context
     model.block_size, the baseline's); write models/field/, metrics/field.json, plots/field.csv (a row
     per step: loss, neurons, frozen share, energy with its method, FLOPs) and plots/field_neurons.png
-    (the neurons' positions in two dimensions, by PCA, coloured by birth step)."""
+    (the neurons' positions in two dimensions, by PCA, coloured by birth step). Saves the run to
+    checkpoints/field every eval_interval steps: a killed run resumes."""
     p = load_params(params)
     device = setup(p.base)
     data = TokenData.open("data/prepared")
@@ -44,7 +60,12 @@ def field(params: Path = PARAMS_OPTION) -> None:
                 bar.update(task, completed=row["step"], info=f"val {row['val_loss']:.4f}  {row['neurons']} neurons  "
                            f"{row['energy_wh']:.4f} Wh")
 
-        result = train_field(data, config, cfg, seed=p.base.seed, device=device, meter_options=meter, on_step=show)
+        checkpoint = FieldCheckpoint(CHECKPOINT, fingerprint(
+            {"base": asdict(p.base), "model": asdict(p.model), "field": asdict(cfg),
+             "precision": resolve_precision(cfg.precision, device)},
+            [data.folder / "meta.json"], FIELD_CODE))
+        result = train_field(data, config, cfg, seed=p.base.seed, device=device, meter_options=meter, on_step=show,
+                             checkpoint=checkpoint)
     model = result.model
     with EnergyMeter(**meter) as final_meter:  # measuring, not training: charged to no one
         val = split_loss(model, data.tokens("val"), p.model.block_size, EVAL_BATCH, device)
@@ -61,16 +82,19 @@ def field(params: Path = PARAMS_OPTION) -> None:
         "best_curve_val_loss": best["val_loss"], "best_curve_val_ppl": math.exp(best["val_loss"]),
         "best_curve_step": best["step"], "neurons": sum(neurons), "neurons_per_field": neurons,
         "frozen_share": last["frozen_share"], "mean_lr_multiplier": last["mean_lr_multiplier"],
-        "freeze": cfg.freeze, "parameters": sum(t.numel() for n, t in model.named_parameters() if ".field." not in n)
+        "freeze": cfg.freeze, "attention": cfg.attention, "parameters": sum(t.numel() for n, t in model.named_parameters() if ".field." not in n)
         + sum((2 * config.n_embd + 1) * n for n in neurons),  # a born neuron: position, value, temperature
         **result.train_energy, "precision": result.precision, "torch_compile": "none", "device": str(device),
         "final_evaluation": final_meter.reading.as_metrics(),
+        "resumed_at_step": result.resumed_at,
     })
     write_csv_atomic(PLOT, CURVE_FIELDS, result.curve)
     neurons_png(model.fields, NEURONS_PNG, f"neuron field after {cfg.steps} steps: {sum(neurons)} neurons "
                 f"(PCA of positions; val loss {val:.3f})")
+    checkpoint.clear()
     e = result.train_energy
-    print(f"field: {cfg.steps} steps ({result.precision}), {sum(neurons)} neurons, {last['frozen_share']:.0%} frozen "
+    resumed = f", resumed at step {result.resumed_at}" if result.resumed_at else ""
+    print(f"field: {cfg.steps} steps ({result.precision}{resumed}), {sum(neurons)} neurons, {last['frozen_share']:.0%} frozen "
           f"({cfg.freeze}), val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole val split, "
           f"{e['energy_wh']:.4f} Wh ({e['method']}), {e['flops']:.3g} FLOPs, {e['tokens_per_s']:,.0f} tokens/s")
 

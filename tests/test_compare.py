@@ -205,14 +205,16 @@ def test_gpu_and_cpu_energy_are_charged_apart():
 
 
 def test_the_field_contestant_sets_its_final_losses_per_character_beside_the_journals():
-    from clso.compare import JOURNAL_FIELD, field_contestant
+    from clso.compare import JOURNAL_FIELD, field_contestant, field_statement
 
     curve = [{"step": s, "neurons": 200 + s, "train_loss": (float("nan") if s == 0 else 4.0 + s / 100),
               "val_loss": None} for s in range(30)]
     metrics = {"final_val_loss": 5.0, "final_val_ppl": math.exp(5.0), "energy_wh": 2.0, "method": "estimate",
                "flops": 10.0, "wall_s": 1.0, "neurons": 229, "frozen_share": 0.5, "freeze": "soft", "parameters": 7,
-               "tokens": 1000}
-    f = field_contestant(metrics, curve, 5.5, {"val_ppl": math.exp(4.9), "energy_wh": 4.0, "flops": 20.0},
+               "tokens": 1000, "attention": True,
+               "torch_compile": "none"}
+    f = field_contestant(metrics, curve, 5.5, {"val_ppl": math.exp(4.9), "energy_wh": 4.0, "flops": 20.0,
+                                               "torch_compile": "none"},
                          {"train": 0.25, "val": 0.5})
     j, c = f["journal"], f["journal"]["nats_per_char"]
     assert j["our_final_train_loss"] == pytest.approx(4.195)  # steps 10..29: 4.10 … 4.29
@@ -222,8 +224,17 @@ def test_the_field_contestant_sets_its_final_losses_per_character_beside_the_jou
     assert j["journal_causal_train_tokens"] == 60 * 338_025 and j["our_train_tokens"] == 1000
     assert f["ppl_ratio"] == pytest.approx(math.exp(0.1), abs=1e-4) and f["energy_ratio"] == 0.5
     assert f["test_ppl"] == pytest.approx(math.exp(5.5))
-    met = field_contestant(metrics, curve, 5.5, {"val_ppl": 1.0, "energy_wh": 1.0, "flops": 1.0}, {"train": 0.1, "val": 0.1})
+    met = field_contestant(metrics, curve, 5.5, {"val_ppl": 1.0, "energy_wh": 1.0, "flops": 1.0, "torch_compile": "none"},
+                           {"train": 0.1, "val": 0.1})
     assert met["journal"]["causal_train_loss_met"] and met["journal"]["flat_train_loss_met"]
+    assert "Ours is with attention, so the like-for-like figure is the journal's first" in field_statement(f)
+    flat = field_contestant({**metrics, "attention": False}, curve, 5.5,
+                            {"val_ppl": 1.0, "energy_wh": 1.0, "flops": 1.0, "torch_compile": "default"},
+                            {"train": 0.1, "val": 0.1})
+    assert "(stage `field`: field of 229 neurons" in field_statement(flat)
+    assert "Ours is flat, so the like-for-like figure is the journal's second" in field_statement(flat)
+    assert "FLOPs (the baseline torch.compiled (default), the field not)" in field_statement(flat)
+    assert "torch.compiled" not in field_statement(f)
 
 
 def test_the_journals_quantization_claims_follow_the_thresholds():

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from clso import ClsoError
 from clso import crystal as cr
 from clso.compile import build_runtime, runtime_logits
 from clso.corpus import load_corpus
 from clso.data import TokenData, prepare_dataset
-from clso.field.model import FieldConfig, NeuronField, field_op
-from clso.field.train import FieldSchedule, NeuronAdam, ages, give_birth, hard_freeze, train_field
+from clso.field.model import NeuronField, field_op, forward_flops
+from clso.field.train import FieldSchedule, NeuronAdam, ages, field_config, give_birth, hard_freeze, train_field
 from clso.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
 from clso.params import FieldParams, defaults
 
@@ -144,8 +145,8 @@ def _cfg(**changes) -> FieldParams:
 
 
 def _train(data, cfg, seed=0):
-    config = FieldConfig(data.vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head, 16, cfg.initial_neurons, cfg.max_neurons)
-    return train_field(data, config, cfg, seed=seed, device="cpu", meter_options={"device": "cpu"})
+    return train_field(data, field_config(cfg, data.vocab_size, 16), cfg, seed=seed, device="cpu",
+                       meter_options={"device": "cpu"})
 
 
 def test_growth_adds_exactly_the_scheduled_neurons(prepared):
@@ -187,15 +188,116 @@ def test_training_is_deterministic_and_soft_frozen_neurons_reach_the_floor(prepa
     assert last["frozen_share"] == pytest.approx(7 / 9)
 
 
-def test_field_files_run_in_the_c_runtime_like_pytorch_in_every_mode(runtime, tmp_path):
-    model = tiny_field_lm(3, n_layer=2)
+def _spy_on_neuron_updates(monkeypatch) -> list[dict]:
+    """Each NeuronAdam.step of a training run: its multiplier, the neurons' birth steps and frozen
+    marks, and their parameters before and after."""
+    calls, real = [], NeuronAdam.step
+
+    def spy(self, lr, multiplier):
+        f = self.field
+        before = [t.detach().clone() for t in (f.positions, f.values, f.temperatures)]
+        real(self, lr, multiplier)
+        calls.append({"multiplier": multiplier.clone(), "born": f.birth_step[:f.alive].clone(),
+                      "frozen": f.frozen[:f.alive].clone(), "before": before,
+                      "after": [t.detach().clone() for t in (f.positions, f.values, f.temperatures)]})
+
+    monkeypatch.setattr(NeuronAdam, "step", spy)
+    return calls
+
+
+def test_training_applies_the_soft_freeze_schedule_to_every_neuron_at_every_step(prepared, monkeypatch):
+    calls = _spy_on_neuron_updates(monkeypatch)
+    cfg = _cfg(half_life=2.0, floor=0.1)
+    _train(prepared, cfg)
+    assert len(calls) == cfg.steps
+    for step, call in enumerate(calls):
+        age = step - call["born"]
+        assert (age >= 0).all() and len(call["multiplier"]) == len(age)
+        assert torch.equal(call["multiplier"], torch.clamp(0.5 ** (age.float() / 2.0), min=0.1)), step
+        assert (call["multiplier"][age == 0] == 1).all()  # a newborn learns at the full rate
+    assert calls[-1]["multiplier"].min() == pytest.approx(0.1)  # the first neurons reached the floor
+
+
+def test_training_with_hard_freezing_leaves_frozen_neurons_bit_for_bit(prepared, monkeypatch):
+    calls = _spy_on_neuron_updates(monkeypatch)
+    cfg = _cfg(freeze="hard", hard_age=3)
+    result = _train(prepared, cfg)
+    for step, call in enumerate(calls):
+        age = step - call["born"]
+        assert torch.equal(call["frozen"], age >= 3), step
+        old, new = (torch.cat([t[:, None] if t.dim() == 1 else t for t in ts], 1) for ts in (call["before"], call["after"]))
+        moved = (old != new).any(1)
+        assert torch.equal(moved[:len(age)], ~call["frozen"]), step  # the frozen stay, every other neuron learns
+        assert not moved[len(age):].any(), "a neuron not yet born moved"
+    last = result.curve[-1]
+    assert last["frozen_share"] == pytest.approx(7 / 9)  # ages 9, 9, 9, 7, 7, 5, 5, 3, 3 at the end
+
+
+def test_the_flat_field_has_no_attention_and_costs_its_flops(prepared):
+    cfg = _cfg(attention=False)
+    result = _train(prepared, cfg)
+    names = [n for n, _ in result.model.named_parameters()]
+    assert not [n for n in names if ".attn." in n or ".ln_1." in n] and "blocks.0.field.positions" in names
+    config = field_config(cfg, prepared.vocab_size, 16)
+    with_attention = replace(config, attention=True)
+    d = cfg.n_embd
+    assert forward_flops(with_attention, [5], 16) - forward_flops(config, [5], 16) == 16 * (8 * d * d + 4 * 16 * d)
+    assert result.curve[-1]["flops"] == sum(3 * forward_flops(config, [r["neurons"]], 16, cfg.batch_size)
+                                            for r in result.curve[1:]) + forward_flops(config, [0], 16, cfg.batch_size)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_results(prepared, tmp_path):
+    from clso.field.checkpoint import FieldCheckpoint
+
+    cfg = _cfg(freeze="hard", hard_age=3, hard_stability=0.5, stability_window=2)
+    config = field_config(cfg, prepared.vocab_size, 16)
+    whole = _train(prepared, cfg)
+
+    def kill_at(step):
+        def on_step(row):
+            if row["step"] == step:
+                raise _Killed
+        return on_step
+
+    checkpoint = FieldCheckpoint(tmp_path / "ckpt", "fingerprint")
+    with pytest.raises(_Killed):  # saved before step 4 and before step 8, killed at 7: resumes at 4
+        train_field(prepared, config, cfg, seed=0, device="cpu", meter_options={"device": "cpu"},
+                    checkpoint=checkpoint, on_step=kill_at(7))
+    assert checkpoint.load()[0]["step"] == 4
+    resumed = train_field(prepared, config, cfg, seed=0, device="cpu", meter_options={"device": "cpu"},
+                          checkpoint=checkpoint)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    timing = {"energy_wh", "wall_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in whole.curve] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in resumed.curve]
+    assert resumed.train_energy["flops"] == whole.train_energy["flops"]
+    assert resumed.train_energy["energy_wh"] > 0 and resumed.train_energy["checkpoint_energy_wh"] > 0
+    # another run's checkpoint (other params, code or inputs) is not resumed; a corrupt one is a clear error
+    assert FieldCheckpoint(tmp_path / "ckpt", "another").load() is None
+    (tmp_path / "ckpt" / "state.json").write_text("{not json")
+    with pytest.raises(ClsoError, match="checkpoint unreadable"):
+        checkpoint.load()
+    checkpoint.clear()
+    assert checkpoint.load() is None
+
+
+@pytest.mark.parametrize("attention", [True, False], ids=["field", "flat_field"])
+def test_field_files_run_in_the_c_runtime_like_pytorch_in_every_mode(runtime, tmp_path, attention):
+    model = tiny_field_lm(3, n_layer=2, attention=attention)
     ids = np.array([0, 4, 2, 8, 6, 10, 12, 2, 22, 16])
     with torch.no_grad():
         float_logits = model(torch.from_numpy(ids[None]))[0].double().numpy()
     for mode in cr.MODES:
         blob = cr.build_crystal(cr.field_spec(model), mode, tiny_tokenizers()["bpe"])
         c = cr.read_crystal(blob)
-        assert c.header["version"] == 2 and cr.ARCHITECTURES[c.header["architecture"]] == "field"
+        assert c.header["version"] == 2
+        assert cr.ARCHITECTURES[c.header["architecture"]] == ("field" if attention else "flat_field")
+        assert c.has("h.1.c_attn.p0.w") == c.has("h.1.ln_1.w") == attention
         with torch.no_grad():
             ref = cr.CrystalModel(c)(torch.from_numpy(ids[None]))[0].double().numpy()
         if mode == "f32":
@@ -217,9 +319,8 @@ def test_a_field_with_no_neurons_compiles_to_the_same_function():
 
 
 def test_fuzz_seeds_hold_field_files():
-    fields = [name for name, blob in tiny_models().items()
-              if cr.ARCHITECTURES[cr.read_crystal(blob).header["architecture"]] == "field"]
-    assert len(fields) >= 2
+    architectures = [cr.ARCHITECTURES[cr.read_crystal(blob).header["architecture"]] for blob in tiny_models().values()]
+    assert architectures.count("field") >= 2 and architectures.count("flat_field") >= 1
 
 
 def _rewrite_header(blob: bytes, **changes) -> bytes:
@@ -241,6 +342,7 @@ def _rename(blob: bytes, old: str, new: str) -> bytes:
 def test_malformed_field_sections_are_rejected_by_both_readers_in_one_line(runtime, tmp_path):
     blob = cr.build_crystal(cr.field_spec(tiny_field_lm(4)), "mixed8", tiny_tokenizers()["bpe"])
     gpt2 = tiny_models()["dense-f32-bpe"]
+    flat = cr.build_crystal(cr.field_spec(tiny_field_lm(4, attention=False)), "mixed8", tiny_tokenizers()["bpe"])
 
     def with_field(**tensors) -> bytes:
         spec = cr.field_spec(tiny_field_lm(4))
@@ -256,7 +358,8 @@ def test_malformed_field_sections_are_rejected_by_both_readers_in_one_line(runti
         "temperatures missing": _rename(blob, "h.0.field.temp", "h.0.field.tmpx"),
         "values missing": _rename(blob, "h.0.field.val", "h.0.field.vax"),
         "field LayerNorm missing": _rename(blob, "h.0.field.ln.w", "h.0.field.ln.x"),
-        "unknown architecture": _rewrite_header(blob, architecture=2),
+        "unknown architecture": _rewrite_header(blob, architecture=len(cr.ARCHITECTURES)),
+        "a flat field that claims attention": _rewrite_header(flat, architecture=cr.ARCHITECTURES.index("field")),
         "a field in a version-1 file": _rewrite_header(blob, version=1),
         "a GPT-2 file that claims a field": _rewrite_header(gpt2, architecture=1),
     }

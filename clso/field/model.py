@@ -2,6 +2,9 @@
 
     tokens → wte + wpe → [ causal self-attention → neuron field → MLP ] × n_layer → LayerNorm → tied head
 
+(`attention=False` leaves the attention out: the journal's first, "flat" field, in which each
+position queried the field alone.)
+
 Each sub-layer reads a LayerNorm of the residual stream and adds its output back, as in GPT-2. The
 field holds N neurons, each a position pᵢ and a value vᵢ in embedding space and a temperature τᵢ;
 a query x (one position's normalised residual) weighs every neuron by its distance,
@@ -28,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clso.flops import attention_flops_per_token
+
 DIST_FLOOR = 1e-6  # added to the squared distance under the root (see the module docstring)
 TEMPERATURE_FLOOR = 0.1  # the journal's |τ| + 0.1
 
@@ -41,6 +46,7 @@ class FieldConfig:
     block_size: int = 128
     initial_neurons: int = 64
     max_neurons: int = 1024
+    attention: bool = True  # False: the journal's flat field, each position querying the field alone
 
     @property
     def n_inner(self) -> int:
@@ -95,13 +101,15 @@ class Block(nn.Module):
     def __init__(self, config: FieldConfig):
         super().__init__()
         d = config.n_embd
-        self.ln_1, self.attn = nn.LayerNorm(d), CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config) if config.attention else None
+        self.ln_1 = nn.LayerNorm(d) if config.attention else None
         self.ln_field, self.field = nn.LayerNorm(d), NeuronField(d, config.max_neurons)
         self.ln_2 = nn.LayerNorm(d)
         self.c_fc, self.mlp_proj = nn.Linear(d, config.n_inner), nn.Linear(config.n_inner, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+        if self.attn is not None:
+            x = x + self.attn(self.ln_1(x))
         x = x + self.field(self.ln_field(x))
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
@@ -145,7 +153,7 @@ def forward_flops(config: FieldConfig, neurons: list[int], seq_len: int, n_seqs:
     """One forward pass with `neurons[l]` alive in block l: GPT-2's matmuls (clso.flops' convention)
     plus the fields'."""
     d, inner = config.n_embd, config.n_inner
-    linears = 2 * d * 3 * d + 2 * d * d + 2 * d * inner + 2 * inner * d
-    per_token = config.n_layer * (linears + 4 * seq_len * d) + 2 * d * config.vocab_size
+    attention = 2 * d * 3 * d + 2 * d * d + attention_flops_per_token(d, seq_len) if config.attention else 0
+    per_token = config.n_layer * (attention + 2 * d * inner + 2 * inner * d) + 2 * d * config.vocab_size
     per_token += sum(field_flops_per_token(d, n) for n in neurons)
     return per_token * seq_len * n_seqs

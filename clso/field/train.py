@@ -18,7 +18,7 @@ baseline does, on the same learning-rate schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from clso.baseline import learning_rate
 from clso.context import precision_context, resolve_precision
 from clso.data import TokenData, random_batch
-from clso.energy import EnergyMeter
+from clso.energy import EnergyMeter, EnergyReading
 from clso.evaluate import split_loss
+from clso.field.checkpoint import FieldCheckpoint
 from clso.field.model import FieldConfig, FieldLM, NeuronField, forward_flops
 from clso.flops import throughput
 
@@ -101,22 +102,25 @@ class NeuronAdam:
 
     @torch.no_grad()
     def step(self, lr: float, multiplier: torch.Tensor) -> None:
-        f = self.field
-        learning = (f.birth_step >= 0) & ~f.frozen & (multiplier > 0)
-        self.steps += learning.long()
+        """One update of the neurons born so far (the first `alive` rows; the rest of the capacity is
+        never touched), `multiplier` by neuron."""
+        n = self.field.alive
+        learning = ~self.field.frozen[:n] & (multiplier[:n] > 0)
+        steps = self.steps[:n]
+        steps += learning.long()
         b1, b2 = self.betas
-        t = self.steps.clamp_min(1).float()
+        t = steps.clamp_min(1).float()
         correction1, correction2 = 1 - b1 ** t, 1 - b2 ** t
         for p, m, v in zip(self.params, self.m, self.v):
             if p.grad is None:
                 continue
+            p, m, v, g = p[:n], m[:n], v[:n], p.grad[:n]
             shape = (-1,) + (1,) * (p.dim() - 1)
             rows = learning.view(shape)
-            g = p.grad
             m.copy_(torch.where(rows, b1 * m + (1 - b1) * g, m))
             v.copy_(torch.where(rows, b2 * v + (1 - b2) * g * g, v))
             update = (m / correction1.view(shape)) / ((v / correction2.view(shape)).sqrt() + self.eps)
-            p.copy_(torch.where(rows, p - lr * multiplier.view(shape) * update, p))
+            p.copy_(torch.where(rows, p - lr * multiplier[:n].view(shape) * update, p))
 
 
 def ages(field: NeuronField, step: int) -> torch.Tensor:
@@ -173,7 +177,8 @@ def freeze_counts(field: NeuronField, schedule: FieldSchedule, step: int) -> tor
 
 def field_config(cfg, vocab_size: int, block_size: int) -> FieldConfig:
     """From the params.yaml `field` section; the context is the baseline's (model.block_size)."""
-    return FieldConfig(vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head, block_size, cfg.initial_neurons, cfg.max_neurons)
+    return FieldConfig(vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head, block_size, cfg.initial_neurons, cfg.max_neurons,
+                       cfg.attention)
 
 
 def new_field_lm(config: FieldConfig, seed: int, device) -> FieldLM:
@@ -188,15 +193,58 @@ class FieldResult:
     precision: str
     curve: list[dict] = field(default_factory=list)
     train_energy: dict = field(default_factory=dict)
+    resumed_at: int = 0  # the step a checkpoint was resumed at; 0: trained from the start
+
+
+def _tensors(model: FieldLM, adamw: torch.optim.Optimizer, neuron_adams: list[NeuronAdam], queries, snapshots
+             ) -> dict[str, torch.Tensor]:
+    """Everything of a run a checkpoint holds as tensors."""
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, state in adamw.state_dict()["state"].items():
+        out |= {f"adamw.{i}.{k}": v for k, v in state.items()}
+    for layer, opt in enumerate(neuron_adams):
+        out[f"neurons.{layer}.steps"] = opt.steps
+        for k, (m, v) in enumerate(zip(opt.m, opt.v)):
+            out[f"neurons.{layer}.m{k}"], out[f"neurons.{layer}.v{k}"] = m, v
+    for layer, (q, snapshot) in enumerate(zip(queries, snapshots)):
+        if q is not None:
+            out[f"queries.{layer}"] = q
+        if snapshot is not None:
+            out[f"snapshot.{layer}"] = snapshot
+    return out
+
+
+@torch.no_grad()
+def _restore(tensors: dict[str, torch.Tensor], model: FieldLM, adamw: torch.optim.Optimizer,
+             neuron_adams: list[NeuronAdam], queries: list, snapshots: list, device) -> None:
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("adamw."):
+            _, i, name = key.split(".")
+            state.setdefault(int(i), {})[name] = v
+    adamw.load_state_dict({"state": state, "param_groups": adamw.state_dict()["param_groups"]})
+    for layer, opt in enumerate(neuron_adams):
+        opt.steps.copy_(tensors[f"neurons.{layer}.steps"])
+        for k, (m, v) in enumerate(zip(opt.m, opt.v)):
+            m.copy_(tensors[f"neurons.{layer}.m{k}"])
+            v.copy_(tensors[f"neurons.{layer}.v{k}"])
+    for layer in range(len(queries)):
+        queries[layer] = tensors[f"queries.{layer}"].to(device) if f"queries.{layer}" in tensors else None
+        snapshots[layer] = tensors[f"snapshot.{layer}"].to(device) if f"snapshot.{layer}" in tensors else None
 
 
 def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device, meter_options: dict,
-                on_step=None) -> FieldResult:
+                on_step=None, checkpoint: FieldCheckpoint | None = None) -> FieldResult:
     """`cfg.steps` steps of AdamW (the dense parts) and NeuronAdam (the fields) on random train
     batches, neurons born and frozen as FieldSchedule says. The curve has a row per step (after that
     many steps): neurons, frozen share, mean learning-rate multiplier, FLOPs; and at every
     `eval_interval` the val loss and the energy of training alone (the periodic validation is metered
-    apart and subtracted, as for the baseline). Births, freezing and their bookkeeping are charged."""
+    apart and subtracted, as for the baseline). Births, freezing and their bookkeeping are charged.
+
+    With a `checkpoint`, the run is saved before every `eval_interval`-th step and resumes from the
+    last save, to the same results bit for bit on CPU; its energy is that of the segments up to their
+    last saves (writing checkpoints is metered apart and charged to no one, as in evolve)."""
     schedule = FieldSchedule.from_params(cfg)
     precision = resolve_precision(cfg.precision, device)
     model = new_field_lm(config, seed, device)
@@ -220,9 +268,40 @@ def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device,
     T, B = config.block_size, cfg.batch_size
     eval_seqs = (len(val) - 1) // T
     result = FieldResult(model, precision)
-    flops, evals, losses, counts = 0, None, [], []
+    # this segment's losses and freeze counts stay on the device until the end (reading them each step would
+    # wait for a GPU); the earlier segments' come as numbers from the checkpoint
+    start, flops, losses, counts, earlier, earlier_losses, earlier_counts = 0, 0, [], [], None, [], []
+    saved = checkpoint.load() if checkpoint else None
+    if saved:
+        state, tensors = saved
+        _restore(tensors, model, adamw, neuron_adams, queries, snapshots, device)
+        rng.bit_generator.state, birth_rng.bit_generator.state = state["rng"], state["birth_rng"]
+        start, flops, earlier_losses, earlier_counts = state["step"], state["flops"], state["losses"], state["counts"]
+        result.curve, result.resumed_at = state["curve"], start
+        earlier = {k: EnergyReading(**v) for k, v in state["energy"].items()}  # training, evaluations, saving
+    model.train()
     with EnergyMeter(**meter_options) as meter:
-        for step in range(cfg.steps + 1):
+        nothing = meter.read()
+        nothing = nothing.minus(nothing)
+        earlier = earlier or {"training": nothing, "evaluations": nothing, "saving": nothing}
+        evals, saving = nothing, nothing  # this segment's, metered apart from its training
+
+        def trained(now: EnergyReading) -> EnergyReading:
+            """Training alone so far: the earlier segments' and this one's."""
+            return earlier["training"].plus(now.minus(evals).minus(saving))
+
+        for step in range(start, cfg.steps + 1):
+            if checkpoint and step > start and step % cfg.eval_interval == 0 and step < cfg.steps:
+                before = meter.read()
+                checkpoint.save({"step": step, "flops": flops, "curve": result.curve,
+                                 "losses": earlier_losses + torch.stack(losses).tolist() if losses else earlier_losses,
+                                 "counts": earlier_counts + torch.stack(counts).tolist(),
+                                 "rng": rng.bit_generator.state, "birth_rng": birth_rng.bit_generator.state,
+                                 "energy": {"training": asdict(trained(before)),
+                                            "evaluations": asdict(earlier["evaluations"].plus(evals)),
+                                            "saving": asdict(earlier["saving"].plus(saving))}},
+                                _tensors(model, adamw, neuron_adams, queries, snapshots))
+                saving = saving.plus(meter.read().minus(before))
             counts.append(sum(freeze_counts(f, schedule, step) for f in model.fields))
             row = {"step": step, "tokens": step * B * T, "train_loss": None, "val_loss": None,
                    "neurons": sum(f.alive for f in model.fields), "frozen_share": None, "mean_lr_multiplier": None,
@@ -233,9 +312,9 @@ def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device,
                 with torch.no_grad():
                     row["val_loss"] = split_loss(model, val, T, EVAL_BATCH, device)
                 model.train()
-                trained = before.minus(evals) if evals else before
-                evals = meter.read().minus(before) if evals is None else evals.plus(meter.read().minus(before))
-                row.update(energy_wh=trained.energy_wh, energy_method=trained.method, wall_s=trained.wall_s)
+                so_far = trained(before)
+                evals = evals.plus(meter.read().minus(before))
+                row.update(energy_wh=so_far.energy_wh, energy_method=so_far.method, wall_s=so_far.wall_s)
             result.curve.append(row)
             if on_step:
                 on_step(row)
@@ -263,19 +342,22 @@ def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device,
                 group["lr"] = lr
             adamw.step()
             for f, opt in zip(model.fields, neuron_adams):
-                opt.step(lr, schedule.lr_multiplier(ages(f, step)))
+                opt.step(lr, schedule.lr_multiplier(ages(f, step)[:f.alive]))
             losses.append(loss.detach())
             # forward and backward (2x: input and weight gradients), every neuron alive this step included
             flops += 3 * forward_flops(config, [f.alive for f in model.fields], T, B)
-    trained = meter.reading.minus(evals).as_metrics()
-    for row, loss in zip(result.curve[1:], losses):  # read at the end: one sync, not one per step
-        row["train_loss"] = float(loss)
-    for row, (frozen, multipliers) in zip(result.curve, torch.stack(counts).tolist()):
+    total = trained(meter.reading)
+    for row, loss in zip(result.curve[1:], earlier_losses + (torch.stack(losses).tolist() if losses else [])):
+        row["train_loss"] = loss
+    for row, (frozen, multipliers) in zip(result.curve, earlier_counts + torch.stack(counts).tolist()):
         row["frozen_share"] = frozen / row["neurons"] if row["neurons"] else 0.0
         row["mean_lr_multiplier"] = multipliers / row["neurons"] if row["neurons"] else 0.0
-    result.train_energy = {**trained, "flops": flops, "eval_energy_wh": evals.energy_wh,
+    evaluations = earlier["evaluations"].plus(evals)
+    result.train_energy = {**total.as_metrics(), "flops": flops, "eval_energy_wh": evaluations.energy_wh,
                            "eval_flops": sum(forward_flops(config, [r["neurons"] // config.n_layer] * config.n_layer, T,
                                                            eval_seqs) for r in result.curve if r["val_loss"] is not None),
-                           **throughput(flops, cfg.steps * B * T, trained["wall_s"], device)}
+                           "checkpoint_energy_wh": earlier["saving"].plus(saving).energy_wh,
+                           **throughput(flops, (cfg.steps - start) * B * T, total.wall_s - earlier["training"].wall_s,
+                                        device)}
     model.eval()
     return result

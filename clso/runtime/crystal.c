@@ -40,8 +40,8 @@ enum { FLAG_TIED = 1, FLAG_PRUNED = 2, FLAG_CRYSTALLINE = 4 };
 static const char *MODES[] = {"f32", "int16", "int8", "mixed16", "mixed8"};
 static const char *DTYPES[] = {"f32", "i16", "i8", "i32", "trit5", "i4", "u8"};
 static const char *BUCKETS[] = {"c_attn", "attn_proj", "c_fc", "mlp_proj"};
-static const char *ARCHITECTURES[] = {"gpt2", "field"};
-enum { ARCH_GPT2, ARCH_FIELD };
+static const char *ARCHITECTURES[] = {"gpt2", "field", "flat_field"};
+enum { ARCH_GPT2, ARCH_FIELD, ARCH_FLAT_FIELD }; /* flat_field: a field and no attention */
 #define DIST_FLOOR 1e-6f       /* under the root of a neuron's squared distance (clso/field/model.py) */
 #define TEMPERATURE_FLOOR 0.1f /* the journal's |tau| + 0.1 */
 
@@ -142,7 +142,8 @@ typedef struct {            /* the neuron field of a block: out = sum_i w_i val_
 
 typedef struct {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
-    Linear lin[4];
+    Linear lin[4];          /* c_attn, attn_proj (absent in a flat field), c_fc, mlp_proj */
+    int attention;
     Field field;
 } Block;
 
@@ -223,7 +224,7 @@ static void read_header(Model *m, int verify_crc) {
     h->n_tensors = f[3], h->mode = f[4], h->flags = f[5], h->vocab_rows = f[6], h->tok_vocab = f[7];
     h->n_layer = f[8], h->n_embd = f[9], h->n_head = f[10], h->block_size = f[11], h->n_inner = f[12];
     h->tok_kind = f[13], h->eot = f[14], h->unk = f[15], h->eps = f32(d + 76), h->architecture = u32(d + 112);
-    if (h->architecture > ARCH_FIELD || (h->version == 1 && h->architecture))
+    if (h->architecture > ARCH_FLAT_FIELD || (h->version == 1 && h->architecture))
         bad(ctx, "unknown architecture %u for format version %u", h->architecture, h->version);
     if (h->mode > 4 || (h->flags & ~7u)) bad(ctx, "unknown mode %u or flags %#x", h->mode, h->flags);
     struct { const char *name; uint32_t value, top; } limits[] = {
@@ -405,12 +406,15 @@ static void load_model(Model *m) {
     for (uint32_t l = 0; l < h->n_layer; l++) {
         char name[64];
         Block *b = &m->blocks[l];
-        snprintf(name, sizeof name, "h.%u.ln_1.w", l), b->ln1_w = vector(m, name, d);
-        snprintf(name, sizeof name, "h.%u.ln_1.b", l), b->ln1_b = vector(m, name, d);
+        b->attention = h->architecture != ARCH_FLAT_FIELD;
+        if (b->attention) {
+            snprintf(name, sizeof name, "h.%u.ln_1.w", l), b->ln1_w = vector(m, name, d);
+            snprintf(name, sizeof name, "h.%u.ln_1.b", l), b->ln1_b = vector(m, name, d);
+        }
         snprintf(name, sizeof name, "h.%u.ln_2.w", l), b->ln2_w = vector(m, name, d);
         snprintf(name, sizeof name, "h.%u.ln_2.b", l), b->ln2_b = vector(m, name, d);
-        for (int k = 0; k < 4; k++) b->lin[k] = linear(m, l, k, shapes[k][0], shapes[k][1]);
-        if (h->architecture == ARCH_FIELD) b->field = field(m, l);
+        for (int k = b->attention ? 0 : 2; k < 4; k++) b->lin[k] = linear(m, l, k, shapes[k][0], shapes[k][1]);
+        if (h->architecture != ARCH_GPT2) b->field = field(m, l);
     }
     m->row_of = own(&m->ctx, h->tok_vocab * sizeof(int32_t));
     for (uint32_t i = 0; i < h->tok_vocab; i++) m->row_of[i] = h->flags & FLAG_PRUNED ? -1 : (int32_t)i;
@@ -605,31 +609,33 @@ static float *forward(const Model *m, State *s, int row, int pos) {
     for (int i = 0; i < d; i++) x[i] += mat_at(&m->wpe, pos, i);
     for (uint32_t l = 0; l < m->h.n_layer; l++) {
         const Block *b = &m->blocks[l];
-        float *kc = s->key_cache + (size_t)l * T * d, *vc = s->value_cache + (size_t)l * T * d;
-        layer_norm(s->xb, x, b->ln1_w, b->ln1_b, d, m->h.eps);
-        apply_linear(&b->lin[0], s->xb, s->qkv, s);
-        memcpy(kc + (size_t)pos * d, s->qkv + d, d * sizeof(float));
-        memcpy(vc + (size_t)pos * d, s->qkv + 2 * d, d * sizeof(float));
-        for (int h = 0; h < n_head; h++) {
-            const float *q = s->qkv + h * hs;
-            float top = -INFINITY, sum = 0.0f, *o = s->xb + h * hs;
-            for (int t = 0; t <= pos; t++) {
-                const float *k = kc + (size_t)t * d + h * hs;
-                float a = 0.0f;
-                for (int i = 0; i < hs; i++) a += q[i] * k[i];
-                s->att[t] = a / sqrtf((float)hs);
-                if (s->att[t] > top) top = s->att[t];
+        if (b->attention) {
+            float *kc = s->key_cache + (size_t)l * T * d, *vc = s->value_cache + (size_t)l * T * d;
+            layer_norm(s->xb, x, b->ln1_w, b->ln1_b, d, m->h.eps);
+            apply_linear(&b->lin[0], s->xb, s->qkv, s);
+            memcpy(kc + (size_t)pos * d, s->qkv + d, d * sizeof(float));
+            memcpy(vc + (size_t)pos * d, s->qkv + 2 * d, d * sizeof(float));
+            for (int h = 0; h < n_head; h++) {
+                const float *q = s->qkv + h * hs;
+                float top = -INFINITY, sum = 0.0f, *o = s->xb + h * hs;
+                for (int t = 0; t <= pos; t++) {
+                    const float *k = kc + (size_t)t * d + h * hs;
+                    float a = 0.0f;
+                    for (int i = 0; i < hs; i++) a += q[i] * k[i];
+                    s->att[t] = a / sqrtf((float)hs);
+                    if (s->att[t] > top) top = s->att[t];
+                }
+                for (int t = 0; t <= pos; t++) sum += s->att[t] = expf(s->att[t] - top);
+                for (int i = 0; i < hs; i++) o[i] = 0.0f;
+                for (int t = 0; t <= pos; t++) {
+                    const float *v = vc + (size_t)t * d + h * hs;
+                    float a = s->att[t] / sum;
+                    for (int i = 0; i < hs; i++) o[i] += a * v[i];
+                }
             }
-            for (int t = 0; t <= pos; t++) sum += s->att[t] = expf(s->att[t] - top);
-            for (int i = 0; i < hs; i++) o[i] = 0.0f;
-            for (int t = 0; t <= pos; t++) {
-                const float *v = vc + (size_t)t * d + h * hs;
-                float a = s->att[t] / sum;
-                for (int i = 0; i < hs; i++) o[i] += a * v[i];
-            }
+            apply_linear(&b->lin[1], s->xb, s->qkv, s);
+            for (int i = 0; i < d; i++) x[i] += s->qkv[i];
         }
-        apply_linear(&b->lin[1], s->xb, s->qkv, s);
-        for (int i = 0; i < d; i++) x[i] += s->qkv[i];
         if (b->field.n) apply_field(&b->field, x, s, d, m->h.eps);
         layer_norm(s->xb, x, b->ln2_w, b->ln2_b, d, m->h.eps);
         apply_linear(&b->lin[2], s->xb, s->hidden, s);
