@@ -65,7 +65,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
         "test_loss": base_test, "test_ppl": math.exp(base_test), "energy_wh": base_metrics["energy_wh"],
         "method": base_metrics["method"], "flops": base_metrics["flops"], "wall_s": base_metrics["wall_s"],
         "steps": base_metrics["steps"], "eval_energy_wh": base_metrics["eval_energy_wh"],
-        "energy_by_device": device_parts(base_metrics), "torch_compile": base_metrics["torch_compile"],
+        "energy_by_device": device_parts(base_metrics), "torch_compile": base_metrics["setup"]["torch_compile"],
     }
     runs, charged = [], {}
     for v in variants:
