@@ -312,7 +312,8 @@ def report(result: dict, others: dict) -> str:
                   "| model | mode | bytes | vs its f32 | vs dense f32 | exact layers | mean KL (nats) | top-1 agreement | "
                   "val ppl | ppl change | max logit diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in files.items():
-            lines += [f"| {name} | {mode} | {f['bytes']} | {f['bytes_vs_f32']:.1%} | {f['bytes_vs_dense_f32']:.1%} | "
+            lines += [f"| {name} | {mode} | {f['bytes']} | {f['bytes_vs_f32']:.1%} | "
+                      f"{format(f['bytes_vs_dense_f32'], '.1%') if 'bytes_vs_dense_f32' in f else '—'} | "
                       f"{_exact_layers(f['exactness'])} | {f['mean_kl']:.2g} | "
                       f"{f['top1_agreement']:.2%} | {f['val_ppl']:.4g} | {f['ppl_change']:+.3%} | "
                       f"{f['max_abs_logit_diff']:.3g} |" for mode, f in m["modes"].items()]

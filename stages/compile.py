@@ -74,9 +74,9 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
             for name, (spec, float_logits) in specs.items():
                 models[name] = _compile_model(name, spec, float_logits, out, runtime, tokenizer, keep, val, p,
                                               bar, task)
-            dense_f32 = models["baseline"]["modes"]["f32"]["bytes"]  # the same architecture, every matrix dense f32
-            for m in models.values():
-                for f in m["modes"].values():
+            dense_f32 = models["baseline"]["modes"]["f32"]["bytes"]  # CLSO's architecture, every matrix dense f32
+            for name in ("clso", "baseline"):  # not the field's: another architecture
+                for f in models[name]["modes"].values():
                     f["bytes_vs_dense_f32"] = f["bytes"] / dense_f32
             vocab_rows = int(len(keep)) if keep is not None else data.vocab_size
             write_json_atomic(out / REPORT, {"variant": variant.name, "prune_vocab": c.prune_vocab, "vocab_rows": vocab_rows,
@@ -96,7 +96,7 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
         "clso_mixed8_bytes_vs_f32": checks["clso_mixed8_bytes_vs_f32"] <= TARGETS["clso_mixed8_bytes_vs_f32_max"],
         "runtime_vs_torch_tokens_per_s": checks["runtime_vs_torch_tokens_per_s"] >= TARGETS["runtime_vs_torch_tokens_per_s_min"],
     }
-    summary = {name: {"modes": {"mixed8": {k: m["modes"]["mixed8"][k] for k in SUMMARY}},
+    summary = {name: {"modes": {"mixed8": {k: m["modes"]["mixed8"][k] for k in SUMMARY if k in m["modes"]["mixed8"]}},
                       **({"runtime_bench": {k: m["runtime_bench"][k] for k in BENCH_SUMMARY}} if "runtime_bench" in m else {})}
                for name, m in models.items()}
     summary["field"]["journal"] = journal = journal_claims(models["field"]["modes"], TARGETS["mixed8_mean_kl_max"],

@@ -62,7 +62,7 @@ def field(params: Path = PARAMS_OPTION) -> None:
 
         checkpoint = FieldCheckpoint(CHECKPOINT, fingerprint(
             {"base": asdict(p.base), "model": asdict(p.model), "field": asdict(cfg),
-             "precision": resolve_precision(cfg.precision, device)},
+             "precision": resolve_precision(cfg.precision, device), "device": str(device)},
             [data.folder / "meta.json"], FIELD_CODE))
         result = train_field(data, config, cfg, seed=p.base.seed, device=device, meter_options=meter, on_step=show,
                              checkpoint=checkpoint)

@@ -221,7 +221,7 @@ def test_the_field_contestant_sets_its_final_losses_per_character_beside_the_jou
     assert c["our_final_train"] == pytest.approx(4.195 * 0.25) and c["our_final_val"] == pytest.approx(2.5)
     assert c["journal_causal_train"] == pytest.approx(2.39 * 338_025 / 1_115_394)
     assert j["causal_train_loss_met"] is (4.195 * 0.25 <= 2.39 * JOURNAL_FIELD["gpt2_tokens_per_char"])
-    assert j["journal_causal_train_tokens"] == 60 * 338_025 and j["our_train_tokens"] == 1000
+    assert j["journal_causal_train_tokens"] == 60 * 2 * 338_025 and j["our_train_tokens"] == 1000
     assert f["ppl_ratio"] == pytest.approx(math.exp(0.1), abs=1e-4) and f["energy_ratio"] == 0.5
     assert f["test_ppl"] == pytest.approx(math.exp(5.5))
     met = field_contestant(metrics, curve, 5.5, {"val_ppl": 1.0, "energy_wh": 1.0, "flops": 1.0, "torch_compile": "none"},

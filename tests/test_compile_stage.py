@@ -78,7 +78,8 @@ def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdi
     for name, summary in metrics["models"].items():
         full = report["models"][name]
         assert set(summary["modes"]) == {"mixed8"} and set(full["modes"]) == set(MODES)
-        assert summary["modes"]["mixed8"] == {k: full["modes"]["mixed8"][k] for k in MIXED8}
+        expected = MIXED8 - {"bytes_vs_dense_f32"} if name == "field" else MIXED8  # another architecture than GPT-2's
+        assert summary["modes"]["mixed8"] == {k: full["modes"]["mixed8"][k] for k in expected}
         assert full["sample_mixed8"]
         if name != "field":
             assert summary["runtime_bench"] == {k: full["runtime_bench"][k] for k in BENCH}

@@ -1,5 +1,6 @@
 """The neuron-field LM (document 004): its op, growth, hard and soft freezing, and its .crystal files."""
 
+import re
 import subprocess
 from pathlib import Path
 import zlib
@@ -172,7 +173,10 @@ def test_neurons_are_born_at_training_queries_never_at_validation_ones(prepared,
         return real(field, optimizer, count, queries, *args)
 
     monkeypatch.setattr(train, "give_birth", spy)
-    cfg = _cfg()
+    cfg = _cfg(batch_size=3)
+    windows = (len(prepared.tokens("val")) - 1) // 16
+    val_batches = {min(train.EVAL_BATCH, windows - first) for first in range(0, windows, train.EVAL_BATCH)}
+    assert cfg.batch_size not in val_batches  # so a validation batch's queries cannot pass for a training batch's
     _train(prepared, cfg)
     assert seen and set(seen) == {(cfg.batch_size, 16, cfg.n_embd)}
 
@@ -350,27 +354,29 @@ def test_malformed_field_sections_are_rejected_by_both_readers_in_one_line(runti
         return cr.build_crystal(spec, "mixed8", tiny_tokenizers()["bpe"])
 
     pos = cr.field_spec(tiny_field_lm(4)).fields["h.0"]["pos"]
-    bad = {
-        "fewer values than positions": with_field(val=torch.zeros(4, 16)),
-        "a temperature short": with_field(temp=torch.zeros(4)),
-        "positions of another width": with_field(pos=pos[:, :8].contiguous(), val=torch.zeros(5, 8)),
-        "temperatures as a matrix": with_field(temp=torch.zeros(5, 1)),
-        "temperatures missing": _rename(blob, "h.0.field.temp", "h.0.field.tmpx"),
-        "values missing": _rename(blob, "h.0.field.val", "h.0.field.vax"),
-        "field LayerNorm missing": _rename(blob, "h.0.field.ln.w", "h.0.field.ln.x"),
-        "unknown architecture": _rewrite_header(blob, architecture=len(cr.ARCHITECTURES)),
-        "a flat field that claims attention": _rewrite_header(flat, architecture=cr.ARCHITECTURES.index("field")),
-        "a field in a version-1 file": _rewrite_header(blob, version=1),
-        "a GPT-2 file that claims a field": _rewrite_header(gpt2, architecture=1),
+    bad = {  # what is wrong: (the file, what both readers' one line must name)
+        "fewer values than positions": (with_field(val=torch.zeros(4, 16)), "h.0.field.val"),
+        "a temperature short": (with_field(temp=torch.zeros(4)), "h.0.field.temp"),
+        "positions of another width": (with_field(pos=pos[:, :8].contiguous(), val=torch.zeros(5, 8)), "h.0.field"),
+        "temperatures as a matrix": (with_field(temp=torch.zeros(5, 1)), "h.0.field.temp"),
+        "temperatures missing": (_rename(blob, "h.0.field.temp", "h.0.field.tmpx"), "h.0.field.temp"),
+        "values missing": (_rename(blob, "h.0.field.val", "h.0.field.vax"), "h.0.field.val"),
+        "field LayerNorm missing": (_rename(blob, "h.0.field.ln.w", "h.0.field.ln.x"), "h.0.field.ln.w"),
+        "unknown architecture": (_rewrite_header(blob, architecture=len(cr.ARCHITECTURES)), "unknown architecture"),
+        "a flat field that claims attention": (_rewrite_header(flat, architecture=cr.ARCHITECTURES.index("field")),
+                                               "h.0.ln_1.w"),
+        "a field in a version-1 file": (_rewrite_header(blob, version=1), "unknown architecture 1"),
+        "a GPT-2 file that claims a field": (_rewrite_header(gpt2, architecture=1), "h.0.field.pos"),
     }
-    for what, data in bad.items():
-        with pytest.raises(cr.CrystalFormatError):
+    for what, (data, reason) in bad.items():
+        with pytest.raises(cr.CrystalFormatError, match=re.escape(reason)):
             cr.read_crystal(data)
         path = tmp_path / "bad.crystal"
         path.write_bytes(data)
         done = subprocess.run([str(runtime), "logits", str(path), "1"], capture_output=True, text=True)
         assert done.returncode == 1 and not done.stdout, what
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("crystal: error:"), (what, done.stderr)
+        assert reason in done.stderr, (what, done.stderr)
 
 
 def test_version_1_gpt2_files_are_still_read(runtime, tmp_path):

@@ -32,7 +32,7 @@ class FieldCheckpoint:
             if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != self.fingerprint:
                 return None
             return state, load_file(str(self.folder / state["tensor_file"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 -- json, OSError, safetensors' own error: all mean unreadable
             raise ClsoError(f"{self.folder}: checkpoint unreadable ({type(e).__name__}); delete the folder to "
                             "train afresh") from None
 
@@ -47,7 +47,9 @@ class FieldCheckpoint:
                 old.unlink()
 
     def clear(self) -> None:
-        """After the run's outputs are written: a later run starts afresh."""
+        """After the run's outputs are written: a later run starts afresh. The folder stays (an output
+        of the stage even when the run was too short to save)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "state.json").unlink(missing_ok=True)
         for old in self.folder.glob("tensors-*.safetensors"):
             old.unlink()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clso import ClsoError
 from clso.baseline import learning_rate
 from clso.context import precision_context, resolve_precision
 from clso.data import TokenData, random_batch
@@ -244,7 +245,8 @@ def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device,
 
     With a `checkpoint`, the run is saved before every `eval_interval`-th step and resumes from the
     last save, to the same results bit for bit on CPU; its energy is that of the segments up to their
-    last saves (writing checkpoints is metered apart and charged to no one, as in evolve)."""
+    last saves (the steps a kill loses after a save are done again and charged once; writing
+    checkpoints is metered apart and charged to no one, as in evolve). Throughput is this segment's."""
     schedule = FieldSchedule.from_params(cfg)
     precision = resolve_precision(cfg.precision, device)
     model = new_field_lm(config, seed, device)
@@ -274,11 +276,16 @@ def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device,
     saved = checkpoint.load() if checkpoint else None
     if saved:
         state, tensors = saved
-        _restore(tensors, model, adamw, neuron_adams, queries, snapshots, device)
+        try:
+            _restore(tensors, model, adamw, neuron_adams, queries, snapshots, device)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ClsoError(f"{checkpoint.folder}: checkpoint does not fit this model ({type(e).__name__}); delete "
+                            "the folder to train afresh") from None
         rng.bit_generator.state, birth_rng.bit_generator.state = state["rng"], state["birth_rng"]
         start, flops, earlier_losses, earlier_counts = state["step"], state["flops"], state["losses"], state["counts"]
         result.curve, result.resumed_at = state["curve"], start
         earlier = {k: EnergyReading(**v) for k, v in state["energy"].items()}  # training, evaluations, saving
+    start_flops = flops
     model.train()
     with EnergyMeter(**meter_options) as meter:
         nothing = meter.read()
@@ -357,7 +364,7 @@ def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device,
                            "eval_flops": sum(forward_flops(config, [r["neurons"] // config.n_layer] * config.n_layer, T,
                                                            eval_seqs) for r in result.curve if r["val_loss"] is not None),
                            "checkpoint_energy_wh": earlier["saving"].plus(saving).energy_wh,
-                           **throughput(flops, (cfg.steps - start) * B * T, total.wall_s - earlier["training"].wall_s,
+                           **throughput(flops - start_flops, (cfg.steps - start) * B * T, total.wall_s - earlier["training"].wall_s,
                                         device)}
     model.eval()
     return result
