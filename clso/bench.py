@@ -85,6 +85,70 @@ def _side_by_side(genomes: np.ndarray, plain, fast, repeats: int, device="cpu") 
     }
 
 
+def bench_model_and_batch(device, *, n_embd, n_layer, n_head, batch_size, block_size, library_size, vocab_size,
+                          seed) -> tuple[CrystallineGPT2, EvalBatch]:
+    """The benchmarks' model, on a generated library, and a fitness batch of uniform random tokens
+    (speed does not depend on their content): the same on every device and every worker."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        library, _ = Library.generate(seed, n_embd, size=library_size, shares=DEFAULT_SHARES, stats_device=device)
+        config = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                             block_size=block_size)
+        model = CrystallineGPT2(config, library, seed=seed).to(device).eval()
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, size=batch_size * block_size * 16, dtype=np.int64)
+    return model, EvalBatch.sample(tokens, batch_size, block_size, seed, device)
+
+
+def _distinct_genomes(population: int, n_genes: int, library_size: int, rng: np.random.Generator) -> np.ndarray:
+    distinct = np.unique(rng.integers(0, library_size, size=(population, n_genes)), axis=0)
+    while len(distinct) < population:
+        extra = rng.integers(0, library_size, size=(population - len(distinct), n_genes))
+        distinct = np.unique(np.concatenate([distinct, extra]), axis=0)
+    return rng.permutation(distinct)
+
+
+def bench_eval_workers(workers: int, *, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8,
+                       block_size=128, library_size=256, vocab_size=4096, repeats=3, seed=0, precision="fp32",
+                       address: str | None = None) -> dict:
+    """Population evaluation on Ray actors (evolve.workers): genomes/s of P distinct random genomes
+    on `workers` actors against the first actor alone, interleaved, after one warm-up call each;
+    the speed-up, the scaling efficiency (speed-up / workers), the FLOPs of each side (a shard
+    boundary costs its shared prefix) and whether the losses are bit for bit the same."""
+    import functools
+
+    from clso.workers import RayPool
+
+    shapes = dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
+                  library_size=library_size, vocab_size=vocab_size, seed=seed)
+    model, _ = bench_model_and_batch("cpu", **shapes)
+    genomes = np.unique(_distinct_genomes(population, genome_length(model.config), library_size,
+                                          np.random.default_rng(seed)), axis=0)
+    pool = RayPool(workers, functools.partial(bench_model_and_batch, **shapes), precision, {}, address)
+    try:
+        sides = {"one_worker": 1, "workers": workers}
+        out = {side: pool.losses_and_flops(genomes, actors=n) for side, n in sides.items()}  # warm: models built
+        times = {side: [] for side in sides}
+        for _ in range(repeats):
+            for side, n in sides.items():
+                start = time.perf_counter()
+                pool.losses_and_flops(genomes, actors=n)
+                times[side].append(time.perf_counter() - start)
+        devices = pool.ray.cluster_resources()
+    finally:
+        pool.close()
+    per_s = {side: len(genomes) / statistics.median(t) for side, t in times.items()}
+    speedup = per_s["workers"] / per_s["one_worker"]
+    return {
+        "benchmark": "eval_workers", "workers": workers, "precision": precision,
+        "cluster": {"cpus": devices.get("CPU", 0), "gpus": devices.get("GPU", 0)},
+        "config": {**shapes, "population": len(genomes), "repeats": repeats},
+        "one_worker_genomes_per_s": round(per_s["one_worker"], 3), "workers_genomes_per_s": round(per_s["workers"], 3),
+        "speedup": round(speedup, 4), "scaling_efficiency": round(speedup / workers, 4),
+        "one_worker_flops": out["one_worker"][1], "workers_flops": out["workers"][1],
+        "losses_identical": bool(np.array_equal(out["one_worker"][0], out["workers"][0])),
+    }
+
+
 def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, block_size=128,
                library_size=256, vocab_size=4096, warmup_generations=10, repeats=3, seed=0,
                device="cpu", precision="fp32") -> dict:
@@ -102,13 +166,11 @@ def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, 
     fast path in `precision` against the plain fp32 one: with bf16 (auto on CUDA) that is bf16
     against fp32 on (b)'s children too, the near neighbours a GA that has run a while makes.
     """
-    torch.manual_seed(seed)
-    library, _ = Library.generate(seed, n_embd, size=library_size, shares=DEFAULT_SHARES, stats_device=device)
-    config = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block_size)
-    model = CrystallineGPT2(config, library, seed=seed).to(device).eval()
+    model, batch = bench_model_and_batch(device, n_embd=n_embd, n_layer=n_layer, n_head=n_head, batch_size=batch_size,
+                                         block_size=block_size, library_size=library_size, vocab_size=vocab_size,
+                                         seed=seed)
+    config = model.config
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab_size, size=batch_size * block_size * 16, dtype=np.int64)
-    batch = EvalBatch.sample(tokens, batch_size, block_size, seed, device)
     n_genes = genome_length(config)
     dense_flops = forward_flops(config.gpt2(), block_size, batch_size)
 
@@ -121,11 +183,7 @@ def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, 
                                                           for g in genomes]))}
 
     # (a) distinct random genomes
-    distinct = np.unique(rng.integers(0, library_size, size=(population, n_genes)), axis=0)
-    while len(distinct) < population:
-        extra = rng.integers(0, library_size, size=(population - len(distinct), n_genes))
-        distinct = np.unique(np.concatenate([distinct, extra]), axis=0)
-    distinct = rng.permutation(distinct)
+    distinct = _distinct_genomes(population, n_genes, library_size, rng)
     part_a = _side_by_side(distinct, plain, lambda: population_losses(model, distinct, batch, precision=precision),
                            repeats, device)
     part_a.update(flops_of(distinct))

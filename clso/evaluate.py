@@ -250,8 +250,11 @@ class FitnessEvaluator:
     """
 
     def __init__(self, model: CrystallineGPT2, batch: EvalBatch, max_networks: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", pool=None):
         self.model, self.batch, self.max_networks, self.precision = model, batch, max_networks, precision
+        self.pool = pool  # a clso.workers.RayPool, or None: in this process
+        self.pool_weights_stale = True  # the pool's actors have not got the current continuous weights
+        self.worker_readings: list = []  # the actors' energy readings, until the caller takes them
         self.cache: dict[tuple[int, ...], float] = {}
         self.computed = 0  # genomes really evaluated (cache misses)
         self.flops = 0  # matmul FLOPs of those evaluations, shared prefixes counted once
@@ -263,8 +266,16 @@ class FitnessEvaluator:
         missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
         self.last_computed, self.last_flops = missing, 0
         if missing:
-            losses, self.last_flops = population_losses_and_flops(self.model, missing, self.batch, self.max_networks,
-                                                                  self.precision)
+            if self.pool is None:
+                losses, self.last_flops = population_losses_and_flops(self.model, missing, self.batch,
+                                                                      self.max_networks, self.precision)
+            else:
+                if self.pool_weights_stale:
+                    self.pool.set_weights(self.model.continuous_state())
+                    self.pool_weights_stale = False
+                missing = sorted(missing)  # contiguous shards of sorted genomes share their prefixes
+                losses, self.last_flops, readings = self.pool.losses_and_flops(np.array(missing, dtype=np.int64))
+                self.worker_readings += readings
             self.cache.update(zip(missing, losses.tolist()))
             self.computed += len(missing)
             self.flops += self.last_flops
@@ -272,6 +283,11 @@ class FitnessEvaluator:
 
     def invalidate(self) -> None:
         self.cache.clear()
+        self.pool_weights_stale = True
+
+    def take_worker_readings(self) -> list:
+        taken, self.worker_readings = self.worker_readings, []
+        return taken
 
 
 def split_targets(tokens: np.ndarray, block_size: int) -> np.ndarray:

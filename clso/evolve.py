@@ -58,15 +58,19 @@ class Totals:
     cpu_methods: list[str] = field(default_factory=list)
     gpu_methods: list[str] = field(default_factory=list)
 
-    def plus(self, search: EnergyReading, checkpoints: EnergyReading | None = None) -> Totals:
-        """These totals with one segment's search and checkpoint readings added."""
-        return Totals(self.energy_j + search.energy_wh * 3600, self.cpu_s + search.cpu_s, self.wall_s + search.wall_s,
-                      self.flops, sorted(set(self.methods) | {search.method}),
+    def plus(self, search: EnergyReading, checkpoints: EnergyReading | None = None,
+             workers: list[EnergyReading] = ()) -> Totals:
+        """These totals with one segment's search and checkpoint readings added, and the readings of
+        the evaluation workers that worked for it (their energy and CPU time; their wall time ran
+        beside the search's)."""
+        parts = [search, *workers]
+        return Totals(self.energy_j + sum(r.energy_wh for r in parts) * 3600, self.cpu_s + sum(r.cpu_s for r in parts),
+                      self.wall_s + search.wall_s, self.flops, sorted(set(self.methods) | {r.method for r in parts}),
                       self.checkpoint_energy_j + (checkpoints.energy_wh * 3600 if checkpoints else 0.0),
                       self.checkpoint_wall_s + (checkpoints.wall_s if checkpoints else 0.0),
-                      self.cpu_j + search.cpu_wh * 3600, self.gpu_j + search.gpu_wh * 3600,
-                      sorted(set(self.cpu_methods) | {search.cpu_method}),
-                      sorted(set(self.gpu_methods) | ({search.gpu_method} - {None})))
+                      self.cpu_j + sum(r.cpu_wh for r in parts) * 3600, self.gpu_j + sum(r.gpu_wh for r in parts) * 3600,
+                      sorted(set(self.cpu_methods) | {r.cpu_method for r in parts}),
+                      sorted(set(self.gpu_methods) | ({r.gpu_method for r in parts} - {None})))
 
     def by_device(self) -> dict:
         """The parts, as a stage's metrics give them (EnergyReading.as_metrics); none for CPU-only work."""
@@ -390,17 +394,19 @@ class Evolution:
         done_here = 0
         with EnergyMeter(**self.meter_options) as meter:
             checkpoints = None  # this segment's checkpoint writing, metered apart from the search
+            workers = []  # this segment's readings of the evaluation workers (evolve.workers), each its own meter
             while self.run.stopped is None:
                 self.step()
                 reading = meter.read()
+                workers += self.search.evaluator.take_worker_readings()
                 search = reading.minus(checkpoints) if checkpoints else reading
-                totals = self.run.totals.plus(search, checkpoints)
+                totals = self.run.totals.plus(search, checkpoints, workers)
                 self.run.history[-1].update({"energy_wh": totals.energy_j / 3600, "energy_method": "|".join(totals.methods),
                                              "flops": totals.flops, "wall_s": totals.wall_s})
                 self.checkpoints.save(self.run, totals, self.search, self.surrogate)
                 written = meter.read().minus(reading)
                 checkpoints = written if checkpoints is None else checkpoints.plus(written)
-                self.cost = self.run.totals.plus(search, checkpoints)
+                self.cost = self.run.totals.plus(search, checkpoints, workers)
                 if on_generation:
                     on_generation(self.run)
                 done_here += 1

@@ -52,12 +52,16 @@ def eval_(
     seed: int = typer.Option(0),
     device: str = DEVICE_OPTION,
     threads: int = THREADS_OPTION,
+    workers: int = typer.Option(0, help="> 0: the fast path on this many Ray actors against one actor "
+                                        '(evolve.workers; pip install -e ".[ray]")'),
+    address: str = typer.Option("", help="with --workers: the Ray cluster to join; empty: a local one"),
 ) -> None:
     """Population evaluation: genomes/s of the plain loop (fp32) and of the fast path (in --precision),
     their ratio, the fast path's TFLOP/s, FLOPs per genome dense and factored, the largest loss
     difference and rank correlation of the two; and the fast path in bf16 against fp32 (genomes/s,
-    TFLOP/s, Spearman rank correlation of their losses)."""
-    from clso.bench import bench_eval
+    TFLOP/s, Spearman rank correlation of their losses). With --workers N: genomes/s on N Ray actors
+    against one, the speed-up and the scaling efficiency (speed-up / N)."""
+    from clso.bench import bench_eval, bench_eval_workers
 
     _threads(threads)
     shapes = _shapes(preset, n_embd=n_embd, n_layer=n_layer, n_head=n_head, population=population,
@@ -66,6 +70,16 @@ def eval_(
     if precision not in ("auto", "fp32", "bf16"):
         raise ClsoError(f"--precision {precision}: valid: auto, fp32, bf16")
     where = resolve_device(device)
+    if workers < 0:
+        raise ClsoError(f"--workers {workers}: must be 0 (in process) or more")
+    if workers:
+        result = bench_eval_workers(workers, **{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "population",
+                                                                      "block_size", "library_size", "vocab_size")},
+                                    batch_size=shapes["eval_batch_size"], repeats=repeats, seed=seed,
+                                    precision=resolve_precision(precision, "cuda" if where.type == "cuda" else "cpu"),
+                                    address=address or None)
+        print(json.dumps({"preset": preset, **result}, indent=2))
+        return
     result = bench_eval(**{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "population", "block_size",
                                                   "library_size", "vocab_size")},
                         batch_size=shapes["eval_batch_size"], warmup_generations=warmup_generations, repeats=repeats,

@@ -107,3 +107,22 @@ def expand_stages(stages: dict, params: dict) -> dict:
             item = dict(zip(axes, combo))
             out[f"{name}@{'-'.join(map(str, combo))}"] = fill(body, item)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_search(tmp_path_factory):
+    """A prepared corpus, a 10-matrix library and a 1-block GPT-2 of width 16 to search over."""
+    from types import SimpleNamespace
+
+    from clso.corpus import load_corpus
+    from clso.data import prepare_dataset
+    from clso.library import Library
+
+    root = tmp_path_factory.mktemp("gpt2")
+    corpus = load_corpus(f"text:{make_text_corpus(root / 'corpus')}")
+    prepare_dataset(corpus, root / "prepared", corpus_name="t", tokenizer_kind="bpe", vocab_size=300,
+                    val_fraction=0.2, test_fraction=0.2, seed=0)
+    lib, tensors = Library.generate(0, 16, size=10, shares={"ternary_lowrank": 0.5, "block_diag": 0.5})
+    lib.save(root / "library", tensors)
+    model = SimpleNamespace(n_layer=1, n_embd=16, n_head=2, block_size=16, tie_embeddings=True, layer_gains=True)
+    return root, model

@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from clso.corpus import load_corpus
-from clso.data import prepare_dataset
 from clso.evaluate import population_losses
 from clso.evolve import Evolution
-from clso.library import Library
 from clso.params import EvolveParams, defaults
 from clso.search import build_search, sample_for_surrogate
 from clso.surrogate import Surrogate, SurrogateConfig
@@ -39,6 +36,9 @@ class PlantedEvaluator:
 
     def invalidate(self):
         self.cache.clear()
+
+    def take_worker_readings(self):
+        return []  # evaluates in this process
 
 
 class NoContinuousParts:
@@ -122,19 +122,6 @@ def test_same_seed_same_search_other_seed_other_search(tmp_path):
 def test_patience_stops_a_stalled_search(tmp_path):
     run = evolution(tmp_path, patience=2, generations=500).run_to_end()
     assert run.stopped == "no improvement in 2 generations" and run.ga_state.generation < 500
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_search(tmp_path_factory, request):
-    from tests.conftest import make_text_corpus
-    root = tmp_path_factory.mktemp("gpt2")
-    corpus = load_corpus(f"text:{make_text_corpus(root / 'corpus')}")
-    prepare_dataset(corpus, root / "prepared", corpus_name="t", tokenizer_kind="bpe", vocab_size=300,
-                    val_fraction=0.2, test_fraction=0.2, seed=0)
-    lib, tensors = Library.generate(0, 16, size=10, shares={"ternary_lowrank": 0.5, "block_diag": 0.5})
-    lib.save(root / "library", tensors)
-    model = SimpleNamespace(n_layer=1, n_embd=16, n_head=2, block_size=16, tie_embeddings=True, layer_gains=True)
-    return root, model
 
 
 @pytest.mark.parametrize("mode", ["pure", "hybrid"])

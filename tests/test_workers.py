@@ -1,0 +1,104 @@
+"""evolve.workers: the true evaluations on a local Ray cluster of 2 CPU actors give the search the
+same results as in process, resume, and survive a killed actor."""
+
+import functools
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from clso.evolve import Evolution
+from clso.params import EvolveParams, defaults
+from clso.search import build_search, model_and_batch, sample_for_surrogate
+from clso.surrogate import Surrogate, SurrogateConfig
+from tests.test_evolve import without_timing
+
+ray = pytest.importorskip("ray")  # pip install -e ".[ray]"; CI installs it
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _evolution(root, model, folder, workers=0):
+    from clso.workers import RayPool
+
+    search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
+    genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
+    surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
+    surrogate.fit(genomes, losses)
+    cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 8, "generations": 5, "hybrid_every": 2,
+                          "hybrid_steps": 2, "hybrid_batch_size": 2, "local_search_every": 3, "local_search_top": 2,
+                          "surrogate_every": 2, "workers": workers})
+    if workers:
+        build = functools.partial(model_and_batch, data_dir=root / "prepared", library_dir=root / "library",
+                                  model=model, fitness_batch_size=2, seed=0)
+        search.evaluator.pool = RayPool(workers, build, "fp32", dict(cpu_watts_per_core=10.0))
+    return Evolution(search, cfg, surrogate, (genomes, losses), 0, folder, "fp", dict(device="cpu"), mode="hybrid")
+
+
+def _same_search(a, b):
+    np.testing.assert_array_equal(a.ga_state.best_genome, b.ga_state.best_genome)
+    assert a.ga_state.best_fitness == b.ga_state.best_fitness
+    drop = ("flops",)  # a shard boundary costs its shared prefix: the FLOPs are what each side computed
+    assert [{k: v for k, v in r.items() if k not in drop} for r in without_timing(a.history)] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in without_timing(b.history)]
+
+
+def test_two_workers_find_what_one_process_finds_and_charge_their_own_energy(cluster, tiny_gpt2_search, tmp_path):
+    root, model = tiny_gpt2_search
+    alone = _evolution(root, model, tmp_path / "alone")
+    in_process = alone.run_to_end()
+    distributed = _evolution(root, model, tmp_path / "workers", workers=2)
+    try:
+        on_workers = distributed.run_to_end()
+        pool = distributed.search.evaluator.pool
+        assert pool.version >= 2  # hybrid mode: the weights after every Adam phase reached the actors
+    finally:
+        distributed.search.evaluator.pool.close()
+    _same_search(in_process, on_workers)
+    assert distributed.search.evaluator.cache == alone.search.evaluator.cache
+    # the driver's meter saw little of the evaluations: the actors' own readings carry them
+    assert distributed.cost.cpu_s > 0 and on_workers.history[-1]["flops"] >= in_process.history[-1]["flops"]
+
+
+def test_a_run_with_workers_resumes_and_a_killed_worker_is_replaced(cluster, tiny_gpt2_search, tmp_path):
+    root, model = tiny_gpt2_search
+    whole = _evolution(root, model, tmp_path / "whole").run_to_end()
+    first = _evolution(root, model, tmp_path / "ckpt", workers=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            first.run_to_end(stop_after=2)
+    finally:
+        first.search.evaluator.pool.close()
+    resumed = _evolution(root, model, tmp_path / "ckpt", workers=2)
+    pool = resumed.search.evaluator.pool
+    real = pool.losses_and_flops
+
+    def kill_one_then_evaluate(genomes):  # an actor dies as the generation's shards go out
+        if not pool.replaced:
+            os.kill(ray.get(pool.actors[0].pid.remote()), signal.SIGKILL)
+        return real(genomes)
+
+    pool.losses_and_flops = kill_one_then_evaluate
+    try:
+        run = resumed.run_to_end()
+    finally:
+        pool.close()
+    assert pool.replaced >= 1
+    _same_search(whole, run)
+
+
+def test_the_workers_benchmark_reports_scaling_against_one_worker(cluster):
+    from clso.bench import bench_eval_workers
+
+    out = bench_eval_workers(2, n_embd=16, n_layer=1, n_head=2, population=12, batch_size=2, block_size=16,
+                             library_size=12, vocab_size=64, repeats=1)
+    assert out["losses_identical"] and out["config"]["population"] == 12
+    assert out["speedup"] == pytest.approx(out["workers_genomes_per_s"] / out["one_worker_genomes_per_s"], rel=1e-3)
+    assert out["scaling_efficiency"] == pytest.approx(out["speedup"] / 2, rel=1e-3)
+    assert out["workers_flops"] >= out["one_worker_flops"] > 0
