@@ -18,7 +18,9 @@ is lost. Ray is imported here only, and only when a pool is made (`pip install -
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +28,30 @@ from clso import ClsoError
 from clso.energy import EnergyMeter, EnergyReading
 
 RETRIES = 3  # times one shard is sent again after its actor died
+
+
+def search_pool(search, workers: int, address: str | None, *, data_dir, library_dir, model, fitness_batch_size: int,
+                seed: int, meter_options: dict) -> RayPool | None:
+    """`workers` Ray actors for the true evaluations of `search` (clso.search.build_search of these
+    arguments), set on its evaluator; None with 0 workers: in this process. Close it when done."""
+    if not workers:
+        return None
+    from clso.search import model_and_batch
+
+    build = functools.partial(model_and_batch, data_dir=Path(data_dir).resolve(), library_dir=Path(library_dir).resolve(),
+                              model=model, fitness_batch_size=fitness_batch_size, seed=seed, precision=search.precision)
+    search.evaluator.pool = RayPool(workers, build, search.precision, meter_options, address)
+    return search.evaluator.pool
+
+
+def with_workers(driver: EnergyReading, workers: list[EnergyReading]) -> EnergyReading:
+    """The driver's reading with its workers' energy and CPU time added (their methods joined);
+    the wall time is the driver's: the workers' ran beside it."""
+    parts = [driver, *workers]
+    joined = lambda methods: "|".join(sorted(set(methods) - {None})) or None  # noqa: E731
+    return EnergyReading(sum(r.energy_wh for r in parts), joined(r.method for r in parts), driver.wall_s,
+                         sum(r.cpu_s for r in parts), sum(r.cpu_wh for r in parts), joined(r.cpu_method for r in parts),
+                         sum(r.gpu_wh for r in parts), joined(r.gpu_method for r in parts))
 
 
 class EvaluationWorker:

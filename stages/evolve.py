@@ -2,7 +2,6 @@
 `no_surrogate` and `fixed_body`: one variant per mode and seed of params.yaml's grid, each
 resumable after any generation. A control's budget is read from the CLSO run of its mode and seed."""
 
-import functools
 import json
 import math
 from dataclasses import asdict
@@ -33,9 +32,9 @@ from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import MODES, load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
-from clso.search import build_search, model_and_batch
+from clso.search import build_search
 from clso.surrogate import Surrogate, SurrogateConfig
-from clso.workers import RayPool
+from clso.workers import search_pool
 from stages.common import PARAMS_OPTION, app, fingerprint, read_curve, read_json, stage
 from stages.variants import Variant
 
@@ -107,11 +106,9 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
             raise ClsoError("models/surrogate was trained for another genome layout; run `dvc repro surrogate`")
         pretraining, inputs = (genomes, losses), [*inputs, SURROGATE_DIR / "surrogate.safetensors"]
     meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
-    if p.evolve.workers:
-        build = functools.partial(model_and_batch, data_dir=Path("data/prepared").resolve(),
-                                  library_dir=Path("models/library").resolve(), model=p.model,
-                                  fitness_batch_size=p.fitness.batch_size, seed=p.base.seed, precision=search.precision)
-        search.evaluator.pool = RayPool(p.evolve.workers, build, search.precision, meter, p.evolve.address or None)
+    pool = search_pool(search, p.evolve.workers, p.evolve.address or None, data_dir="data/prepared",
+                       library_dir="models/library", model=p.model, fitness_batch_size=p.fitness.batch_size,
+                       seed=p.base.seed, meter_options=meter)
     evolution = Evolution(search, p.evolve, surrogate, pretraining, variant.seed, variant.checkpoints,
                           _fingerprint(p, variant, inputs, search.precision), meter, strategy=variant.strategy, budget=budget,
                           mode=variant.mode)
@@ -128,8 +125,8 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
         try:
             run = evolution.run_to_end(on_generation=show)
         finally:
-            if search.evaluator.pool is not None:
-                search.evaluator.pool.close()
+            if pool is not None:
+                pool.close()
 
     model = search.model
     model.set_genome(run.ga_state.best_genome)
@@ -158,8 +155,7 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
         "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
         "energy_wh": last["energy_wh"], "method": last["energy_method"], **cost.by_device(), "flops": last["flops"],
         "wall_s": last["wall_s"], "device": str(device), "precision": search.precision,
-        **({"workers": p.evolve.workers, "workers_replaced": search.evaluator.pool.replaced}
-           if search.evaluator.pool is not None else {}),
+        **({"workers": p.evolve.workers, "workers_replaced": pool.replaced} if pool is not None else {}),
         # writing checkpoints is metered apart and charged to neither side (the baseline writes none)
         "checkpoint": {"energy_wh": cost.checkpoint_energy_j / 3600, "method": last["energy_method"],
                        "wall_s": cost.checkpoint_wall_s},

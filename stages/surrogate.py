@@ -14,6 +14,7 @@ from clso.progress import progress_bar
 from clso.search import build_search, sample_for_surrogate
 from clso.library import structure_features
 from clso.surrogate import INPUTS, Surrogate, SurrogateConfig, ranking_metrics
+from clso.workers import search_pool, with_workers
 from safetensors.torch import save_file
 from stages.common import PARAMS_OPTION, run_alone, stage
 
@@ -35,7 +36,7 @@ def _trained(p, search, features, inputs, genomes, losses) -> Surrogate:
     return model
 
 
-@stage("surrogate", sections=("base", "model", "fitness", "surrogate"))
+@stage("surrogate", sections=("base", "model", "fitness", "surrogate", "evolve"))
 def surrogate(params: Path = PARAMS_OPTION) -> None:
     """Sample surrogate.n_train genomes (random, then mutants of the best), score them on the
     fitness batch, train the surrogate on all but a held-out share, and write
@@ -46,10 +47,18 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
     search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
                           seed=p.base.seed, device=device, precision=resolve_precision(p.fitness.precision, device))
     rng = np.random.default_rng(derive_seed(p.base.seed, "surrogate"))
-    with EnergyMeter(**energy) as eval_meter, progress_bar() as bar:
-        task = bar.add_task("evaluate genomes", total=p.surrogate.n_train, info="")
-        genomes, losses = sample_for_surrogate(search, p.surrogate.n_train, p.surrogate.mutant_fraction, rng,
-                                               on_progress=lambda k: bar.advance(task, k))
+    pool = search_pool(search, p.evolve.workers, p.evolve.address or None, data_dir="data/prepared",
+                       library_dir="models/library", model=p.model, fitness_batch_size=p.fitness.batch_size,
+                       seed=p.base.seed, meter_options=energy)
+    try:
+        with EnergyMeter(**energy) as eval_meter, progress_bar() as bar:
+            task = bar.add_task("evaluate genomes", total=p.surrogate.n_train, info="")
+            genomes, losses = sample_for_surrogate(search, p.surrogate.n_train, p.surrogate.mutant_fraction, rng,
+                                                   on_progress=lambda k: bar.advance(task, k))
+    finally:
+        if pool is not None:
+            pool.close()
+    evaluation = with_workers(eval_meter.reading, search.evaluator.take_worker_readings())
     order = rng.permutation(len(genomes))
     n_hold = max(2, int(round(p.surrogate.holdout_fraction * len(genomes))))
     held, train = order[:n_hold], order[n_hold:]
@@ -79,7 +88,8 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
         "inputs_comparison_cost": compare_meter.reading.as_metrics(),
         "best_loss": float(losses.min()), "median_loss": float(np.median(losses)),
         "unfit": int((~np.isfinite(losses)).sum()),
-        "evaluation": {**eval_meter.reading.as_metrics(), "flops": search.evaluator.flops},
+        "evaluation": {**evaluation.as_metrics(), "flops": search.evaluator.flops,
+                       **({"workers": p.evolve.workers} if pool is not None else {})},
         "training": {**train_meter.reading.as_metrics(), "flops": model.training_flops(len(train))},
     }
     write_json_atomic(METRICS, metrics)

@@ -1,7 +1,6 @@
 """evolve.workers: the true evaluations on a local Ray cluster of 2 CPU actors give the search the
 same results as in process, resume, and survive a killed actor."""
 
-import functools
 import os
 import signal
 
@@ -10,8 +9,9 @@ import pytest
 
 from clso.evolve import Evolution
 from clso.params import EvolveParams, defaults
-from clso.search import build_search, model_and_batch, sample_for_surrogate
+from clso.search import build_search, sample_for_surrogate
 from clso.surrogate import Surrogate, SurrogateConfig
+from clso.workers import search_pool
 from tests.test_evolve import without_timing
 
 ray = pytest.importorskip("ray")  # pip install -e ".[ray]"; CI installs it
@@ -25,8 +25,6 @@ def cluster():
 
 
 def _evolution(root, model, folder, workers=0):
-    from clso.workers import RayPool
-
     search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
     genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
     surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
@@ -34,10 +32,8 @@ def _evolution(root, model, folder, workers=0):
     cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 8, "generations": 5, "hybrid_every": 2,
                           "hybrid_steps": 2, "hybrid_batch_size": 2, "local_search_every": 3, "local_search_top": 2,
                           "surrogate_every": 2, "workers": workers})
-    if workers:
-        build = functools.partial(model_and_batch, data_dir=root / "prepared", library_dir=root / "library",
-                                  model=model, fitness_batch_size=2, seed=0)
-        search.evaluator.pool = RayPool(workers, build, "fp32", dict(cpu_watts_per_core=10.0))
+    search_pool(search, workers, None, data_dir=root / "prepared", library_dir=root / "library", model=model,
+                fitness_batch_size=2, seed=0, meter_options=dict(cpu_watts_per_core=10.0))
     return Evolution(search, cfg, surrogate, (genomes, losses), 0, folder, "fp", dict(device="cpu"), mode="hybrid")
 
 
