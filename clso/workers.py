@@ -19,15 +19,17 @@ is lost. Ray is imported here only, and only when a pool is made (`pip install -
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
+import socket
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from clso import ClsoError
-from clso.energy import EnergyMeter, EnergyReading
+from clso.energy import EnergyMeter, EnergyReading, RaplCounter
 
 RETRIES = 3  # times one shard is sent again after its actor died
+NO_RAPL = Path("/nonexistent/powercap")  # an actor meters its CPU by its own CPU time: actors never count each other
 
 
 def search_pool(search, workers: int, address: str | None, *, data_dir, library_dir, model, fitness_batch_size: int,
@@ -64,7 +66,7 @@ class EvaluationWorker:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray gave it one GPU, or one CPU
         torch.set_num_threads(1)  # its CPU share (on a GPU: one thread, as clso.context.setup keeps)
         self.model, self.batch = build(device)
-        self.precision, self.meter_options = precision, {**meter_options, "device": device}
+        self.precision, self.meter_options = precision, {**meter_options, "device": device, "rapl_root": NO_RAPL}
         self.version = -1
 
     def pid(self) -> int:
@@ -72,8 +74,8 @@ class EvaluationWorker:
 
         return os.getpid()
 
-    def evaluate(self, genomes: np.ndarray, version: int, state_box: list) -> tuple[np.ndarray, int, dict]:
-        """Losses and FLOPs of `genomes`, and the energy this actor spent on them. `state_box` holds
+    def evaluate(self, genomes: np.ndarray, version: int, state_box: list) -> tuple[np.ndarray, int, dict, str]:
+        """Losses and FLOPs of `genomes`, the energy this actor spent on them, and its host. `state_box` holds
         the object reference of the continuous weights of `version` (boxed, so Ray fetches it only
         when this actor needs it)."""
         import ray
@@ -85,7 +87,7 @@ class EvaluationWorker:
                 self.model.load_continuous_state(ray.get(state_box[0]))
                 self.version = version
             losses, flops = population_losses_and_flops(self.model, genomes, self.batch, precision=self.precision)
-        return losses, flops, asdict(meter.reading)
+        return losses, flops, asdict(meter.reading), socket.gethostname()
 
 
 class RayPool:
@@ -110,6 +112,8 @@ class RayPool:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self._actor = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=0)(EvaluationWorker)
         self.build, self.precision, self.meter_options = build, precision, meter_options
+        # the driver's meter reads RAPL where this machine lets it: the whole package, actors here included
+        self.host, self.driver_rapl = socket.gethostname(), RaplCounter.open() is not None
         self.actors = [self._spawn() for _ in range(workers)]
         self.version, self.state_ref = -1, None
         self.replaced = 0  # actors that died and were replaced
@@ -145,8 +149,18 @@ class RayPool:
                 self.replaced += 1
                 pending[self._submit(i, shard)] = (i, shard, tries + 1)
         losses = np.concatenate([results[i][0] for i in range(len(shards))])
-        return losses, sum(results[i][1] for i in range(len(shards))), [EnergyReading(**results[i][2])
-                                                                           for i in range(len(shards))]
+        return losses, sum(results[i][1] for i in range(len(shards))), [self.charged(EnergyReading(**results[i][2]),
+                                                                                     results[i][3])
+                                                                        for i in range(len(shards))]
+
+    def charged(self, reading: EnergyReading, host: str) -> EnergyReading:
+        """An actor's reading as the search is charged it: on the driver's machine with RAPL readable,
+        the package counter the driver reads already holds the actor's CPU energy, so only its GPU
+        part is added."""
+        if host != self.host or not self.driver_rapl:
+            return reading
+        return replace(reading, energy_wh=reading.gpu_wh, cpu_wh=0.0, cpu_method="rapl",
+                       method=f"{reading.gpu_method}+rapl" if reading.gpu_method else "rapl")
 
     def _submit(self, i: int, shard: np.ndarray):
         return self.actors[i % len(self.actors)].evaluate.remote(shard, self.version, [self.state_ref])

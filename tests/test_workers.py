@@ -50,6 +50,15 @@ def test_two_workers_find_what_one_process_finds_and_charge_their_own_energy(clu
     alone = _evolution(root, model, tmp_path / "alone")
     in_process = alone.run_to_end()
     distributed = _evolution(root, model, tmp_path / "workers", workers=2)
+    evaluator, taken = distributed.search.evaluator, []
+    real_take = evaluator.take_worker_readings
+
+    def take():  # what the search is handed of its actors' readings
+        readings = real_take()
+        taken.extend(readings)
+        return readings
+
+    evaluator.take_worker_readings = take
     try:
         on_workers = distributed.run_to_end()
         pool = distributed.search.evaluator.pool
@@ -58,8 +67,11 @@ def test_two_workers_find_what_one_process_finds_and_charge_their_own_energy(clu
         distributed.search.evaluator.pool.close()
     _same_search(in_process, on_workers)
     assert distributed.search.evaluator.cache == alone.search.evaluator.cache
-    # the driver's meter saw little of the evaluations: the actors' own readings carry them
-    assert distributed.cost.cpu_s > 0 and on_workers.history[-1]["flops"] >= in_process.history[-1]["flops"]
+    # the actors' own readings are charged on top of the driver's (their CPU time, their energy)
+    assert len(taken) >= 2 and all(r.cpu_s > 0 for r in taken)
+    assert distributed.cost.cpu_s > sum(r.cpu_s for r in taken)
+    assert distributed.cost.energy_j >= sum(r.energy_wh for r in taken) * 3600
+    assert on_workers.history[-1]["flops"] >= in_process.history[-1]["flops"]
 
 
 def test_a_run_with_workers_resumes_and_a_killed_worker_is_replaced(cluster, tiny_gpt2_search, tmp_path):
@@ -98,3 +110,17 @@ def test_the_workers_benchmark_reports_scaling_against_one_worker(cluster):
     assert out["speedup"] == pytest.approx(out["workers_genomes_per_s"] / out["one_worker_genomes_per_s"], rel=1e-3)
     assert out["scaling_efficiency"] == pytest.approx(out["speedup"] / 2, rel=1e-3)
     assert out["workers_flops"] >= out["one_worker_flops"] > 0
+
+
+def test_an_actor_on_the_drivers_machine_adds_no_cpu_energy_that_rapl_already_counted(cluster):
+    from clso.energy import EnergyReading
+    from clso.workers import RayPool
+
+    pool = RayPool.__new__(RayPool)  # its accounting alone: no actors needed
+    pool.host, pool.driver_rapl = "here", True
+    reading = EnergyReading(0.5, "nvml+estimate", 2.0, 1.5, 0.2, "estimate", 0.3, "nvml")
+    here = pool.charged(reading, "here")
+    assert (here.energy_wh, here.cpu_wh, here.gpu_wh, here.method) == (0.3, 0.0, 0.3, "nvml+rapl")
+    assert pool.charged(reading, "elsewhere") == reading
+    pool.driver_rapl = False  # the driver estimates its own CPU time only: the actor's is added
+    assert pool.charged(reading, "here") == reading
