@@ -9,11 +9,18 @@ Ray's object store under a version number and an actor loads them when its versi
 
 The losses do not depend on the number of actors on a CPU: there each network is walked alone
 (clso.evaluate.default_max_networks), so a genome's loss is computed by the same operations whatever
-shard it is in. A shard boundary costs its prefix: the FLOPs (and energy) of N workers are those
-they really computed, a little more than one process's.
+shard it is in. On a GPU, 64 networks go side by side and a shard boundary changes how they are
+batched: the losses agree up to that batching's rounding. A shard boundary also costs its prefix:
+the FLOPs (and energy) of N workers are those they really computed, a little more than one process's.
 
-An actor that dies (its process killed, its node lost) is replaced and its shard sent again: nothing
-is lost. Ray is imported here only, and only when a pool is made (`pip install -e ".[ray]"`).
+Each actor meters its whole life (building its model included) and hands over what it spent since
+its last call with each result: the GPU it holds is charged while idle too. Its CPU is metered by
+its own CPU time (never by the machine-wide RAPL counter, so actors never count each other); the
+driver drops what its own meter already holds: an actor's CPU part on the driver's machine when the
+driver reads RAPL, and an actor's GPU part when it holds the driver's own GPU.
+
+An actor that dies (its process killed, its node lost) is killed for good, replaced, and its shard
+sent again: nothing is lost. Ray is imported here only, and only when a pool is made (`pip install -e ".[ray]"`).
 """
 
 from __future__ import annotations
@@ -58,68 +65,105 @@ def with_workers(driver: EnergyReading, workers: list[EnergyReading]) -> EnergyR
 
 class EvaluationWorker:
     """One actor's state: the model (with its library) and fitness batch that `build(device)` made,
-    and the version of the continuous weights it holds."""
+    the version of the continuous weights it holds, and its meter."""
 
     def __init__(self, build, precision: str, meter_options: dict):
         import torch
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray gave it one GPU, or one CPU
+        self.meter = EnergyMeter(**{**meter_options, "device": device, "rapl_root": NO_RAPL}).__enter__()
+        start = self.meter.read()
+        self.charged_until = start.minus(start)  # zero: from the meter's start, building the model included
         torch.set_num_threads(1)  # its CPU share (on a GPU: one thread, as clso.context.setup keeps)
         self.model, self.batch = build(device)
-        self.precision, self.meter_options = precision, {**meter_options, "device": device, "rapl_root": NO_RAPL}
-        self.version = -1
+        self.precision, self.version = precision, -1
+        self.place = (socket.gethostname(), _gpu_uuid(device))
 
-    def pid(self) -> int:
+    def where(self) -> tuple[int, str, str | None]:
+        """Its process id, host and GPU: that it is up, and whose meter already holds it."""
         import os
 
-        return os.getpid()
+        return os.getpid(), *self.place
 
-    def evaluate(self, genomes: np.ndarray, version: int, state_box: list) -> tuple[np.ndarray, int, dict, str]:
-        """Losses and FLOPs of `genomes`, the energy this actor spent on them, and its host. `state_box` holds
-        the object reference of the continuous weights of `version` (boxed, so Ray fetches it only
-        when this actor needs it)."""
+    def evaluate(self, genomes: np.ndarray, version: int, state_box: list) -> tuple[np.ndarray, int, dict]:
+        """Losses and FLOPs of `genomes`, and the energy this actor spent since its last call. `state_box`
+        holds the object reference of the continuous weights of `version` (boxed, so Ray fetches it
+        only when this actor needs it)."""
         import ray
 
         from clso.evaluate import population_losses_and_flops
 
-        with EnergyMeter(**self.meter_options) as meter:
-            if version != self.version and state_box[0] is not None:
-                self.model.load_continuous_state(ray.get(state_box[0]))
-                self.version = version
-            losses, flops = population_losses_and_flops(self.model, genomes, self.batch, precision=self.precision)
-        return losses, flops, asdict(meter.reading), socket.gethostname()
+        if version != self.version and state_box[0] is not None:
+            self.model.load_continuous_state(ray.get(state_box[0]))
+            self.version = version
+        losses, flops = population_losses_and_flops(self.model, genomes, self.batch, precision=self.precision)
+        now = self.meter.read()
+        spent, self.charged_until = now.minus(self.charged_until), now
+        return losses, flops, asdict(spent)
+
+
+def _gpu_uuid(device) -> str | None:
+    import torch
+
+    return str(torch.cuda.get_device_properties(device).uuid) if torch.device(device).type == "cuda" else None
 
 
 class RayPool:
     """`workers` actors on a Ray cluster: a local one started here (address None) or the one at
-    `address` ("auto", or "ray://host:10001"). `build(device)` (picklable: it travels to the actors)
-    returns the model and fitness batch each actor evaluates on, in `precision`."""
+    `address` ("auto" on a node of the cluster; "ray://host:10001" from elsewhere, with
+    `pip install "ray[client]"`). `build(device)` (picklable: it travels to the actors, and the files
+    it reads must be at the same paths on every node) returns the model and fitness batch each actor
+    evaluates on, in `precision`. `meter_options` are the driver's EnergyMeter's."""
 
     def __init__(self, workers: int, build, precision: str, meter_options: dict, address: str | None = None):
         try:
             import ray
         except ImportError:
             raise ClsoError('evolve.workers > 0 needs Ray: pip install -e ".[ray]"') from None
-        self.ray = ray
+        self.ray, self.actors = ray, []
         self.started_here = not ray.is_initialized()
         if self.started_here:
             try:
                 ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                          log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise ClsoError(f"evolve.address {address!r}: no Ray cluster there ({e}); start one with "
-                                "`ray start --head`, or set evolve.address to null for a local one") from None
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        self._actor = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=0)(EvaluationWorker)
-        self.build, self.precision, self.meter_options = build, precision, meter_options
-        # the driver's meter reads RAPL where this machine lets it: the whole package, actors here included
-        self.host, self.driver_rapl = socket.gethostname(), RaplCounter.open() is not None
-        self.actors = [self._spawn() for _ in range(workers)]
+                where = f"the Ray cluster at {address!r}" if address else "a local Ray cluster"
+                raise ClsoError(f"{where} could not be reached or started ({str(e).splitlines()[0]}); for a "
+                                "cluster run `ray start --head` there and set evolve.address") from None
+        try:
+            resources = ray.cluster_resources()
+            gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+            have = resources.get("GPU" if gpus else "CPU", 0)
+            if have < workers:
+                raise ClsoError(f"evolve.workers {workers}: the Ray cluster has {have:g} "
+                                f"{'GPUs' if gpus else 'CPUs'} for one each; lower it or grow the cluster")
+            self._actor = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=0)(EvaluationWorker)
+            self.build, self.precision, self.meter_options = build, precision, meter_options
+            self.driver = self._driver_place(meter_options)
+            self.actors = [self._spawn() for _ in range(workers)]
+            self.places = self._started(self.actors)
+        except BaseException:
+            self.close()
+            raise
         self.version, self.state_ref = -1, None
         self.replaced = 0  # actors that died and were replaced
 
+    @staticmethod
+    def _driver_place(meter_options: dict) -> tuple[str, bool, str | None]:
+        """The driver's host, whether its meter reads RAPL (the whole package: actors there
+        included), and the GPU its meter reads."""
+        device = str(meter_options.get("device", "cpu"))
+        return socket.gethostname(), RaplCounter.open() is not None, _gpu_uuid(device) if device.startswith("cuda") else None
+
     def _spawn(self):
         return self._actor.remote(self.build, self.precision, self.meter_options)
+
+    def _started(self, actors: list) -> list[tuple]:
+        """Each actor's (pid, host, GPU) once its model is built; a failure to build is one line."""
+        try:
+            return self.ray.get([a.where.remote() for a in actors])
+        except self.ray.exceptions.RayError as e:
+            raise ClsoError(f"an evaluation worker could not start: {_first_line(e)}") from None
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -138,36 +182,51 @@ class RayPool:
         results: dict[int, tuple] = {}
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            i, shard, tries = pending.pop(ref)
+            i, shard, tries = pending.pop(done[0])
             try:
-                results[i] = self.ray.get(ref)
-            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError):
+                results[i] = self.ray.get(done[0])
+            except self.ray.exceptions.RayActorError:  # its process or node is gone (or unreachable)
                 if tries == RETRIES:
-                    raise ClsoError(f"evaluation worker died {RETRIES + 1} times on one shard; see the Ray logs") from None
-                self.actors[i % len(self.actors)] = self._spawn()
-                self.replaced += 1
+                    raise ClsoError(f"evaluation workers died {RETRIES + 1} times on one shard") from None
+                self._replace(i)
                 pending[self._submit(i, shard)] = (i, shard, tries + 1)
-        losses = np.concatenate([results[i][0] for i in range(len(shards))])
-        return losses, sum(results[i][1] for i in range(len(shards))), [self.charged(EnergyReading(**results[i][2]),
-                                                                                     results[i][3])
-                                                                        for i in range(len(shards))]
+            except self.ray.exceptions.RayTaskError as e:
+                raise ClsoError(f"an evaluation worker failed: {_first_line(e)}") from None
+        readings = [self.charged(EnergyReading(**results[i][2]), self.places[i]) for i in range(len(shards))]
+        return np.concatenate([results[i][0] for i in range(len(shards))]), sum(results[i][1] for i in results), readings
 
-    def charged(self, reading: EnergyReading, host: str) -> EnergyReading:
-        """An actor's reading as the search is charged it: on the driver's machine with RAPL readable,
-        the package counter the driver reads already holds the actor's CPU energy, so only its GPU
-        part is added."""
-        if host != self.host or not self.driver_rapl:
+    def _replace(self, i: int) -> None:
+        self.ray.kill(self.actors[i], no_restart=True)  # an unreachable one would hold its GPU
+        self.actors[i] = self._spawn()
+        self.places[i] = self._started([self.actors[i]])[0]
+        self.replaced += 1
+
+    def charged(self, reading: EnergyReading, place: tuple) -> EnergyReading:
+        """An actor's reading as the search is charged it, less what the driver's meter already holds:
+        on the driver's machine, its CPU part when the driver reads RAPL, and its GPU part when it
+        holds the driver's GPU."""
+        _, host, gpu = place
+        driver_host, driver_rapl, driver_gpu = self.driver
+        if host != driver_host:
             return reading
-        return replace(reading, energy_wh=reading.gpu_wh, cpu_wh=0.0, cpu_method="rapl",
-                       method=f"{reading.gpu_method}+rapl" if reading.gpu_method else "rapl")
+        cpu_counted, gpu_counted = driver_rapl, gpu is not None and gpu == driver_gpu
+        cpu_wh, gpu_wh = (0.0 if cpu_counted else reading.cpu_wh), (0.0 if gpu_counted else reading.gpu_wh)
+        cpu_method = "rapl" if cpu_counted else reading.cpu_method
+        method = cpu_method if reading.gpu_method is None else f"{reading.gpu_method}+{cpu_method}"
+        return replace(reading, energy_wh=cpu_wh + gpu_wh, cpu_wh=cpu_wh, gpu_wh=gpu_wh, cpu_method=cpu_method,
+                       method=method)
 
     def _submit(self, i: int, shard: np.ndarray):
-        return self.actors[i % len(self.actors)].evaluate.remote(shard, self.version, [self.state_ref])
+        return self.actors[i].evaluate.remote(shard, self.version, [self.state_ref])
 
     def close(self) -> None:
         for actor in self.actors:
-            self.ray.kill(actor)
+            self.ray.kill(actor, no_restart=True)
         self.actors = []
-        if self.started_here:
+        if self.started_here and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

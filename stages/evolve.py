@@ -106,27 +106,30 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
             raise ClsoError("models/surrogate was trained for another genome layout; run `dvc repro surrogate`")
         pretraining, inputs = (genomes, losses), [*inputs, SURROGATE_DIR / "surrogate.safetensors"]
     meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
-    pool = search_pool(search, p.evolve.workers, p.evolve.address or None, data_dir="data/prepared",
-                       library_dir="models/library", model=p.model, fitness_batch_size=p.fitness.batch_size,
-                       seed=p.base.seed, meter_options=meter)
     evolution = Evolution(search, p.evolve, surrogate, pretraining, variant.seed, variant.checkpoints,
                           _fingerprint(p, variant, inputs, search.precision), meter, strategy=variant.strategy, budget=budget,
                           mode=variant.mode)
     resumed_at = len(evolution.run.history)
-    with progress_bar() as bar:
-        task = bar.add_task(variant.name, total=evolution.generation_limit + 1, completed=resumed_at, info="resumed" if resumed_at else "")
+    pool = None
+    try:
+        pool = search_pool(search, p.evolve.workers, p.evolve.address or None, data_dir="data/prepared",
+                           library_dir="models/library", model=p.model, fitness_batch_size=p.fitness.batch_size,
+                           seed=p.base.seed, meter_options=meter)
+        with progress_bar() as bar:
+            task = bar.add_task(variant.name, total=evolution.generation_limit + 1, completed=resumed_at,
+                                info="resumed" if resumed_at else "")
 
-        def show(run):
-            row = run.history[-1]
-            bar.update(task, completed=len(run.history),
-                       info=f"best {row['best_loss']:.4f}  true {row['true_evaluations']}  "
-                            f"predicted {row['surrogate_predictions']}  {row['energy_wh']:.4f} Wh")
+            def show(run):
+                row = run.history[-1]
+                bar.update(task, completed=len(run.history),
+                           info=f"best {row['best_loss']:.4f}  true {row['true_evaluations']}  "
+                                f"predicted {row['surrogate_predictions']}  {row['energy_wh']:.4f} Wh")
 
-        try:
             run = evolution.run_to_end(on_generation=show)
-        finally:
-            if pool is not None:
-                pool.close()
+        workers = {"workers": p.evolve.workers, "workers_replaced": pool.replaced} if pool is not None else {}
+    finally:
+        if pool is not None:
+            pool.close()
 
     model = search.model
     model.set_genome(run.ga_state.best_genome)
@@ -155,7 +158,7 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
         "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
         "energy_wh": last["energy_wh"], "method": last["energy_method"], **cost.by_device(), "flops": last["flops"],
         "wall_s": last["wall_s"], "device": str(device), "precision": search.precision,
-        **({"workers": p.evolve.workers, "workers_replaced": pool.replaced} if pool is not None else {}),
+        **workers,
         # writing checkpoints is metered apart and charged to neither side (the baseline writes none)
         "checkpoint": {"energy_wh": cost.checkpoint_energy_j / 3600, "method": last["energy_method"],
                        "wall_s": cost.checkpoint_wall_s},
