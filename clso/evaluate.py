@@ -273,9 +273,12 @@ class FitnessEvaluator:
                 if self.pool_weights_stale:
                     self.pool.set_weights(self.model.continuous_state())
                     self.pool_weights_stale = False
-                missing = sorted(missing)  # contiguous shards of sorted genomes share their prefixes
-                losses, self.last_flops, readings = self.pool.losses_and_flops(np.array(missing, dtype=np.int64))
+                ordered = sorted(missing)  # contiguous shards of sorted genomes share their prefixes
+                losses, self.last_flops, readings = self.pool.losses_and_flops(np.array(ordered, dtype=np.int64))
                 self.worker_readings += readings
+                by_genome = dict(zip(ordered, losses.tolist()))
+                losses = np.array([by_genome[k] for k in missing])  # the cache's order is the search's: the
+                # surrogate trains on it in that order
             self.cache.update(zip(missing, losses.tolist()))
             self.computed += len(missing)
             self.flops += self.last_flops
