@@ -140,6 +140,27 @@ def _trie_losses(model: CrystallineGPT2, genomes: np.ndarray, y: torch.Tensor, p
     return node_losses[_index(node, node_losses.device)], path, flops
 
 
+def trie_flops(model: CrystallineGPT2, genomes, batch: EvalBatch, max_networks: int | None = None) -> int:
+    """The matmul FLOPs population_losses_and_flops computes on distinct `genomes` in one process
+    (chunks of `max_networks`, each starting where its prefix leaves the chunk before), counted on
+    the host without computing: what a search is charged however many workers shared the work."""
+    genomes = np.unique(np.asarray(genomes, dtype=np.int64).reshape(-1, len(model.layers)), axis=0)
+    max_networks = max_networks or default_max_networks(batch.x.device)
+    tokens, seq_len, d = batch.y.numel(), batch.y.shape[-1], model.config.n_embd
+    flops, previous = 0, None
+    for first in range(0, len(genomes), max_networks):
+        chunk = genomes[first:first + max_networks]
+        shared = 0 if previous is None else _common_prefix(previous, chunk[-1])
+        for k in range(shared, len(model.layers)):
+            genes = np.unique(chunk[:, :k + 1], axis=0)[:, k]
+            flops += tokens * sum(model.library.flops_per_token(model.layers[k].bucket, int(g)) for g in genes)
+            if k % len(BUCKETS) == 0:
+                flops += len(genes) * attention_flops_per_token(d, seq_len) * tokens
+        flops += len(chunk) * tokens * dense_linear_flops(d, model.config.vocab_size)
+        previous = chunk[-1]
+    return flops
+
+
 def _head_losses(model: CrystallineGPT2, final: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each network's LM-head logits against y.
 
@@ -255,6 +276,7 @@ class FitnessEvaluator:
         self.pool = pool  # a clso.workers.RayPool, or None: in this process
         self.pool_weights_stale = True  # the pool's actors have not got the current continuous weights
         self.worker_readings: list = []  # the actors' energy readings, until the caller takes them
+        self.worker_extra_flops = 0  # what the actors computed beyond one process: each shard boundary's prefix
         self.cache: dict[tuple[int, ...], float] = {}
         self.computed = 0  # genomes really evaluated (cache misses)
         self.flops = 0  # matmul FLOPs of those evaluations, shared prefixes counted once
@@ -273,9 +295,14 @@ class FitnessEvaluator:
                 if self.pool_weights_stale:
                     self.pool.set_weights(self.model.continuous_state())
                     self.pool_weights_stale = False
-                ordered = sorted(missing)  # contiguous shards of sorted genomes share their prefixes
-                losses, self.last_flops, readings = self.pool.losses_and_flops(np.array(ordered, dtype=np.int64))
+                ordered = np.array(sorted(missing), dtype=np.int64)  # contiguous shards share their prefixes
+                losses, computed, readings = self.pool.losses_and_flops(ordered)
                 self.worker_readings += readings
+                # charged as one process would compute them, whatever the number of workers; what the
+                # shard boundaries cost on top is reported apart
+                self.last_flops = trie_flops(self.model, ordered, self.batch, self.max_networks)
+                self.worker_extra_flops += computed - self.last_flops
+                ordered = list(map(tuple, ordered.tolist()))
                 by_genome = dict(zip(ordered, losses.tolist()))
                 losses = np.array([by_genome[k] for k in missing])  # the cache's order is the search's: the
                 # surrogate trains on it in that order

@@ -126,7 +126,8 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
                                 f"predicted {row['surrogate_predictions']}  {row['energy_wh']:.4f} Wh")
 
             run = evolution.run_to_end(on_generation=show)
-        workers = {"workers": p.evolve.workers, "workers_replaced": pool.replaced} if pool is not None else {}
+        workers = {"workers": p.evolve.workers, "workers_replaced": pool.replaced,
+                   "workers_extra_flops": search.evaluator.worker_extra_flops} if pool is not None else {}
     finally:
         if pool is not None:
             pool.close()

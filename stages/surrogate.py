@@ -89,7 +89,8 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
         "best_loss": float(losses.min()), "median_loss": float(np.median(losses)),
         "unfit": int((~np.isfinite(losses)).sum()),
         "evaluation": {**evaluation.as_metrics(), "flops": search.evaluator.flops,
-                       **({"workers": p.evolve.workers} if pool is not None else {})},
+                       **({"workers": p.evolve.workers, "workers_extra_flops": search.evaluator.worker_extra_flops}
+                          if pool is not None else {})},
         "training": {**train_meter.reading.as_metrics(), "flops": model.training_flops(len(train))},
     }
     write_json_atomic(METRICS, metrics)

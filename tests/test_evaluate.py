@@ -151,3 +151,18 @@ def test_bf16_losses_rank_genomes_as_fp32_does(setup):
     evaluator = FitnessEvaluator(model, batch, precision="bf16")
     np.testing.assert_array_equal(evaluator(genomes[:5]), population_losses(model, genomes[:5], batch,
                                                                             precision="bf16"))
+
+
+@pytest.mark.parametrize("max_networks", [1, 3, 64])
+def test_trie_flops_counts_on_the_host_what_the_evaluator_computes(max_networks):
+    """What a search on workers is charged: one process's FLOPs, shared prefixes and chunking included."""
+    from clso.bench import bench_model_and_batch
+    from clso.evaluate import trie_flops
+    from clso.model import genome_length
+
+    model, batch = bench_model_and_batch("cpu", n_embd=16, n_layer=2, n_head=2, batch_size=2, block_size=16,
+                                         library_size=6, vocab_size=64, seed=0)
+    genomes = np.random.default_rng(1).integers(0, 6, size=(40, genome_length(model.config)))
+    genomes[:10, :3] = genomes[0, :3]  # a shared prefix
+    computed = population_losses_and_flops(model, genomes, batch, max_networks=max_networks)[1]
+    assert trie_flops(model, genomes, batch, max_networks) == computed

@@ -38,11 +38,10 @@ def _evolution(root, model, folder, workers=0):
 
 
 def _same_search(a, b):
+    """The same search, FLOPs included (charged as one process computes them), timing aside."""
     np.testing.assert_array_equal(a.ga_state.best_genome, b.ga_state.best_genome)
     assert a.ga_state.best_fitness == b.ga_state.best_fitness
-    drop = ("flops",)  # a shard boundary costs its shared prefix: the FLOPs are what each side computed
-    assert [{k: v for k, v in r.items() if k not in drop} for r in without_timing(a.history)] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in without_timing(b.history)]
+    assert without_timing(a.history) == without_timing(b.history)
 
 
 def test_two_workers_find_what_one_process_finds_and_are_charged_their_energy(cluster, tiny_gpt2_search, tmp_path,
@@ -77,7 +76,7 @@ def test_two_workers_find_what_one_process_finds_and_are_charged_their_energy(cl
     assert list(distributed.search.evaluator.cache.items()) == list(alone.search.evaluator.cache.items())
     # every actor reading reaches the totals, each once: the last totals of the run hold all of them
     assert len(taken) >= 2 and all(r.cpu_s > 0 for r in taken) and charged[-1] == taken
-    assert on_workers.history[-1]["flops"] >= in_process.history[-1]["flops"]
+    assert distributed.search.evaluator.worker_extra_flops >= 0
 
 
 def test_totals_add_the_actors_energy_and_cpu_time_but_not_their_wall_time():
