@@ -33,6 +33,7 @@ from clso.io import write_bytes_atomic, write_text_atomic
 from clso.model import MODES
 from clso.search import Search
 from clso.surrogate import Surrogate
+from clso.workers import with_workers
 
 CHECKPOINT_VERSION = 3
 STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body")
@@ -63,14 +64,15 @@ class Totals:
         """These totals with one segment's search and checkpoint readings added, and the readings of
         the evaluation workers that worked for it (their energy and CPU time; their wall time ran
         beside the search's)."""
-        parts = [search, *workers]
-        return Totals(self.energy_j + sum(r.energy_wh for r in parts) * 3600, self.cpu_s + sum(r.cpu_s for r in parts),
-                      self.wall_s + search.wall_s, self.flops, sorted(set(self.methods) | {r.method for r in parts}),
+        search = with_workers(search, list(workers))
+        methods = lambda joined: set(joined.split("|")) if joined else set()  # noqa: E731
+        return Totals(self.energy_j + search.energy_wh * 3600, self.cpu_s + search.cpu_s, self.wall_s + search.wall_s,
+                      self.flops, sorted(set(self.methods) | methods(search.method)),
                       self.checkpoint_energy_j + (checkpoints.energy_wh * 3600 if checkpoints else 0.0),
                       self.checkpoint_wall_s + (checkpoints.wall_s if checkpoints else 0.0),
-                      self.cpu_j + sum(r.cpu_wh for r in parts) * 3600, self.gpu_j + sum(r.gpu_wh for r in parts) * 3600,
-                      sorted(set(self.cpu_methods) | {r.cpu_method for r in parts}),
-                      sorted(set(self.gpu_methods) | ({r.gpu_method for r in parts} - {None})))
+                      self.cpu_j + search.cpu_wh * 3600, self.gpu_j + search.gpu_wh * 3600,
+                      sorted(set(self.cpu_methods) | methods(search.cpu_method)),
+                      sorted(set(self.gpu_methods) | methods(search.gpu_method)))
 
     def by_device(self) -> dict:
         """The parts, as a stage's metrics give them (EnergyReading.as_metrics); none for CPU-only work."""
