@@ -166,3 +166,14 @@ def test_trie_flops_counts_on_the_host_what_the_evaluator_computes(max_networks)
     genomes[:10, :3] = genomes[0, :3]  # a shared prefix
     computed = population_losses_and_flops(model, genomes, batch, max_networks=max_networks)[1]
     assert trie_flops(model, genomes, batch, max_networks) == computed
+
+
+def test_workers_without_ray_installed_are_a_one_line_error(monkeypatch):
+    import sys
+
+    from clso import ClsoError
+    from clso.workers import RayPool
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the Ray extra were not installed
+    with pytest.raises(ClsoError, match=r'pip install -e "\.\[ray\]"'):
+        RayPool(2, build=None, precision="fp32", meter_options={})
