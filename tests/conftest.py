@@ -109,19 +109,26 @@ def expand_stages(stages: dict, params: dict) -> dict:
     return out
 
 
+def prepare_text_corpus(root: Path, **corpus) -> Path:
+    """make_text_corpus(root / "corpus", **corpus) prepared into root / "prepared" (BPE 300, 20 % val
+    and test): the tests' small training data."""
+    from clso.corpus import load_corpus
+    from clso.data import prepare_dataset
+
+    prepare_dataset(load_corpus(f"text:{make_text_corpus(root / 'corpus', **corpus)}"), root / "prepared",
+                    corpus_name="t", tokenizer_kind="bpe", vocab_size=300, val_fraction=0.2, test_fraction=0.2, seed=0)
+    return root / "prepared"
+
+
 @pytest.fixture(scope="module")
 def tiny_gpt2_search(tmp_path_factory):
     """A prepared corpus, a 10-matrix library and a 1-block GPT-2 of width 16 to search over."""
     from types import SimpleNamespace
 
-    from clso.corpus import load_corpus
-    from clso.data import prepare_dataset
     from clso.library import Library
 
     root = tmp_path_factory.mktemp("gpt2")
-    corpus = load_corpus(f"text:{make_text_corpus(root / 'corpus')}")
-    prepare_dataset(corpus, root / "prepared", corpus_name="t", tokenizer_kind="bpe", vocab_size=300,
-                    val_fraction=0.2, test_fraction=0.2, seed=0)
+    prepare_text_corpus(root)
     lib, tensors = Library.generate(0, 16, size=10, shares={"ternary_lowrank": 0.5, "block_diag": 0.5})
     lib.save(root / "library", tensors)
     model = SimpleNamespace(n_layer=1, n_embd=16, n_head=2, block_size=16, tie_embeddings=True, layer_gains=True)

@@ -7,8 +7,7 @@ from transformers import GPT2LMHeadModel
 
 from clso import ClsoError
 from clso.baseline import TrainingSetup, TrainStep, dense_gpt2, learning_rate, state_for_saving, train_baseline
-from clso.corpus import load_corpus
-from clso.data import TokenData, prepare_dataset
+from clso.data import TokenData
 from clso.model import ModelConfig
 
 CFG = SimpleNamespace(steps=40, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
@@ -26,12 +25,9 @@ def test_warmup_then_cosine_to_min_lr():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from tests.conftest import make_text_corpus
-    root = tmp_path_factory.mktemp("baseline")
-    corpus = load_corpus(f"text:{make_text_corpus(root / 'corpus', n_docs=10, lines=80)}")
-    prepare_dataset(corpus, root / "prepared", corpus_name="t", tokenizer_kind="bpe", vocab_size=300,
-                    val_fraction=0.2, test_fraction=0.2, seed=0)
-    return TokenData.open(root / "prepared")
+    from tests.conftest import prepare_text_corpus
+
+    return TokenData.open(prepare_text_corpus(tmp_path_factory.mktemp("baseline"), n_docs=10, lines=80))
 
 
 def test_training_lowers_the_loss_and_the_curve_is_cumulative(data, tmp_path):

@@ -13,8 +13,7 @@ import torch
 from clso import ClsoError
 from clso import crystal as cr
 from clso.compile import build_runtime, runtime_logits
-from clso.corpus import load_corpus
-from clso.data import TokenData, prepare_dataset
+from clso.data import TokenData
 from clso.field.model import NeuronField, field_op, forward_flops
 from clso.field.train import FieldSchedule, NeuronAdam, ages, field_config, give_birth, hard_freeze, train_field
 from clso.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
@@ -130,13 +129,9 @@ def test_hard_freeze_by_stability_freezes_only_the_still_neurons():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from tests.conftest import make_text_corpus
+    from tests.conftest import prepare_text_corpus
 
-    root = tmp_path_factory.mktemp("field")
-    corpus = load_corpus(f"text:{make_text_corpus(root / 'corpus', n_docs=10, lines=40)}")
-    prepare_dataset(corpus, root / "prepared", corpus_name="t", tokenizer_kind="bpe", vocab_size=300,
-                    val_fraction=0.2, test_fraction=0.2, seed=0)
-    return TokenData.open(root / "prepared")
+    return TokenData.open(prepare_text_corpus(tmp_path_factory.mktemp("field"), n_docs=10, lines=40))
 
 
 def _cfg(**changes) -> FieldParams:
