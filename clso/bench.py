@@ -88,7 +88,7 @@ def _side_by_side(genomes: np.ndarray, plain, fast, repeats: int, device="cpu") 
 def bench_model_and_batch(device, *, n_embd, n_layer, n_head, batch_size, block_size, library_size, vocab_size,
                           seed) -> tuple[CrystallineGPT2, EvalBatch]:
     """The benchmarks' model, on a generated library, and a fitness batch of uniform random tokens
-    (speed does not depend on their content): the same on every device and every worker."""
+    (speed does not depend on their content): the same on every device."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         library, _ = Library.generate(seed, n_embd, size=library_size, shares=DEFAULT_SHARES, stats_device=device)
@@ -114,16 +114,14 @@ def bench_eval_workers(workers: int, *, n_embd=128, n_layer=2, n_head=4, populat
     on `workers` actors against the first actor alone, interleaved, after one warm-up call each;
     the speed-up, the scaling efficiency (speed-up / workers), the FLOPs of each side (a shard
     boundary costs its shared prefix) and whether the losses are bit for bit the same."""
-    import functools
-
     from clso.workers import RayPool
 
     shapes = dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
                   library_size=library_size, vocab_size=vocab_size, seed=seed)
-    model, _ = bench_model_and_batch("cpu", **shapes)
+    model, batch = bench_model_and_batch("cpu", **shapes)
     genomes = np.unique(_distinct_genomes(population, genome_length(model.config), library_size,
                                           np.random.default_rng(seed)), axis=0)
-    pool = RayPool(workers, functools.partial(bench_model_and_batch, **shapes), precision, {}, address)
+    pool = RayPool(workers, model, batch, precision, {}, address)
     try:
         sides = {"one_worker": 1, "workers": workers}
         out = {side: pool.losses_and_flops(genomes, actors=n) for side, n in sides.items()}  # warm: models built

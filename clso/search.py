@@ -58,13 +58,6 @@ def build_search(data_dir: str | Path, library_dir: str | Path, model, *, fitnes
     return Search(config, crystal.library, crystal, batch, FitnessEvaluator(crystal, batch, precision=precision), data)
 
 
-def model_and_batch(device, **search_args) -> tuple[CrystallineGPT2, EvalBatch]:
-    """What an evaluation worker (clso.workers) needs of build_search(**search_args): the model and
-    its fitness batch, on `device`."""
-    search = build_search(**search_args, device=device)
-    return search.model, search.batch
-
-
 def sample_for_surrogate(search: Search, n: int, mutant_fraction: float, rng: np.random.Generator,
                          on_progress=None, rounds: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """n truly evaluated genomes: random ones, then mutants of the best found so far, so the data

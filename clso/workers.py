@@ -1,6 +1,6 @@
 """True evaluations on Ray actors (params `evolve.workers`, `evolve.address`): a pool of actors,
-each of which builds the model and fitness batch once (for evolve, clso.search.model_and_batch: from
-the same files and seed as the driver) and then scores the genomes it is sent.
+each of which receives the model (its library included) and the fitness batch once, through Ray's
+object store, and then scores the genomes it is sent. No node needs the driver's files.
 
 What travels: genomes as int64 index vectors, one contiguous shard of the generation's sorted
 distinct genomes per actor; losses, the FLOPs computed and the actor's own energy reading come back.
@@ -17,7 +17,8 @@ Each actor meters its whole life (building its model included) and hands over wh
 its last call with each result: the GPU it holds is charged while idle too. Its CPU is metered by
 its own CPU time (never by the machine-wide RAPL counter, so actors never count each other); the
 driver drops what its own meter already holds: an actor's CPU part on the driver's machine when the
-driver reads RAPL, and an actor's GPU part when it holds the driver's own GPU.
+driver reads RAPL, and an actor's GPU part when it holds the driver's own GPU (a local cluster may
+give an actor the driver's GPU: they then share it).
 
 An actor that dies (its process killed, its node lost) is killed for good, replaced, and its shard
 sent again: nothing is lost. Ray is imported here only, and only when a pool is made (`pip install -e ".[ray]"`).
@@ -25,7 +26,6 @@ sent again: nothing is lost. Ray is imported here only, and only when a pool is 
 
 from __future__ import annotations
 
-import functools
 import socket
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -39,17 +39,12 @@ RETRIES = 3  # times one shard is sent again after its actor died
 NO_RAPL = Path("/nonexistent/powercap")  # an actor meters its CPU by its own CPU time: actors never count each other
 
 
-def search_pool(search, workers: int, address: str | None, *, data_dir, library_dir, model, fitness_batch_size: int,
-                seed: int, meter_options: dict) -> RayPool | None:
-    """`workers` Ray actors for the true evaluations of `search` (clso.search.build_search of these
-    arguments), set on its evaluator; None with 0 workers: in this process. Close it when done."""
+def search_pool(search, workers: int, address: str | None, meter_options: dict) -> RayPool | None:
+    """`workers` Ray actors for the true evaluations of `search` (a clso.search.Search), set on its
+    evaluator; None with 0 workers: in this process. Close it when done."""
     if not workers:
         return None
-    from clso.search import model_and_batch
-
-    build = functools.partial(model_and_batch, data_dir=Path(data_dir).resolve(), library_dir=Path(library_dir).resolve(),
-                              model=model, fitness_batch_size=fitness_batch_size, seed=seed, precision=search.precision)
-    search.evaluator.pool = RayPool(workers, build, search.precision, meter_options, address)
+    search.evaluator.pool = RayPool(workers, search.model, search.batch, search.precision, meter_options, address)
     return search.evaluator.pool
 
 
@@ -64,10 +59,10 @@ def with_workers(driver: EnergyReading, workers: list[EnergyReading]) -> EnergyR
 
 
 class EvaluationWorker:
-    """One actor's state: the model (with its library) and fitness batch that `build(device)` made,
+    """One actor's state: its copy of the model (with its library) and fitness batch on its device,
     the version of the continuous weights it holds, and its meter."""
 
-    def __init__(self, build, precision: str, meter_options: dict):
+    def __init__(self, shipped: dict, precision: str, meter_options: dict):
         import torch
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray gave it one GPU, or one CPU
@@ -75,7 +70,7 @@ class EvaluationWorker:
         start = self.meter.read()
         self.charged_until = start.minus(start)  # zero: from the meter's start, building the model included
         torch.set_num_threads(1)  # its CPU share (on a GPU: one thread, as clso.context.setup keeps)
-        self.model, self.batch = build(device)
+        self.model, self.batch = _unpacked(shipped, device)
         self.precision, self.version = precision, -1
         self.place = (socket.gethostname(), _gpu_uuid(device))
 
@@ -102,6 +97,23 @@ class EvaluationWorker:
         return losses, flops, asdict(spent)
 
 
+def _shippable(model, batch) -> dict:
+    """What an actor builds its model and batch from, on the host: the model's parts, not the model
+    (whose library may sit on the driver's GPU)."""
+    return {"config": model.config, "mode": model.mode, "library": model.library.to("cpu"),
+            "state": {k: v.cpu() for k, v in model.continuous_state().items()},
+            "batch": replace(batch, x=batch.x.cpu(), y=batch.y.cpu())}
+
+
+def _unpacked(shipped: dict, device):
+    from clso.model import CrystallineGPT2
+
+    model = CrystallineGPT2(shipped["config"], shipped["library"], mode=shipped["mode"])
+    model.load_continuous_state(shipped["state"])
+    batch = shipped["batch"]
+    return model.to(device).eval(), replace(batch, x=batch.x.to(device), y=batch.y.to(device))
+
+
 def _gpu_uuid(device) -> str | None:
     import torch
 
@@ -111,11 +123,11 @@ def _gpu_uuid(device) -> str | None:
 class RayPool:
     """`workers` actors on a Ray cluster: a local one started here (address None) or the one at
     `address` ("auto" on a node of the cluster; "ray://host:10001" from elsewhere, with
-    `pip install "ray[client]"`). `build(device)` (picklable: it travels to the actors, and the files
-    it reads must be at the same paths on every node) returns the model and fitness batch each actor
-    evaluates on, in `precision`. `meter_options` are the driver's EnergyMeter's."""
+    `pip install "ray[client]"`). Each evaluates on a copy of `model` (a CrystallineGPT2, its
+    continuous weights as they are now) and `batch`, in `precision`. `meter_options` are the driver's
+    EnergyMeter's."""
 
-    def __init__(self, workers: int, build, precision: str, meter_options: dict, address: str | None = None):
+    def __init__(self, workers: int, model, batch, precision: str, meter_options: dict, address: str | None = None):
         try:
             import ray
         except ImportError:
@@ -138,7 +150,8 @@ class RayPool:
                 raise ClsoError(f"evolve.workers {workers}: the Ray cluster has {have:g} "
                                 f"{'GPUs' if gpus else 'CPUs'} for one each; lower it or grow the cluster")
             self._actor = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=0)(EvaluationWorker)
-            self.build, self.precision, self.meter_options = build, precision, meter_options
+            self.shipped = ray.put(_shippable(model, batch))  # once: every actor, replacements too, reads it
+            self.precision, self.meter_options = precision, meter_options
             self.driver = self._driver_place(meter_options)
             self.actors = [self._spawn() for _ in range(workers)]
             self.places = self._started(self.actors)
@@ -156,7 +169,7 @@ class RayPool:
         return socket.gethostname(), RaplCounter.open() is not None, _gpu_uuid(device) if device.startswith("cuda") else None
 
     def _spawn(self):
-        return self._actor.remote(self.build, self.precision, self.meter_options)
+        return self._actor.remote(self.shipped, self.precision, self.meter_options)
 
     def _started(self, actors: list) -> list[tuple]:
         """Each actor's (pid, host, GPU) once its model is built; a failure to build is one line."""

@@ -53,7 +53,9 @@ def eval_(
     device: str = DEVICE_OPTION,
     threads: int = THREADS_OPTION,
     workers: int = typer.Option(0, help="> 0: the fast path on this many Ray actors against one actor "
-                                        '(evolve.workers; pip install -e ".[ray]")'),
+                                        '(evolve.workers; pip install -e ".[ray]"). Each holds a GPU when the '
+                                        "cluster has GPUs, else one CPU thread; --device then only says what "
+                                        "--precision auto means, as base.device does for evolve's actors"),
     address: str = typer.Option("", help="with --workers: the Ray cluster to join; empty: a local one"),
 ) -> None:
     """Population evaluation: genomes/s of the plain loop (fp32) and of the fast path (in --precision),
@@ -72,6 +74,8 @@ def eval_(
     where = resolve_device(device)
     if workers < 0:
         raise ClsoError(f"--workers {workers}: must be 0 (in process) or more")
+    if workers and threads:
+        raise ClsoError("--threads applies in process; with --workers each actor uses one thread")
     if workers:
         result = bench_eval_workers(workers, **{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "population",
                                                                       "block_size", "library_size", "vocab_size")},

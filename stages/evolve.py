@@ -112,9 +112,7 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
     resumed_at = len(evolution.run.history)
     pool = None
     try:
-        pool = search_pool(search, p.evolve.workers, p.evolve.address or None, data_dir="data/prepared",
-                           library_dir="models/library", model=p.model, fitness_batch_size=p.fitness.batch_size,
-                           seed=p.base.seed, meter_options=meter)
+        pool = search_pool(search, p.evolve.workers, p.evolve.address or None, meter)
         with progress_bar() as bar:
             task = bar.add_task(variant.name, total=evolution.generation_limit + 1, completed=resumed_at,
                                 info="resumed" if resumed_at else "")

@@ -47,9 +47,7 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
     search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
                           seed=p.base.seed, device=device, precision=resolve_precision(p.fitness.precision, device))
     rng = np.random.default_rng(derive_seed(p.base.seed, "surrogate"))
-    pool = search_pool(search, p.evolve.workers, p.evolve.address or None, data_dir="data/prepared",
-                       library_dir="models/library", model=p.model, fitness_batch_size=p.fitness.batch_size,
-                       seed=p.base.seed, meter_options=energy)
+    pool = search_pool(search, p.evolve.workers, p.evolve.address or None, energy)
     try:
         with EnergyMeter(**energy) as eval_meter, progress_bar() as bar:
             task = bar.add_task("evaluate genomes", total=p.surrogate.n_train, info="")

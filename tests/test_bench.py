@@ -55,6 +55,14 @@ def test_bench_train_cli_takes_a_preset_and_rejects_unknown_settings(stage_env):
     assert run.returncode == 1 and "--preset gpt3: unknown; valid: default, protocol" in run.stderr
 
 
+def test_bench_eval_rejects_in_process_settings_for_workers(stage_env):
+    for args, message in ((["--workers", "-1"], "--workers -1: must be 0"),
+                          (["--workers", "2", "--threads", "2"], "with --workers each actor uses one thread")):
+        run = subprocess.run([sys.executable, "-m", "stages.cli", "bench", "eval", *args], env=stage_env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
+
+
 def test_presets_keep_the_fitness_batch_apart_from_the_baselines():
     from stages.bench import _shapes
 

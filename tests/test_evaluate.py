@@ -176,4 +176,4 @@ def test_workers_without_ray_installed_are_a_one_line_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the Ray extra were not installed
     with pytest.raises(ClsoError, match=r'pip install -e "\.\[ray\]"'):
-        RayPool(2, build=None, precision="fp32", meter_options={})
+        RayPool(2, model=None, batch=None, precision="fp32", meter_options={})

@@ -32,8 +32,7 @@ def _evolution(root, model, folder, workers=0):
     cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 8, "generations": 5, "hybrid_every": 2,
                           "hybrid_steps": 2, "hybrid_batch_size": 2, "local_search_every": 3, "local_search_top": 2,
                           "surrogate_every": 2, "workers": workers})
-    search_pool(search, workers, None, data_dir=root / "prepared", library_dir=root / "library", model=model,
-                fitness_batch_size=2, seed=0, meter_options=dict(cpu_watts_per_core=10.0))
+    search_pool(search, workers, None, dict(cpu_watts_per_core=10.0))
     return Evolution(search, cfg, surrogate, (genomes, losses), 0, folder, "fp", dict(device="cpu"), mode="hybrid")
 
 
