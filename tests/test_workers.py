@@ -78,6 +78,33 @@ def test_two_workers_find_what_one_process_finds_and_are_charged_their_energy(cl
     assert distributed.search.evaluator.worker_extra_flops >= 0
 
 
+def test_actors_score_on_the_drivers_model_as_it_is_without_its_files(cluster, tiny_gpt2_search, tmp_path):
+    import shutil
+
+    import torch
+
+    from clso.evaluate import population_losses_and_flops
+    from clso.workers import RayPool
+
+    root, model = tiny_gpt2_search
+    copied = tmp_path / "copied"
+    shutil.copytree(root, copied)
+    search = build_search(copied / "prepared", copied / "library", model, fitness_batch_size=2, seed=0, device="cpu")
+    with torch.no_grad():  # continuous weights no seed gives: the actors must get them from the driver
+        search.model.gpt2.transformer.wte.weight.mul_(1.5)
+    shutil.rmtree(copied)
+    genomes = np.unique(np.random.default_rng(0).integers(0, search.library.size, size=(6, search.genome_length)),
+                        axis=0)
+    pool = RayPool(2, search.model, search.batch, "fp32", {})
+    try:
+        losses, flops, _ = pool.losses_and_flops(genomes)
+    finally:
+        pool.close()
+    expected, _ = population_losses_and_flops(search.model, genomes, search.batch)
+    np.testing.assert_array_equal(losses, expected)
+    assert flops > 0
+
+
 def test_totals_add_the_actors_energy_and_cpu_time_but_not_their_wall_time():
     from clso.energy import EnergyReading
     from clso.evolve import Totals
