@@ -15,15 +15,21 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from clso import ga
-from clso.baseline import TrainingSetup, TrainStep, dense_gpt2
-from clso.data import random_batch
+from clso.crystal.library import Library
+from clso.data.tokens import random_batch
 from clso.energy import EnergyMeter
-from clso.evaluate import EvalBatch, FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops
-from clso.flops import forward_flops, peak_flops, train_step_flops
-from clso.library import Library
-from clso.model import CrystallineGPT2, ModelConfig, genome_length
-from clso.surrogate import spearman
+from clso.model.baseline import TrainingSetup, TrainStep, dense_gpt2
+from clso.model.crystalline import CrystallineGPT2, ModelConfig, genome_length
+from clso.model.flops import forward_flops, peak_flops, train_step_flops
+from clso.search import ga
+from clso.search.evaluate import (
+    EvalBatch,
+    FitnessEvaluator,
+    plain_losses,
+    population_losses,
+    population_losses_and_flops,
+)
+from clso.search.surrogate import spearman
 
 DEFAULT_SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
 # shapes of each preset: the model, the baseline's batch (train), the fitness batch, population and
@@ -114,7 +120,7 @@ def bench_eval_workers(workers: int, *, n_embd=128, n_layer=2, n_head=4, populat
     on `workers` actors against the first actor alone, interleaved, after one warm-up call each;
     the speed-up, the scaling efficiency (speed-up / workers), the FLOPs of each side (a shard
     boundary costs its shared prefix) and whether the losses are bit for bit the same."""
-    from clso.workers import RayPool
+    from clso.search.workers import RayPool
 
     shapes = dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
                   library_size=library_size, vocab_size=vocab_size, seed=seed)

@@ -168,7 +168,7 @@ class EvolveParams:
                         "start a local one")
 
 
-MODES = ("pure", "hybrid")  # clso.model.MODES, without importing torch here
+MODES = ("pure", "hybrid")  # clso.model.crystalline.MODES, without importing torch here
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ class FieldParams:
                           choices=("auto", "fp32", "bf16"))
 
 
-OFFLINE_TASKS = ("rotten_tomatoes", "debates_2016")  # clso.tasks loads them
+OFFLINE_TASKS = ("rotten_tomatoes", "debates_2016")  # clso.data.tasks loads them
 GLUE_TASKS = ("sst2", "cola", "mnli")
 
 

@@ -30,9 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clso import ga
-from clso.baseline import adamw_optimizer
-from clso.flops import LINEAR_NAMES, attention_flops_per_token, dense_linear_flops, linear_shapes
+from clso.model.baseline import adamw_optimizer
+from clso.model.flops import (
+    LINEAR_NAMES,
+    attention_flops_per_token,
+    dense_linear_flops,
+    linear_shapes,
+)
+from clso.search import ga
 
 POOLINGS = ("last", "mean")
 TOLERANCE = 0.05  # CLSO transfers when its test metric is within 5 % of the baseline's
@@ -347,7 +352,7 @@ class CachedBody:
 
 def partial_search(genome: np.ndarray, chosen: np.ndarray, library_size: int, evaluate, *, population: int,
                    generations: int, seed: int, on_generation=None) -> tuple[np.ndarray, float, float, int]:
-    """A GA (clso.ga) over the `chosen` genes of `genome`, the others fixed; `evaluate(full genome)`
+    """A GA (clso.search.ga) over the `chosen` genes of `genome`, the others fixed; `evaluate(full genome)`
     gives (fitness, FLOPs). The pretrained genes are one of the first population, so the search can
     only find a genome at least as fit on its batch. With one chosen gene it is random search: no
     cut point to cross over, and every child's gene is redrawn. Returns the best full genome, its

@@ -6,15 +6,15 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from clso.baseline import CURVE_FIELDS, state_for_saving, train_baseline
 from clso.context import setup
-from clso.data import TokenData
+from clso.data.tokens import TokenData
 from clso.energy import EnergyMeter
-from clso.evaluate import split_loss
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
-from clso.model import ModelConfig
+from clso.model.baseline import CURVE_FIELDS, state_for_saving, train_baseline
+from clso.model.crystalline import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
+from clso.search.evaluate import split_loss
 from stages.common import PARAMS_OPTION, run_alone, stage
 
 OUT_DIR = Path("models/baseline")

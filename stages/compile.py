@@ -8,20 +8,35 @@ import torch
 from safetensors.torch import load_file
 
 from clso.compare import journal_claims, journal_statement
-from clso.compile import (RUNTIME_LOGIT_TOLERANCE, bench_runtime, build_runtime, check_runtime_logits,
-                          quantization_reports, run_runtime, runtime_logits)
 from clso.context import setup
-from clso.crystal import (MODES, CrystalModel, build_crystal_with_report, crystalline_spec, dense_spec,
-                          export_tokenizer, field_spec, read_crystal)
-from clso.data import TokenData
+from clso.crystal.compile import (
+    RUNTIME_LOGIT_TOLERANCE,
+    bench_runtime,
+    build_runtime,
+    check_runtime_logits,
+    quantization_reports,
+    run_runtime,
+    runtime_logits,
+)
+from clso.crystal.file import (
+    MODES,
+    CrystalModel,
+    build_crystal_with_report,
+    crystalline_spec,
+    dense_spec,
+    export_tokenizer,
+    field_spec,
+    read_crystal,
+)
+from clso.data.tokenizer import load_tokenizer
+from clso.data.tokens import TokenData
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
-from clso.model import ModelConfig
+from clso.model.crystalline import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.tokenizer import load_tokenizer
-from stages.common import PARAMS_OPTION, run_alone, stage
 from stages import final_models
+from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.variants import compiled_variant
 
 BUILD = Path("build")

@@ -12,37 +12,37 @@ import typer
 from safetensors.torch import load_file, save_file
 
 import clso.context
-import clso.data
+import clso.crystal.library
+import clso.data.tokens
 import clso.energy
-import clso.evaluate
-import clso.evolve
-import clso.flops
-import clso.ga
-import clso.library
-import clso.model
-import clso.search
-import clso.surrogate
+import clso.model.crystalline
+import clso.model.flops
+import clso.search.evaluate
+import clso.search.evolve
+import clso.search.ga
+import clso.search.problem
+import clso.search.surrogate
 from clso import ClsoError
-from clso.bound import frozen_head_bound
 from clso.context import resolve_precision, setup
-from clso.evaluate import split_loss, split_targets
 from clso.energy import EnergyMeter
-from clso.evolve import HISTORY_FIELDS, Budget, Evolution
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
+from clso.model.bound import frozen_head_bound
 from clso.params import MODES, load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
-from clso.search import build_search
-from clso.surrogate import Surrogate, SurrogateConfig
-from clso.workers import search_pool
+from clso.search.evaluate import split_loss, split_targets
+from clso.search.evolve import HISTORY_FIELDS, Budget, Evolution
+from clso.search.problem import build_search
+from clso.search.surrogate import Surrogate, SurrogateConfig
+from clso.search.workers import search_pool
 from stages.common import PARAMS_OPTION, app, fingerprint, read_curve, read_json, stage
 from stages.variants import Variant
 
 SURROGATE_DIR = Path("models/surrogate")
 VAL_BATCH = 16
 # the code the search's results and accounting come from: a checkpoint another version wrote is not resumed
-SEARCH_CODE = (clso.context, clso.data, clso.energy, clso.evaluate, clso.evolve, clso.flops, clso.ga, clso.library,
-               clso.model, clso.search, clso.surrogate)
+SEARCH_CODE = (clso.context, clso.data.tokens, clso.energy, clso.search.evaluate, clso.search.evolve, clso.model.flops, clso.search.ga, clso.crystal.library,
+               clso.model.crystalline, clso.search.problem, clso.search.surrogate)
 
 
 def _load_surrogate(device) -> tuple[Surrogate, np.ndarray, np.ndarray]:

@@ -7,26 +7,25 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from clso.context import setup
-from clso.data import TokenData
-from clso.energy import EnergyMeter
-from clso.evaluate import split_loss
-import clso.baseline
 import clso.context
-import clso.data
+import clso.data.tokens
 import clso.energy
-import clso.evaluate
 import clso.field.checkpoint
 import clso.field.model
 import clso.field.train
-import clso.flops
-from clso.context import resolve_precision
+import clso.model.baseline
+import clso.model.flops
+import clso.search.evaluate
+from clso.context import resolve_precision, setup
+from clso.data.tokens import TokenData
+from clso.energy import EnergyMeter
 from clso.field.checkpoint import FieldCheckpoint
 from clso.field.train import CURVE_FIELDS, EVAL_BATCH, field_config, train_field
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
 from clso.plots import neurons_png
 from clso.progress import progress_bar
+from clso.search.evaluate import split_loss
 from stages.common import PARAMS_OPTION, fingerprint, run_alone, stage
 
 OUT_DIR = Path("models/field")
@@ -35,8 +34,8 @@ PLOT = Path("plots/field.csv")
 NEURONS_PNG = Path("plots/field_neurons.png")
 CHECKPOINT = Path("checkpoints/field")
 # the code the run's results and accounting come from: a checkpoint another version wrote is not resumed
-FIELD_CODE = (clso.baseline, clso.context, clso.data, clso.energy, clso.evaluate, clso.field.checkpoint, clso.field.model,
-              clso.field.train, clso.flops)
+FIELD_CODE = (clso.model.baseline, clso.context, clso.data.tokens, clso.energy, clso.search.evaluate, clso.field.checkpoint, clso.field.model,
+              clso.field.train, clso.model.flops)
 
 
 @stage("field", sections=("base", "model", "field"))

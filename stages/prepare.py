@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from clso.corpus import load_corpus
-from clso.data import prepare_dataset
+from clso.data.corpus import load_corpus
+from clso.data.tokens import prepare_dataset
 from clso.energy import EnergyMeter
 from clso.io import write_json_atomic
 from clso.params import load_params

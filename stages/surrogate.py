@@ -5,17 +5,17 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import save_file
 
 from clso.context import derive_seed, resolve_precision, setup
+from clso.crystal.library import structure_features
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.search import build_search, sample_for_surrogate
-from clso.library import structure_features
-from clso.surrogate import INPUTS, Surrogate, SurrogateConfig, ranking_metrics
-from clso.workers import search_pool, with_workers
-from safetensors.torch import save_file
+from clso.search.problem import build_search, sample_for_surrogate
+from clso.search.surrogate import INPUTS, Surrogate, SurrogateConfig, ranking_metrics
+from clso.search.workers import search_pool, with_workers
 from stages.common import PARAMS_OPTION, run_alone, stage
 
 OUT_DIR = Path("models/surrogate")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# dvc.yaml's matrix stage → the search strategy it runs (clso.evolve.STRATEGIES), and how reports name it
+# dvc.yaml's matrix stage → the search strategy it runs (clso.search.evolve.STRATEGIES), and how reports name it
 STRATEGY = {"evolve": "ga", "random": "random", "no_surrogate": "no_surrogate", "fixed_body": "fixed_body"}
 LABEL = {"evolve": "CLSO (GA + surrogate)", "random": "random search", "no_surrogate": "GA without surrogate",
          "fixed_body": "fixed random body"}

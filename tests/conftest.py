@@ -112,8 +112,8 @@ def expand_stages(stages: dict, params: dict) -> dict:
 def prepare_text_corpus(root: Path, **corpus) -> Path:
     """make_text_corpus(root / "corpus", **corpus) prepared into root / "prepared" (BPE 300, 20 % val
     and test): the tests' small training data."""
-    from clso.corpus import load_corpus
-    from clso.data import prepare_dataset
+    from clso.data.corpus import load_corpus
+    from clso.data.tokens import prepare_dataset
 
     prepare_dataset(load_corpus(f"text:{make_text_corpus(root / 'corpus', **corpus)}"), root / "prepared",
                     corpus_name="t", tokenizer_kind="bpe", vocab_size=300, val_fraction=0.2, test_fraction=0.2, seed=0)
@@ -125,7 +125,7 @@ def tiny_gpt2_search(tmp_path_factory):
     """A prepared corpus, a 10-matrix library and a 1-block GPT-2 of width 16 to search over."""
     from types import SimpleNamespace
 
-    from clso.library import Library
+    from clso.crystal.library import Library
 
     root = tmp_path_factory.mktemp("gpt2")
     prepare_text_corpus(root)

@@ -6,9 +6,16 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from clso import ClsoError
-from clso.baseline import TrainingSetup, TrainStep, dense_gpt2, learning_rate, state_for_saving, train_baseline
-from clso.data import TokenData
-from clso.model import ModelConfig
+from clso.data.tokens import TokenData
+from clso.model.baseline import (
+    TrainingSetup,
+    TrainStep,
+    dense_gpt2,
+    learning_rate,
+    state_for_saving,
+    train_baseline,
+)
+from clso.model.crystalline import ModelConfig
 
 CFG = SimpleNamespace(steps=40, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
                       grad_clip=1.0, eval_interval=10, eval_batches=2, micro_batch_size=0, precision="auto",

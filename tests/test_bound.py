@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clso.bound import frozen_head_bound
-from clso.evaluate import EvalBatch, population_losses, split_targets
-from clso.library import Library
-from clso.model import CrystallineGPT2, ModelConfig
+from clso.crystal.library import Library
+from clso.model.bound import frozen_head_bound
+from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.search.evaluate import EvalBatch, population_losses, split_targets
 
 V, D = 40, 8
 

@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 import stages.compile as stage
-from clso.fuzz import tiny_field_lm
 from clso import ClsoError
-from clso.baseline import dense_gpt2, state_for_saving
-from clso.crystal import MODES, STORAGE
-from clso.data import TokenData
-from clso.library import Library
-from clso.model import CrystallineGPT2, ModelConfig
+from clso.crystal.file import MODES, STORAGE
+from clso.crystal.fuzz import tiny_field_lm
+from clso.crystal.library import Library
+from clso.data.tokens import TokenData
+from clso.model.baseline import dense_gpt2, state_for_saving
+from clso.model.crystalline import CrystallineGPT2, ModelConfig
 from clso.params import load_params
 from stages.prepare import prepare
 from stages.variants import compiled_variant
@@ -130,7 +130,7 @@ def test_runtime_logits_off_the_reader_fail_the_stage_and_write_nothing(workdir,
 
 
 def test_kl_in_chunks_is_the_kl_of_the_whole():
-    from clso.compile import _kl_sum
+    from clso.crystal.compile import _kl_sum
 
     g = torch.Generator().manual_seed(0)
     ref, got = torch.randn(10, 7, generator=g), torch.randn(10, 7, generator=g)

@@ -11,15 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from clso import crystal as cr
-from clso.baseline import dense_gpt2
 from clso import ClsoError
-from clso.compile import (RUNTIME_LOGIT_TOLERANCE, bench_runtime, build_runtime, check_runtime_logits, hf_model,
-                          run_runtime, runtime_logits)
-from clso.fuzz import tiny_models, tiny_tokenizers
-from clso.library import Library
-from clso.model import CrystallineGPT2, ModelConfig
-from clso.tokenizer import build_char, train_bpe
+from clso.crystal import file as cr
+from clso.crystal.compile import (
+    RUNTIME_LOGIT_TOLERANCE,
+    bench_runtime,
+    build_runtime,
+    check_runtime_logits,
+    hf_model,
+    run_runtime,
+    runtime_logits,
+)
+from clso.crystal.fuzz import tiny_models, tiny_tokenizers
+from clso.crystal.library import Library
+from clso.data.tokenizer import build_char, train_bpe
+from clso.model.baseline import dense_gpt2
+from clso.model.crystalline import CrystallineGPT2, ModelConfig
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 20
@@ -340,7 +347,7 @@ def test_header_and_entry_offsets_match_the_spec():
 
 def test_a_short_fuzz_run_finds_nothing(tmp_path):
     pytest.importorskip("atheris")
-    from clso.fuzz import run
+    from clso.crystal.fuzz import run
 
     result = run(tmp_path, runs=3000, seed=0)
     assert result["ok"], result["log_tail"]

@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 
 from clso import ClsoError
-from clso.corpus import Corpus, Document, load_corpus
-from clso.data import TokenData, document_text, prepare_dataset, random_batch, token_dtype
-from clso.tokenizer import EOT
+from clso.data.corpus import Corpus, Document, load_corpus
+from clso.data.tokenizer import EOT
+from clso.data.tokens import (
+    TokenData,
+    document_text,
+    prepare_dataset,
+    random_batch,
+    token_dtype,
+)
 
 
 def _prepare(corpus, out, **kw):

@@ -27,7 +27,7 @@ PACKAGES = ("clso", "stages")  # the project's top-level packages: everything el
 # `test_modules_that_locate_files_beside_themselves_are_in_RUNTIME_FILES` catches a new one.
 RUNTIME_FILES = {
     # compile.RUNTIME_SOURCE: build_runtime compiles the C runtime from it
-    "clso/compile.py": ("clso/runtime/crystal.c",),
+    "clso/crystal/compile.py": ("clso/crystal/runtime/crystal.c",),
 }
 
 CMD = re.compile(r"^python -m ((?:stages)(?:\.\w+)+)(?: .*)?$")  # arguments (a matrix item's) may follow
@@ -37,7 +37,7 @@ CMD = re.compile(r"^python -m ((?:stages)(?:\.\w+)+)(?: .*)?$")  # arguments (a 
 
 def module_file(root: Path, name: str) -> Path | None:
     """The file of project module `name`, as Python's path finder picks it: a package folder with
-    __init__.py first, then NAME.py; a folder without __init__.py (the C runtime's clso/runtime/)
+    __init__.py first, then NAME.py; a folder without __init__.py (the C runtime's clso/crystal/runtime/)
     is no module file. None for a name outside the project."""
     parts = name.split(".")
     if parts[0] not in PACKAGES:
@@ -200,9 +200,9 @@ def test_a_folder_dep_covers_the_files_below_it():
     stages = copy.deepcopy(load_stages())
     stages["compile"]["deps"] = ["clso/", "stages"]
     assert "compile" not in missing_deps(REPO, stages)
-    stages["compile"]["deps"] = ["clso/runtime"]  # the C runtime's folder covers crystal.c, not its neighbours
+    stages["compile"]["deps"] = ["clso/crystal/runtime"]  # the C runtime's folder covers crystal.c, not its neighbours
     missing = missing_deps(REPO, stages)["compile"]
-    assert "clso/context.py" in missing and "clso/runtime/crystal.c" not in missing
+    assert "clso/context.py" in missing and "clso/crystal/runtime/crystal.c" not in missing
 
 
 def test_the_closure_sees_every_kind_of_import(tmp_path):
@@ -217,7 +217,7 @@ def test_the_closure_sees_every_kind_of_import(tmp_path):
         "clso/sub.py": "from . import rel\nfrom .runtime import setup\n",
         "clso/rel.py": "",
         "clso/runtime.py": "def setup(): pass\n",
-        "clso/runtime/data.c": "",
+        "clso/crystal/runtime/data.c": "",
         "clso/deep/__init__.py": "from ..unused_name import x\n",
         "clso/deep/leaf.py": "",
         "clso/never.py": "",

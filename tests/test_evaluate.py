@@ -4,11 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from clso.evaluate import (EvalBatch, FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops,
-                           split_loss, split_targets)
-from clso.library import Library
-from clso.model import CrystallineGPT2, ModelConfig
-from clso.surrogate import spearman
+from clso.crystal.library import Library
+from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.search.evaluate import (
+    EvalBatch,
+    FitnessEvaluator,
+    plain_losses,
+    population_losses,
+    population_losses_and_flops,
+    split_loss,
+    split_targets,
+)
+from clso.search.surrogate import spearman
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
 
@@ -157,8 +164,8 @@ def test_bf16_losses_rank_genomes_as_fp32_does(setup):
 def test_trie_flops_counts_on_the_host_what_the_evaluator_computes(max_networks):
     """What a search on workers is charged: one process's FLOPs, shared prefixes and chunking included."""
     from clso.bench import bench_model_and_batch
-    from clso.evaluate import trie_flops
-    from clso.model import genome_length
+    from clso.model.crystalline import genome_length
+    from clso.search.evaluate import trie_flops
 
     model, batch = bench_model_and_batch("cpu", n_embd=16, n_layer=2, n_head=2, batch_size=2, block_size=16,
                                          library_size=6, vocab_size=64, seed=0)
@@ -172,7 +179,7 @@ def test_workers_without_ray_installed_are_a_one_line_error(monkeypatch):
     import sys
 
     from clso import ClsoError
-    from clso.workers import RayPool
+    from clso.search.workers import RayPool
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the Ray extra were not installed
     with pytest.raises(ClsoError, match=r'pip install -e "\.\[ray\]"'):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from clso.evaluate import population_losses
-from clso.evolve import Evolution
 from clso.params import EvolveParams, defaults
-from clso.search import build_search, sample_for_surrogate
-from clso.surrogate import Surrogate, SurrogateConfig
+from clso.search.evaluate import population_losses
+from clso.search.evolve import Evolution
+from clso.search.problem import build_search, sample_for_surrogate
+from clso.search.surrogate import Surrogate, SurrogateConfig
 
 N, M = 8, 32
 TABLE = np.random.default_rng(5).gamma(2.0, 0.05, size=(N, M))
@@ -235,7 +235,7 @@ def test_an_uncertain_child_gets_its_true_evaluation_before_a_confidently_medioc
 # --- the controls: random search, the GA without surrogate, a fixed body ---------------------
 
 def control(tmp_path, strategy, budget, seed=0, **overrides):
-    from clso.evolve import Evolution
+    from clso.search.evolve import Evolution
 
     cfg = defaults(EvolveParams)
     cfg = EvolveParams(**{**cfg.__dict__, "population": 24, "generations": 25, "patience": 100,
@@ -245,7 +245,7 @@ def control(tmp_path, strategy, budget, seed=0, **overrides):
 
 
 def test_random_search_follows_the_ga_evaluation_schedule_and_loses_to_it(tmp_path):
-    from clso.evolve import Budget
+    from clso.search.evolve import Budget
 
     for seed in range(3):
         ga_run = evolution(tmp_path / f"ga{seed}", seed=seed)
@@ -260,7 +260,7 @@ def test_random_search_follows_the_ga_evaluation_schedule_and_loses_to_it(tmp_pa
 
 
 def test_the_ga_without_surrogate_spends_its_flop_budget_on_true_evaluations_only(tmp_path):
-    from clso.evolve import Budget
+    from clso.search.evolve import Budget
 
     evo = control(tmp_path, "no_surrogate", Budget(flops=300_000), generations=10)  # the FLOPs, not 10 generations
     run = evo.run_to_end()
@@ -273,7 +273,7 @@ def test_the_ga_without_surrogate_spends_its_flop_budget_on_true_evaluations_onl
 
 
 def test_a_control_is_told_apart_from_the_ga():
-    from clso.evolve import Evolution
+    from clso.search.evolve import Evolution
 
     search, cfg = planted_search(), defaults(EvolveParams)
     with pytest.raises(ValueError, match="surrogate"):
@@ -283,7 +283,7 @@ def test_a_control_is_told_apart_from_the_ga():
 
 
 def test_random_search_stops_where_a_shorter_schedule_ends(tmp_path):
-    from clso.evolve import Budget
+    from clso.search.evolve import Budget
 
     rnd = control(tmp_path, "random", Budget(evaluations=(10, 20, 25, 25, 40))).run_to_end()
     assert [r["true_evaluations"] for r in rnd.history] == [10, 20, 25, 25, 40]
@@ -291,7 +291,7 @@ def test_random_search_stops_where_a_shorter_schedule_ends(tmp_path):
 
 
 def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_search, tmp_path, monkeypatch):
-    from clso.evolve import Evolution
+    from clso.search.evolve import Evolution
 
     root, model = tiny_gpt2_search
     steps = []
@@ -307,7 +307,7 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
                           "local_search_top": 2, "surrogate_every": 2})
 
     def run(strategy, folder, budget=None):
-        from clso.evolve import Budget
+        from clso.search.evolve import Budget
 
         search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
         surrogate, pretraining = None, None
@@ -321,12 +321,12 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
         steps.clear()
         return evo, evo.run_to_end(), len(steps)
 
-    from clso.evolve import Budget
+    from clso.search.evolve import Budget
 
     _, ga_run, ga_steps = run("ga", "ga")
     fixed, fixed_run, fixed_steps = run("fixed_body", "fixed", Budget(generations=ga_run.ga_state.generation))
     assert fixed_steps == ga_steps == 3 * 3  # generations 2, 4 and 6
-    from clso.flops import backward_flops, forward_flops
+    from clso.model.flops import backward_flops, forward_flops
 
     genome, gpt = fixed_run.ga_state.best_genome, fixed.search.config.gpt2()
     per_layer = fixed.search.model.linear_flops(genome)
@@ -341,7 +341,7 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
 
 
 def test_random_search_in_hybrid_mode_spends_exactly_its_schedule(tiny_gpt2_search, tmp_path):
-    from clso.evolve import Budget, Evolution
+    from clso.search.evolve import Budget, Evolution
 
     root, model = tiny_gpt2_search
     cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 6, "generations": 7,
@@ -363,7 +363,7 @@ def test_random_search_in_hybrid_mode_spends_exactly_its_schedule(tiny_gpt2_sear
 
 
 def test_a_control_needs_its_budget_and_never_resumes_another_runs_checkpoint(tmp_path):
-    from clso.evolve import Budget
+    from clso.search.evolve import Budget
 
     for strategy, needed in (("random", "evaluations"), ("no_surrogate", "flops")):
         with pytest.raises(ValueError, match=needed):
@@ -378,7 +378,7 @@ def test_a_control_needs_its_budget_and_never_resumes_another_runs_checkpoint(tm
 
 def test_totals_keep_the_gpu_and_cpu_parts_apart():
     from clso.energy import EnergyReading
-    from clso.evolve import Totals
+    from clso.search.evolve import Totals
 
     gpu = EnergyReading(energy_wh=0.3, method="nvml+estimate", wall_s=10.0, cpu_s=9.0, cpu_wh=0.1,
                         cpu_method="estimate", gpu_wh=0.2, gpu_method="nvml")

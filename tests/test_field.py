@@ -2,21 +2,29 @@
 
 import re
 import subprocess
-from pathlib import Path
 import zlib
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from clso import ClsoError
-from clso import crystal as cr
-from clso.compile import build_runtime, runtime_logits
-from clso.data import TokenData
+from clso.crystal import file as cr
+from clso.crystal.compile import build_runtime, runtime_logits
+from clso.crystal.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
+from clso.data.tokens import TokenData
 from clso.field.model import NeuronField, field_op, forward_flops
-from clso.field.train import FieldSchedule, NeuronAdam, ages, field_config, give_birth, hard_freeze, train_field
-from clso.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
+from clso.field.train import (
+    FieldSchedule,
+    NeuronAdam,
+    ages,
+    field_config,
+    give_birth,
+    hard_freeze,
+    train_field,
+)
 from clso.params import FieldParams, defaults
 
 
@@ -384,9 +392,10 @@ def test_version_1_gpt2_files_are_still_read(runtime, tmp_path):
 
 
 def test_field_params_are_checked(tmp_path):
+    import yaml
+
     from clso import ParamsError
     from clso.params import load_params
-    import yaml
 
     raw = yaml.safe_load((Path(__file__).parent / "params_tiny.yaml").read_text())
     for change, message in (({"n_head": 5}, "field.n_head"), ({"initial_neurons": 2000}, "field.initial_neurons"),

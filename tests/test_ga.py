@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from clso import ga
+from clso.search import ga
 
 CFG = ga.GAConfig(population=20, genome_length=6, library_size=50, elite=2)
 

@@ -184,8 +184,8 @@ def scratch_repo(tmp_path, monkeypatch):
 
 
 def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratch_repo, monkeypatch):
-    from clso.data import TokenData
-    from clso.evolve import Evolution
+    from clso.data.tokens import TokenData
+    from clso.search.evolve import Evolution
 
     stages = expand_stages(yaml.safe_load((scratch_repo / "dvc.yaml").read_text())["stages"],
                            yaml.safe_load((scratch_repo / "params.yaml").read_text()))
@@ -216,7 +216,7 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
 
     # evolve's search is the Evolution (built, then run); the stage's later val score is not part of it
     for method in ("__init__", "run_to_end"):
-        assert hasattr(Evolution, method), f"clso.evolve.Evolution.{method} is gone: update this test"
+        assert hasattr(Evolution, method), f"clso.search.evolve.Evolution.{method} is gone: update this test"
         monkeypatch.setattr(Evolution, method, phase("search", getattr(Evolution, method)))
 
     _install_hook()

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from clso import ClsoError
-from clso.tasks import TaskFileError, connected_groups, load_task, split_record, split_task, task_metric
+from clso.data.tasks import (
+    TaskFileError,
+    connected_groups,
+    load_task,
+    split_record,
+    split_task,
+    task_metric,
+)
 
 
 def test_rotten_tomatoes_ships_offline_with_its_movies_and_texts_as_groups():
@@ -142,8 +149,8 @@ def test_matthews_correlation_by_hand():
 
 
 def test_params_name_every_task_the_loader_knows():
+    from clso.data.tasks import GLUE
     from clso.params import GLUE_TASKS, OFFLINE_TASKS
-    from clso.tasks import GLUE
 
     assert tuple(GLUE) == GLUE_TASKS
     assert all(load_task(name).name == name for name in OFFLINE_TASKS)

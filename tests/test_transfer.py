@@ -15,12 +15,12 @@ import pytest
 import yaml
 from safetensors.torch import save_file
 
-from clso.baseline import dense_gpt2, state_for_saving
-from clso.data import TokenData
-from clso.library import Library
-from clso.model import CrystallineGPT2, ModelConfig
+from clso.crystal.library import Library
+from clso.data.tasks import load_task, split_task
+from clso.data.tokens import TokenData
+from clso.model.baseline import dense_gpt2, state_for_saving
+from clso.model.crystalline import CrystallineGPT2, ModelConfig
 from clso.params import load_params
-from clso.tasks import load_task, split_task
 from clso.transfer import chosen_genes, partial_search
 from stages.prepare import prepare
 from stages.transfer import transfer
@@ -239,8 +239,8 @@ def test_the_verdict_takes_the_option_better_on_val_even_when_test_disagrees():
 
 
 def test_statement_and_table_for_mnli_and_a_matthews_correlation():
-    from stages.compare import transfer_table
     from clso.transfer import statement
+    from stages.compare import transfer_table
 
     side = lambda test, mm, **extra: {"train": 0.9, "val": 0.5, "test": test, "test_mismatched": mm,  # noqa: E731
                                       "energy_wh": 0.1, "method": "estimate", "flops": 1e9, **extra}
@@ -354,7 +354,7 @@ def test_a_probe_is_fitted_to_its_optimum_on_ill_conditioned_features():
 def test_body_flops_are_the_forward_flops_without_the_lm_head_and_add_up_by_blocks():
     from types import SimpleNamespace
 
-    from clso.flops import dense_linear_flops, forward_flops
+    from clso.model.flops import dense_linear_flops, forward_flops
     from clso.transfer import body_flops
 
     config = SimpleNamespace(n_layer=3, n_embd=16, n_inner=None, vocab_size=100)

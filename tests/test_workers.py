@@ -7,11 +7,11 @@ import signal
 import numpy as np
 import pytest
 
-from clso.evolve import Evolution
 from clso.params import EvolveParams, defaults
-from clso.search import build_search, sample_for_surrogate
-from clso.surrogate import Surrogate, SurrogateConfig
-from clso.workers import search_pool
+from clso.search.evolve import Evolution
+from clso.search.problem import build_search, sample_for_surrogate
+from clso.search.surrogate import Surrogate, SurrogateConfig
+from clso.search.workers import search_pool
 from tests.test_evolve import without_timing
 
 ray = pytest.importorskip("ray")  # pip install -e ".[ray]"; CI installs it
@@ -45,7 +45,7 @@ def _same_search(a, b):
 
 def test_two_workers_find_what_one_process_finds_and_are_charged_their_energy(cluster, tiny_gpt2_search, tmp_path,
                                                                               monkeypatch):
-    from clso.evolve import Totals
+    from clso.search.evolve import Totals
 
     root, model = tiny_gpt2_search
     alone = _evolution(root, model, tmp_path / "alone")
@@ -83,8 +83,8 @@ def test_actors_score_on_the_drivers_model_as_it_is_without_its_files(cluster, t
 
     import torch
 
-    from clso.evaluate import population_losses_and_flops
-    from clso.workers import RayPool
+    from clso.search.evaluate import population_losses_and_flops
+    from clso.search.workers import RayPool
 
     root, model = tiny_gpt2_search
     copied = tmp_path / "copied"
@@ -107,7 +107,7 @@ def test_actors_score_on_the_drivers_model_as_it_is_without_its_files(cluster, t
 
 def test_totals_add_the_actors_energy_and_cpu_time_but_not_their_wall_time():
     from clso.energy import EnergyReading
-    from clso.evolve import Totals
+    from clso.search.evolve import Totals
 
     driver = EnergyReading(1.0, "estimate", 10.0, 4.0, 1.0, "estimate")
     actor = EnergyReading(0.5, "nvml+estimate", 9.0, 3.0, 0.2, "estimate", 0.3, "nvml")
@@ -158,7 +158,7 @@ def test_the_workers_benchmark_reports_scaling_against_one_worker(cluster):
 
 def test_an_actor_adds_no_energy_that_the_drivers_own_meter_already_holds():
     from clso.energy import EnergyReading
-    from clso.workers import RayPool
+    from clso.search.workers import RayPool
 
     pool = RayPool.__new__(RayPool)  # its accounting alone: no actors needed
     reading = EnergyReading(0.5, "nvml+estimate", 2.0, 1.5, 0.2, "estimate", 0.3, "nvml")

@@ -17,7 +17,7 @@ its temperatures (0.05 … 0.8) mean the same at any width (LayerNorm outputs li
 each neuron has its own temperature (its birth scale, the journal's rising tide; its flat field had
 one); the field reads a LayerNorm and adds to the residual stream like the other sub-layers; and a
 floor inside the root keeps the gradient finite where a query sits on a neuron. The C runtime computes the
-same formula (clso/runtime/FORMAT.md, version 2).
+same formula (clso/crystal/runtime/FORMAT.md, version 2).
 
 Neurons are born and frozen during training: clso/field/train.py.
 """
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clso.flops import attention_flops_per_token
+from clso.model.flops import attention_flops_per_token
 
 DIST_FLOOR = 1e-6  # added to the squared distance under the root (see the module docstring)
 TEMPERATURE_FLOOR = 0.1  # the journal's |τ| + 0.1
@@ -144,13 +144,13 @@ class FieldLM(nn.Module):
 
 def field_flops_per_token(n_embd: int, neurons: int) -> int:
     """Forward FLOPs per token of one field: the query–position products and the weighted sum of
-    values, 2·N·d each (the norms, roots and exponentials, O(N), are left out as clso.flops leaves
+    values, 2·N·d each (the norms, roots and exponentials, O(N), are left out as clso.model.flops leaves
     out softmax)."""
     return 4 * neurons * n_embd
 
 
 def forward_flops(config: FieldConfig, neurons: list[int], seq_len: int, n_seqs: int = 1) -> int:
-    """One forward pass with `neurons[l]` alive in block l: GPT-2's matmuls (clso.flops' convention)
+    """One forward pass with `neurons[l]` alive in block l: GPT-2's matmuls (clso.model.flops' convention)
     plus the fields'."""
     d, inner = config.n_embd, config.n_inner
     attention = 2 * d * 3 * d + 2 * d * d + attention_flops_per_token(d, seq_len) if config.attention else 0

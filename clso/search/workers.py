@@ -8,7 +8,7 @@ The continuous weights (what hybrid mode trains) travel once per change: the dri
 Ray's object store under a version number and an actor loads them when its version is older.
 
 The losses do not depend on the number of actors on a CPU: there each network is walked alone
-(clso.evaluate.default_max_networks), so a genome's loss is computed by the same operations whatever
+(clso.search.evaluate.default_max_networks), so a genome's loss is computed by the same operations whatever
 shard it is in. On a GPU, 64 networks go side by side and a shard boundary changes how they are
 batched: the losses agree up to that batching's rounding. A shard boundary also costs its prefix:
 the FLOPs (and energy) of N workers are those they really computed, a little more than one process's.
@@ -40,7 +40,7 @@ NO_RAPL = Path("/nonexistent/powercap")  # an actor meters its CPU by its own CP
 
 
 def search_pool(search, workers: int, address: str | None, meter_options: dict) -> RayPool | None:
-    """`workers` Ray actors for the true evaluations of `search` (a clso.search.Search), set on its
+    """`workers` Ray actors for the true evaluations of `search` (a clso.search.problem.Search), set on its
     evaluator; None with 0 workers: in this process. Close it when done."""
     if not workers:
         return None
@@ -86,7 +86,7 @@ class EvaluationWorker:
         only when this actor needs it)."""
         import ray
 
-        from clso.evaluate import population_losses_and_flops
+        from clso.search.evaluate import population_losses_and_flops
 
         if version != self.version and state_box[0] is not None:
             self.model.load_continuous_state(ray.get(state_box[0]))
@@ -106,7 +106,7 @@ def _shippable(model, batch) -> dict:
 
 
 def _unpacked(shipped: dict, device):
-    from clso.model import CrystallineGPT2
+    from clso.model.crystalline import CrystallineGPT2
 
     model = CrystallineGPT2(shipped["config"], shipped["library"], mode=shipped["mode"])
     model.load_continuous_state(shipped["state"])

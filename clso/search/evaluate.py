@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from clso.context import precision_context, to_device
-from clso.flops import attention_flops_per_token, dense_linear_flops
-from clso.library import BUCKETS
-from clso.model import CrystallineGPT2, load_dense_weights
+from clso.crystal.library import BUCKETS
+from clso.model.crystalline import CrystallineGPT2, load_dense_weights
+from clso.model.flops import attention_flops_per_token, dense_linear_flops
 
 LOGITS_PER_CHUNK = 2**25  # most logits held at once (128 MiB of float32)
 
@@ -101,7 +101,7 @@ def _trie_losses(model: CrystallineGPT2, genomes: np.ndarray, y: torch.Tensor, p
     `path[j]` is the state (residual, hidden) after the first j genes of the previous chunk's
     last genome, `path[0]` the embeddings. Returns the losses, the path of this chunk's last
     genome, so that the next chunk can start where their prefixes part, and the matmul FLOPs
-    this call computed (each trie node once, in the convention of clso.flops). The trie's
+    this call computed (each trie node once, in the convention of clso.model.flops). The trie's
     bookkeeping (which node is whose parent, with which gene) stays on the host.
     """
     gpt = model.gpt2.transformer
@@ -273,7 +273,7 @@ class FitnessEvaluator:
     def __init__(self, model: CrystallineGPT2, batch: EvalBatch, max_networks: int | None = None,
                  precision: str = "fp32", pool=None):
         self.model, self.batch, self.max_networks, self.precision = model, batch, max_networks, precision
-        self.pool = pool  # a clso.workers.RayPool, or None: in this process
+        self.pool = pool  # a clso.search.workers.RayPool, or None: in this process
         self.pool_weights_stale = True  # the pool's actors have not got the current continuous weights
         self.worker_readings: list = []  # the actors' energy readings, until the caller takes them
         self.worker_extra_flops = 0  # what the actors computed beyond one process: each shard boundary's prefix

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clso.flops import forward_flops
-from clso.library import BUCKETS, Library
+from clso.crystal.library import BUCKETS, Library
+from clso.model.flops import forward_flops
 
 LAYER_NAMES = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
 MODES = ("pure", "hybrid")
@@ -163,7 +163,7 @@ class CrystallineGPT2(nn.Module):
         return dense.eval()
 
     def linear_flops(self, genome) -> dict[tuple[int, str], int]:
-        """Forward FLOPs per token of each crystalline layer, keyed as clso.flops expects."""
+        """Forward FLOPs per token of each crystalline layer, keyed as clso.model.flops expects."""
         return {(k // len(BUCKETS), LAYER_NAMES[b]): self.library.flops_per_token(b, int(g))
                 for k, (b, g) in enumerate(zip(gene_buckets(self.config), genome))}
 

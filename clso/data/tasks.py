@@ -22,8 +22,8 @@ Labels are class names; `Task.labels` holds their positions in `label_names`.
 from __future__ import annotations
 
 import bz2
-import gzip
 import csv
+import gzip
 import hashlib
 import importlib.metadata
 import io

@@ -1,4 +1,4 @@
-"""CLSO's search: the GA of `clso.ga` with the surrogate in the loop, local search, an optional
+"""CLSO's search: the GA of `clso.search.ga` with the surrogate in the loop, local search, an optional
 hybrid phase of Adam on the continuous parts, and a checkpoint after every generation.
 
 Per generation a fraction X of the children is truly evaluated — the best by surrogate score
@@ -24,16 +24,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from clso import ClsoError, ga
+from clso import ClsoError
 from clso.context import derive_seed, precision_context
-from clso.data import random_batch
+from clso.data.tokens import random_batch
 from clso.energy import EnergyMeter, EnergyReading
-from clso.flops import backward_flops, forward_flops
 from clso.io import write_bytes_atomic, write_text_atomic
-from clso.model import MODES
-from clso.search import Search
-from clso.surrogate import Surrogate
-from clso.workers import with_workers
+from clso.model.crystalline import MODES
+from clso.model.flops import backward_flops, forward_flops
+from clso.search import ga
+from clso.search.problem import Search
+from clso.search.surrogate import Surrogate
+from clso.search.workers import with_workers
 
 CHECKPOINT_VERSION = 3
 STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body")

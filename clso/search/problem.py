@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from clso import ClsoError
-from clso import ga
 from clso.context import derive_seed
-from clso.data import TokenData
-from clso.evaluate import EvalBatch, FitnessEvaluator
-from clso.library import BUCKETS, Library
-from clso.model import CrystallineGPT2, ModelConfig, genome_length
+from clso.crystal.library import BUCKETS, Library
+from clso.data.tokens import TokenData
+from clso.model.crystalline import CrystallineGPT2, ModelConfig, genome_length
+from clso.search import ga
+from clso.search.evaluate import EvalBatch, FitnessEvaluator
 
 
 @dataclass

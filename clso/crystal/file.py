@@ -1,6 +1,6 @@
 """The .crystal file: a GPT-2 (dense or crystalline) quantized for the C runtime.
 
-The layout is specified in clso/runtime/FORMAT.md; this module writes it, reads it back with
+The layout is specified in clso/crystal/runtime/FORMAT.md; this module writes it, reads it back with
 every field validated, and runs the model it holds in PyTorch (the reference the C runtime is
 tested against). Every linear layer is a sum of parts, y = bias + gain · Σ_k scatter_out_k(M_k
 gather_in_k(x)), with M_k one matrix or a low-rank pair V·U: a dense layer is one full part; a
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from clso import ClsoError
+from clso.crystal.library import BUCKETS
+from clso.data.tokenizer import EOT, UNK
 from clso.field.model import field_op
-from clso.library import BUCKETS
-from clso.model import LAYER_NAMES
-from clso.tokenizer import EOT, UNK
+from clso.model.crystalline import LAYER_NAMES
 
 MAGIC = b"CRYSTAL\0"
 VERSION = 2  # written; 2 = 1 + the header's `architecture` and the neuron field op
@@ -324,7 +324,7 @@ class TokenizerExport:
 
 
 def export_tokenizer(tokenizer) -> TokenizerExport:
-    """From a `tokenizers` Tokenizer built by clso.tokenizer (byte-level BPE or characters)."""
+    """From a `tokenizers` Tokenizer built by clso.data.tokenizer (byte-level BPE or characters)."""
     spec = json.loads(tokenizer.to_str())
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     tokens = [b""] * (max(vocab.values()) + 1)

@@ -18,10 +18,10 @@ import torch
 
 from clso import ClsoError
 from clso.context import to_device
-from clso.corpus import Corpus, Document, split_documents
+from clso.data.corpus import Corpus, Document, split_documents
+from clso.data.tokenizer import EOT, load_tokenizer, make_tokenizer
 from clso.io import atomic_dir, sha256_text, write_json_atomic
 from clso.progress import progress_bar
-from clso.tokenizer import EOT, load_tokenizer, make_tokenizer
 
 SPLITS = ("train", "val", "test")
 META_VERSION = 1

@@ -1,0 +1,1 @@
+"""Text in, tokens out: corpora, tokenizers, token memmaps and the transfer step's labelled tasks."""
