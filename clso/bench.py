@@ -115,7 +115,7 @@ def _distinct_genomes(population: int, n_genes: int, library_size: int, rng: np.
 
 def bench_eval_workers(workers: int, *, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8,
                        block_size=128, library_size=256, vocab_size=4096, repeats=3, seed=0, precision="fp32",
-                       address: str | None = None) -> dict:
+                       address: str | None = None, device="cpu") -> dict:
     """Population evaluation on Ray actors (evolve.workers): genomes/s of P distinct random genomes
     on `workers` actors against the first actor alone, interleaved, after one warm-up call each;
     the speed-up, the scaling efficiency (speed-up / workers), the FLOPs of each side (a shard
@@ -124,10 +124,10 @@ def bench_eval_workers(workers: int, *, n_embd=128, n_layer=2, n_head=4, populat
 
     shapes = dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
                   library_size=library_size, vocab_size=vocab_size, seed=seed)
-    model, batch = bench_model_and_batch("cpu", **shapes)
+    model, batch = bench_model_and_batch(device, **shapes)  # the actors run on this kind of device
     genomes = np.unique(_distinct_genomes(population, genome_length(model.config), library_size,
                                           np.random.default_rng(seed)), axis=0)
-    pool = RayPool(workers, model, batch, precision, {}, address)
+    pool = RayPool(workers, model, batch, precision, {"device": device}, address)
     try:
         sides = {"one_worker": 1, "workers": workers}
         out = {side: pool.losses_and_flops(genomes, actors=n) for side, n in sides.items()}  # warm: models built
@@ -143,7 +143,7 @@ def bench_eval_workers(workers: int, *, n_embd=128, n_layer=2, n_head=4, populat
     per_s = {side: len(genomes) / statistics.median(t) for side, t in times.items()}
     speedup = per_s["workers"] / per_s["one_worker"]
     return {
-        "benchmark": "eval_workers", "workers": workers, "precision": precision,
+        "benchmark": "eval_workers", "workers": workers, "device": str(torch.device(device).type), "precision": precision,
         "cluster": {"cpus": devices.get("CPU", 0), "gpus": devices.get("GPU", 0)},
         "config": {**shapes, "population": len(genomes), "repeats": repeats},
         "one_worker_genomes_per_s": round(per_s["one_worker"], 3), "workers_genomes_per_s": round(per_s["workers"], 3),

@@ -53,9 +53,8 @@ def eval_(
     device: str = DEVICE_OPTION,
     threads: int = THREADS_OPTION,
     workers: int = typer.Option(0, help="> 0: the fast path on this many Ray actors against one actor "
-                                        '(evolve.workers; pip install -e ".[ray]"). Each holds a GPU when the '
-                                        "cluster has GPUs, else one CPU thread; --device then only says what "
-                                        "--precision auto means, as base.device does for evolve's actors"),
+                                        '(evolve.workers; pip install -e ".[ray]"): one GPU each with --device '
+                                        "cuda, one CPU thread each with --device cpu"),
     address: str = typer.Option("", help="with --workers: the Ray cluster to join; empty: a local one"),
 ) -> None:
     """Population evaluation: genomes/s of the plain loop (fp32) and of the fast path (in --precision),
@@ -80,8 +79,8 @@ def eval_(
         result = bench_eval_workers(workers, **{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "population",
                                                                       "block_size", "library_size", "vocab_size")},
                                     batch_size=shapes["eval_batch_size"], repeats=repeats, seed=seed,
-                                    precision=resolve_precision(precision, "cuda" if where.type == "cuda" else "cpu"),
-                                    address=address or None)
+                                    precision=resolve_precision(precision, where),
+                                    address=address or None, device=where)
         print(json.dumps({"preset": preset, **result}, indent=2))
         return
     result = bench_eval(**{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "population", "block_size",

@@ -124,8 +124,6 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
                                 f"predicted {row['surrogate_predictions']}  {row['energy_wh']:.4f} Wh")
 
             run = evolution.run_to_end(on_generation=show)
-        workers = {"workers": p.evolve.workers, "workers_replaced": pool.replaced,
-                   "workers_extra_flops": search.evaluator.worker_extra_flops} if pool is not None else {}
     finally:
         if pool is not None:
             pool.close()
@@ -141,6 +139,10 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
             bound = frozen_head_bound(gpt.lm_head.weight, gpt.transformer.ln_f.weight, gpt.transformer.ln_f.bias,
                                       split_targets(val_tokens, p.model.block_size))
     last, cost = run.history[-1], evolution.cost
+    # the workers of the last segment; what died and what shard boundaries cost, over all segments
+    workers = {"workers": p.evolve.workers, "workers_replaced": cost.workers_replaced,
+               "workers_extra_flops": cost.workers_extra_flops} if p.evolve.workers or cost.workers_replaced \
+        or cost.workers_extra_flops else {}
     with atomic_dir(variant.model_dir) as tmp:
         write_json_atomic(tmp / "best_genome.json", {
             "genome": run.ga_state.best_genome.tolist(), "fitness_loss": run.ga_state.best_fitness,

@@ -53,10 +53,11 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
             task = bar.add_task("evaluate genomes", total=p.surrogate.n_train, info="")
             genomes, losses = sample_for_surrogate(search, p.surrogate.n_train, p.surrogate.mutant_fraction, rng,
                                                    on_progress=lambda k: bar.advance(task, k))
+        workers = search.evaluator.take_worker_readings()  # up to now: the actors' idle time included
     finally:
         if pool is not None:
             pool.close()
-    evaluation = with_workers(eval_meter.reading, search.evaluator.take_worker_readings())
+    evaluation = with_workers(eval_meter.reading, workers)
     order = rng.permutation(len(genomes))
     n_hold = max(2, int(round(p.surrogate.holdout_fraction * len(genomes))))
     held, train = order[:n_hold], order[n_hold:]

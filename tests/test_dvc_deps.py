@@ -228,3 +228,17 @@ def test_the_closure_sees_every_kind_of_import(tmp_path):
     assert import_closure(tmp_path, "stages.run") == {
         "stages/__init__.py", "stages/run.py", "stages/helper.py", "clso/__init__.py", "clso/sub.py",
         "clso/rel.py", "clso/runtime.py", "clso/deep/__init__.py", "clso/deep/leaf.py"}
+
+
+def test_the_searches_track_every_evolve_param_but_where_the_evaluations_run():
+    from dataclasses import fields
+
+    from clso.params import EvolveParams
+
+    placement = {"evolve.workers", "evolve.address"}
+    searches = {f"evolve.{f.name}" for f in fields(EvolveParams)} - placement
+    stages = load_stages()
+    for name in ("evolve", "random", "no_surrogate", "fixed_body"):
+        tracked = set(stages[name]["params"])
+        assert searches <= tracked and not placement & tracked and "evolve" not in tracked, name
+    assert not any(placement & set(stage.get("params", [])) for stage in stages.values())

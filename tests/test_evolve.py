@@ -23,6 +23,7 @@ class PlantedEvaluator:
 
     def __init__(self):
         self.cache, self.computed, self.last_computed, self.last_flops = {}, 0, [], 0
+        self.pool, self.last_extra_flops = None, 0  # evaluates in this process
 
     def __call__(self, genomes):
         keys = [tuple(int(x) for x in g) for g in np.asarray(genomes).reshape(-1, N)]
@@ -38,7 +39,7 @@ class PlantedEvaluator:
         self.cache.clear()
 
     def take_worker_readings(self):
-        return []  # evaluates in this process
+        return []
 
 
 class NoContinuousParts:

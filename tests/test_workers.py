@@ -73,9 +73,12 @@ def test_two_workers_find_what_one_process_finds_and_are_charged_their_energy(cl
     _same_search(in_process, on_workers)
     # the cache in the same order too: the surrogate is retrained on it in that order
     assert list(distributed.search.evaluator.cache.items()) == list(alone.search.evaluator.cache.items())
-    # every actor reading reaches the totals, each once: the last totals of the run hold all of them
-    assert len(taken) >= 2 and all(r.cpu_s > 0 for r in taken) and charged[-1] == taken
-    assert distributed.search.evaluator.worker_extra_flops >= 0
+    # every actor reading reaches the totals, each once: the last totals of the run hold their sum
+    assert len(taken) >= 2 and all(r.cpu_s >= 0 for r in taken) and sum(r.cpu_s for r in taken) > 0
+    (summed,) = charged[-1]
+    assert summed.cpu_s == pytest.approx(sum(r.cpu_s for r in taken))
+    assert summed.energy_wh == pytest.approx(sum(r.energy_wh for r in taken))
+    assert distributed.cost.workers_extra_flops == distributed.search.evaluator.worker_extra_flops
 
 
 def test_actors_score_on_the_drivers_model_as_it_is_without_its_files(cluster, tiny_gpt2_search, tmp_path):
@@ -97,12 +100,35 @@ def test_actors_score_on_the_drivers_model_as_it_is_without_its_files(cluster, t
                         axis=0)
     pool = RayPool(2, search.model, search.batch, "fp32", {})
     try:
-        losses, flops, _ = pool.losses_and_flops(genomes)
+        losses, flops = pool.losses_and_flops(genomes)
+        # the driver's meter of the start-up, a reading with each shard, and each actor read up to now
+        readings = pool.take_readings()
+        assert len(readings) == 1 + 2 + 2 and pool.take_readings() != [] and pool.readings == []
     finally:
         pool.close()
     expected, _ = population_losses_and_flops(search.model, genomes, search.batch)
     np.testing.assert_array_equal(losses, expected)
     assert flops > 0
+
+
+def test_a_cluster_without_free_cpus_or_a_second_address_is_one_line_not_a_hang(cluster, monkeypatch):
+    from clso import ClsoError
+    from clso.bench import bench_model_and_batch
+    from clso.search import workers
+
+    model, batch = bench_model_and_batch("cpu", n_embd=16, n_layer=1, n_head=2, batch_size=2, block_size=8,
+                                         library_size=4, vocab_size=32, seed=0)
+    with pytest.raises(ClsoError, match="already connected to a Ray cluster"):
+        workers.RayPool(1, model, batch, "fp32", {}, address="auto")
+    with pytest.raises(ClsoError, match="has 2 CPUs for one each"):
+        workers.RayPool(3, model, batch, "fp32", {})
+    holder = workers.RayPool(2, model, batch, "fp32", {})  # both CPUs taken
+    monkeypatch.setattr(workers, "START_TIMEOUT_S", 2)
+    try:
+        with pytest.raises(ClsoError, match="not up after 2 s: the Ray cluster has no free CPU"):
+            workers.RayPool(1, model, batch, "fp32", {})
+    finally:
+        holder.close()
 
 
 def test_totals_add_the_actors_energy_and_cpu_time_but_not_their_wall_time():
@@ -127,6 +153,8 @@ def test_a_run_resumes_with_another_number_of_workers_and_a_worker_killed_mid_ge
     finally:
         first.search.evaluator.pool.close()
     resumed = _evolution(root, model, tmp_path / "ckpt", workers=1)
+    assert len(resumed.run.history) == 2  # resumed, not started afresh
+    assert resumed.run.totals.workers_extra_flops == first.cost.workers_extra_flops
     pool = resumed.search.evaluator.pool
     real_submit, killed = pool._submit, []
 
@@ -142,7 +170,7 @@ def test_a_run_resumes_with_another_number_of_workers_and_a_worker_killed_mid_ge
         run = resumed.run_to_end()
     finally:
         pool.close()
-    assert killed and pool.replaced >= 1
+    assert killed and pool.replaced >= 1 and resumed.cost.workers_replaced == pool.replaced
     _same_search(whole, run)
 
 

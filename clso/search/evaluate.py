@@ -275,18 +275,17 @@ class FitnessEvaluator:
         self.model, self.batch, self.max_networks, self.precision = model, batch, max_networks, precision
         self.pool = pool  # a clso.search.workers.RayPool, or None: in this process
         self.pool_weights_stale = True  # the pool's actors have not got the current continuous weights
-        self.worker_readings: list = []  # the actors' energy readings, until the caller takes them
         self.worker_extra_flops = 0  # what the actors computed beyond one process: each shard boundary's prefix
         self.cache: dict[tuple[int, ...], float] = {}
         self.computed = 0  # genomes really evaluated (cache misses)
         self.flops = 0  # matmul FLOPs of those evaluations, shared prefixes counted once
         self.last_computed: list[tuple[int, ...]] = []  # the cache misses of the last call
-        self.last_flops = 0
+        self.last_flops = self.last_extra_flops = 0
 
     def __call__(self, genomes) -> np.ndarray:
         keys = [tuple(int(g) for g in genome) for genome in np.asarray(genomes).reshape(-1, len(self.model.layers))]
         missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        self.last_computed, self.last_flops = missing, 0
+        self.last_computed, self.last_flops, self.last_extra_flops = missing, 0, 0
         if missing:
             if self.pool is None:
                 losses, self.last_flops = population_losses_and_flops(self.model, missing, self.batch,
@@ -296,12 +295,12 @@ class FitnessEvaluator:
                     self.pool.set_weights(self.model.continuous_state())
                     self.pool_weights_stale = False
                 ordered = np.array(sorted(missing), dtype=np.int64)  # contiguous shards share their prefixes
-                losses, computed, readings = self.pool.losses_and_flops(ordered)
-                self.worker_readings += readings
+                losses, computed = self.pool.losses_and_flops(ordered)
                 # charged as one process would compute them, whatever the number of workers; what the
                 # shard boundaries cost on top is reported apart
                 self.last_flops = trie_flops(self.model, ordered, self.batch, self.max_networks)
-                self.worker_extra_flops += computed - self.last_flops
+                self.last_extra_flops = computed - self.last_flops
+                self.worker_extra_flops += self.last_extra_flops
                 ordered = list(map(tuple, ordered.tolist()))
                 by_genome = dict(zip(ordered, losses.tolist()))
                 losses = np.array([by_genome[k] for k in missing])  # the cache's order is the search's: the
@@ -316,8 +315,8 @@ class FitnessEvaluator:
         self.pool_weights_stale = True
 
     def take_worker_readings(self) -> list:
-        taken, self.worker_readings = self.worker_readings, []
-        return taken
+        """The pool's energy readings not yet taken, up to now (none in process)."""
+        return self.pool.take_readings() if self.pool is not None else []
 
 
 def split_targets(tokens: np.ndarray, block_size: int) -> np.ndarray:

@@ -59,6 +59,9 @@ class Totals:
     gpu_j: float = 0.0
     cpu_methods: list[str] = field(default_factory=list)
     gpu_methods: list[str] = field(default_factory=list)
+    # evolve.workers: what the actors computed beyond one process's FLOPs, and actors that died
+    workers_extra_flops: int = 0
+    workers_replaced: int = 0
 
     def plus(self, search: EnergyReading, checkpoints: EnergyReading | None = None,
              workers: list[EnergyReading] = ()) -> Totals:
@@ -73,7 +76,8 @@ class Totals:
                       self.checkpoint_wall_s + (checkpoints.wall_s if checkpoints else 0.0),
                       self.cpu_j + search.cpu_wh * 3600, self.gpu_j + search.gpu_wh * 3600,
                       sorted(set(self.cpu_methods) | methods(search.cpu_method)),
-                      sorted(set(self.gpu_methods) | methods(search.gpu_method)))
+                      sorted(set(self.gpu_methods) | methods(search.gpu_method)), self.workers_extra_flops,
+                      self.workers_replaced)
 
     def by_device(self) -> dict:
         """The parts, as a stage's metrics give them (EnergyReading.as_metrics); none for CPU-only work."""
@@ -234,6 +238,7 @@ class Evolution:
         losses = self.search.evaluator(genomes)
         self.run.true_evaluations += len(self.search.evaluator.last_computed)
         self.run.totals.flops += self.search.evaluator.last_flops
+        self.run.totals.workers_extra_flops += self.search.evaluator.last_extra_flops
         return losses
 
     def _surrogate(self, genomes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -397,19 +402,26 @@ class Evolution:
         done_here = 0
         with EnergyMeter(**self.meter_options) as meter:
             checkpoints = None  # this segment's checkpoint writing, metered apart from the search
-            workers = []  # this segment's readings of the evaluation workers (evolve.workers), each its own meter
+            pool = self.search.evaluator.pool
+            replaced = pool.replaced if pool is not None else 0
+            workers = None  # this segment's evaluation workers (evolve.workers): the sum of their readings
             while self.run.stopped is None:
                 self.step()
                 reading = meter.read()
-                workers += self.search.evaluator.take_worker_readings()
+                taken = self.search.evaluator.take_worker_readings()
+                if taken:
+                    workers = with_workers(workers or taken[0].minus(taken[0]), taken)
+                if pool is not None:
+                    self.run.totals.workers_replaced += pool.replaced - replaced
+                    replaced = pool.replaced
                 search = reading.minus(checkpoints) if checkpoints else reading
-                totals = self.run.totals.plus(search, checkpoints, workers)
+                totals = self.run.totals.plus(search, checkpoints, [workers] if workers else [])
                 self.run.history[-1].update({"energy_wh": totals.energy_j / 3600, "energy_method": "|".join(totals.methods),
                                              "flops": totals.flops, "wall_s": totals.wall_s})
                 self.checkpoints.save(self.run, totals, self.search, self.surrogate)
                 written = meter.read().minus(reading)
                 checkpoints = written if checkpoints is None else checkpoints.plus(written)
-                self.cost = self.run.totals.plus(search, checkpoints, workers)
+                self.cost = self.run.totals.plus(search, checkpoints, [workers] if workers else [])
                 if on_generation:
                     on_generation(self.run)
                 done_here += 1

@@ -14,7 +14,10 @@ batched: the losses agree up to that batching's rounding. A shard boundary also 
 the FLOPs (and energy) of N workers are those they really computed, a little more than one process's.
 
 Each actor meters its whole life (building its model included) and hands over what it spent since
-its last call with each result: the GPU it holds is charged while idle too. Its CPU is metered by
+it was last read, with each result and whenever the search takes its workers' readings (once a
+generation): the GPU it holds is charged while idle too. Its start-up is metered on the driver too,
+whose own meter is not running yet. What an actor spent after its last reading is lost when it dies
+or when the pool is closed (after the search's last generation). Its CPU is metered by
 its own CPU time (never by the machine-wide RAPL counter, so actors never count each other); the
 driver drops what its own meter already holds: an actor's CPU part on the driver's machine when the
 driver reads RAPL, and an actor's GPU part when it holds the driver's own GPU (a local cluster may
@@ -22,6 +25,10 @@ give an actor the driver's GPU: they then share it).
 
 An actor that dies (its process killed, its node lost) is killed for good, replaced, and its shard
 sent again: nothing is lost. Ray is imported here only, and only when a pool is made (`pip install -e ".[ray]"`).
+
+The actors run where the driver's search runs: one GPU each when its batch is on a GPU, one CPU
+(never a GPU it might see) when on a CPU, so that the precision `auto` gave and the batching of
+networks side by side are the driver's.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from clso import ClsoError
 from clso.energy import EnergyMeter, EnergyReading, RaplCounter
 
 RETRIES = 3  # times one shard is sent again after its actor died
+START_TIMEOUT_S = 600  # an actor not up by then has no free GPU/CPU (Ray would wait forever)
 NO_RAPL = Path("/nonexistent/powercap")  # an actor meters its CPU by its own CPU time: actors never count each other
 
 
@@ -62,10 +70,10 @@ class EvaluationWorker:
     """One actor's state: its copy of the model (with its library) and fitness batch on its device,
     the version of the continuous weights it holds, and its meter."""
 
-    def __init__(self, shipped: dict, precision: str, meter_options: dict):
+    def __init__(self, shipped: dict, precision: str, meter_options: dict, device_type: str):
         import torch
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray gave it one GPU, or one CPU
+        device = torch.device(device_type)  # "cuda": the one GPU Ray gave it
         self.meter = EnergyMeter(**{**meter_options, "device": device, "rapl_root": NO_RAPL}).__enter__()
         start = self.meter.read()
         self.charged_until = start.minus(start)  # zero: from the meter's start, building the model included
@@ -92,9 +100,13 @@ class EvaluationWorker:
             self.model.load_continuous_state(ray.get(state_box[0]))
             self.version = version
         losses, flops = population_losses_and_flops(self.model, genomes, self.batch, precision=self.precision)
+        return losses, flops, self.spent()
+
+    def spent(self) -> dict:
+        """The energy this actor spent since it was last read."""
         now = self.meter.read()
         spent, self.charged_until = now.minus(self.charged_until), now
-        return losses, flops, asdict(spent)
+        return asdict(spent)
 
 
 def _shippable(model, batch) -> dict:
@@ -124,16 +136,19 @@ class RayPool:
     """`workers` actors on a Ray cluster: a local one started here (address None) or the one at
     `address` ("auto" on a node of the cluster; "ray://host:10001" from elsewhere, with
     `pip install "ray[client]"`). Each evaluates on a copy of `model` (a CrystallineGPT2, its
-    continuous weights as they are now) and `batch`, in `precision`. `meter_options` are the driver's
-    EnergyMeter's."""
+    continuous weights as they are now) and `batch`, in `precision`, on the kind of device `batch`
+    is on. `meter_options` are the driver's EnergyMeter's."""
 
     def __init__(self, workers: int, model, batch, precision: str, meter_options: dict, address: str | None = None):
         try:
             import ray
         except ImportError:
             raise ClsoError('evolve.workers > 0 needs Ray: pip install -e ".[ray]"') from None
-        self.ray, self.actors = ray, []
+        self.ray, self.actors, self.readings = ray, [], []
         self.started_here = not ray.is_initialized()
+        if address and not self.started_here:
+            raise ClsoError(f"evolve.address {address!r}: this process is already connected to a Ray cluster; "
+                            "leave evolve.address empty to use it")
         if self.started_here:
             try:
                 ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
@@ -143,18 +158,21 @@ class RayPool:
                 raise ClsoError(f"{where} could not be reached or started ({str(e).splitlines()[0]}); for a "
                                 "cluster run `ray start --head` there and set evolve.address") from None
         try:
-            resources = ray.cluster_resources()
-            gpus = 1 if resources.get("GPU", 0) >= 1 else 0
-            have = resources.get("GPU" if gpus else "CPU", 0)
+            self.device_type = batch.x.device.type
+            gpus = int(self.device_type == "cuda")
+            kind = "GPU" if gpus else "CPU"
+            have = ray.cluster_resources().get(kind, 0)  # held by another job: the start-up's timeout says so
             if have < workers:
-                raise ClsoError(f"evolve.workers {workers}: the Ray cluster has {have:g} "
-                                f"{'GPUs' if gpus else 'CPUs'} for one each; lower it or grow the cluster")
-            self._actor = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=0)(EvaluationWorker)
-            self.shipped = ray.put(_shippable(model, batch))  # once: every actor, replacements too, reads it
-            self.precision, self.meter_options = precision, meter_options
-            self.driver = self._driver_place(meter_options)
-            self.actors = [self._spawn() for _ in range(workers)]
-            self.places = self._started(self.actors)
+                raise ClsoError(f"evolve.workers {workers}: the Ray cluster has {have:g} {kind}s for one each "
+                                f"(the search runs on {'a GPU' if gpus else 'the CPU'}); lower it or grow the cluster")
+            self._actor = ray.remote(num_cpus=1 - gpus, num_gpus=gpus, max_restarts=0)(EvaluationWorker)
+            with EnergyMeter(**meter_options) as start_up:  # the driver's meter of the search is not running yet
+                self.shipped = ray.put(_shippable(model, batch))  # once: every actor, replacements too, reads it
+                self.precision, self.meter_options = precision, meter_options
+                self.driver = self._driver_place(meter_options)
+                self.actors = [self._spawn() for _ in range(workers)]
+                self.places = self._started(self.actors)
+            self.readings.append(start_up.reading)
         except BaseException:
             self.close()
             raise
@@ -169,12 +187,16 @@ class RayPool:
         return socket.gethostname(), RaplCounter.open() is not None, _gpu_uuid(device) if device.startswith("cuda") else None
 
     def _spawn(self):
-        return self._actor.remote(self.shipped, self.precision, self.meter_options)
+        return self._actor.remote(self.shipped, self.precision, self.meter_options, self.device_type)
 
     def _started(self, actors: list) -> list[tuple]:
         """Each actor's (pid, host, GPU) once its model is built; a failure to build is one line."""
         try:
-            return self.ray.get([a.where.remote() for a in actors])
+            return self.ray.get([a.where.remote() for a in actors], timeout=START_TIMEOUT_S)
+        except self.ray.exceptions.GetTimeoutError:
+            raise ClsoError(f"evaluation workers not up after {START_TIMEOUT_S} s: the Ray cluster has no free "
+                            f"{'GPU' if self.device_type == 'cuda' else 'CPU'} for them (another job holds "
+                            "them, or a node is gone); free some or lower evolve.workers") from None
         except self.ray.exceptions.RayError as e:
             raise ClsoError(f"an evaluation worker could not start: {_first_line(e)}") from None
 
@@ -186,10 +208,10 @@ class RayPool:
         self.version += 1
         self.state_ref = self.ray.put({k: v.detach().cpu() for k, v in state.items()})
 
-    def losses_and_flops(self, genomes: np.ndarray, actors: int | None = None
-                         ) -> tuple[np.ndarray, int, list[EnergyReading]]:
+    def losses_and_flops(self, genomes: np.ndarray, actors: int | None = None) -> tuple[np.ndarray, int]:
         """Losses of sorted distinct `genomes`, split in contiguous shards over the actors (the first
-        `actors` of them: a benchmark's one-worker side); the FLOPs and one energy reading per shard."""
+        `actors` of them: a benchmark's one-worker side), and the FLOPs they computed. The actors'
+        energy readings wait in the pool for `take_readings`."""
         shards = [s for s in np.array_split(genomes, actors or len(self.actors)) if len(s)]
         pending = {self._submit(i, shard): (i, shard, 0) for i, shard in enumerate(shards)}
         results: dict[int, tuple] = {}
@@ -203,10 +225,25 @@ class RayPool:
                     raise ClsoError(f"evaluation workers died {RETRIES + 1} times on one shard") from None
                 self._replace(i)
                 pending[self._submit(i, shard)] = (i, shard, tries + 1)
-            except self.ray.exceptions.RayTaskError as e:
+            except self.ray.exceptions.RayError as e:  # it raised, or Ray lost an object or ran out of memory
                 raise ClsoError(f"an evaluation worker failed: {_first_line(e)}") from None
-        readings = [self.charged(EnergyReading(**results[i][2]), self.places[i]) for i in range(len(shards))]
-        return np.concatenate([results[i][0] for i in range(len(shards))]), sum(results[i][1] for i in results), readings
+        self.readings += [self.charged(EnergyReading(**results[i][2]), self.places[i]) for i in range(len(shards))]
+        return np.concatenate([results[i][0] for i in range(len(shards))]), sum(results[i][1] for i in results)
+
+    def take_readings(self) -> list[EnergyReading]:
+        """Every energy reading not yet taken: the start-up's, each evaluation's, and what each actor
+        spent since (idle on its GPU, say). An actor found dead is replaced; what it spent since its
+        last reading is lost with it."""
+        refs = [actor.spent.remote() for actor in self.actors]
+        for i, ref in enumerate(refs):
+            try:
+                self.readings.append(self.charged(EnergyReading(**self.ray.get(ref)), self.places[i]))
+            except self.ray.exceptions.RayActorError:
+                self._replace(i)
+            except self.ray.exceptions.RayError as e:
+                raise ClsoError(f"an evaluation worker failed: {_first_line(e)}") from None
+        taken, self.readings = self.readings, []
+        return taken
 
     def _replace(self, i: int) -> None:
         self.ray.kill(self.actors[i], no_restart=True)  # an unreachable one would hold its GPU
