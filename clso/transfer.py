@@ -31,12 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clso.model.baseline import adamw_optimizer
-from clso.model.flops import (
-    LINEAR_NAMES,
-    attention_flops_per_token,
-    dense_linear_flops,
-    linear_shapes,
-)
+from clso.model.flops import LINEAR_NAMES, attention_flops_per_token, dense_linear_flops, linear_shapes
 from clso.search import ga
 
 POOLINGS = ("last", "mean")

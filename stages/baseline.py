@@ -7,14 +7,13 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from clso.context import setup
-from clso.data.tokens import TokenData
+from clso.data.tokens import TokenData, split_loss
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.model.baseline import CURVE_FIELDS, state_for_saving, train_baseline
 from clso.model.crystalline import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.search.evaluate import split_loss
 from stages.common import PARAMS_OPTION, run_alone, stage
 
 OUT_DIR = Path("models/baseline")

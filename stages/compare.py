@@ -6,31 +6,16 @@ from pathlib import Path
 
 import torch
 
-from clso.compare import (
-    best_clso_run,
-    charged_curve,
-    clso_charges,
-    comparison,
-    contrast_statement,
-    contrasts,
-    device_parts,
-    field_contestant,
-    field_statement,
-    hypothesis,
-    journal_statement,
-    methods,
-    seed_summary,
-    statement,
-    verdict,
-)
+from clso.compare import (best_clso_run, charged_curve, clso_charges, comparison, contrast_statement, contrasts,
+                          device_parts, field_contestant, field_statement, hypothesis, journal_statement, methods,
+                          seed_summary, statement, verdict)
 from clso.context import setup
 from clso.crystal.library import Library
-from clso.data.tokens import TokenData
+from clso.data.tokens import TokenData, split_loss
 from clso.energy import EnergyMeter
 from clso.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from clso.params import load_params
 from clso.plots import frontier_png
-from clso.search.evaluate import split_loss
 from clso.transfer import statement as transfer_statement
 from stages.common import PARAMS_OPTION, read_curve, read_json, run_alone, stage
 from stages.final_models import baseline_model, field_model, searched_model

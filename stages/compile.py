@@ -9,25 +9,10 @@ from safetensors.torch import load_file
 
 from clso.compare import journal_claims, journal_statement
 from clso.context import setup
-from clso.crystal.compile import (
-    RUNTIME_LOGIT_TOLERANCE,
-    bench_runtime,
-    build_runtime,
-    check_runtime_logits,
-    quantization_reports,
-    run_runtime,
-    runtime_logits,
-)
-from clso.crystal.file import (
-    MODES,
-    CrystalModel,
-    build_crystal_with_report,
-    crystalline_spec,
-    dense_spec,
-    export_tokenizer,
-    field_spec,
-    read_crystal,
-)
+from clso.crystal.compile import (RUNTIME_LOGIT_TOLERANCE, bench_runtime, build_runtime, check_runtime_logits,
+                                  quantization_reports, run_runtime, runtime_logits)
+from clso.crystal.file import (MODES, CrystalModel, build_crystal_with_report, crystalline_spec, dense_spec,
+                               export_tokenizer, field_spec, read_crystal)
 from clso.data.tokenizer import load_tokenizer
 from clso.data.tokens import TokenData
 from clso.energy import EnergyMeter

@@ -24,13 +24,13 @@ import clso.search.problem
 import clso.search.surrogate
 from clso import ClsoError
 from clso.context import resolve_precision, setup
+from clso.data.tokens import split_loss, split_targets
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.model.bound import frozen_head_bound
 from clso.params import MODES, load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
-from clso.search.evaluate import split_loss, split_targets
 from clso.search.evolve import HISTORY_FIELDS, Budget, Evolution
 from clso.search.problem import build_search
 from clso.search.surrogate import Surrogate, SurrogateConfig
@@ -41,8 +41,8 @@ from stages.variants import Variant
 SURROGATE_DIR = Path("models/surrogate")
 VAL_BATCH = 16
 # the code the search's results and accounting come from: a checkpoint another version wrote is not resumed
-SEARCH_CODE = (clso.context, clso.data.tokens, clso.energy, clso.search.evaluate, clso.search.evolve, clso.model.flops, clso.search.ga, clso.crystal.library,
-               clso.model.crystalline, clso.search.problem, clso.search.surrogate)
+SEARCH_CODE = (clso.context, clso.data.tokens, clso.energy, clso.search.evaluate, clso.search.evolve, clso.model.flops,
+               clso.search.ga, clso.crystal.library, clso.model.crystalline, clso.search.problem, clso.search.surrogate)
 
 
 def _load_surrogate(device) -> tuple[Surrogate, np.ndarray, np.ndarray]:

@@ -15,9 +15,8 @@ import clso.field.model
 import clso.field.train
 import clso.model.baseline
 import clso.model.flops
-import clso.search.evaluate
 from clso.context import resolve_precision, setup
-from clso.data.tokens import TokenData
+from clso.data.tokens import TokenData, split_loss
 from clso.energy import EnergyMeter
 from clso.field.checkpoint import FieldCheckpoint
 from clso.field.train import CURVE_FIELDS, EVAL_BATCH, field_config, train_field
@@ -25,7 +24,6 @@ from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
 from clso.params import load_params
 from clso.plots import neurons_png
 from clso.progress import progress_bar
-from clso.search.evaluate import split_loss
 from stages.common import PARAMS_OPTION, fingerprint, run_alone, stage
 
 OUT_DIR = Path("models/field")
@@ -34,8 +32,8 @@ PLOT = Path("plots/field.csv")
 NEURONS_PNG = Path("plots/field_neurons.png")
 CHECKPOINT = Path("checkpoints/field")
 # the code the run's results and accounting come from: a checkpoint another version wrote is not resumed
-FIELD_CODE = (clso.model.baseline, clso.context, clso.data.tokens, clso.energy, clso.search.evaluate, clso.field.checkpoint, clso.field.model,
-              clso.field.train, clso.model.flops)
+FIELD_CODE = (clso.model.baseline, clso.context, clso.data.tokens, clso.energy, clso.field.checkpoint,
+              clso.field.model, clso.field.train, clso.model.flops)
 
 
 @stage("field", sections=("base", "model", "field"))

@@ -21,23 +21,9 @@ from clso.model.baseline import dense_gpt2
 from clso.model.crystalline import ModelConfig
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.transfer import (
-    TOLERANCE,
-    CachedBody,
-    Classifier,
-    body_flops,
-    chosen_genes,
-    classify,
-    encode,
-    features,
-    finetune,
-    fit_probe,
-    partial_search,
-    prior_fitness,
-    probe_fitness,
-    statement,
-    within_tolerance,
-)
+from clso.transfer import (TOLERANCE, CachedBody, Classifier, body_flops, chosen_genes, classify, encode, features,
+                           finetune, fit_probe, partial_search, prior_fitness, probe_fitness, statement,
+                           within_tolerance)
 from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.final_models import baseline_model, searched_model
 from stages.variants import Variant

@@ -7,14 +7,7 @@ from transformers import GPT2LMHeadModel
 
 from clso import ClsoError
 from clso.data.tokens import TokenData
-from clso.model.baseline import (
-    TrainingSetup,
-    TrainStep,
-    dense_gpt2,
-    learning_rate,
-    state_for_saving,
-    train_baseline,
-)
+from clso.model.baseline import TrainingSetup, TrainStep, dense_gpt2, learning_rate, state_for_saving, train_baseline
 from clso.model.crystalline import ModelConfig
 
 CFG = SimpleNamespace(steps=40, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from clso.crystal.library import Library
+from clso.data.tokens import EvalBatch, split_targets
 from clso.model.bound import frozen_head_bound
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
-from clso.search.evaluate import EvalBatch, population_losses, split_targets
+from clso.search.evaluate import population_losses
 
 V, D = 40, 8
 

@@ -13,15 +13,8 @@ import torch
 
 from clso import ClsoError
 from clso.crystal import file as cr
-from clso.crystal.compile import (
-    RUNTIME_LOGIT_TOLERANCE,
-    bench_runtime,
-    build_runtime,
-    check_runtime_logits,
-    hf_model,
-    run_runtime,
-    runtime_logits,
-)
+from clso.crystal.compile import (RUNTIME_LOGIT_TOLERANCE, bench_runtime, build_runtime, check_runtime_logits, hf_model,
+                                  run_runtime, runtime_logits)
 from clso.crystal.fuzz import tiny_models, tiny_tokenizers
 from clso.crystal.library import Library
 from clso.data.tokenizer import build_char, train_bpe

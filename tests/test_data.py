@@ -8,13 +8,7 @@ import pytest
 from clso import ClsoError
 from clso.data.corpus import Corpus, Document, load_corpus
 from clso.data.tokenizer import EOT
-from clso.data.tokens import (
-    TokenData,
-    document_text,
-    prepare_dataset,
-    random_batch,
-    token_dtype,
-)
+from clso.data.tokens import TokenData, document_text, prepare_dataset, random_batch, token_dtype
 
 
 def _prepare(corpus, out, **kw):

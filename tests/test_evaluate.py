@@ -5,16 +5,9 @@ import pytest
 import torch
 
 from clso.crystal.library import Library
+from clso.data.tokens import EvalBatch, split_loss, split_targets
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
-from clso.search.evaluate import (
-    EvalBatch,
-    FitnessEvaluator,
-    plain_losses,
-    population_losses,
-    population_losses_and_flops,
-    split_loss,
-    split_targets,
-)
+from clso.search.evaluate import FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops
 from clso.search.surrogate import spearman
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}

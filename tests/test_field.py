@@ -16,15 +16,7 @@ from clso.crystal.compile import build_runtime, runtime_logits
 from clso.crystal.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
 from clso.data.tokens import TokenData
 from clso.field.model import NeuronField, field_op, forward_flops
-from clso.field.train import (
-    FieldSchedule,
-    NeuronAdam,
-    ages,
-    field_config,
-    give_birth,
-    hard_freeze,
-    train_field,
-)
+from clso.field.train import FieldSchedule, NeuronAdam, ages, field_config, give_birth, hard_freeze, train_field
 from clso.params import FieldParams, defaults
 
 

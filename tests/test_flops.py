@@ -2,12 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from clso.model.flops import (
-    backward_flops,
-    forward_flops,
-    linear_shapes,
-    train_step_flops,
-)
+from clso.model.flops import backward_flops, forward_flops, linear_shapes, train_step_flops
 
 TINY = SimpleNamespace(n_layer=2, n_embd=4, n_head=2, vocab_size=10, n_inner=None)
 

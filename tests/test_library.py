@@ -5,16 +5,8 @@ import pytest
 import torch
 
 from clso import ClsoError
-from clso.crystal.library import (
-    BUCKETS,
-    Library,
-    _ideal_bits,
-    bucket_shapes,
-    family_counts,
-    generate_matrix,
-    library_metrics,
-    sanity_check,
-)
+from clso.crystal.library import (BUCKETS, Library, _ideal_bits, bucket_shapes, family_counts, generate_matrix,
+                                  library_metrics, sanity_check)
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
 

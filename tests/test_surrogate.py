@@ -1,13 +1,7 @@
 import numpy as np
 import pytest
 
-from clso.search.surrogate import (
-    Surrogate,
-    SurrogateConfig,
-    kendall_tau,
-    spearman,
-    top_recall,
-)
+from clso.search.surrogate import Surrogate, SurrogateConfig, kendall_tau, spearman, top_recall
 
 BUCKETS = (0, 1, 2, 3, 0, 1, 2, 3)
 

@@ -4,14 +4,7 @@ import numpy as np
 import pytest
 
 from clso import ClsoError
-from clso.data.tasks import (
-    TaskFileError,
-    connected_groups,
-    load_task,
-    split_record,
-    split_task,
-    task_metric,
-)
+from clso.data.tasks import TaskFileError, connected_groups, load_task, split_record, split_task, task_metric
 
 
 def test_rotten_tomatoes_ships_offline_with_its_movies_and_texts_as_groups():

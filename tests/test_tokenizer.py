@@ -5,14 +5,7 @@ from tokenizers import pre_tokenizers
 
 from clso import ClsoError
 from clso.data import tokenizer as tk
-from clso.data.tokenizer import (
-    EOT,
-    UNK,
-    build_char,
-    load_gpt2,
-    load_tokenizer,
-    train_bpe,
-)
+from clso.data.tokenizer import EOT, UNK, build_char, load_gpt2, load_tokenizer, train_bpe
 
 TEXTS = ["To be, or not to be, that is the question:\n", "Whether 'tis nobler in the mind to suffer\n"] * 50
 

@@ -23,13 +23,7 @@ import torch
 
 from clso import ClsoError
 from clso.crystal.compile import build_runtime
-from clso.crystal.file import (
-    TokenizerExport,
-    build_crystal,
-    crystalline_spec,
-    dense_spec,
-    field_spec,
-)
+from clso.crystal.file import TokenizerExport, build_crystal, crystalline_spec, dense_spec, field_spec
 from clso.crystal.library import Library
 from clso.field.model import FieldConfig, FieldLM
 from clso.model.crystalline import CrystallineGPT2, ModelConfig

@@ -1,5 +1,5 @@
-"""Token data: a corpus split by document, tokenized into uint16/uint32 memmaps, and batches
-drawn from them at random start positions.
+"""Token data: a corpus split by document, tokenized into uint16/uint32 memmaps, batches drawn
+from them at random start positions, fixed evaluation windows, and the loss over a whole split.
 
 data/prepared/
     train.bin val.bin test.bin   token ids, each document followed by <|endoftext|>
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from clso import ClsoError
 from clso.context import to_device
@@ -140,3 +141,48 @@ def random_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.r
     window = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts])
     xy = to_device(torch.from_numpy(window), device)
     return xy[:, :-1], xy[:, 1:]
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """Fixed evaluation windows: `starts` are the batch ids, x/y the tokens they name."""
+
+    starts: tuple[int, ...]
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def from_tokens(cls, tokens: np.ndarray, starts, block_size: int, device="cpu") -> EvalBatch:
+        starts = tuple(int(s) for s in starts)
+        if not starts or min(starts) < 0 or max(starts) + block_size + 1 > len(tokens):
+            raise ValueError(f"batch windows outside a split of {len(tokens)} tokens")
+        window = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts])
+        xy = torch.from_numpy(window).to(device)
+        return cls(starts, xy[:, :-1], xy[:, 1:])
+
+    @classmethod
+    def sample(cls, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device="cpu") -> EvalBatch:
+        starts = np.random.default_rng(seed).integers(0, len(tokens) - block_size - 1, size=batch_size)
+        return cls.from_tokens(tokens, starts, block_size, device)
+
+
+def split_targets(tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """The next-token targets `split_loss` scores: those of its consecutive windows."""
+    windows = (len(tokens) - 1) // block_size
+    return np.asarray(tokens[1:windows * block_size + 1])
+
+
+@torch.no_grad()
+def split_loss(logits_fn, tokens: np.ndarray, block_size: int, batch_size: int, device="cpu") -> float:
+    """Mean next-token loss over a whole split, in consecutive non-overlapping windows."""
+    windows = (len(tokens) - 1) // block_size
+    if windows < 1:
+        raise ValueError(f"a split of {len(tokens)} tokens holds no window of {block_size}")
+    total, count = 0.0, 0
+    for first in range(0, windows, batch_size):
+        starts = np.arange(first, min(first + batch_size, windows)) * block_size
+        batch = EvalBatch.from_tokens(tokens, starts, block_size, device)
+        logits = logits_fn(batch.x)
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch.y.flatten(), reduction="sum"))
+        count += batch.y.numel()
+    return total / count

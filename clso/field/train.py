@@ -26,13 +26,12 @@ import torch.nn.functional as F
 
 from clso import ClsoError
 from clso.context import precision_context, resolve_precision
-from clso.data.tokens import TokenData, random_batch
+from clso.data.tokens import TokenData, random_batch, split_loss
 from clso.energy import EnergyMeter, EnergyReading
 from clso.field.checkpoint import FieldCheckpoint
 from clso.field.model import FieldConfig, FieldLM, NeuronField, forward_flops
 from clso.model.baseline import learning_rate
 from clso.model.flops import throughput
-from clso.search.evaluate import split_loss
 
 CURVE_FIELDS = ("step", "tokens", "train_loss", "val_loss", "neurons", "frozen_share", "mean_lr_multiplier",
                 "energy_wh", "energy_method", "flops", "wall_s")

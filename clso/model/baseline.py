@@ -14,11 +14,10 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from clso.context import precision_context, resolve_precision
-from clso.data.tokens import TokenData, random_batch
+from clso.data.tokens import TokenData, random_batch, split_loss
 from clso.energy import EnergyMeter
 from clso.model.crystalline import ModelConfig
 from clso.model.flops import forward_flops, throughput, train_step_flops
-from clso.search.evaluate import split_loss
 
 CURVE_FIELDS = ("step", "tokens", "train_loss", "val_loss", "energy_wh", "energy_method", "flops", "wall_s")
 

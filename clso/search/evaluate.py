@@ -26,7 +26,6 @@ stock GPT2LMHeadModel. The two agree to float32 rounding (tested).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,33 +33,11 @@ import torch.nn.functional as F
 
 from clso.context import precision_context, to_device
 from clso.crystal.library import BUCKETS
+from clso.data.tokens import EvalBatch
 from clso.model.crystalline import CrystallineGPT2, load_dense_weights
 from clso.model.flops import attention_flops_per_token, dense_linear_flops
 
 LOGITS_PER_CHUNK = 2**25  # most logits held at once (128 MiB of float32)
-
-
-@dataclass(frozen=True)
-class EvalBatch:
-    """Fixed evaluation windows: `starts` are the batch ids, x/y the tokens they name."""
-
-    starts: tuple[int, ...]
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @classmethod
-    def from_tokens(cls, tokens: np.ndarray, starts, block_size: int, device="cpu") -> EvalBatch:
-        starts = tuple(int(s) for s in starts)
-        if not starts or min(starts) < 0 or max(starts) + block_size + 1 > len(tokens):
-            raise ValueError(f"batch windows outside a split of {len(tokens)} tokens")
-        window = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts])
-        xy = torch.from_numpy(window).to(device)
-        return cls(starts, xy[:, :-1], xy[:, 1:])
-
-    @classmethod
-    def sample(cls, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device="cpu") -> EvalBatch:
-        starts = np.random.default_rng(seed).integers(0, len(tokens) - block_size - 1, size=batch_size)
-        return cls.from_tokens(tokens, starts, block_size, device)
 
 
 def _apply_genes(layer, inputs: torch.Tensor, parent: np.ndarray, gene: np.ndarray) -> torch.Tensor:
@@ -317,25 +294,3 @@ class FitnessEvaluator:
     def take_worker_readings(self) -> list:
         """The pool's energy readings not yet taken, up to now (none in process)."""
         return self.pool.take_readings() if self.pool is not None else []
-
-
-def split_targets(tokens: np.ndarray, block_size: int) -> np.ndarray:
-    """The next-token targets `split_loss` scores: those of its consecutive windows."""
-    windows = (len(tokens) - 1) // block_size
-    return np.asarray(tokens[1:windows * block_size + 1])
-
-
-@torch.no_grad()
-def split_loss(logits_fn, tokens: np.ndarray, block_size: int, batch_size: int, device="cpu") -> float:
-    """Mean next-token loss over a whole split, in consecutive non-overlapping windows."""
-    windows = (len(tokens) - 1) // block_size
-    if windows < 1:
-        raise ValueError(f"a split of {len(tokens)} tokens holds no window of {block_size}")
-    total, count = 0.0, 0
-    for first in range(0, windows, batch_size):
-        starts = np.arange(first, min(first + batch_size, windows)) * block_size
-        batch = EvalBatch.from_tokens(tokens, starts, block_size, device)
-        logits = logits_fn(batch.x)
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch.y.flatten(), reduction="sum"))
-        count += batch.y.numel()
-    return total / count
