@@ -163,7 +163,8 @@ class EvolveParams:
     hybrid_lr: float = spec(0.001, "hybrid mode: Adam learning rate", min=0.0, max=1.0, min_exclusive=True)
     hybrid_batch_size: int = spec(8, "hybrid mode: sequences per Adam step, from the train split", min=1, max=4096)
     workers: int = spec(0, "Ray actors that run the true evaluations (pip install -e \".[ray]\"), each with one GPU "
-                        "when there are GPUs; 0: in this process, Ray not imported", min=0, max=100_000)
+                        "when base.device is a GPU, else one CPU; 0: in this process, Ray not imported",
+                        min=0, max=100_000)
     address: str = spec("", "the Ray cluster to join (auto, or ray://HOST:10001) with evolve.workers > 0; empty: "
                         "start a local one")
 

@@ -22,6 +22,7 @@ import clso.search.evolve
 import clso.search.ga
 import clso.search.problem
 import clso.search.surrogate
+import clso.search.workers
 from clso import ClsoError
 from clso.context import resolve_precision, setup
 from clso.data.tokens import split_loss, split_targets
@@ -42,7 +43,8 @@ SURROGATE_DIR = Path("models/surrogate")
 VAL_BATCH = 16
 # the code the search's results and accounting come from: a checkpoint another version wrote is not resumed
 SEARCH_CODE = (clso.context, clso.data.tokens, clso.energy, clso.search.evaluate, clso.search.evolve, clso.model.flops,
-               clso.search.ga, clso.crystal.library, clso.model.crystalline, clso.search.problem, clso.search.surrogate)
+               clso.search.ga, clso.crystal.library, clso.model.crystalline, clso.search.problem, clso.search.surrogate,
+               clso.search.workers)
 
 
 def _load_surrogate(device) -> tuple[Surrogate, np.ndarray, np.ndarray]:

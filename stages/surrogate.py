@@ -48,6 +48,7 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
                           seed=p.base.seed, device=device, precision=resolve_precision(p.fitness.precision, device))
     rng = np.random.default_rng(derive_seed(p.base.seed, "surrogate"))
     pool = search_pool(search, p.evolve.workers, p.evolve.address or None, energy)
+    start_up = pool.take_start_up() if pool is not None else None  # the driver waited for its actors
     try:
         with EnergyMeter(**energy) as eval_meter, progress_bar() as bar:
             task = bar.add_task("evaluate genomes", total=p.surrogate.n_train, info="")
@@ -57,7 +58,7 @@ def surrogate(params: Path = PARAMS_OPTION) -> None:
     finally:
         if pool is not None:
             pool.close()
-    evaluation = with_workers(eval_meter.reading, workers)
+    evaluation = with_workers(eval_meter.reading.plus(start_up) if start_up else eval_meter.reading, workers)
     order = rng.permutation(len(genomes))
     n_hold = max(2, int(round(p.surrogate.holdout_fraction * len(genomes))))
     held, train = order[:n_hold], order[n_hold:]

@@ -19,7 +19,8 @@ ray = pytest.importorskip("ray")  # pip install -e ".[ray]"; CI installs it
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # a GPU it does not have: a search on the CPU must still get CPU actors, 2 of them
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -86,7 +87,7 @@ def test_actors_score_on_the_drivers_model_as_it_is_without_its_files(cluster, t
 
     import torch
 
-    from clso.search.evaluate import population_losses_and_flops
+    from clso.search.evaluate import population_losses_and_flops, trie_flops
     from clso.search.workers import RayPool
 
     root, model = tiny_gpt2_search
@@ -96,19 +97,23 @@ def test_actors_score_on_the_drivers_model_as_it_is_without_its_files(cluster, t
     with torch.no_grad():  # continuous weights no seed gives: the actors must get them from the driver
         search.model.gpt2.transformer.wte.weight.mul_(1.5)
     shutil.rmtree(copied)
-    genomes = np.unique(np.random.default_rng(0).integers(0, search.library.size, size=(6, search.genome_length)),
-                        axis=0)
+    genomes = np.random.default_rng(0).integers(0, search.library.size, size=(6, search.genome_length))
+    genomes[:, 0] = 0  # the two shards share their first gene: each computes it
+    genomes = np.unique(genomes, axis=0)
     pool = RayPool(2, search.model, search.batch, "fp32", {})
     try:
         losses, flops = pool.losses_and_flops(genomes)
-        # the driver's meter of the start-up, a reading with each shard, and each actor read up to now
+        assert pool.device_type == "cpu" and all(gpu is None for _, _, gpu in pool.places)
+        # a reading with each shard, and each actor read up to now; the driver's of the start-up, once
         readings = pool.take_readings()
-        assert len(readings) == 1 + 2 + 2 and pool.take_readings() != [] and pool.readings == []
+        assert len(readings) == 2 + 2 and pool.take_readings() != [] and pool.readings == []
+        start_up = pool.take_start_up()
+        assert start_up.wall_s > 0 and start_up.energy_wh > 0 and pool.take_start_up() is None
     finally:
         pool.close()
-    expected, _ = population_losses_and_flops(search.model, genomes, search.batch)
+    expected, one_process = population_losses_and_flops(search.model, genomes, search.batch)
     np.testing.assert_array_equal(losses, expected)
-    assert flops > 0
+    assert flops > one_process == trie_flops(search.model, genomes, search.batch)
 
 
 def test_a_cluster_without_free_cpus_or_a_second_address_is_one_line_not_a_hang(cluster, monkeypatch):
@@ -124,10 +129,18 @@ def test_a_cluster_without_free_cpus_or_a_second_address_is_one_line_not_a_hang(
         workers.RayPool(3, model, batch, "fp32", {})
     holder = workers.RayPool(2, model, batch, "fp32", {})  # both CPUs taken
     monkeypatch.setattr(workers, "START_TIMEOUT_S", 2)
+
+    def hung(*_):
+        pytest.fail("the pool's start-up waited past its time limit")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
     try:
         with pytest.raises(ClsoError, match="not up after 2 s: the Ray cluster has no free CPU"):
             workers.RayPool(1, model, batch, "fp32", {})
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         holder.close()
 
 
@@ -147,15 +160,7 @@ def test_a_run_resumes_with_another_number_of_workers_and_a_worker_killed_mid_ge
     root, model = tiny_gpt2_search
     whole = _evolution(root, model, tmp_path / "whole").run_to_end()
     first = _evolution(root, model, tmp_path / "ckpt", workers=2)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            first.run_to_end(stop_after=2)
-    finally:
-        first.search.evaluator.pool.close()
-    resumed = _evolution(root, model, tmp_path / "ckpt", workers=1)
-    assert len(resumed.run.history) == 2  # resumed, not started afresh
-    assert resumed.run.totals.workers_extra_flops == first.cost.workers_extra_flops
-    pool = resumed.search.evaluator.pool
+    pool = first.search.evaluator.pool
     real_submit, killed = pool._submit, []
 
     def submit_then_kill(i, shard):  # the actor dies with its shard in flight
@@ -167,10 +172,19 @@ def test_a_run_resumes_with_another_number_of_workers_and_a_worker_killed_mid_ge
 
     pool._submit = submit_then_kill
     try:
-        run = resumed.run_to_end()
+        with pytest.raises(KeyboardInterrupt):
+            first.run_to_end(stop_after=2)
     finally:
         pool.close()
-    assert killed and pool.replaced >= 1 and resumed.cost.workers_replaced == pool.replaced
+    assert killed and first.cost.workers_replaced == pool.replaced >= 1
+    resumed = _evolution(root, model, tmp_path / "ckpt", workers=1)
+    assert len(resumed.run.history) == 2  # resumed, not started afresh, and the workers counts with it
+    assert resumed.run.totals.workers_replaced == first.cost.workers_replaced
+    assert resumed.run.totals.workers_extra_flops == first.cost.workers_extra_flops
+    try:
+        run = resumed.run_to_end()
+    finally:
+        resumed.search.evaluator.pool.close()
     _same_search(whole, run)
 
 

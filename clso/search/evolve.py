@@ -404,6 +404,7 @@ class Evolution:
             checkpoints = None  # this segment's checkpoint writing, metered apart from the search
             pool = self.search.evaluator.pool
             replaced = pool.replaced if pool is not None else 0
+            start_up = pool.take_start_up() if pool is not None else None  # the driver waited for its actors
             workers = None  # this segment's evaluation workers (evolve.workers): the sum of their readings
             while self.run.stopped is None:
                 self.step()
@@ -415,6 +416,7 @@ class Evolution:
                     self.run.totals.workers_replaced += pool.replaced - replaced
                     replaced = pool.replaced
                 search = reading.minus(checkpoints) if checkpoints else reading
+                search = search.plus(start_up) if start_up else search
                 totals = self.run.totals.plus(search, checkpoints, [workers] if workers else [])
                 self.run.history[-1].update({"energy_wh": totals.energy_j / 3600, "energy_method": "|".join(totals.methods),
                                              "flops": totals.flops, "wall_s": totals.wall_s})

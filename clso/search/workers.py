@@ -13,11 +13,12 @@ shard it is in. On a GPU, 64 networks go side by side and a shard boundary chang
 batched: the losses agree up to that batching's rounding. A shard boundary also costs its prefix:
 the FLOPs (and energy) of N workers are those they really computed, a little more than one process's.
 
-Each actor meters its whole life (building its model included) and hands over what it spent since
-it was last read, with each result and whenever the search takes its workers' readings (once a
-generation): the GPU it holds is charged while idle too. Its start-up is metered on the driver too,
-whose own meter is not running yet. What an actor spent after its last reading is lost when it dies
-or when the pool is closed (after the search's last generation). Its CPU is metered by
+Each actor meters its life from its constructor on (building its model included) and hands over
+what it spent since it was last read, with each result and whenever the search takes its workers'
+readings (once a generation): the GPU it holds is charged while idle too. The pool's start-up is
+metered on the driver (`take_start_up`), whose search meter is not running yet. Not charged: an
+actor's process start before its constructor (unless the driver's RAPL holds it), and what it spent
+after its last reading when it dies or when the pool is closed (after the search's last generation). Its CPU is metered by
 its own CPU time (never by the machine-wide RAPL counter, so actors never count each other); the
 driver drops what its own meter already holds: an actor's CPU part on the driver's machine when the
 driver reads RAPL, and an actor's GPU part when it holds the driver's own GPU (a local cluster may
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from clso import ClsoError
-from clso.energy import EnergyMeter, EnergyReading, RaplCounter
+from clso.energy import RAPL_ROOT, EnergyMeter, EnergyReading, RaplCounter
 
 RETRIES = 3  # times one shard is sent again after its actor died
 START_TIMEOUT_S = 600  # an actor not up by then has no free GPU/CPU (Ray would wait forever)
@@ -144,7 +145,7 @@ class RayPool:
             import ray
         except ImportError:
             raise ClsoError('evolve.workers > 0 needs Ray: pip install -e ".[ray]"') from None
-        self.ray, self.actors, self.readings = ray, [], []
+        self.ray, self.actors, self.readings, self.start_up = ray, [], [], None
         self.started_here = not ray.is_initialized()
         if address and not self.started_here:
             raise ClsoError(f"evolve.address {address!r}: this process is already connected to a Ray cluster; "
@@ -167,12 +168,12 @@ class RayPool:
                                 f"(the search runs on {'a GPU' if gpus else 'the CPU'}); lower it or grow the cluster")
             self._actor = ray.remote(num_cpus=1 - gpus, num_gpus=gpus, max_restarts=0)(EvaluationWorker)
             with EnergyMeter(**meter_options) as start_up:  # the driver's meter of the search is not running yet
-                self.shipped = ray.put(_shippable(model, batch))  # once: every actor, replacements too, reads it
+                self.shipped = self._put(_shippable(model, batch))  # once: every actor, replacements too, reads it
                 self.precision, self.meter_options = precision, meter_options
                 self.driver = self._driver_place(meter_options)
                 self.actors = [self._spawn() for _ in range(workers)]
                 self.places = self._started(self.actors)
-            self.readings.append(start_up.reading)
+            self.start_up = start_up.reading
         except BaseException:
             self.close()
             raise
@@ -183,8 +184,14 @@ class RayPool:
     def _driver_place(meter_options: dict) -> tuple[str, bool, str | None]:
         """The driver's host, whether its meter reads RAPL (the whole package: actors there
         included), and the GPU its meter reads."""
-        device = str(meter_options.get("device", "cpu"))
-        return socket.gethostname(), RaplCounter.open() is not None, _gpu_uuid(device) if device.startswith("cuda") else None
+        device, rapl = str(meter_options.get("device", "cpu")), RaplCounter.open(meter_options.get("rapl_root", RAPL_ROOT))
+        return socket.gethostname(), rapl is not None, _gpu_uuid(device) if device.startswith("cuda") else None
+
+    def _put(self, value):
+        try:
+            return self.ray.put(value)
+        except self.ray.exceptions.RayError as e:  # the object store is full, say
+            raise ClsoError(f"Ray could not store what the evaluation workers need: {_first_line(e)}") from None
 
     def _spawn(self):
         return self._actor.remote(self.shipped, self.precision, self.meter_options, self.device_type)
@@ -206,7 +213,7 @@ class RayPool:
     def set_weights(self, state: dict) -> None:
         """The continuous weights the next evaluations must use (a new version)."""
         self.version += 1
-        self.state_ref = self.ray.put({k: v.detach().cpu() for k, v in state.items()})
+        self.state_ref = self._put({k: v.detach().cpu() for k, v in state.items()})
 
     def losses_and_flops(self, genomes: np.ndarray, actors: int | None = None) -> tuple[np.ndarray, int]:
         """Losses of sorted distinct `genomes`, split in contiguous shards over the actors (the first
@@ -230,16 +237,21 @@ class RayPool:
         self.readings += [self.charged(EnergyReading(**results[i][2]), self.places[i]) for i in range(len(shards))]
         return np.concatenate([results[i][0] for i in range(len(shards))]), sum(results[i][1] for i in results)
 
+    def take_start_up(self) -> EnergyReading | None:
+        """The driver's reading of the pool's start-up (its wall time too: the driver waited), once."""
+        taken, self.start_up = self.start_up, None
+        return taken
+
     def take_readings(self) -> list[EnergyReading]:
-        """Every energy reading not yet taken: the start-up's, each evaluation's, and what each actor
-        spent since (idle on its GPU, say). An actor found dead is replaced; what it spent since its
-        last reading is lost with it."""
+        """The actors' energy readings not yet taken: each evaluation's, and what each actor spent
+        since (idle on its GPU, say). What an actor found dead spent since its last reading is lost
+        with it (the next evaluation replaces it)."""
         refs = [actor.spent.remote() for actor in self.actors]
         for i, ref in enumerate(refs):
             try:
                 self.readings.append(self.charged(EnergyReading(**self.ray.get(ref)), self.places[i]))
             except self.ray.exceptions.RayActorError:
-                self._replace(i)
+                pass
             except self.ray.exceptions.RayError as e:
                 raise ClsoError(f"an evaluation worker failed: {_first_line(e)}") from None
         taken, self.readings = self.readings, []
