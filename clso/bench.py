@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from clso.crystal.library import Library
 from clso.data.tokens import EvalBatch, random_batch
 from clso.energy import EnergyMeter
 from clso.model.baseline import TrainingSetup, TrainStep, dense_gpt2
 from clso.model.crystalline import CrystallineGPT2, ModelConfig, genome_length
 from clso.model.flops import forward_flops, peak_flops, train_step_flops
+from clso.model.library import Library
 from clso.search import ga
 from clso.search.evaluate import FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops
 from clso.search.surrogate import spearman

@@ -1,5 +1,5 @@
 """The compute context every stage sets up the same way: device, CPU threads, numeric precision,
-derived seeds. (The C runtime is clso/crystal/runtime/, a folder of C source and its format spec.)"""
+derived seeds. (The C runtime is clso/export/runtime/, a folder of C source and its format spec.)"""
 
 from __future__ import annotations
 

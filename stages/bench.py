@@ -144,7 +144,7 @@ def runtime(
     GPT-2 with the file's weights and a KV cache), and their ratio."""
     import torch
 
-    from clso.crystal.compile import bench_runtime
+    from clso.export.compile import bench_runtime
 
     for path, what in ((model, "model file"), (binary, "runtime")):
         if not path.is_file():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import typer
 
 from clso import ClsoError
 from clso.params import section_help
+from stages.closure import ROOT, code_files
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -91,13 +91,13 @@ def read_curve(path) -> list[dict]:
         raise ClsoError(f"{path}: not a readable curve ({type(e).__name__}); re-create it with `dvc repro -f`") from None
 
 
-def fingerprint(settings: dict, files, modules) -> str:
+def fingerprint(settings: dict, files, stage_module: str) -> str:
     """What a checkpoint must match to be resumed: the settings (params sections and the like), the
-    input files, and the code its results and accounting come from — a fix must not be mixed into a
-    run the old code began."""
+    input files, and the code the stage runs (its import closure, as dvc.yaml's deps list it) — a
+    fix must not be mixed into a run the old code began."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for f in files:
         h.update(Path(f).read_bytes())
-    for module in modules:
-        h.update(inspect.getsource(module).encode())
+    for f in code_files(stage_module):
+        h.update(f.encode() + b"\0" + (ROOT / f).read_bytes())
     return h.hexdigest()

@@ -6,14 +6,28 @@ from pathlib import Path
 
 import torch
 
-from clso.compare import (best_clso_run, charged_curve, clso_charges, comparison, contrast_statement, contrasts,
-                          device_parts, field_contestant, field_statement, hypothesis, journal_statement, methods,
-                          seed_summary, statement, verdict)
+from clso.compare import (
+    best_clso_run,
+    charged_curve,
+    clso_charges,
+    comparison,
+    contrast_statement,
+    contrasts,
+    device_parts,
+    field_contestant,
+    field_statement,
+    hypothesis,
+    journal_statement,
+    methods,
+    seed_summary,
+    statement,
+    verdict,
+)
 from clso.context import setup
-from clso.crystal.library import Library
 from clso.data.tokens import TokenData, split_loss
 from clso.energy import EnergyMeter
 from clso.io import write_csv_atomic, write_json_atomic, write_text_atomic
+from clso.model.library import Library
 from clso.params import load_params
 from clso.plots import frontier_png
 from clso.transfer import statement as transfer_statement

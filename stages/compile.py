@@ -9,13 +9,22 @@ from safetensors.torch import load_file
 
 from clso.compare import journal_claims, journal_statement
 from clso.context import setup
-from clso.crystal.compile import (RUNTIME_LOGIT_TOLERANCE, bench_runtime, build_runtime, check_runtime_logits,
-                                  quantization_reports, run_runtime, runtime_logits)
-from clso.crystal.file import (MODES, CrystalModel, build_crystal_with_report, crystalline_spec, dense_spec,
-                               export_tokenizer, field_spec, read_crystal)
 from clso.data.tokenizer import load_tokenizer
 from clso.data.tokens import TokenData
 from clso.energy import EnergyMeter
+from clso.export.compile import (
+    RUNTIME_LOGIT_TOLERANCE,
+    bench_runtime,
+    build_runtime,
+    check_runtime_logits,
+    quantization_reports,
+    run_runtime,
+    runtime_logits,
+)
+from clso.export.format import MODES
+from clso.export.reader import read_crystal
+from clso.export.reference import CrystalModel
+from clso.export.writer import build_crystal_with_report, crystalline_spec, dense_spec, export_tokenizer, field_spec
 from clso.io import atomic_dir, write_json_atomic
 from clso.model.crystalline import ModelConfig
 from clso.params import load_params

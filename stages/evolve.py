@@ -11,18 +11,6 @@ import numpy as np
 import typer
 from safetensors.torch import load_file, save_file
 
-import clso.context
-import clso.crystal.library
-import clso.data.tokens
-import clso.energy
-import clso.model.crystalline
-import clso.model.flops
-import clso.search.evaluate
-import clso.search.evolve
-import clso.search.ga
-import clso.search.problem
-import clso.search.surrogate
-import clso.search.workers
 from clso import ClsoError
 from clso.context import resolve_precision, setup
 from clso.data.tokens import split_loss, split_targets
@@ -41,10 +29,6 @@ from stages.variants import Variant
 
 SURROGATE_DIR = Path("models/surrogate")
 VAL_BATCH = 16
-# the code the search's results and accounting come from: a checkpoint another version wrote is not resumed
-SEARCH_CODE = (clso.context, clso.data.tokens, clso.energy, clso.search.evaluate, clso.search.evolve, clso.model.flops,
-               clso.search.ga, clso.crystal.library, clso.model.crystalline, clso.search.problem, clso.search.surrogate,
-               clso.search.workers)
 
 
 def _load_surrogate(device) -> tuple[Surrogate, np.ndarray, np.ndarray]:
@@ -65,7 +49,7 @@ def _fingerprint(p, variant: Variant, files, precision: str) -> str:
     """A checkpoint resumes only under the same params, variant, inputs, the precision `auto` gave, and code."""
     evolve = {k: v for k, v in asdict(p.evolve).items() if k not in ("workers", "address")}  # a resume may change them
     return fingerprint({**{k: asdict(getattr(p, k)) for k in ("base", "model", "fitness")}, "evolve": evolve,
-                        "variant": asdict(variant), "precision": precision}, files, SEARCH_CODE)
+                        "variant": asdict(variant), "precision": precision}, files, "stages.evolve")
 
 
 def _budget(variant: Variant, surrogate: dict) -> Budget:

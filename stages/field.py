@@ -7,14 +7,6 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import clso.context
-import clso.data.tokens
-import clso.energy
-import clso.field.checkpoint
-import clso.field.model
-import clso.field.train
-import clso.model.baseline
-import clso.model.flops
 from clso.context import resolve_precision, setup
 from clso.data.tokens import TokenData, split_loss
 from clso.energy import EnergyMeter
@@ -31,9 +23,6 @@ METRICS = Path("metrics/field.json")
 PLOT = Path("plots/field.csv")
 NEURONS_PNG = Path("plots/field_neurons.png")
 CHECKPOINT = Path("checkpoints/field")
-# the code the run's results and accounting come from: a checkpoint another version wrote is not resumed
-FIELD_CODE = (clso.model.baseline, clso.context, clso.data.tokens, clso.energy, clso.field.checkpoint,
-              clso.field.model, clso.field.train, clso.model.flops)
 
 
 @stage("field", sections=("base", "model", "field"))
@@ -60,7 +49,7 @@ def field(params: Path = PARAMS_OPTION) -> None:
         checkpoint = FieldCheckpoint(CHECKPOINT, fingerprint(
             {"base": asdict(p.base), "model": asdict(p.model), "field": asdict(cfg),
              "precision": resolve_precision(cfg.precision, device), "device": str(device)},
-            [data.folder / "meta.json"], FIELD_CODE))
+            [data.folder / "meta.json"], "stages.field"))
         result = train_field(data, config, cfg, seed=p.base.seed, device=device, meter_options=meter, on_step=show,
                              checkpoint=checkpoint)
     model = result.model

@@ -4,10 +4,10 @@ import torch
 from safetensors.torch import load_file
 
 from clso import ClsoError
-from clso.crystal.library import Library
 from clso.field.model import FieldConfig, FieldLM
 from clso.model.baseline import dense_gpt2
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import Library
 from stages.common import read_json
 from stages.variants import Variant
 

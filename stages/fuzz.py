@@ -21,7 +21,7 @@ def fuzz(
     """Fuzz the .crystal readers: each input goes to the Python reader and to the C loader, which
     must both reject it cleanly or both accept it; then the grown corpus is replayed through the C
     loader under AddressSanitizer and UBSan. Prints a JSON summary; exit 1 on any finding."""
-    from clso.crystal.fuzz import run
+    from clso.export.fuzz import run
 
     folder = workdir or Path(tempfile.mkdtemp(prefix="clso-fuzz-"))
     result = run(folder, runs=runs, seed=seed, cc=cc)

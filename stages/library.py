@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 
 from clso import ClsoError
 from clso.context import setup
-from clso.crystal.library import BUCKETS, FAMILIES, Library, available_cores, library_metrics, sanity_check
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
 from clso.model.crystalline import LAYER_NAMES
+from clso.model.library import BUCKETS, FAMILIES, Library, available_cores, library_metrics, sanity_check
 from clso.params import load_params
 from clso.progress import progress_bar
 from stages.common import PARAMS_OPTION, run_alone, stage

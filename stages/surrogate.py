@@ -8,9 +8,9 @@ import numpy as np
 from safetensors.torch import save_file
 
 from clso.context import derive_seed, resolve_precision, setup
-from clso.crystal.library import structure_features
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, write_json_atomic
+from clso.model.library import structure_features
 from clso.params import load_params
 from clso.progress import progress_bar
 from clso.search.problem import build_search, sample_for_surrogate

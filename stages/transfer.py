@@ -12,18 +12,32 @@ import numpy as np
 import torch
 
 from clso.context import derive_seed, setup
-from clso.crystal.library import BUCKETS
 from clso.data.tasks import load_task, split_record, split_task, task_metric
 from clso.data.tokens import TokenData
 from clso.energy import EnergyMeter, EnergyReading
 from clso.io import write_csv_atomic, write_json_atomic
 from clso.model.baseline import dense_gpt2
 from clso.model.crystalline import ModelConfig
+from clso.model.library import BUCKETS
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.transfer import (TOLERANCE, CachedBody, Classifier, body_flops, chosen_genes, classify, encode, features,
-                           finetune, fit_probe, partial_search, prior_fitness, probe_fitness, statement,
-                           within_tolerance)
+from clso.transfer import (
+    TOLERANCE,
+    CachedBody,
+    Classifier,
+    body_flops,
+    chosen_genes,
+    classify,
+    encode,
+    features,
+    finetune,
+    fit_probe,
+    partial_search,
+    prior_fitness,
+    probe_fitness,
+    statement,
+    within_tolerance,
+)
 from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.final_models import baseline_model, searched_model
 from stages.variants import Variant

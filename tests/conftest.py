@@ -125,7 +125,7 @@ def tiny_gpt2_search(tmp_path_factory):
     """A prepared corpus, a 10-matrix library and a 1-block GPT-2 of width 16 to search over."""
     from types import SimpleNamespace
 
-    from clso.crystal.library import Library
+    from clso.model.library import Library
 
     root = tmp_path_factory.mktemp("gpt2")
     prepare_text_corpus(root)

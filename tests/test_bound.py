@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clso.crystal.library import Library
 from clso.data.tokens import EvalBatch, split_targets
 from clso.model.bound import frozen_head_bound
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import Library
 from clso.search.evaluate import population_losses
 
 V, D = 40, 8

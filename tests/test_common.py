@@ -8,9 +8,9 @@ import pytest
 from safetensors.torch import save_file
 
 from clso import ClsoError
-from clso.crystal.library import Library
 from clso.model.baseline import dense_gpt2, state_for_saving
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import Library
 from stages.final_models import baseline_model, searched_model
 from stages.variants import Variant
 

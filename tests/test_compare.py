@@ -3,8 +3,19 @@ from pathlib import Path
 
 import pytest
 
-from clso.compare import (charged_curve, clso_charges, comparison, contrast_statement, contrasts, device_parts,
-                          first_reach, seed_summary, statement, value_at, verdict)
+from clso.compare import (
+    charged_curve,
+    clso_charges,
+    comparison,
+    contrast_statement,
+    contrasts,
+    device_parts,
+    first_reach,
+    seed_summary,
+    statement,
+    value_at,
+    verdict,
+)
 
 CURVE = [{"step": s, "energy_wh": e, "flops": f, "val_loss": v}
          for s, e, f, v in [(0, 0.0, 0, 8.0), (100, 1.0, 100, 6.0), (200, 2.0, 200, 5.0), (300, 3.0, 300, 4.5)]]

@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 
 import stages.compile as stage
 from clso import ClsoError
-from clso.crystal.file import MODES, STORAGE
-from clso.crystal.fuzz import tiny_field_lm
-from clso.crystal.library import Library
 from clso.data.tokens import TokenData
+from clso.export.format import MODES, STORAGE
+from clso.export.fuzz import tiny_field_lm
 from clso.model.baseline import dense_gpt2, state_for_saving
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import Library
 from clso.params import load_params
 from stages.prepare import prepare
 from stages.variants import compiled_variant
@@ -130,7 +130,7 @@ def test_runtime_logits_off_the_reader_fail_the_stage_and_write_nothing(workdir,
 
 
 def test_kl_in_chunks_is_the_kl_of_the_whole():
-    from clso.crystal.compile import _kl_sum
+    from clso.export.compile import _kl_sum
 
     g = torch.Generator().manual_seed(0)
     ref, got = torch.randn(10, 7, generator=g), torch.randn(10, 7, generator=g)

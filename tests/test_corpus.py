@@ -3,8 +3,16 @@ import dataclasses
 import pytest
 
 from clso import ClsoError
-from clso.data.corpus import (DECODE_ERRORS, Document, cut_into_pieces, load_corpus, load_wikitext, play_to_text,
-                              split_documents, split_wikitext_articles)
+from clso.data.corpus import (
+    DECODE_ERRORS,
+    Document,
+    cut_into_pieces,
+    load_corpus,
+    load_wikitext,
+    play_to_text,
+    split_documents,
+    split_wikitext_articles,
+)
 from clso.params import PrepareParams
 
 PLAY = """# The Tragedy of Tests

@@ -1,107 +1,27 @@
 """dvc.yaml names every project file a stage runs: `dvc repro` must not call a stage up to date
 after a change to code it imports (say, the FLOP or energy accounting behind its metrics).
 
-Each stage's `cmd` is `python -m stages.NAME [ARGS]` (a matrix stage's template counts once); the files it runs are the transitive closure of
-the project modules (under clso/ and stages/) that stages/NAME.py imports, found statically with
-`ast`: imports at module level and inside functions, `from pkg import submodule`, relative
-imports, and the package __init__.py files each import executes. Files a module reads at run time
-cannot be seen that way; RUNTIME_FILES names them by hand.
+Each stage's `cmd` is `python -m stages.NAME [ARGS]` (a matrix stage's template counts once); the
+files it runs are stages.closure's code_files, the same closure the checkpoints' fingerprints hash.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
-import functools
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("clso", "stages")  # the project's top-level packages: everything else is a dependency
-
-# Non-Python files a project module reads at run time (ast cannot derive these). A stage whose
-# closure holds the module must list the files too. Keep it small and explicit; the test
-# `test_modules_that_locate_files_beside_themselves_are_in_RUNTIME_FILES` catches a new one.
-RUNTIME_FILES = {
-    # compile.RUNTIME_SOURCE: build_runtime compiles the C runtime from it
-    "clso/crystal/compile.py": ("clso/crystal/runtime/crystal.c",),
-}
+from stages.closure import PACKAGES, RUNTIME_FILES, code_files, import_closure
+from tests.conftest import REPO
 
 CMD = re.compile(r"^python -m ((?:stages)(?:\.\w+)+)(?: .*)?$")  # arguments (a matrix item's) may follow
 
 
-# --- the closure ------------------------------------------------------------------------------
-
-def module_file(root: Path, name: str) -> Path | None:
-    """The file of project module `name`, as Python's path finder picks it: a package folder with
-    __init__.py first, then NAME.py; a folder without __init__.py (the C runtime's clso/crystal/runtime/)
-    is no module file. None for a name outside the project."""
-    parts = name.split(".")
-    if parts[0] not in PACKAGES:
-        return None
-    base = root.joinpath(*parts)
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
-def _prefixes(name: str) -> list[str]:
-    """`import a.b.c` runs a/__init__.py, a/b/__init__.py and a/b/c.py: every prefix."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-
-
-def imported_modules(root: Path, path: Path) -> frozenset[str]:
-    """Every module name an import anywhere in `path` (functions included) may load."""
-    stat = path.stat()
-    return _imported_modules(root, path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=None)
-def _imported_modules(root: Path, path: Path, _mtime_ns: int, _size: int) -> frozenset[str]:
-    # cached per file version: the self-checks below derive every closure many times
-    # the package a relative import starts from: a/b/__init__.py is package a.b, a/b/c.py is in a.b
-    package_parts = list(path.relative_to(root).parts[:-1])
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                names.update(_prefixes(alias.name))
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                anchor = package_parts[:len(package_parts) - (node.level - 1)]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            else:
-                base = node.module
-            if not base:
-                continue
-            names.update(_prefixes(base))
-            # `from pkg import name`: name is a submodule when pkg/name.py or pkg/name/ exists
-            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-    return names
-
-
-def import_closure(root: Path, module: str) -> set[str]:
-    """Repo-relative paths of the project files `python -m module` executes."""
-    seen: set[Path] = set()
-    todo = [n for n in _prefixes(module)]
-    while todo:
-        f = module_file(root, todo.pop())
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        todo.extend(imported_modules(root, f))
-    return {f.relative_to(root).as_posix() for f in seen}
-
-
 def required_files(root: Path, module: str) -> set[str]:
-    code = import_closure(root, module)
-    return code | {data for f in code for data in RUNTIME_FILES.get(f, ())}
+    return set(code_files(module, root))
 
 
 # --- dvc.yaml ---------------------------------------------------------------------------------
@@ -177,7 +97,8 @@ def test_modules_that_locate_files_beside_themselves_are_in_RUNTIME_FILES():
     # a module that finds a file from __file__ or package resources reads something ast cannot see
     readers = sorted(p.relative_to(REPO).as_posix() for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")
                      if re.search(r"__file__|importlib\.resources|pkgutil\.get_data", p.read_text(encoding="utf-8")))
-    unmapped = [r for r in readers if r not in RUNTIME_FILES]
+    # stages/closure.py locates the repository to read the code itself: the closure it computes
+    unmapped = [r for r in readers if r not in RUNTIME_FILES and r != "stages/closure.py"]
     assert not unmapped, f"{unmapped} read files located beside them: add what they read to RUNTIME_FILES"
 
 
@@ -200,9 +121,9 @@ def test_a_folder_dep_covers_the_files_below_it():
     stages = copy.deepcopy(load_stages())
     stages["compile"]["deps"] = ["clso/", "stages"]
     assert "compile" not in missing_deps(REPO, stages)
-    stages["compile"]["deps"] = ["clso/crystal/runtime"]  # the C runtime's folder covers crystal.c, not its neighbours
+    stages["compile"]["deps"] = ["clso/export/runtime"]  # the C runtime's folder covers crystal.c, not its neighbours
     missing = missing_deps(REPO, stages)["compile"]
-    assert "clso/context.py" in missing and "clso/crystal/runtime/crystal.c" not in missing
+    assert "clso/context.py" in missing and "clso/export/runtime/crystal.c" not in missing
 
 
 def test_the_closure_sees_every_kind_of_import(tmp_path):
@@ -217,7 +138,7 @@ def test_the_closure_sees_every_kind_of_import(tmp_path):
         "clso/sub.py": "from . import rel\nfrom .runtime import setup\n",
         "clso/rel.py": "",
         "clso/runtime.py": "def setup(): pass\n",
-        "clso/crystal/runtime/data.c": "",
+        "clso/export/runtime/data.c": "",
         "clso/deep/__init__.py": "from ..unused_name import x\n",
         "clso/deep/leaf.py": "",
         "clso/never.py": "",

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from clso.crystal.library import Library
 from clso.data.tokens import EvalBatch, split_loss, split_targets
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import Library
 from clso.search.evaluate import FitnessEvaluator, plain_losses, population_losses, population_losses_and_flops
 from clso.search.surrogate import spearman
 

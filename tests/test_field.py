@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from clso import ClsoError
-from clso.crystal import file as cr
-from clso.crystal.compile import build_runtime, runtime_logits
-from clso.crystal.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
 from clso.data.tokens import TokenData
+from clso.export import format as fmt
+from clso.export.compile import build_runtime, runtime_logits
+from clso.export.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
+from clso.export.reader import read_crystal
+from clso.export.reference import CrystalModel
+from clso.export.writer import build_crystal, field_spec
 from clso.field.model import NeuronField, field_op, forward_flops
 from clso.field.train import FieldSchedule, NeuronAdam, ages, field_config, give_birth, hard_freeze, train_field
 from clso.params import FieldParams, defaults
@@ -291,14 +294,14 @@ def test_field_files_run_in_the_c_runtime_like_pytorch_in_every_mode(runtime, tm
     ids = np.array([0, 4, 2, 8, 6, 10, 12, 2, 22, 16])
     with torch.no_grad():
         float_logits = model(torch.from_numpy(ids[None]))[0].double().numpy()
-    for mode in cr.MODES:
-        blob = cr.build_crystal(cr.field_spec(model), mode, tiny_tokenizers()["bpe"])
-        c = cr.read_crystal(blob)
+    for mode in fmt.MODES:
+        blob = build_crystal(field_spec(model), mode, tiny_tokenizers()["bpe"])
+        c = read_crystal(blob)
         assert c.header["version"] == 2
-        assert cr.ARCHITECTURES[c.header["architecture"]] == ("field" if attention else "flat_field")
+        assert fmt.ARCHITECTURES[c.header["architecture"]] == ("field" if attention else "flat_field")
         assert c.has("h.1.c_attn.p0.w") == c.has("h.1.ln_1.w") == attention
         with torch.no_grad():
-            ref = cr.CrystalModel(c)(torch.from_numpy(ids[None]))[0].double().numpy()
+            ref = CrystalModel(c)(torch.from_numpy(ids[None]))[0].double().numpy()
         if mode == "f32":
             np.testing.assert_allclose(ref, float_logits, rtol=1e-5, atol=1e-5)
         path = tmp_path / f"{mode}.crystal"
@@ -313,42 +316,42 @@ def test_a_field_with_no_neurons_compiles_to_the_same_function():
     f.alive = 0
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
-        torch.testing.assert_close(cr.CrystalModel(cr.read_crystal(cr.build_crystal(cr.field_spec(model), "f32")))(ids),
+        torch.testing.assert_close(CrystalModel(read_crystal(build_crystal(field_spec(model), "f32")))(ids),
                                    model(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_fuzz_seeds_hold_field_files():
-    architectures = [cr.ARCHITECTURES[cr.read_crystal(blob).header["architecture"]] for blob in tiny_models().values()]
+    architectures = [fmt.ARCHITECTURES[read_crystal(blob).header["architecture"]] for blob in tiny_models().values()]
     assert architectures.count("field") >= 2 and architectures.count("flat_field") >= 1
 
 
 def _rewrite_header(blob: bytes, **changes) -> bytes:
-    names = cr._HEADER_NAMES
-    fields = dict(zip(names, cr.HEADER.unpack_from(blob, 0)), **changes, header_crc32=0)
-    head = cr.HEADER.pack(*[fields[n] for n in names]).ljust(cr.HEADER_BYTES, b"\0")
+    names = fmt.HEADER_NAMES
+    fields = dict(zip(names, fmt.HEADER.unpack_from(blob, 0)), **changes, header_crc32=0)
+    head = fmt.HEADER.pack(*[fields[n] for n in names]).ljust(fmt.HEADER_BYTES, b"\0")
     fields["header_crc32"] = zlib.crc32(head)
-    return cr.HEADER.pack(*[fields[n] for n in names]).ljust(cr.HEADER_BYTES, b"\0") + blob[cr.HEADER_BYTES:]
+    return fmt.HEADER.pack(*[fields[n] for n in names]).ljust(fmt.HEADER_BYTES, b"\0") + blob[fmt.HEADER_BYTES:]
 
 
 def _rename(blob: bytes, old: str, new: str) -> bytes:
     """Rename a tensor (same length), checksums fixed: the field then lacks it."""
-    at = blob.index(old.encode() + b"\0", cr.HEADER_BYTES)
+    at = blob.index(old.encode() + b"\0", fmt.HEADER_BYTES)
     body = bytearray(blob)
     body[at:at + len(new)] = new.encode()
-    return _rewrite_header(bytes(body), payload_crc32=zlib.crc32(bytes(body[cr.HEADER_BYTES:])))
+    return _rewrite_header(bytes(body), payload_crc32=zlib.crc32(bytes(body[fmt.HEADER_BYTES:])))
 
 
 def test_malformed_field_sections_are_rejected_by_both_readers_in_one_line(runtime, tmp_path):
-    blob = cr.build_crystal(cr.field_spec(tiny_field_lm(4)), "mixed8", tiny_tokenizers()["bpe"])
+    blob = build_crystal(field_spec(tiny_field_lm(4)), "mixed8", tiny_tokenizers()["bpe"])
     gpt2 = tiny_models()["dense-f32-bpe"]
-    flat = cr.build_crystal(cr.field_spec(tiny_field_lm(4, attention=False)), "mixed8", tiny_tokenizers()["bpe"])
+    flat = build_crystal(field_spec(tiny_field_lm(4, attention=False)), "mixed8", tiny_tokenizers()["bpe"])
 
     def with_field(**tensors) -> bytes:
-        spec = cr.field_spec(tiny_field_lm(4))
+        spec = field_spec(tiny_field_lm(4))
         spec.fields["h.0"].update(tensors)
-        return cr.build_crystal(spec, "mixed8", tiny_tokenizers()["bpe"])
+        return build_crystal(spec, "mixed8", tiny_tokenizers()["bpe"])
 
-    pos = cr.field_spec(tiny_field_lm(4)).fields["h.0"]["pos"]
+    pos = field_spec(tiny_field_lm(4)).fields["h.0"]["pos"]
     bad = {  # what is wrong: (the file, what both readers' one line must name)
         "fewer values than positions": (with_field(val=torch.zeros(4, 16)), "h.0.field.val"),
         "a temperature short": (with_field(temp=torch.zeros(4)), "h.0.field.temp"),
@@ -357,15 +360,15 @@ def test_malformed_field_sections_are_rejected_by_both_readers_in_one_line(runti
         "temperatures missing": (_rename(blob, "h.0.field.temp", "h.0.field.tmpx"), "h.0.field.temp"),
         "values missing": (_rename(blob, "h.0.field.val", "h.0.field.vax"), "h.0.field.val"),
         "field LayerNorm missing": (_rename(blob, "h.0.field.ln.w", "h.0.field.ln.x"), "h.0.field.ln.w"),
-        "unknown architecture": (_rewrite_header(blob, architecture=len(cr.ARCHITECTURES)), "unknown architecture"),
-        "a flat field that claims attention": (_rewrite_header(flat, architecture=cr.ARCHITECTURES.index("field")),
+        "unknown architecture": (_rewrite_header(blob, architecture=len(fmt.ARCHITECTURES)), "unknown architecture"),
+        "a flat field that claims attention": (_rewrite_header(flat, architecture=fmt.ARCHITECTURES.index("field")),
                                                "h.0.ln_1.w"),
         "a field in a version-1 file": (_rewrite_header(blob, version=1), "unknown architecture 1"),
         "a GPT-2 file that claims a field": (_rewrite_header(gpt2, architecture=1), "h.0.field.pos"),
     }
     for what, (data, reason) in bad.items():
-        with pytest.raises(cr.CrystalFormatError, match=re.escape(reason)):
-            cr.read_crystal(data)
+        with pytest.raises(fmt.CrystalFormatError, match=re.escape(reason)):
+            read_crystal(data)
         path = tmp_path / "bad.crystal"
         path.write_bytes(data)
         done = subprocess.run([str(runtime), "logits", str(path), "1"], capture_output=True, text=True)
@@ -376,7 +379,7 @@ def test_malformed_field_sections_are_rejected_by_both_readers_in_one_line(runti
 
 def test_version_1_gpt2_files_are_still_read(runtime, tmp_path):
     blob = _rewrite_header(tiny_models()["dense-f32-bpe"], version=1)
-    c = cr.read_crystal(blob)
+    c = read_crystal(blob)
     assert c.header["version"] == 1 and c.header["architecture"] == 0
     path = tmp_path / "v1.crystal"
     path.write_bytes(blob)

@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from clso import ClsoError
-from clso.crystal.library import (BUCKETS, Library, _ideal_bits, bucket_shapes, family_counts, generate_matrix,
-                                  library_metrics, sanity_check)
+from clso.model.library import (
+    BUCKETS,
+    Library,
+    _ideal_bits,
+    bucket_shapes,
+    family_counts,
+    generate_matrix,
+    library_metrics,
+    sanity_check,
+)
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
 
@@ -199,7 +207,7 @@ def test_hostile_block_indices_are_rejected(tmp_path):
 
 
 def test_sanity_check_finds_a_library_member_and_measures_a_stranger():
-    from clso.crystal.library import sanity_check
+    from clso.model.library import sanity_check
     lib, _ = Library.generate(2, 16, size=12, shares=SHARES)
     member = lib.dense("c_fc", 5) * 3.0  # a library matrix at another scale
     stranger = torch.randn(16, 64)
@@ -234,7 +242,7 @@ def test_an_odd_width_still_gives_checkerboards_that_load(tmp_path):
 
 
 def test_structure_features_describe_each_matrix_from_its_manifest_entry():
-    from clso.crystal.library import FAMILIES, structure_features
+    from clso.model.library import FAMILIES, structure_features
 
     lib, _ = Library.generate(2, 16, size=20, shares=SHARES)
     table = structure_features(lib.manifest)
@@ -259,20 +267,20 @@ def test_drawing_matrices_side_by_side_changes_no_bit():
     library, bit for bit, as one matrix after another."""
     import threading
 
-    import clso.crystal.library
+    import clso.model.library
 
     one_by_one = Library.generate(3, 32, size=12, shares=SHARES)
-    threads, draw = set(), clso.crystal.library.generate_matrix
+    threads, draw = set(), clso.model.library.generate_matrix
 
     def recorded(*args, **kwargs):
         threads.add(threading.get_ident())
         return draw(*args, **kwargs)
 
-    clso.crystal.library.generate_matrix = recorded
+    clso.model.library.generate_matrix = recorded
     try:
         pooled = Library.generate(3, 32, size=12, shares=SHARES, workers=4)
     finally:
-        clso.crystal.library.generate_matrix = draw
+        clso.model.library.generate_matrix = draw
     assert len(threads) > 1  # really drawn side by side
     assert json.dumps(pooled[0].manifest) == json.dumps(one_by_one[0].manifest)
     assert list(pooled[1]) == list(one_by_one[1])

@@ -2,10 +2,16 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from clso.crystal.library import Library
-from clso.model.crystalline import (CrystallineGPT2, CrystallineLinear, ModelConfig, gene_buckets, gene_layer_names,
-                                    genome_length)
+from clso.model.crystalline import (
+    CrystallineGPT2,
+    CrystallineLinear,
+    ModelConfig,
+    gene_buckets,
+    gene_layer_names,
+    genome_length,
+)
 from clso.model.flops import forward_flops
+from clso.model.library import Library
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.45, "structured_sparse": 0.25, "dense_quantized": 0.05}
 CONFIG = ModelConfig(vocab_size=50, n_layer=2, n_embd=16, n_head=2, block_size=8)

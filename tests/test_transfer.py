@@ -15,11 +15,11 @@ import pytest
 import yaml
 from safetensors.torch import save_file
 
-from clso.crystal.library import Library
 from clso.data.tasks import load_task, split_task
 from clso.data.tokens import TokenData
 from clso.model.baseline import dense_gpt2, state_for_saving
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import Library
 from clso.params import load_params
 from clso.transfer import chosen_genes, partial_search
 from stages.prepare import prepare

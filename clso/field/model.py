@@ -17,7 +17,7 @@ its temperatures (0.05 … 0.8) mean the same at any width (LayerNorm outputs li
 each neuron has its own temperature (its birth scale, the journal's rising tide; its flat field had
 one); the field reads a LayerNorm and adds to the residual stream like the other sub-layers; and a
 floor inside the root keeps the gradient finite where a query sits on a neuron. The C runtime computes the
-same formula (clso/crystal/runtime/FORMAT.md, version 2).
+same formula (clso/export/runtime/FORMAT.md, version 2).
 
 Neurons are born and frozen during training: clso/field/train.py.
 """

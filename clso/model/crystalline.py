@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clso.crystal.library import BUCKETS, Library
 from clso.model.flops import forward_flops
+from clso.model.library import BUCKETS, Library
 
 LAYER_NAMES = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
 MODES = ("pure", "hybrid")

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from clso.context import precision_context, to_device
-from clso.crystal.library import BUCKETS
 from clso.data.tokens import EvalBatch
 from clso.model.crystalline import CrystallineGPT2, load_dense_weights
 from clso.model.flops import attention_flops_per_token, dense_linear_flops
+from clso.model.library import BUCKETS
 
 LOGITS_PER_CHUNK = 2**25  # most logits held at once (128 MiB of float32)
 

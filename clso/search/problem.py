@@ -10,9 +10,9 @@ import numpy as np
 
 from clso import ClsoError
 from clso.context import derive_seed
-from clso.crystal.library import BUCKETS, Library
 from clso.data.tokens import EvalBatch, TokenData
 from clso.model.crystalline import CrystallineGPT2, ModelConfig, genome_length
+from clso.model.library import BUCKETS, Library
 from clso.search import ga
 from clso.search.evaluate import FitnessEvaluator
 

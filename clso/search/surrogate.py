@@ -1,7 +1,7 @@
 """The surrogate: a small network that ranks genomes without running the GPT-2.
 
 Each gene is described by a learned embedding of its (bucket, library index), by fixed features
-of the matrix it picks (family, rank, density, bits, FLOPs: `clso.crystal.library.structure_features`),
+of the matrix it picks (family, rank, density, bits, FLOPs: `clso.model.library.structure_features`),
 or by both (`inputs`); the descriptions, concatenated in genome order, feed an MLP that scores the
 genome (lower = better, on the scale of standardised log-loss). A few hundred genomes cannot teach
 an embedding for each of thousands of (gene, index) pairs; structure features are shared by every

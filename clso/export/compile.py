@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from clso import ClsoError
-from clso.crystal.file import FLAG_TIED, CrystalFormatError, CrystalModel, read_crystal
-from clso.crystal.library import BUCKETS
+from clso.export.format import FLAG_TIED, CrystalFormatError
+from clso.export.reader import read_crystal
+from clso.export.reference import CrystalModel
 from clso.model.crystalline import LAYER_NAMES, ModelConfig
+from clso.model.library import BUCKETS
 
 RUNTIME_SOURCE = Path(__file__).parent / "runtime" / "crystal.c"
 # The C runtime and the Python reader compute the same float32 model in different orders, so their
@@ -76,7 +78,7 @@ def check_runtime_logits(path, c_logits: np.ndarray, python_logits: np.ndarray) 
     if not diff <= tolerance:  # NaN included
         raise ClsoError(f"{path}: the C runtime's logits differ from the Python reader's by {diff:.3g}, beyond the "
                         f"tolerance {tolerance:.3g}; drop value-changing flags such as -ffast-math from "
-                        f"compile.cflags, else the runtime and clso/crystal/file.py disagree on the format")
+                        f"compile.cflags, else the runtime and clso/export/reader.py disagree on the format")
     return diff
 
 

@@ -1,4 +1,4 @@
-/* crystal.c: run a GPT-2 stored in a .crystal file (clso/crystal/runtime/FORMAT.md).
+/* crystal.c: run a GPT-2 stored in a .crystal file (clso/export/runtime/FORMAT.md).
  *
  *   crystal info     MODEL                 header and tensor table
  *   crystal check    [--no-crc] MODEL...   validate files; exit 0 when all are valid

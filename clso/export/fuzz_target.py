@@ -1,7 +1,7 @@
-"""The atheris target process that clso.crystal.fuzz.run() starts: `python -m clso.crystal.fuzz_target ARGS`.
+"""The atheris target process that clso.export.fuzz.run() starts: `python -m clso.export.fuzz_target ARGS`.
 
-Kept apart from clso.crystal.fuzz so that clso.crystal.file is first imported here, under atheris's
-instrumentation (a module imported before it gives libFuzzer no coverage to follow).
+Kept apart from clso.export.fuzz so that the reader and the format are first imported here, under
+atheris's instrumentation (a module imported before it gives libFuzzer no coverage to follow).
 """
 
 import ctypes
@@ -9,11 +9,12 @@ import os
 import sys
 
 import atheris
-import numpy  # noqa: F401  (imported before instrumentation: only clso.crystal.file is instrumented)
+import numpy  # noqa: F401  (imported before instrumentation: only the reader and the format are instrumented)
 import torch  # noqa: F401
 
-with atheris.instrument_imports(include=["clso.crystal.file"]):
-    from clso.crystal.file import CrystalFormatError, read_crystal
+with atheris.instrument_imports(include=["clso.export.reader", "clso.export.format"]):
+    from clso.export.format import CrystalFormatError
+    from clso.export.reader import read_crystal
 
 lib = ctypes.CDLL(os.environ["CLSO_FUZZ_LIBRARY"])
 lib.crystal_validate.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]

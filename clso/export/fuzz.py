@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from clso import ClsoError
-from clso.crystal.compile import build_runtime
-from clso.crystal.file import TokenizerExport, build_crystal, crystalline_spec, dense_spec, field_spec
-from clso.crystal.library import Library
+from clso.export.compile import build_runtime
+from clso.export.writer import TokenizerExport, build_crystal, crystalline_spec, dense_spec, field_spec
 from clso.field.model import FieldConfig, FieldLM
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import Library
 
 SHARES = {"block_diag": 0.25, "ternary_lowrank": 0.35, "structured_sparse": 0.25, "dense_quantized": 0.15}
 
@@ -134,7 +134,7 @@ def run(workdir: str | Path, *, runs: int, seed: int = 0, cc: str = "cc", max_le
     lib = build_runtime(workdir / "libcrystal.so", cc, "-O1 -g -shared -fPIC")
     env = dict(os.environ, CLSO_FUZZ_LIBRARY=str(lib))
     max_len = max_len or max(len(d) for d in seeds.values()) + 1024
-    args = [sys.executable, "-m", "clso.crystal.fuzz_target", f"-runs={runs}", f"-seed={seed + 1}",
+    args = [sys.executable, "-m", "clso.export.fuzz_target", f"-runs={runs}", f"-seed={seed + 1}",
             f"-max_len={max_len}", "-len_control=0", f"-artifact_prefix={workdir}/", "-print_final_stats=1",
             str(corpus)]
     done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=workdir)
