@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # it, never from one above (tests/test_layers.py). `stages` are the DVC stages, `cli` the `clso` command.
 LAYERS = (
     ("clso", "clso.io", "clso.progress", "clso.params"),  # errors, atomic files, progress bars, params.yaml
-    ("clso.context", "clso.energy"),  # device, threads, precision, seeds; metering
+    ("clso.context", "clso.energy", "clso.record"),  # device, threads, precision, seeds; metering; a contestant's record
     ("clso.data",),  # corpora, tokenizers, token memmaps, classification tasks
     ("clso.model",),  # the crystalline GPT-2 and its library, the dense baseline, FLOPs, the frozen-head bound
     ("clso.search", "clso.field"),  # the GA, surrogate and controls; the neuron-field LM

@@ -189,26 +189,8 @@ def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, 
     part_a["fast_tflops"] = round(computed * part_a["fast_genomes_per_s"] / len(distinct) / 1e12, 6)
 
     # (b) one real GA generation
-    cfg = ga.GAConfig(population=population, genome_length=n_genes, library_size=library_size)
-    evaluator = FitnessEvaluator(model, batch, precision=precision)
-    state = ga.init(cfg, seed)
-    state = ga.tell(cfg, state, state.population, evaluator(state.population))
-    for _ in range(warmup_generations):
-        children, state = ga.ask(cfg, state)
-        state = ga.tell(cfg, state, children, evaluator(children))
-    children, state = ga.ask(cfg, state)
-    warm_cache = dict(evaluator.cache)
-
-    def fast_generation():
-        evaluator.cache = dict(warm_cache)
-        return evaluator(children)
-
-    keys = {tuple(c) for c in children.tolist()}
-    part_b = _side_by_side(children, plain, fast_generation, repeats, device)
-    part_b.update(flops_of(children))
-    part_b.update({"generation": state.generation + 1, "distinct_children": len(keys),
-                   "already_evaluated": sum(k in warm_cache for k in keys),
-                   "evaluated_by_fast_path": sum(k not in warm_cache for k in keys)})
+    part_b = _ga_generation(model, batch, plain, population, warmup_generations, seed, repeats, device, precision)
+    part_b.update(flops_of(np.array(part_b.pop("children"))))
 
     # (c) bf16 against fp32, both on the fast path
     part_c = _precisions(model, distinct, batch, repeats, device)
@@ -222,6 +204,32 @@ def bench_eval(*, n_embd=128, n_layer=2, n_head=4, population=64, batch_size=8, 
         "ga_generation": part_b,
         "precision_bf16_vs_fp32": part_c,
     }
+
+
+def _ga_generation(model, batch: EvalBatch, plain, population: int, warmup_generations: int, seed: int, repeats: int,
+                   device, precision: str) -> dict:
+    """The children of one GA generation after `warmup_generations`, scored by the plain loop and by the
+    evaluator with the fitness cache a real run has by then (its children too, for their FLOPs)."""
+    n_genes, library_size = len(model.layers), model.library.size
+    ga_config = ga.GAConfig(population=population, genome_length=n_genes, library_size=library_size)
+    evaluator = FitnessEvaluator(model, batch, precision=precision)
+    state = ga.init(ga_config, seed)
+    state = ga.tell(ga_config, state, state.population, evaluator(state.population))
+    for _ in range(warmup_generations):
+        children, state = ga.ask(ga_config, state)
+        state = ga.tell(ga_config, state, children, evaluator(children))
+    children, state = ga.ask(ga_config, state)
+    warm_cache = dict(evaluator.cache)
+
+    def fast_generation():
+        evaluator.cache = dict(warm_cache)
+        return evaluator(children)
+
+    keys = {tuple(c) for c in children.tolist()}
+    part = _side_by_side(children, plain, fast_generation, repeats, device)
+    return {**part, "generation": state.generation + 1, "distinct_children": len(keys),
+            "already_evaluated": sum(k in warm_cache for k in keys),
+            "evaluated_by_fast_path": sum(k not in warm_cache for k in keys), "children": children.tolist()}
 
 
 def _precisions(model, genomes: np.ndarray, batch: EvalBatch, repeats: int, device) -> dict:
@@ -244,6 +252,30 @@ def _precisions(model, genomes: np.ndarray, batch: EvalBatch, repeats: int, devi
             "max_abs_loss_diff": float(diff.max()), "fp32_loss_spread": float(np.std(losses["fp32"]))}
 
 
+def _train_results(runs: dict, step_flops: int, tokens: int, peak: float | None, reference: str) -> dict:
+    """Each setting's medians, and its speed and energy against the reference and against fp32-sdpa
+    (what the pipeline's baseline ran before it took the fast path)."""
+    out = {}
+    for setting, run in runs.items():
+        t, j = statistics.median(run["seconds"]), statistics.median(run["joules"])
+        out[setting] = {**TRAIN_SETTINGS[setting], "precision": run["setup"].precision, "adamw": run["setup"].adamw,
+                        "ms_per_step": round(t * 1e3, 3), "tokens_per_s": round(tokens / t, 1),
+                        "tflops": round(step_flops / t / 1e12, 6),
+                        "mfu": None if peak is None else round(step_flops / t / peak, 4),
+                        "joules_per_step": round(j, 4), "gpu_joules_per_step": round(statistics.median(run["gpu_joules"]), 4),
+                        "energy_method": run["method"], "last_loss": round(run["loss"], 4),
+                        "ms_per_step_runs": [round(x * 1e3, 3) for x in run["seconds"]]}
+    for name, suffix in ((reference, "reference"), ("fp32-sdpa", "fp32_sdpa")):
+        if name not in out or (suffix == "fp32_sdpa" and name == reference):
+            continue
+        base = out[name]
+        for r in out.values():
+            r[f"speedup_vs_{suffix}"] = round(base["ms_per_step"] / r["ms_per_step"], 3)
+            r[f"energy_vs_{suffix}"] = round(r["joules_per_step"] / base["joules_per_step"], 4) \
+                if base["joules_per_step"] else None
+    return out
+
+
 def bench_train(*, n_embd=128, n_layer=2, n_head=4, block_size=128, batch_size=16, vocab_size=4096,
                 micro_batch_size=0, settings: tuple[str, ...] | None = None, steps=50, warmup_steps=3, repeats=3,
                 seed=0, device="cpu", cpu_watts_per_core=10.0, gpu_watts=300.0) -> dict:
@@ -264,8 +296,8 @@ def bench_train(*, n_embd=128, n_layer=2, n_head=4, block_size=128, batch_size=1
     peak, name = peak_flops(device)
     runs = {}
     for setting in settings:
-        cfg = SimpleNamespace(**TRAIN_SETTINGS[setting], micro_batch_size=micro_batch_size, batch_size=batch_size)
-        setup = TrainingSetup.resolve(cfg, device)
+        options = SimpleNamespace(**TRAIN_SETTINGS[setting], micro_batch_size=micro_batch_size, batch_size=batch_size)
+        setup = TrainingSetup.resolve(options, device)
         model = dense_gpt2(config, seed, device, setup.attention).train()
         step = TrainStep(model, setup, lr=1e-4, weight_decay=0.1, grad_clip=1.0, device=device)
         for _ in range(warmup_steps):
@@ -281,26 +313,7 @@ def bench_train(*, n_embd=128, n_layer=2, n_head=4, block_size=128, batch_size=1
             run["joules"].append(reading.energy_wh * 3600 / steps)
             run["gpu_joules"].append(reading.gpu_wh * 3600 / steps)
             run["method"], run["loss"] = reading.method, float(loss)
-    tokens = batch_size * block_size
-    out = {}
-    for setting, run in runs.items():
-        t, j = statistics.median(run["seconds"]), statistics.median(run["joules"])
-        out[setting] = {**TRAIN_SETTINGS[setting], "precision": run["setup"].precision, "adamw": run["setup"].adamw,
-                        "ms_per_step": round(t * 1e3, 3), "tokens_per_s": round(tokens / t, 1),
-                        "tflops": round(step_flops / t / 1e12, 6),
-                        "mfu": None if peak is None else round(step_flops / t / peak, 4),
-                        "joules_per_step": round(j, 4), "gpu_joules_per_step": round(statistics.median(run["gpu_joules"]), 4),
-                        "energy_method": run["method"], "last_loss": round(run["loss"], 4),
-                        "ms_per_step_runs": [round(x * 1e3, 3) for x in run["seconds"]]}
-    # against the reference, and against fp32-sdpa: what the pipeline's baseline ran before the fast path
-    for name, suffix in ((settings[0], "reference"), ("fp32-sdpa", "fp32_sdpa")):
-        if name not in out or (suffix == "fp32_sdpa" and name == settings[0]):
-            continue
-        base = out[name]
-        for r in out.values():
-            r[f"speedup_vs_{suffix}"] = round(base["ms_per_step"] / r["ms_per_step"], 3)
-            r[f"energy_vs_{suffix}"] = round(r["joules_per_step"] / base["joules_per_step"], 4) \
-                if base["joules_per_step"] else None
+    out = _train_results(runs, step_flops, batch_size * block_size, peak, settings[0])
     return {"benchmark": "train", "device": str(device), "device_name": name,
             "peak_bf16_tflops": None if peak is None else round(peak / 1e12, 1), "threads": torch.get_num_threads(),
             "reference": settings[0],

@@ -1,18 +1,20 @@
 """The matched comparison of CLSO against the dense AdamW baseline, and the verdict on the
-hypothesis of document 003. Pure functions of the stages' metrics and curves."""
+hypothesis of document 003: arithmetic on the contestants' records, numbers only (clso.report
+writes the words)."""
 
 from __future__ import annotations
 
 import math
 import statistics
 
+from clso.record import Record
+
 PPL_TOLERANCE = 0.05
 ENERGY_SHARE = 0.5
-
-
-def hypothesis() -> str:
-    """Document 003's hypothesis, as the constants above state it."""
-    return f"CLSO within {PPL_TOLERANCE:.0%} of the baseline's perplexity at <= {ENERGY_SHARE:.0%} of its energy"
+ADDITIVE = ("energy_wh", "flops", "wall_s", "true_evaluations")  # what the parts of a charge add up
+# (name, the control's stage); each control is paired with CLSO's search of the same mode and seed
+CONTRASTS = (("ga_vs_random", "random"), ("surrogate_vs_none", "no_surrogate"), ("search_vs_fixed_body", "fixed_body"))
+CLSO_STAGE = "evolve"
 
 
 def value_at(xs: list[float], ys: list[float], x: float) -> tuple[float, str]:
@@ -50,23 +52,12 @@ def verdict(clso_ppl: float, clso_energy: float, baseline_ppl: float, baseline_e
             "bound_ppl": bound_ppl, "bound_ppl_ratio": None if bound_ppl is None else round(bound_ppl / baseline_ppl, 4)}
 
 
-def statement(v: dict) -> str:
-    """The verdict in words (kept out of compare.json: a sentence is no metric to compare)."""
-    text = (f"{'HOLDS' if v['holds'] else 'DOES NOT HOLD'}: CLSO's val perplexity is {v['ppl_ratio']:.3f}× the "
-            f"baseline's ({'within' if v['ppl_within_tolerance'] else 'outside'} {PPL_TOLERANCE:.0%}) at "
-            f"{v['energy_ratio']:.3f}× its energy ({'at most' if v['energy_within_share'] else 'more than'} "
-            f"{ENERGY_SHARE:.0%})")
-    if v["decided_by_frozen_head_bound"]:
-        text += (f"; pure mode cannot pass: the frozen head bounds the val perplexity at {v['bound_ppl']:.4g} "
-                 f"({v['bound_ppl_ratio']:.3f}× the baseline's) whatever the library or the search")
-    return text
-
-
-def matched(clso: dict, baseline: dict, curve: list[dict]) -> dict:
-    """The baseline's val perplexity at CLSO's energy and FLOPs, and what it needed to reach CLSO's."""
+def matched(clso: dict, curve: list[dict]) -> dict:
+    """The baseline's val perplexity at CLSO's energy and FLOPs, and what it needed to reach CLSO's
+    val loss; `curve` is the baseline's (points of val loss, energy_wh, flops, step)."""
     energy = [r["energy_wh"] for r in curve]
     flops = [r["flops"] for r in curve]
-    loss = [r["val_loss"] for r in curve]
+    loss = [r["loss"] for r in curve]
     at_energy, energy_status = value_at(energy, loss, clso["energy_wh"])
     at_flops, flops_status = value_at(flops, loss, clso["flops"])
     reach_energy = first_reach(energy, loss, clso["val_loss"])
@@ -81,67 +72,70 @@ def matched(clso: dict, baseline: dict, curve: list[dict]) -> dict:
     }
 
 
-def comparison(clso: dict, baseline: dict, curve: list[dict]) -> dict:
-    """The headline part of metrics/compare.json — clso.*, baseline.*, ratio.*, matched.*, verdict.*
-    — for one CLSO run (the compare stage adds variants.*, contrasts.* and over_seeds.*)."""
-    return {
-        "clso": clso, "baseline": baseline,
-        "ratio": {key: round(clso[key] / baseline[key], 4) for key in ("energy_wh", "flops", "val_ppl", "test_ppl")},
-        "matched": matched(clso, baseline, curve),
-        "verdict": verdict(clso["val_ppl"], clso["energy_wh"], baseline["val_ppl"], baseline["energy_wh"],
-                           clso.get("frozen_head_bound_val_ppl")),
-    }
-
-
 def methods(*names: str) -> str:
     """One method label for summed figures: every part's method, once each."""
     return "|".join(sorted({part for m in names for part in m.split("|")}))
 
 
-def device_parts(m: dict) -> dict:
-    """A metered figure's CPU and GPU parts, each with its method (a stage's metrics give them apart
-    when a GPU did the work); CPU-only work is all CPU."""
-    if m.get("gpu_method"):
-        return {k: m[k] for k in ("cpu_wh", "cpu_method", "gpu_wh", "gpu_method")}
-    return {"cpu_wh": m["energy_wh"], "cpu_method": m["method"], "gpu_wh": 0.0, "gpu_method": None}
+def device_parts(cost: dict) -> dict:
+    """A cost's CPU and GPU parts, each with its method (a stage gives them apart when a GPU did the
+    work); CPU-only work is all CPU."""
+    if cost.get("gpu_method"):
+        return {k: cost[k] for k in ("cpu_wh", "cpu_method", "gpu_wh", "gpu_method")}
+    return {"cpu_wh": cost["energy_wh"], "cpu_method": cost["method"], "gpu_wh": 0.0, "gpu_method": None}
 
 
-def summed_device_parts(figures) -> dict:
-    parts = [device_parts(m) for m in figures]
+def summed_device_parts(costs) -> dict:
+    parts = [device_parts(c) for c in costs]
     gpu_methods = [p["gpu_method"] for p in parts if p["gpu_method"]]
     return {"cpu_wh": sum(p["cpu_wh"] for p in parts), "cpu_method": methods(*(p["cpu_method"] for p in parts)),
             "gpu_wh": sum(p["gpu_wh"] for p in parts), "gpu_method": methods(*gpu_methods) if gpu_methods else None}
 
 
-def clso_charges(library: dict, surrogate: dict | None, search: dict, baseline: dict) -> dict:
-    """Everything a search spent, from the stages' metrics: library generation, the surrogate's true
-    evaluations and training (CLSO's GA; `surrogate` None for a control, which has none), the search
-    — and, when the library holds svd matrices taken from the trained baseline, that baseline's
-    training too. Checkpoint writing is no one's training cost."""
-    parts = {"library": {**library, "flops": 0}}
-    if surrogate is not None:
-        parts |= {f"surrogate_{k}": surrogate[k] for k in ("evaluation", "training")}
-    parts["search"] = search
-    if library["families"]["svd"] > 0:
-        parts["svd_reference_baseline"] = baseline
-    before = [p for name, p in parts.items() if name != "search"]
+def charged(record: Record, shared: dict[str, dict]) -> dict:
+    """Everything a contestant is charged: the shared costs its record names (spent before its own
+    work: the library, the surrogate's pretraining, …), then its own. `shared` maps each name to a cost."""
+    parts = {name: shared[name] for name in record.charged_with} | record.costs
+    before = [shared[name] for name in record.charged_with]
 
-    def total(key, figures):
-        return sum(p[key] for p in figures)
+    def total(key, costs):
+        return sum(c.get(key, 0) for c in costs)
 
-    return {"energy_wh": total("energy_wh", parts.values()), "flops": total("flops", parts.values()),
-            "wall_s": total("wall_s", parts.values()), "method": methods(*(p["method"] for p in parts.values())),
+    out = {key: total(key, parts.values()) for key in ADDITIVE}
+    if not any("true_evaluations" in c for c in parts.values()):
+        del out["true_evaluations"]
+    return {**out, "method": methods(*(c["method"] for c in parts.values())),
             "energy_by_device": summed_device_parts(parts.values()),
-            # what was spent before the search's first generation: its curve starts there
-            "before_search": {key: total(key, before) for key in ("energy_wh", "flops", "wall_s")},
-            "energy_wh_by_part": {name: p["energy_wh"] for name, p in parts.items()}}
+            # what was spent before its own work began: its curve starts there
+            "before": {key: total(key, before) for key in ("energy_wh", "flops", "wall_s")},
+            "energy_wh_by_part": {name: c["energy_wh"] for name, c in parts.items()}}
 
 
-def charged_curve(search_curve: list[dict], charges: dict) -> list[dict]:
-    """The search's per-generation curve with what came before it added to every cost column."""
-    before = charges["before_search"]
-    return [{**row, **{key: row[key] + before[key] for key in ("energy_wh", "flops", "wall_s")},
-             "energy_method": charges["method"]} for row in search_curve]
+def charged_curve(record: Record, charges: dict) -> list[dict]:
+    """The record's curve with what was charged before its own work added to every cost column."""
+    before = charges["before"]
+    return [{**point, **{key: point[key] + before[key] for key in ("energy_wh", "flops", "wall_s")}}
+            for point in record.curve["points"]]
+
+
+def row(record: Record, charges: dict) -> dict:
+    """A contestant as the tables and contrasts see it: its losses and everything it was charged."""
+    return {"name": record.name, "stage": record.name.split("@")[0], "kind": record.kind, "label": record.label,
+            "mode": record.mode, "seed": record.seed, "val_loss": record.val_loss, "val_ppl": record.val_ppl,
+            "test_loss": record.test_loss, "test_ppl": record.test_ppl,
+            **{k: v for k, v in charges.items() if k != "before"},
+            "adam_phases": record.details.get("adam_phases"),
+            "frozen_head_bound_val_ppl": record.details.get("frozen_head_bound", {}).get("val_ppl")}
+
+
+def against_baseline(r: dict, baseline: dict) -> dict:
+    """A contestant's ratios to the baseline; the hypothesis only for CLSO's search and its controls."""
+    out = {key: round(r[key] / baseline[key], 4) for key in ("val_ppl", "test_ppl", "energy_wh", "flops")}
+    if r["kind"] in ("clso", "control"):
+        v = verdict(r["val_ppl"], r["energy_wh"], baseline["val_ppl"], baseline["energy_wh"],
+                    r["frozen_head_bound_val_ppl"])
+        out["holds"] = v["holds"]
+    return out
 
 
 def spread(xs: list[float]) -> float | None:
@@ -150,7 +144,7 @@ def spread(xs: list[float]) -> float | None:
 
 
 def seed_summary(runs: list[dict], keys=("val_loss", "val_ppl", "test_ppl", "energy_wh", "flops")) -> dict:
-    """Mean and spread over seeds of one strategy and mode."""
+    """Mean and spread over seeds of one stage and mode."""
     out = {"seeds": len(runs)}
     for key in keys:
         values = [r[key] for r in runs]
@@ -159,60 +153,55 @@ def seed_summary(runs: list[dict], keys=("val_loss", "val_ppl", "test_ppl", "ene
     return out
 
 
-# (name, the control's stage, how statements call it, the question it answers); each is paired
-# with CLSO's search (stage `evolve`) of the same mode and seed
-CONTRASTS = (("ga_vs_random", "random", "random search", "does the GA beat sampling at equal true evaluations?"),
-             ("surrogate_vs_none", "no_surrogate", "the GA without surrogate",
-              "does the surrogate pay for itself at equal FLOPs?"),
-             ("search_vs_fixed_body", "fixed_body", "the fixed random body", "what does the search add beyond Adam?"))
+def over_seeds(rows: list[dict]) -> dict:
+    """Mean and spread of each stage@mode of the grid, when it ran more than one seed."""
+    groups = dict.fromkeys((r["stage"], r["mode"]) for r in rows if r["mode"] is not None)
+    return {f"{stage}@{mode}": seed_summary([r for r in rows if (r["stage"], r["mode"]) == (stage, mode)])
+            for stage, mode in groups}
 
 
-def best_clso_run(runs: list[dict], first_seed: int) -> dict:
+def headline_row(rows: list[dict], first_seed: int) -> dict:
     """The headline run: CLSO's mode with the lowest mean val loss over seeds, at the first seed —
     not the luckiest seed, which would be picked and judged on the same val split."""
-    clso = [r for r in runs if r["stage"] == "evolve"]
+    clso = [r for r in rows if r["kind"] == "clso"]
     modes = dict.fromkeys(r["mode"] for r in clso)
-    best_mode = min(modes, key=lambda m: seed_summary([r for r in clso if r["mode"] == m], ("val_loss",))["val_loss"])
+    best_mode = min(modes, key=lambda m: statistics.fmean(r["val_loss"] for r in clso if r["mode"] == m))
     return next(r for r in clso if r["mode"] == best_mode and r["seed"] == first_seed)
 
 
-def contrasts(runs: list[dict]) -> dict:
+def headline(clso: dict, baseline: dict, baseline_curve: list[dict]) -> dict:
+    """CLSO's best run against the baseline: the ratios, the matched figures and the verdict."""
+    return {"clso": clso["name"], "ratio": {key: round(clso[key] / baseline[key], 4)
+                                           for key in ("energy_wh", "flops", "val_ppl", "test_ppl")},
+            "matched": matched(clso, baseline_curve),
+            "verdict": verdict(clso["val_ppl"], clso["energy_wh"], baseline["val_ppl"], baseline["energy_wh"],
+                               clso["frozen_head_bound_val_ppl"])}
+
+
+def contrasts(rows: list[dict]) -> dict:
     """Each control against CLSO's GA of the same mode, seed by seed: the control's val loss less
     the GA's (positive: the GA is better), its mean and spread over seeds, and the control's
     charged energy and FLOPs as a share of the GA's, and both runs' Adam phases (hybrid mode: a
-    control stopped by its FLOP budget may have had fewer). `runs` carry stage, mode, seed and figures."""
-    by = {(r["stage"], r["mode"], r["seed"]): r for r in runs}
+    control stopped by its FLOP budget may have had fewer)."""
+    by = {(r["stage"], r["mode"], r["seed"]): r for r in rows if r["mode"] is not None}
     out = {}
-    for name, control, _, _ in CONTRASTS:
+    for name, control in CONTRASTS:
         for (stage, mode, seed), r in sorted(by.items()):
-            ga = by.get(("evolve", mode, seed))
+            ga = by.get((CLSO_STAGE, mode, seed))
             if stage != control or ga is None:
                 continue
             out.setdefault(name, {}).setdefault(mode, []).append(
                 {"loss_difference": r["val_loss"] - ga["val_loss"], "energy_share": r["energy_wh"] / ga["energy_wh"],
                  "flops_share": r["flops"] / ga["flops"], "adam_phases": r["adam_phases"],
                  "clso_adam_phases": ga["adam_phases"]})
-    return {name: {mode: {"seeds": len(pairs),
-                          **{k: sum(p[k] for p in pairs) / len(pairs) for k in ("loss_difference", "energy_share",
-                                                                                "flops_share", "adam_phases",
-                                                                                "clso_adam_phases")},
-                          "loss_difference_spread": spread([p["loss_difference"] for p in pairs]),
-                          "clso_better_in": sum(p["loss_difference"] > 0 for p in pairs)}
-                   for mode, pairs in modes.items()}
-            for name, modes in out.items()}
+    return {name: {mode: _paired(pairs) for mode, pairs in modes.items()} for name, modes in out.items()}
 
 
-def contrast_statement(name: str, mode: str, c: dict) -> str:
-    """One contrast in words."""
-    _, _, label, question = next(x for x in CONTRASTS if x[0] == name)
-    d = c["loss_difference"]
-    spread_text = (f" ± {c['loss_difference_spread']:.4f} (spread over {c['seeds']} seeds; CLSO better in "
-                   f"{c['clso_better_in']} of them)" if c["loss_difference_spread"] is not None else " (one seed)")
-    who = "CLSO's GA is better" if d > 0 else "CLSO's GA is not better" if d == 0 else f"{label} is better"
-    return (f"{question[0].upper()}{question[1:]} In {mode} mode, {label}'s val loss is {d:+.4f} nats from CLSO's"
-            f"{spread_text}: {who}, at {c['energy_share']:.2f}× CLSO's charged energy and "
-            f"{c['flops_share']:.2f}× its FLOPs"
-            + (f", after {c['adam_phases']:g} Adam phases to CLSO's {c['clso_adam_phases']:g}." if mode == "hybrid" else "."))
+def _paired(pairs: list[dict]) -> dict:
+    means = {k: sum(p[k] for p in pairs) / len(pairs)
+             for k in ("loss_difference", "energy_share", "flops_share", "adam_phases", "clso_adam_phases")}
+    return {"seeds": len(pairs), **means, "loss_difference_spread": spread([p["loss_difference"] for p in pairs]),
+            "clso_better_in": sum(p["loss_difference"] > 0 for p in pairs)}
 
 
 # The crystal journal's figures for its neuron-field LM (document 004): losses per GPT-2 token on
@@ -225,103 +214,36 @@ def contrast_statement(name: str, mode: str, c: dict) -> str:
 JOURNAL_FIELD = {"causal_train_loss": 2.39, "causal_neurons": 208, "causal_epochs": 60,
                  "flat_plateau_train_loss": 2.55, "flat_plateau_neurons": 788, "flat_epochs": 600,
                  "gpt2_tokens_per_char": 338_025 / 1_115_394, "text_gpt2_tokens": 338_025, "passes_per_epoch": 2}
-TRAIN_LOSS_WINDOW = 20  # steps whose train losses are averaged for the final train loss (one batch is noisy)
 
 
-def field_contestant(metrics: dict, curve: list[dict], test_loss: float, baseline: dict,
-                     tokens_per_char: dict[str, float]) -> dict:
-    """The neuron-field LM (stage `field`) against the baseline, and against the journal's figures:
-    our final train loss (the mean of the last TRAIN_LOSS_WINDOW steps) and val loss per character
-    beside the journal's training losses per character, with the tokens each run trained on.
-    `curve` is plots/field.csv (a row per step); `tokens_per_char` our tokenizer's, per split."""
-    j = JOURNAL_FIELD
-    last = [r["train_loss"] for r in curve[-TRAIN_LOSS_WINDOW:] if _number(r["train_loss"])]
-    train_loss = sum(last) / len(last)
-    per_char = {"our_final_train": train_loss * tokens_per_char["train"],
-                "our_final_val": metrics["final_val_loss"] * tokens_per_char["val"],
+def field_vs_journal(field: Record, tokens_per_char: dict[str, float]) -> dict:
+    """The neuron-field LM against the journal's figures: our final train loss (the mean of the last
+    steps) and val loss per character beside the journal's training losses per character, with the
+    tokens each run trained on. `tokens_per_char`: our tokenizer's, per split."""
+    j, d = JOURNAL_FIELD, field.details
+    per_char = {"our_final_train": d["final_train_loss"] * tokens_per_char["train"],
+                "our_final_val": field.val_loss * tokens_per_char["val"],
                 "journal_causal_train": j["causal_train_loss"] * j["gpt2_tokens_per_char"],
                 "journal_flat_train": j["flat_plateau_train_loss"] * j["gpt2_tokens_per_char"]}
-    return {
-        "val_loss": metrics["final_val_loss"], "val_ppl": metrics["final_val_ppl"], "test_loss": test_loss,
-        "test_ppl": math.exp(test_loss), "energy_wh": metrics["energy_wh"], "method": metrics["method"],
-        "flops": metrics["flops"], "wall_s": metrics["wall_s"], "neurons": metrics["neurons"],
-        "frozen_share": metrics["frozen_share"], "freeze": metrics["freeze"], "parameters": metrics["parameters"],
-        "attention": metrics["attention"], "torch_compile": metrics["torch_compile"],
-        "baseline_torch_compile": baseline["torch_compile"],
-        "energy_by_device": device_parts(metrics),
-        "ppl_ratio": round(metrics["final_val_ppl"] / baseline["val_ppl"], 4),
-        "energy_ratio": round(metrics["energy_wh"] / baseline["energy_wh"], 4),
-        "flops_ratio": round(metrics["flops"] / baseline["flops"], 4),
-        "journal": {**j, "our_final_train_loss": train_loss, "our_train_tokens": metrics["tokens"],
-                    "journal_causal_train_tokens": j["causal_epochs"] * j["passes_per_epoch"] * j["text_gpt2_tokens"],
-                    "nats_per_char": per_char,
-                    # the journal's training loss is met when ours, per character, is at or below it
-                    "causal_train_loss_met": per_char["our_final_train"] <= per_char["journal_causal_train"],
-                    "flat_train_loss_met": per_char["our_final_train"] <= per_char["journal_flat_train"]},
-    }
+    return {**j, "our_final_train_loss": d["final_train_loss"], "our_train_tokens": d["tokens"],
+            "journal_causal_train_tokens": j["causal_epochs"] * j["passes_per_epoch"] * j["text_gpt2_tokens"],
+            "nats_per_char": per_char,
+            # the journal's training loss is met when ours, per character, is at or below it
+            "causal_train_loss_met": per_char["our_final_train"] <= per_char["journal_causal_train"],
+            "flat_train_loss_met": per_char["our_final_train"] <= per_char["journal_flat_train"]}
 
 
-def _number(x) -> bool:
-    """A curve cell that holds a number (pandas reads an empty one as NaN)."""
-    return x is not None and x == x
-
-
-def field_statement(f: dict) -> str:
-    """The third contestant in words: against the baseline, then against the journal's figures."""
-    j, c = f["journal"], f["journal"]["nats_per_char"]
-    ours, other = ("with attention", "its flat field") if f["attention"] else ("flat", "its field with attention")
-    compiled = (f" (the baseline torch.compiled ({f['baseline_torch_compile']}), the field not)"
-                if f["baseline_torch_compile"] != f["torch_compile"] else "")
-    return (f"The journal's neuron-field LM (stage `field`: {'attention → ' if f['attention'] else ''}field of "
-            f"{f['neurons']} neurons → MLP, "
-            f"{f['frozen_share']:.0%} {'at the soft-freeze floor' if f['freeze'] == 'soft' else 'frozen'}) reaches val "
-            f"perplexity {f['val_ppl']:.4g}, {f['ppl_ratio']:.3f}× the AdamW baseline's, at {f['energy_ratio']:.3f}× its "
-            f"energy and {f['flops_ratio']:.3f}× its FLOPs{compiled}. Against the journal's losses (taken as training losses) in nats per "
-            f"character (its nats per GPT-2 token × {j['gpt2_tokens_per_char']:.3f} GPT-2 tokens per character of Tiny "
-            f"Shakespeare): ours is {c['our_final_train']:.3f} on train (final; {c['our_final_val']:.3f} held out on "
-            f"val) after {j['our_train_tokens'] / 1e6:.2f} M training tokens, the journal's "
-            f"{c['journal_causal_train']:.3f} ({j['causal_train_loss']} per token, with attention, "
-            f"{j['causal_neurons']} neurons, {j['causal_epochs']} epochs ≈ {j['journal_causal_train_tokens'] / 1e6:.0f} M "
-            f"tokens): {_word(j['causal_train_loss_met'], 'met', 'not met')}; and {c['journal_flat_train']:.3f} for its flat field "
-            f"({j['flat_plateau_train_loss']}, {j['flat_plateau_neurons']} neurons, no attention, {j['flat_epochs']} "
-            f"epochs): {_word(j['flat_train_loss_met'], 'met', 'not met')}. Ours is {ours}, so the like-for-like figure "
-            f"is the journal's {'first' if f['attention'] else 'second'}; `field.attention: "
-            f"{str(not f['attention']).lower()}` trains {other}. Different texts (whole plays here, Tiny Shakespeare "
-            f"there) and budgets: a figure not met here is not shown false, only not reproduced at this budget.")
-
-
-# The crystal journal's quantization claims (document 004), tested on the neuron-field LM. A per-tensor
-# int mode "breaks it" when the file's top token differs from the float model's at more than a tenth
-# of the positions (the journal's symptom: the top token turned into a newline) or it costs more than
-# a tenth in perplexity; "mixed8 = full quality" is judged by the compile stage's mixed8 targets.
-BROKEN_PPL_CHANGE = 0.10
-BROKEN_TOP1_AGREEMENT = 0.90
-
-def journal_claims(modes: dict, max_kl: float, max_ppl_change: float) -> dict:
-    """Document 004's claims on its files, measured on the neuron-field LM's (quantization_reports of
-    each mode): mixed8 keeps full quality (mean KL and perplexity change within the bounds);
-    per-tensor int8 and int16 (embeddings quantized too) break it."""
-    m8 = modes["mixed8"]
-    return {"mixed8_full_quality": m8["mean_kl"] <= max_kl and abs(m8["ppl_change"]) <= max_ppl_change,
-            "mixed8_ppl_change": m8["ppl_change"], "mixed8_mean_kl": m8["mean_kl"],
-            **{f"{mode}_breaks": modes[mode]["ppl_change"] > BROKEN_PPL_CHANGE
-               or modes[mode]["top1_agreement"] < BROKEN_TOP1_AGREEMENT for mode in ("int8", "int16")},
-            **{f"{mode}_{k}": modes[mode][k] for mode in ("int8", "int16") for k in ("ppl_change", "top1_agreement")},
-            "broken_ppl_change": BROKEN_PPL_CHANGE, "broken_top1_agreement": BROKEN_TOP1_AGREEMENT, "max_kl": max_kl, "max_ppl_change": max_ppl_change}
-
-
-def _word(ok: bool, yes: str, no: str) -> str:
-    return yes if ok else no
-
-
-def journal_statement(j: dict) -> str:
-    def verdict(holds: bool) -> str:
-        return _word(holds, "holds", "does not hold")
-
-    return (f"'mixed8 = full quality' {verdict(j['mixed8_full_quality'])} (perplexity {j['mixed8_ppl_change']:+.2%}, "
-            f"mean KL {j['mixed8_mean_kl']:.2g} nats; full quality: within ±{j['max_ppl_change']:.0%} and "
-            f"≤ {j['max_kl']:g}); 'per-tensor int8 breaks it' {verdict(j['int8_breaks'])} "
-            f"({j['int8_ppl_change']:+.2%} perplexity, top-1 agreement {j['int8_top1_agreement']:.2%}), 'per-tensor int16 "
-            f"breaks it' {verdict(j['int16_breaks'])} ({j['int16_ppl_change']:+.2%}, {j['int16_top1_agreement']:.2%}; "
-            f"broken: more than {j['broken_ppl_change']:+.0%} perplexity or under {j['broken_top1_agreement']:.0%} "
-            "top-1 agreement)")
+def frontier(rows: list[dict], records: dict[str, Record], curves: dict[str, list[dict]], mode: str) -> list[dict]:
+    """The rows of one mode's frontier: every contestant of the mode and every one without a mode (the
+    baseline, the field LM), each its charged curve and its final val point."""
+    out = []
+    for r in rows:
+        if r["mode"] not in (None, mode):
+            continue
+        common = {"contestant": r["name"], "label": r["label"], "energy_method": r["method"]}
+        loss = records[r["name"]].curve["loss"]
+        out += [{**common, "point": loss, "loss": p["loss"], "energy_wh": p["energy_wh"], "flops": p["flops"]}
+                for p in curves[r["name"]]]
+        out.append({**common, "point": "final val", "loss": r["val_loss"], "energy_wh": r["energy_wh"],
+                    "flops": r["flops"]})
+    return out

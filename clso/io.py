@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from clso import ClsoError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -77,6 +79,40 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | Path, fix: str = "run `dvc repro` so the earlier stages write it") -> dict:
+    """A JSON file, or a one-line ClsoError naming it and `fix`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; {fix}") from None
+    except (OSError, ValueError):
+        raise ClsoError(f"{path}: not valid JSON; re-create it with `dvc repro -f`") from None
+
+
+def read_tensors(path: str | Path, fix: str = "run `dvc repro` so the earlier stages write it") -> dict:
+    """A safetensors file's tensors, or a one-line ClsoError naming it and `fix`."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; {fix}") from None
+    except Exception as e:  # noqa: BLE001 -- OSError or safetensors' own error: both mean unreadable
+        raise ClsoError(f"{path}: unreadable ({type(e).__name__}); re-create it with `dvc repro -f`") from None
+
+
+def read_curve(path: str | Path) -> list[dict]:
+    """A CSV curve as rows of Python numbers (as JSON wants), or a one-line ClsoError."""
+    import pandas as pd  # here, not at the top: few readers need it
+
+    try:
+        return pd.read_csv(path).astype(object).to_dict("records")
+    except FileNotFoundError:
+        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ClsoError(f"{path}: not a readable curve ({type(e).__name__}); re-create it with `dvc repro -f`") from None
 
 
 def sha256_text(texts) -> str:

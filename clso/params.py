@@ -29,6 +29,11 @@ def spec(default, help: str, *, choices=None, min=None, max=None, min_exclusive=
     )
 
 
+# The two ways a crystalline GPT-2 is searched (clso.model.crystalline): pure, only the genes change;
+# hybrid, Adam also trains the continuous parts for the best genome every evolve.hybrid_every generations.
+MODES = ("pure", "hybrid")
+
+
 def _check_corpus(value: str) -> str | None:
     if value in ("shakespeare", "wikitext-2", "wikitext-103"):
         return None
@@ -50,6 +55,10 @@ class BaseParams:
         300.0, "board watts for the `estimate` energy method when a GPU has no NVML reading",
         min=0.0, min_exclusive=True, max=5000.0)
 
+    def meter_options(self, device) -> dict:
+        """clso.energy.EnergyMeter's arguments for work on `device`."""
+        return {"device": device, "cpu_watts_per_core": self.cpu_watts_per_core, "gpu_watts": self.gpu_watts}
+
 
 @dataclass(frozen=True)
 class PrepareParams:
@@ -70,6 +79,12 @@ class PrepareParams:
     test_fraction: float = spec(0.1, "share of documents in the test split",
                                 min=0.0, max=0.5, min_exclusive=True)
 
+    def __post_init__(self):
+        if self.val_fraction + self.test_fraction > 0.6:
+            raise ParamsError("prepare.val_fraction + prepare.test_fraction: "
+                              f"{self.val_fraction + self.test_fraction:g} leaves too little to train on; "
+                              "valid: a sum of at most 0.6")
+
 
 @dataclass(frozen=True)
 class ModelParams:
@@ -80,6 +95,11 @@ class ModelParams:
     block_size: int = spec(128, "context length in tokens (GPT-2's n_positions)", min=8, max=8192)
     tie_embeddings: bool = spec(True, "share the token embedding with the LM head, as GPT-2 does")
     layer_gains: bool = spec(True, "a scalar gain on each crystalline layer, trainable in hybrid mode")
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ParamsError(f"model.n_head: {self.n_head} does not divide model.n_embd {self.n_embd}; "
+                              "valid: a divisor of n_embd")
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,12 @@ class LibraryParams:
                                choices=(3, 5))
     max_rank_fraction: float = spec(0.25, "low-rank ranks are drawn from 1 to this × min(d_in, d_out)",
                                     min=0.0, max=1.0, min_exclusive=True)
+
+    def __post_init__(self):
+        shares = (self.share_block_diag, self.share_ternary_lowrank, self.share_structured_sparse,
+                  self.share_dense_quantized, self.share_svd)
+        if abs(sum(shares) - 1.0) > 1e-6:
+            raise ParamsError(f"library.share_*: the five shares sum to {sum(shares):g}; valid: a sum of 1")
 
 
 @dataclass(frozen=True)
@@ -168,8 +194,10 @@ class EvolveParams:
     address: str = spec("", "the Ray cluster to join (auto, or ray://HOST:10001) with evolve.workers > 0; empty: "
                         "start a local one")
 
-
-MODES = ("pure", "hybrid")  # clso.model.crystalline.MODES, without importing torch here
+    def __post_init__(self):
+        if self.elite >= self.population:
+            raise ParamsError(f"evolve.elite: {self.elite} is not below evolve.population {self.population}; "
+                              "valid: fewer elites than genomes")
 
 
 @dataclass(frozen=True)
@@ -220,6 +248,17 @@ class BaselineParams:
     torch_compile: str = spec("auto", "torch.compile mode of the training step's model: auto is default on "
                               "CUDA and none on a CPU; compilation time is charged to the baseline",
                               choices=("auto", "none", "default", "reduce-overhead", "max-autotune"))
+
+    def __post_init__(self):
+        if self.min_lr > self.lr:
+            raise ParamsError(f"baseline.min_lr: {self.min_lr:g} is above baseline.lr {self.lr:g}; valid: at most lr")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ParamsError(f"baseline.micro_batch_size: {self.micro_batch_size} does not divide "
+                              f"baseline.batch_size {self.batch_size}; valid: 0 or a divisor of batch_size")
+        if self.torch_compile in CUDA_GRAPH_MODES and 0 < self.micro_batch_size < self.batch_size:
+            # a CUDA graph replays into the same output buffers: the first micro-batch's gradients would be overwritten
+            raise ParamsError(f"baseline.torch_compile: {self.torch_compile} records CUDA graphs, which gradient "
+                              "accumulation over micro-batches breaks; valid with micro_batch_size: none or default")
 
 
 @dataclass(frozen=True)
@@ -286,6 +325,16 @@ class FieldParams:
     precision: str = spec("auto", "of the forward passes: auto is bf16 autocast on a CUDA GPU of compute capability "
                           "8.0 or newer and fp32 elsewhere; the fields always compute in fp32",
                           choices=("auto", "fp32", "bf16"))
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ParamsError(f"field.n_head: {self.n_head} does not divide field.n_embd {self.n_embd}; "
+                              "valid: a divisor of n_embd")
+        if self.initial_neurons > self.max_neurons:
+            raise ParamsError(f"field.initial_neurons: {self.initial_neurons} is above field.max_neurons "
+                              f"{self.max_neurons}; valid: at most max_neurons")
+        if self.min_lr > self.lr:
+            raise ParamsError(f"field.min_lr: {self.min_lr:g} is above field.lr {self.lr:g}; valid: at most lr")
 
 
 OFFLINE_TASKS = ("rotten_tomatoes", "debates_2016")  # clso.data.tasks loads them
@@ -450,54 +499,16 @@ def _parse_section(name: str, cls: type, raw) -> object:
 
 
 def _check_across(params: Params) -> None:
-    p = params.prepare
-    if p.val_fraction + p.test_fraction > 0.6:
-        raise ParamsError("prepare.val_fraction + prepare.test_fraction: "
-                          f"{p.val_fraction + p.test_fraction:g} leaves too little to train on; "
-                          "valid: a sum of at most 0.6")
-    m = params.model
-    if m.n_embd % m.n_head:
-        raise ParamsError(f"model.n_head: {m.n_head} does not divide model.n_embd {m.n_embd}; "
-                          "valid: a divisor of n_embd")
-    lib = params.library
-    shares = (lib.share_block_diag, lib.share_ternary_lowrank, lib.share_structured_sparse,
-              lib.share_dense_quantized, lib.share_svd)
-    b = params.baseline
-    if b.min_lr > b.lr:
-        raise ParamsError(f"baseline.min_lr: {b.min_lr:g} is above baseline.lr {b.lr:g}; valid: at most lr")
-    if b.micro_batch_size and b.batch_size % b.micro_batch_size:
-        raise ParamsError(f"baseline.micro_batch_size: {b.micro_batch_size} does not divide baseline.batch_size "
-                          f"{b.batch_size}; valid: 0 or a divisor of batch_size")
-    if b.torch_compile in CUDA_GRAPH_MODES and 0 < b.micro_batch_size < b.batch_size:
-        # a CUDA graph replays into the same output buffers: the first micro-batch's gradients would be overwritten
-        raise ParamsError(f"baseline.torch_compile: {b.torch_compile} records CUDA graphs, which gradient "
-                          "accumulation over micro-batches breaks; valid with micro_batch_size: none or default")
-    e = params.evolve
-    if e.elite >= e.population:
-        raise ParamsError(f"evolve.elite: {e.elite} is not below evolve.population {e.population}; "
-                          "valid: fewer elites than genomes")
-    if abs(sum(shares) - 1.0) > 1e-6:
-        raise ParamsError(f"library.share_*: the five shares sum to {sum(shares):g}; valid: a sum of 1")
+    """The rules that span sections (each section checks its own in __post_init__)."""
     g = params.grid
     for control in ("random", "no_surrogate", "fixed_body"):
         orphans = [mode for mode in getattr(g, control) if mode not in g.evolve]
         if orphans:  # a control's budget is matched to the GA run of its mode and seed
             raise ParamsError(f"grid.{control}: {orphans[0]} is not in grid.evolve {list(g.evolve)}; a control "
                               f"is matched to the CLSO search of its mode: add {orphans[0]} to grid.evolve")
-    if params.transfer.clso_mode not in g.evolve:
-        raise ParamsError(f"transfer.clso_mode: {params.transfer.clso_mode} is not in grid.evolve {list(g.evolve)}; "
-                          "valid: a mode the grid runs")
-    f = params.field
-    if f.n_embd % f.n_head:
-        raise ParamsError(f"field.n_head: {f.n_head} does not divide field.n_embd {f.n_embd}; valid: a divisor of n_embd")
-    if f.initial_neurons > f.max_neurons:
-        raise ParamsError(f"field.initial_neurons: {f.initial_neurons} is above field.max_neurons {f.max_neurons}; "
-                          "valid: at most max_neurons")
-    if f.min_lr > f.lr:
-        raise ParamsError(f"field.min_lr: {f.min_lr:g} is above field.lr {f.lr:g}; valid: at most lr")
-    if params.compile.mode not in g.evolve:
-        raise ParamsError(f"compile.mode: {params.compile.mode} is not in grid.evolve {list(g.evolve)}; "
-                          "valid: a mode the grid runs")
+    for key, mode in (("transfer.clso_mode", params.transfer.clso_mode), ("compile.mode", params.compile.mode)):
+        if mode not in g.evolve:
+            raise ParamsError(f"{key}: {mode} is not in grid.evolve {list(g.evolve)}; valid: a mode the grid runs")
 
 
 def parse_params(raw) -> Params:

@@ -38,28 +38,25 @@ def evolution_png(history: list[dict], path: str | Path, title: str, uniform_los
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def frontier_png(baseline_curve: list[dict], runs: list[dict], curves: dict[str, list[dict]], x_key: str,
-                 x_label: str, path: str | Path, title: str, field_curve: list[dict] | None = None) -> None:
-    """Val loss of the baseline (and of the neuron-field LM) against cost, with every variant's search
-    curve (its best fitness loss, on the train batch) and its final val loss as a marker of the same colour."""
+def frontier_png(rows: list[dict], x_key: str, x_label: str, path: str | Path, title: str,
+                 bound_loss: float | None = None) -> None:
+    """One mode's frontier (clso.compare.frontier rows): each contestant's curve against cost and its
+    final val loss as a dot of the same colour; the baseline black, the other contestants one colour each."""
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
-    ax.plot([r[x_key] for r in baseline_curve], [r["val_loss"] for r in baseline_curve], color="black", marker=".",
-            label="AdamW baseline: val loss")
-    if field_curve:
-        ax.plot([r[x_key] for r in field_curve], [r["val_loss"] for r in field_curve], color="grey", marker="s",
-                markersize=3, label="neuron-field LM (document 004): val loss")
-    styles = {"pure": "--", "hybrid": "-"}
-    for i, run in enumerate(runs):
-        colour, curve = f"C{i % 10}", curves[run["variant"]]
-        ax.plot([r[x_key] for r in curve], [r["best_loss"] for r in curve], color=colour, lw=1,
-                ls=styles.get(run["mode"], "-"), label=f"{run['variant']} ({run['label']})")
-        ax.scatter([run[x_key]], [run["val_loss"]], color=colour, zorder=3, edgecolor="black")
-    bounds = [r["frozen_head_bound_val_loss"] for r in runs if "frozen_head_bound_val_loss" in r]
-    if bounds:
-        ax.axhline(max(bounds), color="grey", ls=":", lw=1, label="pure mode: no body gets below (frozen head)")
+    names = list(dict.fromkeys(r["contestant"] for r in rows))
+    others = iter(plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors)
+    for name in names:
+        mine = [r for r in rows if r["contestant"] == name]
+        curve, final = [r for r in mine if r["point"] != "final val"], [r for r in mine if r["point"] == "final val"]
+        colour = "black" if name == "baseline" else next(others)
+        ax.plot([r[x_key] for r in curve], [r["loss"] for r in curve], color=colour, lw=1.2, marker=".", markersize=3,
+                label=f"{name}: {curve[0]['point']}")
+        ax.scatter([r[x_key] for r in final], [r["loss"] for r in final], color=colour, zorder=3, edgecolor="black")
+    if bound_loss is not None:
+        ax.axhline(bound_loss, color="grey", ls=":", lw=1, label="no body gets below (frozen head)")
     ax.set_xlabel(x_label)
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title + "\nlines: best fitness (train batch); dots: final val loss", fontsize=9)
+    ax.set_title(title + "\ndots: final val loss", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     buffer = io.BytesIO()

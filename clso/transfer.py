@@ -261,31 +261,6 @@ def within_tolerance(clso: float, baseline: float) -> bool:
     return clso >= baseline - TOLERANCE * abs(baseline)
 
 
-def statement(r: dict) -> str:
-    """Did CLSO (its option with the better val metric, charged both) transfer within the tolerance
-    of the fine-tuned baseline's test metric, and at what energy; what pretraining and CLSO's body
-    lift over no pretraining; and whether the verdict could tell pretraining apart at all."""
-    c, b, lift, n = r["clso"], r["baseline"], r["lift"], r["splits"]["test"]["examples"]
-    verdicts = r["clso_within_tolerance"]
-    mismatched = (f" (mismatched: CLSO {c['test_mismatched']:.4f}, baseline {b['test_mismatched']:.4f}, "
-                  f"{'within' if verdicts['test_mismatched'] else 'not within'} {TOLERANCE:.0%})"
-                  if "test_mismatched" in verdicts else "")
-    caveat = (" No pretraining, fine-tuned, comes within it too: at this size the task is learned from scratch, so "
-              "this verdict does not test pretraining." if r["no_pretraining_within_tolerance"] else "")
-    partial = r["clso_partial"]
-    if not partial.get("search_accepted", True):
-        caveat += (f" `partial`'s search found no genes better than the pretrained ones and the label prior "
-                   f"(best fitness {partial['best_fitness']:.4f} nats, pretrained {partial['pretrained_fitness']:.4f}, "
-                   f"prior {partial['prior_fitness']:.4f}), so it kept the pretrained genes.")
-    return (f"test {r['metric']} ({n} examples) CLSO {c['test']:.4f} ({c['option']}, the better on val), baseline "
-            f"fine-tuned {b['test']:.4f}{mismatched}, majority class {r['majority_class']['test']:.4f}. CLSO "
-            f"{'transfers' if verdicts['test'] else 'does not transfer'} within {TOLERANCE:.0%} of the baseline, at "
-            f"{r['energy_ratio']:.3g}× its fine-tuning energy ({c['energy_wh']:.4g} Wh {c['method']} for both options "
-            f"against {b['energy_wh']:.4g} Wh {b['method']}). Against no pretraining, pretraining changes the "
-            f"fine-tuned baseline's metric by {lift['pretraining_finetuned']:+.4f} and the baseline probe's by "
-            f"{lift['pretraining_probe']:+.4f}; CLSO's body changes its probe's by {lift['clso_probe']:+.4f}.{caveat}")
-
-
 # --- `partial`: a GA over the genes nearest the head, plus the head ----------------------------
 
 def chosen_genes(genome_length: int, share: float) -> np.ndarray:

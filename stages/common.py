@@ -71,26 +71,6 @@ def run_alone(name: str) -> None:
     app(args=[name, *sys.argv[1:]], prog_name=f"python -m stages.{name}")
 
 
-def read_json(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
-    except ValueError:
-        raise ClsoError(f"{path}: not valid JSON; re-create it with `dvc repro -f`") from None
-
-
-def read_curve(path) -> list[dict]:
-    import pandas as pd  # here, not at the top: every stage imports this module, few read curves
-
-    try:
-        return pd.read_csv(path).astype(object).to_dict("records")  # Python numbers, as JSON wants
-    except FileNotFoundError:
-        raise ClsoError(f"{path}: not found; run `dvc repro` so the earlier stages write it") from None
-    except (ValueError, pd.errors.ParserError) as e:
-        raise ClsoError(f"{path}: not a readable curve ({type(e).__name__}); re-create it with `dvc repro -f`") from None
-
-
 def fingerprint(settings: dict, files, stage_module: str) -> str:
     """What a checkpoint must match to be resumed: the settings (params sections and the like), the
     input files, and the code the stage runs (its import closure, as dvc.yaml's deps list it) — a

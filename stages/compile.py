@@ -1,5 +1,5 @@
-"""Stage `compile`: the evolved CLSO model and the dense baseline as .crystal files in every mode,
-the C runtime built beside them, and what quantization and the runtime cost or gain."""
+"""Stage `compile`: the evolved CLSO model, the dense baseline and the neuron-field LM as .crystal
+files in every mode, the C runtime built beside them, and what quantization and the runtime cost or gain."""
 
 from pathlib import Path
 
@@ -7,7 +7,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from clso.compare import journal_claims, journal_statement
 from clso.context import setup
 from clso.data.tokenizer import load_tokenizer
 from clso.data.tokens import TokenData
@@ -17,6 +16,7 @@ from clso.export.compile import (
     bench_runtime,
     build_runtime,
     check_runtime_logits,
+    journal_claims,
     quantization_reports,
     run_runtime,
     runtime_logits,
@@ -25,16 +25,17 @@ from clso.export.format import MODES
 from clso.export.reader import read_crystal
 from clso.export.reference import CrystalModel
 from clso.export.writer import build_crystal_with_report, crystalline_spec, dense_spec, export_tokenizer, field_spec
+from clso.field.model import FieldLM
 from clso.io import atomic_dir, write_json_atomic
-from clso.model.crystalline import ModelConfig
+from clso.model.baseline import load_baseline
+from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import Library
 from clso.params import load_params
 from clso.progress import progress_bar
-from stages import final_models
+from clso.report import compile_lines
 from stages.common import PARAMS_OPTION, run_alone, stage
-from stages.variants import compiled_variant
+from stages.paths import BUILD, LIBRARY, PREPARED, Contestant, detail, metrics, searched
 
-BUILD = Path("build")
-METRICS = Path("metrics/compile.json")
 REPORT = "report.json"  # inside BUILD: every file's figures, the benchmarks and the samples
 CHECK_TOKENS = 64  # val tokens on which the C runtime's logits are compared with the Python reader's
 # mixed8 must keep the float model's next-token distributions: a mean KL(float ‖ file) of a thousandth of a
@@ -42,37 +43,30 @@ CHECK_TOKENS = 64  # val tokens on which the C runtime's logits are compared wit
 # near-uniform model's argmax flips at any rounding)
 TARGETS = {"mixed8_mean_kl_max": 0.001, "mixed8_ppl_change_max": 0.01, "clso_mixed8_bytes_vs_f32_max": 0.35,
            "runtime_vs_torch_tokens_per_s_min": 3.0}
-# what metrics/compile.json keeps of each model (dvc exp show makes a column of every number)
+# what metrics/detail/compile.json keeps of each model's mixed8 file and runtime benchmark (the rest is in build/)
 SUMMARY = ("bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "mean_kl", "val_ppl", "ppl_change",
            "max_abs_logit_diff")
 BENCH_SUMMARY = ("ratio", "runtime_tokens_per_s", "torch_tokens_per_s")
 
 
-
 @stage("compile", sections=("base", "model", "grid", "compile"))
 def compile_(params: Path = PARAMS_OPTION) -> None:
     """Compile the evolved CLSO model (compile.mode at the first of grid.seeds), the baseline and the
-    neuron-field LM (models/field) to
-    build/*.crystal in every mode (f32, int16, int8, mixed16, mixed8) and build the C runtime build/crystal with compile.cc; score every file
-    against its float PyTorch model on the val split, check the runtime's logits against the Python
-    reader's (the stage fails beyond a tolerance), benchmark GPT-2 generation against PyTorch eager, test the
-    crystal journal's quantization claims on the neuron-field LM; write
-    build/report.json (everything) and metrics/compile.json (the figures compared across runs)."""
+    neuron-field LM (models/field) to build/*.crystal in every mode (f32, int16, int8, mixed16, mixed8)
+    and build the C runtime build/crystal with compile.cc; score every file against its float PyTorch
+    model on the val split, check the runtime's logits against the Python reader's (the stage fails
+    beyond a tolerance), benchmark GPT-2 generation against PyTorch eager, test the crystal journal's
+    quantization claims on the neuron-field LM; write build/report.json (everything),
+    metrics/compile.json (mixed8 KL and size) and metrics/detail/compile.json (the figures compared
+    across runs)."""
     p = load_params(params)
     c = p.compile
     setup(p.base, cpu_only=True)  # the files are scored and run on the CPU, whatever base.device says
-    with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter:
-        data = TokenData.open("data/prepared")
-        tokenizer = export_tokenizer(load_tokenizer("data/prepared/tokenizer.json"))
-        variant = compiled_variant(p)
-        clso_model = final_models.searched_model(p, variant, "cpu")
-        baseline_model = final_models.baseline_model(p, data.vocab_size, "cpu")
-        stored = load_file("models/library/library.safetensors")  # packed as generated; Library holds floats
-        dense_config = ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)
-        field = final_models.field_model("cpu")
-        specs = {"clso": (crystalline_spec(clso_model, stored, clso_model.library.manifest), clso_model),
-                 "baseline": (dense_spec(baseline_model, dense_config), lambda x: baseline_model(input_ids=x).logits),
-                 "field": (field_spec(field), field)}
+    variant = searched("evolve", c.mode, p.grid)
+    with EnergyMeter(**p.base.meter_options("cpu")) as meter:
+        data = TokenData.open(PREPARED)
+        tokenizer = export_tokenizer(load_tokenizer(PREPARED / "tokenizer.json"))
+        specs = _specs(p, data, variant)
         keep = np.unique(np.asarray(data.tokens("train"))) if c.prune_vocab else None
         val = np.asarray(data.tokens("val"))
         val = val[:c.eval_tokens + 1] if c.eval_tokens else val
@@ -88,10 +82,36 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
                 for f in models[name]["modes"].values():
                     f["bytes_vs_dense_f32"] = f["bytes"] / dense_f32
             vocab_rows = int(len(keep)) if keep is not None else data.vocab_size
-            write_json_atomic(out / REPORT, {"variant": variant.name, "prune_vocab": c.prune_vocab, "vocab_rows": vocab_rows,
-                                             "runtime_logit_tolerance": RUNTIME_LOGIT_TOLERANCE, "models": models})
+            write_json_atomic(out / REPORT, {"variant": variant.name, "prune_vocab": c.prune_vocab,
+                                             "vocab_rows": vocab_rows, "runtime_logit_tolerance": RUNTIME_LOGIT_TOLERANCE,
+                                             "models": models})
+    result = {"variant": variant.name, **_figures(models), "cost": meter.reading.as_metrics()}  # charged to no one
+    write_json_atomic(metrics("compile"), {name: {"mixed8_mean_kl": m["modes"]["mixed8"]["mean_kl"],
+                                                  "mixed8_bytes": m["modes"]["mixed8"]["bytes"]}
+                                           for name, m in result["models"].items() if name != "field"})
+    write_json_atomic(detail("compile"), result)
+    for line in compile_lines(result):
+        print(f"compile: {line}")
+
+
+def _specs(p, data: TokenData, variant: Contestant) -> dict:
+    """Each model to compile: what the writer needs of it, and its float logits to score the files against."""
+    library = Library.load(LIBRARY)
+    clso_model = CrystallineGPT2.load(variant.model_dir, library, seed=p.base.seed, device="cpu")
+    dense_config = ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)
+    baseline = load_baseline(Contestant("baseline").model_dir, dense_config, seed=p.base.seed, device="cpu")
+    field = FieldLM.load(Contestant("field").model_dir, "cpu")
+    stored = load_file(str(LIBRARY / "library.safetensors"))  # packed as generated; Library holds floats
+    return {"clso": (crystalline_spec(clso_model, stored, clso_model.library.manifest), clso_model),
+            "baseline": (dense_spec(baseline, dense_config), lambda x: baseline(input_ids=x).logits),
+            "field": (field_spec(field), field)}
+
+
+def _figures(models: dict) -> dict:
+    """What metrics/detail/compile.json keeps: each model's mixed8 file and benchmark, the targets, how
+    the files measure up to them, and the crystal journal's quantization claims on the field LM's files."""
     clso_m8, base_m8 = models["clso"]["modes"]["mixed8"], models["baseline"]["modes"]["mixed8"]
-    checks = {
+    measured = {
         "mixed8_mean_kl": max(clso_m8["mean_kl"], base_m8["mean_kl"]),
         "mixed8_top1_agreement": min(clso_m8["top1_agreement"], base_m8["top1_agreement"]),  # context, not a target
         "mixed8_ppl_change": max(abs(clso_m8["ppl_change"]), abs(base_m8["ppl_change"])),
@@ -100,34 +120,20 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
         "runtime_vs_torch_tokens_per_s": min(m["runtime_bench"]["ratio"] for m in models.values() if "runtime_bench" in m),
     }
     met = {
-        "mixed8_mean_kl": checks["mixed8_mean_kl"] <= TARGETS["mixed8_mean_kl_max"],
-        "mixed8_ppl_change": checks["mixed8_ppl_change"] <= TARGETS["mixed8_ppl_change_max"],
-        "clso_mixed8_bytes_vs_f32": checks["clso_mixed8_bytes_vs_f32"] <= TARGETS["clso_mixed8_bytes_vs_f32_max"],
-        "runtime_vs_torch_tokens_per_s": checks["runtime_vs_torch_tokens_per_s"] >= TARGETS["runtime_vs_torch_tokens_per_s_min"],
+        "mixed8_mean_kl": measured["mixed8_mean_kl"] <= TARGETS["mixed8_mean_kl_max"],
+        "mixed8_ppl_change": measured["mixed8_ppl_change"] <= TARGETS["mixed8_ppl_change_max"],
+        "clso_mixed8_bytes_vs_f32": measured["clso_mixed8_bytes_vs_f32"] <= TARGETS["clso_mixed8_bytes_vs_f32_max"],
+        "runtime_vs_torch_tokens_per_s": measured["runtime_vs_torch_tokens_per_s"]
+        >= TARGETS["runtime_vs_torch_tokens_per_s_min"],
     }
     summary = {name: {"modes": {"mixed8": {k: m["modes"]["mixed8"][k] for k in SUMMARY if k in m["modes"]["mixed8"]}},
-                      **({"runtime_bench": {k: m["runtime_bench"][k] for k in BENCH_SUMMARY}} if "runtime_bench" in m else {})}
+                      **({"runtime_bench": {k: m["runtime_bench"][k] for k in BENCH_SUMMARY}} if "runtime_bench" in m
+                         else {})}
                for name, m in models.items()}
-    summary["field"]["journal"] = journal = journal_claims(models["field"]["modes"], TARGETS["mixed8_mean_kl_max"],
-                                                           TARGETS["mixed8_ppl_change_max"])
+    summary["field"]["journal"] = journal_claims(models["field"]["modes"], TARGETS["mixed8_mean_kl_max"],
+                                                 TARGETS["mixed8_ppl_change_max"])
     summary["clso"]["exactness"] = clso_m8["exactness"]
-    cost = meter.reading.as_metrics()  # the compile stage's own, charged to neither contestant
-    write_json_atomic(METRICS, {"variant": variant.name, "models": summary, "targets": TARGETS, "measured": checks, "met": met, "cost": cost})
-    for name, m in models.items():
-        m8 = m["modes"]["mixed8"]
-        bench = m.get("runtime_bench")
-        print(f"compile: {name} mixed8 {m8['bytes'] / 1e6:.2f} MB ({m8['bytes_vs_f32']:.0%} of f32), top-1 "
-              f"agreement {m8['top1_agreement']:.2%}, mean KL {m8['mean_kl']:.2g} nats, ppl {m8['float_val_ppl']:.1f} → "
-              f"{m8['val_ppl']:.1f}" + (f"; runtime {bench['runtime_tokens_per_s']:.0f} tokens/s = {bench['ratio']:.1f}× "
-                                        "PyTorch" if bench else ""))
-    print(f"compile: the journal's quantization claims on the neuron-field LM: {journal_statement(journal)}")
-    e = clso_m8["exactness"]
-    print(f"compile: clso mixed8 stores {e['exact_layers']} of {e['crystalline_layers']} crystalline layers exactly, "
-          f"{e['float_matrix_values_outside_embeddings']:,} float matrix values outside the embeddings, embeddings "
-          f"{e['embedding_share_of_bytes']:.0%} of the bytes")
-    print(f"compile: targets met: {', '.join(k for k, v in met.items() if v) or 'none'}; "
-          f"missed: {', '.join(k for k, v in met.items() if not v) or 'none'}; "
-          f"{cost['energy_wh']:.4f} Wh ({cost['method']}) in {cost['wall_s']:.0f} s")
+    return {"models": summary, "targets": TARGETS, "measured": measured, "met": met}
 
 
 def _compile_model(name, spec, float_logits, out: Path, runtime: Path, tokenizer, keep, val, p, bar,

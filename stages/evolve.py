@@ -1,106 +1,83 @@
 """Stages `evolve` (the CLSO genetic search with its surrogate) and its controls `random`,
-`no_surrogate` and `fixed_body`: one variant per mode and seed of params.yaml's grid, each
+`no_surrogate` and `fixed_body`: one contestant per mode and seed of params.yaml's grid, each
 resumable after any generation. A control's budget is read from the CLSO run of its mode and seed."""
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import typer
-from safetensors.torch import load_file, save_file
 
 from clso import ClsoError
 from clso.context import resolve_precision, setup
-from clso.data.tokens import split_loss, split_targets
+from clso.data.tokens import final_losses, split_targets
 from clso.energy import EnergyMeter
-from clso.io import atomic_dir, write_csv_atomic, write_json_atomic
+from clso.io import atomic_dir, read_curve, read_json, write_csv_atomic
 from clso.model.bound import frozen_head_bound
 from clso.params import MODES, load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
+from clso.record import Record
 from clso.search.evolve import HISTORY_FIELDS, Budget, Evolution
 from clso.search.problem import build_search
-from clso.search.surrogate import Surrogate, SurrogateConfig
+from clso.search.surrogate import Surrogate
 from clso.search.workers import search_pool
-from stages.common import PARAMS_OPTION, app, fingerprint, read_curve, read_json, stage
-from stages.variants import Variant
+from stages.common import PARAMS_OPTION, app, fingerprint, stage
+from stages.paths import LIBRARY, PREPARED, SURROGATE, Contestant, detail
 
-SURROGATE_DIR = Path("models/surrogate")
-VAL_BATCH = 16
-
-
-def _load_surrogate(device) -> tuple[Surrogate, np.ndarray, np.ndarray]:
-    try:
-        config = json.loads((SURROGATE_DIR / "surrogate.json").read_text())
-        data = json.loads((SURROGATE_DIR / "data.json").read_text())
-        model = Surrogate(SurrogateConfig(**{**config, "gene_buckets": tuple(config["gene_buckets"])}), device=device)
-        model.load_state_dict(load_file(str(SURROGATE_DIR / "surrogate.safetensors")))
-    except FileNotFoundError as e:
-        raise ClsoError(f"{e.filename}: not found; run `dvc repro surrogate` first") from None
-    except Exception as e:
-        raise ClsoError(f"{SURROGATE_DIR}: unreadable surrogate ({type(e).__name__}); "
-                        "re-create it with `dvc repro -f surrogate`") from None
-    return model, np.array(data["genomes"], dtype=np.int64), np.array([float(x) for x in data["losses"]])
+# the stage → the search strategy it runs (clso.search.evolve.STRATEGIES)
+STRATEGY = {"evolve": "ga", "random": "random", "no_surrogate": "no_surrogate", "fixed_body": "fixed_body"}
+CURVE_LOSS = "best fitness (train batch)"
 
 
-def _fingerprint(p, variant: Variant, files, precision: str) -> str:
-    """A checkpoint resumes only under the same params, variant, inputs, the precision `auto` gave, and code."""
+def _fingerprint(p, me: Contestant, files, precision: str) -> str:
+    """A checkpoint resumes only under the same params, contestant, inputs, the precision `auto` gave, and code."""
     evolve = {k: v for k, v in asdict(p.evolve).items() if k not in ("workers", "address")}  # a resume may change them
     return fingerprint({**{k: asdict(getattr(p, k)) for k in ("base", "model", "fitness")}, "evolve": evolve,
-                        "variant": asdict(variant), "precision": precision}, files, "stages.evolve")
+                        "variant": asdict(me), "precision": precision}, files, "stages.evolve")
 
 
-def _budget(variant: Variant, surrogate: dict) -> Budget:
+def _budget(me: Contestant) -> Budget:
     """A control's budget, matched to the CLSO run of its mode and seed and to all CLSO spent on it."""
-    if variant.strategy == "ga":
+    strategy = STRATEGY[me.stage]
+    if strategy == "ga":
         return Budget()
-    clso = variant.clso()
-    if variant.strategy == "random":  # the surrogate's pretraining genomes were true evaluations too
+    clso = me.clso()
+    if strategy == "fixed_body":  # the same generations, so the same Adam phases
+        return Budget(generations=Record.load(clso.record).details["generations"])
+    surrogate = read_json(detail("surrogate"))
+    if strategy == "random":  # the surrogate's pretraining genomes were true evaluations too
         return Budget(evaluations=tuple(surrogate["genomes"] + int(row["true_evaluations"])
                                         for row in read_curve(clso.curve)))
-    metrics = read_json(clso.metrics)
-    if variant.strategy == "no_surrogate":
-        return Budget(flops=metrics["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"])
-    return Budget(generations=metrics["generations"])
+    search = Record.load(clso.record).costs["search"]
+    return Budget(flops=search["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"])
 
 
-def _budget_metrics(budget: Budget) -> dict:
-    """What a control was allowed, for its metrics: the evaluation schedule by its total."""
-    allowed = {k: v for k, v in asdict(budget).items() if v is not None}
-    if budget.evaluations:
-        allowed["evaluations"] = budget.evaluations[-1]
-    return allowed
-
-
-def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -> None:
-    """Run one variant's search from where its checkpoint left it; write its model, metrics, curve and figure."""
-    modes = ("hybrid",) if stage_name == "fixed_body" else MODES
-    if mode not in modes:
-        raise ClsoError(f"--mode {mode}: not valid for {stage_name}; valid: {', '.join(modes)}")
-    p = load_params(params)
-    variant = Variant(stage_name, mode, p.base.seed if seed is None else seed)
-    budget = _budget(variant, read_json("metrics/surrogate.json"))  # before any work: a control needs its CLSO run
-    device = setup(p.base)
-    search = build_search("data/prepared", "models/library", p.model, fitness_batch_size=p.fitness.batch_size,
-                          seed=p.base.seed, device=device, precision=resolve_precision(p.fitness.precision, device))
-    surrogate, pretraining, inputs = None, None, ["data/prepared/meta.json", "models/library/manifest.json"]
-    if variant.strategy == "ga":
-        surrogate, genomes, losses = _load_surrogate(device)
+def _evolution(p, me: Contestant, device) -> tuple[Evolution, Budget]:
+    """The search of `me`, resumed from its checkpoint when one of the same fingerprint is there."""
+    budget = _budget(me)  # before any work: a control needs its CLSO run
+    search = build_search(PREPARED, LIBRARY, p.model, fitness_batch_size=p.fitness.batch_size, seed=p.base.seed,
+                          device=device, precision=resolve_precision(p.fitness.precision, device))
+    surrogate, pretraining, inputs = None, None, [PREPARED / "meta.json", LIBRARY / "manifest.json"]
+    if STRATEGY[me.stage] == "ga":
+        surrogate, genomes, losses = Surrogate.load(SURROGATE, device)
         if surrogate.config.gene_buckets != search.gene_buckets or surrogate.config.library_size != search.library.size:
-            raise ClsoError("models/surrogate was trained for another genome layout; run `dvc repro surrogate`")
-        pretraining, inputs = (genomes, losses), [*inputs, SURROGATE_DIR / "surrogate.safetensors"]
-    meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
-    evolution = Evolution(search, p.evolve, surrogate, pretraining, variant.seed, variant.checkpoints,
-                          _fingerprint(p, variant, inputs, search.precision), meter, strategy=variant.strategy, budget=budget,
-                          mode=variant.mode)
-    resumed_at = len(evolution.run.history)
+            raise ClsoError(f"{SURROGATE} was trained for another genome layout; run `dvc repro surrogate`")
+        pretraining, inputs = (genomes, losses), [*inputs, SURROGATE / "surrogate.safetensors"]
+    evolution = Evolution(search, p.evolve, surrogate, pretraining, me.seed, me.checkpoints,
+                          _fingerprint(p, me, inputs, search.precision), p.base.meter_options(device),
+                          strategy=STRATEGY[me.stage], budget=budget, mode=me.mode)
+    return evolution, budget
+
+
+def _run(p, me: Contestant, evolution: Evolution):
+    """Generations until a stop, with a progress bar, the true evaluations on Ray actors with evolve.workers."""
+    search, resumed_at = evolution.search, len(evolution.run.history)
     pool = None
     try:
-        pool = search_pool(search, p.evolve.workers, p.evolve.address or None, meter)
+        pool = search_pool(search, p.evolve.workers, p.evolve.address or None, evolution.meter_options)
         with progress_bar() as bar:
-            task = bar.add_task(variant.name, total=evolution.generation_limit + 1, completed=resumed_at,
+            task = bar.add_task(me.name, total=evolution.generation_limit + 1, completed=resumed_at,
                                 info="resumed" if resumed_at else "")
 
             def show(run):
@@ -109,59 +86,86 @@ def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -
                            info=f"best {row['best_loss']:.4f}  true {row['true_evaluations']}  "
                                 f"predicted {row['surrogate_predictions']}  {row['energy_wh']:.4f} Wh")
 
-            run = evolution.run_to_end(on_generation=show)
+            return evolution.run_to_end(on_generation=show)
     finally:
         if pool is not None:
             pool.close()
 
+
+def _scores(p, me: Contestant, evolution: Evolution, device) -> tuple[float, float, dict, dict | None]:
+    """The best genome's val and test loss and, in pure mode, the frozen-head bound: charged to no one."""
+    search = evolution.search
     model = search.model
-    model.set_genome(run.ga_state.best_genome)
-    val_tokens = search.data.tokens("val")
-    with EnergyMeter(**meter) as final_meter:  # measuring, not training: charged to neither side
-        val = split_loss(model, val_tokens, p.model.block_size, VAL_BATCH, device)
+    model.set_genome(evolution.run.ga_state.best_genome)
+    with EnergyMeter(**evolution.meter_options) as meter:
+        val, test = final_losses(model, search.data, p.model.block_size, device)
         bound = None
-        if variant.mode == "pure":  # nothing continuous trained: the frozen head limits every body
+        if me.mode == "pure":  # nothing continuous trained: the frozen head limits every body
             gpt = model.gpt2
             bound = frozen_head_bound(gpt.lm_head.weight, gpt.transformer.ln_f.weight, gpt.transformer.ln_f.bias,
-                                      split_targets(val_tokens, p.model.block_size))
-    last, cost = run.history[-1], evolution.cost
+                                      split_targets(search.data.tokens("val"), p.model.block_size))
+    return val, test, meter.reading.as_metrics(), bound
+
+
+def _record(p, me: Contestant, evolution: Evolution, budget: Budget, scores, device) -> Record:
+    run, cost, search = evolution.run, evolution.cost, evolution.search
+    val, test, final_evaluation, bound = scores
+    last, total = run.history[-1], run.true_evaluations + run.surrogate_predictions
+    charged_with = ["library"] + (["surrogate_evaluation", "surrogate_training"] if STRATEGY[me.stage] == "ga" else [])
+    if search.library.manifest["family_counts"].get("svd"):  # its matrices came from the trained baseline
+        charged_with.append("baseline_training")
     # the workers of the last segment; what died and what shard boundaries cost, over all segments
     workers = {"workers": p.evolve.workers, "workers_replaced": cost.workers_replaced,
                "workers_extra_flops": cost.workers_extra_flops} if p.evolve.workers or cost.workers_replaced \
         or cost.workers_extra_flops else {}
-    with atomic_dir(variant.model_dir) as tmp:
-        write_json_atomic(tmp / "best_genome.json", {
-            "genome": run.ga_state.best_genome.tolist(), "fitness_loss": run.ga_state.best_fitness,
-            "library_seed": search.library.seed, "variant": variant.name, "mode": variant.mode,
-            "model": asdict(search.config)})
-        save_file(model.continuous_state(), str(tmp / "continuous.safetensors"), metadata={"clso": "continuous/1"})
-    total = run.true_evaluations + run.surrogate_predictions
-    write_json_atomic(variant.metrics, {
-        "variant": variant.name, "strategy": variant.strategy, "mode": variant.mode, "seed": variant.seed,
-        **({"budget": _budget_metrics(budget)} if variant.strategy != "ga" else {}),
-        "generations": run.ga_state.generation, "adam_phases": evolution.adam_phases, "stopped": run.stopped,
-        "best_fitness_loss": run.ga_state.best_fitness, "val_loss": val, "val_ppl": math.exp(val),
-        "true_evaluations": run.true_evaluations, "surrogate_predictions": run.surrogate_predictions,
-        "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
-        "energy_wh": last["energy_wh"], "method": last["energy_method"], **cost.by_device(), "flops": last["flops"],
-        "wall_s": last["wall_s"], "device": str(device), "precision": search.precision,
-        **workers,
-        # writing checkpoints is metered apart and charged to neither side (the baseline writes none)
-        "checkpoint": {"energy_wh": cost.checkpoint_energy_j / 3600, "method": last["energy_method"],
-                       "wall_s": cost.checkpoint_wall_s},
-        "final_evaluation": final_meter.reading.as_metrics(),
-        **({"frozen_head_bound": {"val_loss": bound["loss"], "val_ppl": bound["ppl"], "solver_gap": bound["solver_gap"],
-                                  "distinct_targets": bound["distinct_targets"]}} if bound else {}),
-    })
-    write_csv_atomic(variant.curve, HISTORY_FIELDS, run.history)
-    evolution_png(run.history, variant.figure, f"{variant.name} ({variant.label}): P={p.evolve.population}, "
-                                               f"M={search.library.size}, {search.genome_length} genes",
+    allowed = {k: v for k, v in asdict(budget).items() if v is not None}
+    if budget.evaluations:  # the schedule by its total
+        allowed["evaluations"] = budget.evaluations[-1]
+    return Record(
+        me.name, me.kind, me.label, val, test,
+        {"search": {"energy_wh": last["energy_wh"], "method": last["energy_method"], **cost.by_device(),
+                    "wall_s": last["wall_s"], "flops": last["flops"], "true_evaluations": run.true_evaluations}},
+        {"loss": CURVE_LOSS, "points": [{"loss": r["best_loss"], "energy_wh": r["energy_wh"], "flops": r["flops"],
+                                         "wall_s": r["wall_s"], "step": r["generation"]} for r in run.history]},
+        tuple(charged_with), me.mode, me.seed,
+        {"strategy": STRATEGY[me.stage], **({"budget": allowed} if allowed else {}),
+         "generations": run.ga_state.generation, "adam_phases": evolution.adam_phases, "stopped": run.stopped,
+         "best_fitness_loss": run.ga_state.best_fitness, "surrogate_predictions": run.surrogate_predictions,
+         "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
+         "device": str(device), "precision": search.precision, **workers,
+         # writing checkpoints is metered apart and charged to neither side (the baseline writes none)
+         "checkpoint": {"energy_wh": cost.checkpoint_energy_j / 3600, "method": last["energy_method"],
+                        "wall_s": cost.checkpoint_wall_s},
+         "final_evaluation": final_evaluation,
+         **({"frozen_head_bound": {"val_loss": bound["loss"], "val_ppl": bound["ppl"], "solver_gap": bound["solver_gap"],
+                                   "distinct_targets": bound["distinct_targets"]}} if bound else {})})
+
+
+def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -> None:
+    """Run one contestant's search from where its checkpoint left it; write its model, record, curve and figure."""
+    modes = ("hybrid",) if stage_name == "fixed_body" else MODES
+    if mode not in modes:
+        raise ClsoError(f"--mode {mode}: not valid for {stage_name}; valid: {', '.join(modes)}")
+    p = load_params(params)
+    me = Contestant(stage_name, mode, p.base.seed if seed is None else seed)
+    device = setup(p.base)
+    evolution, budget = _evolution(p, me, device)
+    run = _run(p, me, evolution)
+    scores = _scores(p, me, evolution, device)
+    search = evolution.search
+    with atomic_dir(me.model_dir) as tmp:
+        search.model.save(tmp, fitness_loss=run.ga_state.best_fitness, name=me.name, mode=me.mode)
+    _record(p, me, evolution, budget, scores, device).save(me.record)
+    write_csv_atomic(me.curve, HISTORY_FIELDS, run.history)
+    evolution_png(run.history, me.figure, f"{me.name} ({me.label}): P={p.evolve.population}, "
+                                          f"M={search.library.size}, {search.genome_length} genes",
                   uniform_loss=math.log(search.config.vocab_size))
-    print(f"{variant.name}: {run.stopped} after generation {run.ga_state.generation}; best fitness "
+    val, bound = scores[0], scores[3]
+    print(f"{me.name}: {run.stopped} after generation {run.ga_state.generation}; best fitness "
           f"{run.ga_state.best_fitness:.4f}, val loss {val:.4f} (ppl {math.exp(val):.1f}); "
           f"{run.true_evaluations} true evaluations, {run.surrogate_predictions} predictions")
     if bound:
-        print(f"{variant.name}: no body can bring the frozen head's val loss below {bound['loss']:.4f} "
+        print(f"{me.name}: no body can bring the frozen head's val loss below {bound['loss']:.4f} "
               f"(ppl {bound['ppl']:.1f})")
 
 
@@ -174,7 +178,7 @@ SECTIONS = ("base", "model", "fitness", "evolve")
 def evolve(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
     """CLSO: the genetic search with its pretrained surrogate. Checkpoints after every generation in
     checkpoints/search/evolve/MODE-SEED (a killed run resumes); writes models/search/evolve/MODE-SEED/,
-    metrics/search/evolve/MODE-SEED.json and plots/search/evolve/MODE-SEED.{csv,png}."""
+    its record metrics/detail/search/evolve/MODE-SEED.json and plots/search/evolve/MODE-SEED.{csv,png}."""
     search_variant("evolve", mode, seed, params)
 
 

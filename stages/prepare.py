@@ -8,27 +8,23 @@ from clso.energy import EnergyMeter
 from clso.io import write_json_atomic
 from clso.params import load_params
 from stages.common import PARAMS_OPTION, run_alone, stage
-
-OUT_DIR = Path("data/prepared")
-METRICS = Path("metrics/prepare.json")
+from stages.paths import PREPARED, detail
 
 
 @stage("prepare", sections=("base", "prepare"))
 def prepare(params: Path = PARAMS_OPTION) -> None:
     """Split the corpus by document, train the tokenizer on the train split only, and write
-    data/prepared/{train,val,test}.bin, tokenizer.json, meta.json and metrics/prepare.json."""
+    data/prepared/{train,val,test}.bin, tokenizer.json, meta.json and metrics/detail/prepare.json."""
     p = load_params(params)
-    cfg = p.prepare
-    with EnergyMeter("cpu", cpu_watts_per_core=p.base.cpu_watts_per_core) as meter:
-        corpus = load_corpus(cfg.corpus, stage_directions=cfg.stage_directions,
-                             decode_errors=cfg.decode_errors)
+    s = p.prepare
+    with EnergyMeter(**p.base.meter_options("cpu")) as meter:
+        corpus = load_corpus(s.corpus, stage_directions=s.stage_directions, decode_errors=s.decode_errors)
         meta = prepare_dataset(
-            corpus, OUT_DIR, corpus_name=cfg.corpus, tokenizer_kind=cfg.tokenizer,
-            vocab_size=cfg.vocab_size, gpt2_dir=cfg.gpt2_tokenizer_dir,
-            val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=p.base.seed,
+            corpus, PREPARED, corpus_name=s.corpus, tokenizer_kind=s.tokenizer, vocab_size=s.vocab_size,
+            gpt2_dir=s.gpt2_tokenizer_dir, val_fraction=s.val_fraction, test_fraction=s.test_fraction, seed=p.base.seed,
         )
     splits = meta["tokens"].keys()
-    write_json_atomic(METRICS, {
+    write_json_atomic(detail("prepare"), {
         "vocab_size": meta["vocab_size"],
         "documents": {s: len(meta["documents"][s]) for s in splits},
         "tokens": meta["tokens"],
@@ -43,7 +39,7 @@ def prepare(params: Path = PARAMS_OPTION) -> None:
             print(f"prepare: {len(names)} file(s) not UTF-8 {what} (prepare.decode_errors: "
                   f"{corpus.decode.errors}): {shown}")
     print(f"prepare: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val / "
-          f"{meta['tokens']['test']:,} test tokens, vocab {meta['vocab_size']} → {OUT_DIR}")
+          f"{meta['tokens']['test']:,} test tokens, vocab {meta['vocab_size']} → {PREPARED}")
 
 
 if __name__ == "__main__":

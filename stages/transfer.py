@@ -16,11 +16,12 @@ from clso.data.tasks import load_task, split_record, split_task, task_metric
 from clso.data.tokens import TokenData
 from clso.energy import EnergyMeter, EnergyReading
 from clso.io import write_csv_atomic, write_json_atomic
-from clso.model.baseline import dense_gpt2
-from clso.model.crystalline import ModelConfig
-from clso.model.library import BUCKETS
+from clso.model.baseline import dense_gpt2, load_baseline
+from clso.model.crystalline import CrystallineGPT2, ModelConfig
+from clso.model.library import BUCKETS, Library
 from clso.params import load_params
 from clso.progress import progress_bar
+from clso.report import transfer_statement
 from clso.transfer import (
     TOLERANCE,
     CachedBody,
@@ -35,15 +36,11 @@ from clso.transfer import (
     partial_search,
     prior_fitness,
     probe_fitness,
-    statement,
     within_tolerance,
 )
 from stages.common import PARAMS_OPTION, run_alone, stage
-from stages.final_models import baseline_model, searched_model
-from stages.variants import Variant
+from stages.paths import LIBRARY, PREPARED, TRANSFER_CURVES, Contestant, detail, metrics, searched
 
-METRICS = Path("metrics/transfer.json")
-PLOT = Path("plots/transfer.csv")
 PLOT_FIELDS = ("task", "side", "step", "loss")
 EVAL_BATCH = 64
 PROBES = ("clso_head", "baseline_head", "no_pretraining", "clso_partial")  # the sides that fit a probe
@@ -63,11 +60,11 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
     t = p.transfer
     tasks = {spec: load_task(spec) for spec in t.tasks}  # every task's problem before any work
     device = setup(p.base)
-    data = TokenData.open("data/prepared")
+    data = TokenData.open(PREPARED)
     tokenizer = data.tokenizer()
     pad = int(data.meta["eot_id"])
-    variant = Variant("evolve", t.clso_mode, p.grid.seeds[0])
-    meter = dict(device=device, cpu_watts_per_core=p.base.cpu_watts_per_core, gpu_watts=p.base.gpu_watts)
+    variant = searched("evolve", t.clso_mode, p.grid)
+    meter = p.base.meter_options(device)
     results, curve = {}, []
     with progress_bar() as bar:
         for spec, task in tasks.items():
@@ -84,7 +81,7 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
             run = dict(task=task, splits=splits, encoded=encoded, labels=torch.tensor(task.labels), p=p, meter=meter,
                        device=device)
             bodies = {"clso_head": lambda: _clso_body(p, variant, device),
-                      "baseline_head": lambda: _dense_body(baseline_model(p, data.vocab_size, device)),
+                      "baseline_head": lambda: _dense_body(_baseline(p, data.vocab_size, device)),
                       "no_pretraining": lambda: _dense_body(_random_gpt2(p, data.vocab_size, device))}
             sides = {}
             for side, body in bodies.items():
@@ -93,15 +90,17 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
                 bar.advance(progress)
             sides["clso_partial"] = _partial_side(variant, **run, log=log)
             bar.advance(progress)
-            for side, gpt2 in (("baseline", lambda: baseline_model(p, data.vocab_size, device)),
+            for side, gpt2 in (("baseline", lambda: _baseline(p, data.vocab_size, device)),
                                ("no_pretraining_finetuned", lambda: _random_gpt2(p, data.vocab_size, device))):
                 sides[side] = _finetuned_side(gpt2(), **run, log=functools.partial(log, side))
             results[spec] = _task_result(task, splits, sides)
-    write_json_atomic(METRICS, {"clso_variant": variant.name, "pooling": t.pooling, "tolerance": TOLERANCE,
-                                "tasks": results})
-    write_csv_atomic(PLOT, PLOT_FIELDS, curve)
+    write_json_atomic(metrics("transfer"), {spec: {f"{side}_{split}": r[side][split] for side in ("clso", "baseline")
+                                                   for split in r["majority_class"]} for spec, r in results.items()})
+    write_json_atomic(detail("transfer"), {"clso_variant": variant.name, "pooling": t.pooling, "tolerance": TOLERANCE,
+                                           "tasks": results})
+    write_csv_atomic(TRANSFER_CURVES, PLOT_FIELDS, curve)
     for spec, r in results.items():
-        print(f"transfer {spec}: {statement(r)}")
+        print(f"transfer {spec}: {transfer_statement(r, TOLERANCE)}")
 
 
 @dataclass(frozen=True)
@@ -117,9 +116,14 @@ class Side:
         return {**self.scores, **self.reading.as_metrics(), "flops": self.flops, **self.extra}
 
 
-def _clso_body(p, variant: Variant, device):
+def _baseline(p, vocab_size: int, device):
+    return load_baseline(Contestant("baseline").model_dir, ModelConfig.from_params(p.model, vocab_size, layer_gains=False),
+                         seed=p.base.seed, device=device)
+
+
+def _clso_body(p, variant: Contestant, device):
     """CLSO's searched model, its hidden states and the FLOPs of its body (of the genome it has now)."""
-    model = searched_model(p, variant, device)
+    model = CrystallineGPT2.load(variant.model_dir, Library.load(LIBRARY), seed=p.base.seed, device=device)
     return (model, lambda ids: model.gpt2.transformer(input_ids=ids, use_cache=False).last_hidden_state,
             lambda T, B: body_flops(model.config.gpt2(), T, B, model.linear_flops(model.genome)))
 
@@ -179,7 +183,7 @@ def _probe_side(model, hidden_fn, flops_fn, *, task, splits, encoded, labels, p,
     return Side(scores, trained.reading, flops, fit.as_metrics())
 
 
-def _partial_side(variant, *, task, splits, encoded, labels, p, meter, device, log) -> Side:
+def _partial_side(variant: Contestant, *, task, splits, encoded, labels, p, meter, device, log) -> Side:
     """A search over the chosen genes, its fitness a probe's two-fold loss on a batch of train
     examples; then a probe on the whole train split, as in `head`, and val scored for the choice.
     The blocks below the first chosen gene never change: CachedBody runs them once on the batch.

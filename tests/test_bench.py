@@ -36,7 +36,7 @@ def test_bench_train_times_each_setting_against_the_reference():
 
 
 def test_bench_cli_prints_json(stage_env):
-    run = subprocess.run([sys.executable, "-m", "stages.cli", "bench", "eval", "--n-embd", "16", "--n-layer", "1",
+    run = subprocess.run([sys.executable, "-m", "cli", "bench", "eval", "--n-embd", "16", "--n-layer", "1",
                           "--n-head", "2", "--population", "4", "--batch-size", "1", "--block-size", "8",
                           "--library-size", "8", "--vocab-size", "32", "--warmup-generations", "1",
                           "--repeats", "1"], env=stage_env, capture_output=True, text=True, timeout=300)
@@ -47,10 +47,10 @@ def test_bench_cli_prints_json(stage_env):
 
 
 def test_bench_train_cli_takes_a_preset_and_rejects_unknown_settings(stage_env):
-    run = subprocess.run([sys.executable, "-m", "stages.cli", "bench", "train", "--preset", "protocol",
+    run = subprocess.run([sys.executable, "-m", "cli", "bench", "train", "--preset", "protocol",
                           "--settings", "fp32-eager,fp16"], env=stage_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "'fp16' is unknown" in run.stderr and "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "stages.cli", "bench", "train", "--preset", "gpt3"],
+    run = subprocess.run([sys.executable, "-m", "cli", "bench", "train", "--preset", "gpt3"],
                          env=stage_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "--preset gpt3: unknown; valid: default, protocol" in run.stderr
 
@@ -58,13 +58,13 @@ def test_bench_train_cli_takes_a_preset_and_rejects_unknown_settings(stage_env):
 def test_bench_eval_rejects_in_process_settings_for_workers(stage_env):
     for args, message in ((["--workers", "-1"], "--workers -1: must be 0"),
                           (["--workers", "2", "--threads", "2"], "with --workers each actor uses one thread")):
-        run = subprocess.run([sys.executable, "-m", "stages.cli", "bench", "eval", *args], env=stage_env,
+        run = subprocess.run([sys.executable, "-m", "cli", "bench", "eval", *args], env=stage_env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
 
 
 def test_presets_keep_the_fitness_batch_apart_from_the_baselines():
-    from stages.bench import _shapes
+    from cli.bench import _shapes
 
     assert (_shapes("default")["eval_batch_size"], _shapes("default")["train_batch_size"]) == (8, 16)
     protocol = _shapes("protocol", n_layer=2)

@@ -4,24 +4,22 @@ refuses a C runtime whose logits disagree with the Python reader's."""
 import contextlib
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import stages.compile as stage
 from clso import ClsoError
 from clso.data.tokens import TokenData
 from clso.export.format import MODES, STORAGE
 from clso.export.fuzz import tiny_field_lm
-from clso.model.baseline import dense_gpt2, state_for_saving
+from clso.model.baseline import dense_gpt2, save_baseline
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
 from clso.model.library import Library
 from clso.params import load_params
+from stages.paths import searched as searched_contestant
 from stages.prepare import prepare
-from stages.variants import compiled_variant
 from tests.conftest import REPO
 
 MIXED8 = {"bytes", "bytes_vs_f32", "bytes_vs_dense_f32", "top1_agreement", "mean_kl", "val_ppl", "ppl_change",
@@ -46,13 +44,12 @@ def workdir(tmp_path_factory):
         library.save("models/library", tensors)
         clso = CrystallineGPT2(config, library, seed=p.base.seed)
         clso.set_genome([0, 2, 1, 3])  # c_attn, c_fc block-diagonal; attn_proj, mlp_proj ternary
-        searched = compiled_variant(p).model_dir
-        searched.mkdir(parents=True)
-        (searched / "best_genome.json").write_text(json.dumps({"genome": clso.genome, "model": asdict(config)}))
-        save_file(clso.continuous_state(), searched / "continuous.safetensors")
+        me = searched_contestant("evolve", p.compile.mode, p.grid)
+        me.model_dir.mkdir(parents=True)
+        clso.save(me.model_dir, fitness_loss=8.0, name=me.name, mode=me.mode)
         baseline = dense_gpt2(ModelConfig.from_params(p.model, vocab, layer_gains=False), p.base.seed, "cpu")
         Path("models/baseline").mkdir(parents=True)
-        save_file(state_for_saving(baseline), "models/baseline/model.safetensors")
+        save_baseline(baseline, "models/baseline")
         _write_field_model(vocab, p.model.block_size)
         stage.compile_.__wrapped__(Path("params.yaml"))
     return folder
@@ -60,15 +57,16 @@ def workdir(tmp_path_factory):
 
 def _write_field_model(vocab: int, block_size: int) -> None:
     """models/field as the field stage leaves it: a neuron-field LM with a few neurons."""
-    field = tiny_field_lm(0, vocab_size=vocab, block_size=block_size)
     Path("models/field").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in field.state_dict().items()}, "models/field/model.safetensors")
-    Path("models/field/config.json").write_text(json.dumps(asdict(field.config)))
+    tiny_field_lm(0, vocab_size=vocab, block_size=block_size).save("models/field")
 
 
 def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdir):
-    metrics = json.loads((workdir / "metrics/compile.json").read_text())
+    summary = json.loads((workdir / "metrics/compile.json").read_text())
+    metrics = json.loads((workdir / "metrics/detail/compile.json").read_text())
     report = json.loads((workdir / "build/report.json").read_text())
+    assert summary == {name: {"mixed8_mean_kl": m["modes"]["mixed8"]["mean_kl"], "mixed8_bytes": m["modes"]["mixed8"]["bytes"]}
+                       for name, m in metrics["models"].items() if name != "field"}
     assert set(metrics) == {"variant", "models", "targets", "measured", "met", "cost"}
     assert metrics["variant"] == report["variant"] == "evolve@hybrid-1337"  # the tiny params' compile.mode, first seed
     assert set(metrics["models"]["baseline"]) == {"modes", "runtime_bench"}
@@ -108,7 +106,7 @@ def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdi
 
 
 def _outputs(folder: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in [*(folder / "metrics").iterdir(), *(folder / "build").iterdir()]}
+    return {p: p.read_bytes() for p in [*(folder / "metrics").rglob("*"), *(folder / "build").iterdir()] if p.is_file()}
 
 
 def test_runtime_logits_off_the_reader_fail_the_stage_and_write_nothing(workdir, monkeypatch):

@@ -112,7 +112,7 @@ def test_prepare_stage_writes_data_and_metrics(text_corpus, tmp_path, stage_env)
     run = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=stage_env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    metrics = json.loads((tmp_path / "metrics/prepare.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/detail/prepare.json").read_text())
     assert metrics["vocab_size"] == 300 and metrics["documents"] == {"train": 10, "val": 1, "test": 1}
     assert metrics["method"] in ("rapl", "estimate") and metrics["energy_wh"] > 0
     assert TokenData.open(tmp_path / "data/prepared").meta["tokens"] == metrics["tokens"]
@@ -133,7 +133,7 @@ def test_prepare_stage_counts_files_that_are_not_utf8(text_corpus, tmp_path, sta
     run = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=stage_env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    metrics = json.loads((tmp_path / "metrics/prepare.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/detail/prepare.json").read_text())
     assert metrics["decode"] == {"errors": mode, **counts}
     assert sum(metrics["documents"].values()) == documents
     assert f"(prepare.decode_errors: {mode}): latin1.txt" in run.stdout

@@ -18,8 +18,8 @@ from clso.export.fuzz import tiny_field_lm, tiny_models, tiny_tokenizers
 from clso.export.reader import read_crystal
 from clso.export.reference import CrystalModel
 from clso.export.writer import build_crystal, field_spec
-from clso.field.model import NeuronField, field_op, forward_flops
-from clso.field.train import FieldSchedule, NeuronAdam, ages, field_config, give_birth, hard_freeze, train_field
+from clso.field.model import FieldConfig, NeuronField, field_op, forward_flops
+from clso.field.train import FieldSchedule, NeuronAdam, ages, give_birth, hard_freeze, train_field
 from clso.params import FieldParams, defaults
 
 
@@ -144,7 +144,7 @@ def _cfg(**changes) -> FieldParams:
 
 
 def _train(data, cfg, seed=0):
-    return train_field(data, field_config(cfg, data.vocab_size, 16), cfg, seed=seed, device="cpu",
+    return train_field(data, cfg, block_size=16, seed=seed, device="cpu",
                        meter_options={"device": "cpu"})
 
 
@@ -240,7 +240,7 @@ def test_the_flat_field_has_no_attention_and_costs_its_flops(prepared):
     result = _train(prepared, cfg)
     names = [n for n, _ in result.model.named_parameters()]
     assert not [n for n in names if ".attn." in n or ".ln_1." in n] and "blocks.0.field.positions" in names
-    config = field_config(cfg, prepared.vocab_size, 16)
+    config = FieldConfig.from_params(cfg, prepared.vocab_size, 16)
     with_attention = replace(config, attention=True)
     d = cfg.n_embd
     assert forward_flops(with_attention, [5], 16) - forward_flops(config, [5], 16) == 16 * (8 * d * d + 4 * 16 * d)
@@ -256,7 +256,6 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_results(prepared, 
     from clso.field.checkpoint import FieldCheckpoint
 
     cfg = _cfg(freeze="hard", hard_age=3, hard_stability=0.5, stability_window=2)
-    config = field_config(cfg, prepared.vocab_size, 16)
     whole = _train(prepared, cfg)
 
     def kill_at(step):
@@ -267,10 +266,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_results(prepared, 
 
     checkpoint = FieldCheckpoint(tmp_path / "ckpt", "fingerprint")
     with pytest.raises(_Killed):  # saved before step 4 and before step 8, killed at 7: resumes at 4
-        train_field(prepared, config, cfg, seed=0, device="cpu", meter_options={"device": "cpu"},
+        train_field(prepared, cfg, block_size=16, seed=0, device="cpu", meter_options={"device": "cpu"},
                     checkpoint=checkpoint, on_step=kill_at(7))
     assert checkpoint.load()[0]["step"] == 4
-    resumed = train_field(prepared, config, cfg, seed=0, device="cpu", meter_options={"device": "cpu"},
+    resumed = train_field(prepared, cfg, block_size=16, seed=0, device="cpu", meter_options={"device": "cpu"},
                           checkpoint=checkpoint)
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -40,7 +40,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo, stage_env):
     for stage in stages:
         assert f"Running stage '{stage}'" in out
     assert (repo / "data/prepared/train.bin").stat().st_size > 0
-    metrics = json.loads((repo / "metrics/prepare.json").read_text())
+    metrics = json.loads((repo / "metrics/detail/prepare.json").read_text())
     assert metrics["vocab_size"] == 512 and metrics["documents"] == {"train": 30, "val": 4, "test": 4}
 
     again = sh(["dvc", "repro"], repo, env)
@@ -51,7 +51,7 @@ def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(
     files = sorted(p.name for p in (repo / "build").glob("*.crystal"))
     assert files == sorted(f"{m}-{mode}.crystal" for m in ("clso", "baseline", "field")
                            for mode in ("f32", "int16", "int8", "mixed16", "mixed8"))
-    metrics = json.loads((repo / "metrics/compile.json").read_text())
+    metrics = json.loads((repo / "metrics/detail/compile.json").read_text())
     details = json.loads((repo / "build/report.json").read_text())
     for model in ("clso", "baseline"):
         for mode, f in details["models"][model]["modes"].items():
@@ -60,10 +60,11 @@ def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(
         assert metrics["models"][model]["modes"]["mixed8"]["bytes"] == details["models"][model]["modes"]["mixed8"]["bytes"]
         assert metrics["models"][model]["runtime_bench"]["runtime_tokens_per_s"] > 0
     assert set(metrics["met"]) < set(metrics["measured"])  # plus bytes against the dense f32 file, for context
-    exact = metrics["models"]["clso"]["exactness"]
-    readme = (repo / "README.md").read_text()
-    assert "Compiled to `.crystal`" in readme
-    assert f"{exact['exact_layers']} of its {exact['crystalline_layers']} crystalline layers" in readme
+    from clso.report import fmt
+
+    report = (repo / "metrics/report.md").read_text()
+    assert "## Compiled to `.crystal`" in report
+    assert f"| clso | {fmt(metrics['models']['clso']['modes']['mixed8']['bytes'])} |" in report
     # the README's generation command
     run = subprocess.run(["build/crystal", "generate", "build/baseline-mixed8.crystal", "-p", "ROMEO:", "-n", "20",
                           "-s", "1"], cwd=repo, env=stage_env, capture_output=True, timeout=60)
@@ -75,7 +76,7 @@ def test_exp_run_with_a_new_vocab_reruns_prepare_and_its_dependants_only(repo, s
     out = sh(["dvc", "exp", "run", "-S", "prepare.vocab_size=300"], repo, stage_env)
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
     assert ran[0] == "Running stage 'prepare':"
-    assert json.loads((repo / "metrics/prepare.json").read_text())["vocab_size"] == 300
+    assert json.loads((repo / "metrics/detail/prepare.json").read_text())["vocab_size"] == 300
     rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo, stage_env))))
     assert {r["prepare.vocab_size"] for r in rows} >= {"300", "512"}  # the experiment and its baseline
 
@@ -95,8 +96,8 @@ def test_exp_run_on_the_search_shows_in_exp_show_and_metrics_diff(repo, stage_en
     rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo, stage_env))))
     assert "6" in {r["evolve.population"] for r in rows}
     diff = json.loads(sh(["dvc", "metrics", "diff", "--json"], repo, stage_env))
-    assert {f"metrics/search/{v.replace('@', '/')}.json" for v in VARIANTS} | {"metrics/compare.json"} <= set(diff)
-    assert_verdict_follows_the_metrics(repo)
+    assert {f"contestants.{v}.val_ppl" for v in VARIANTS} <= set(diff["metrics/compare.json"])
+    assert_verdict_follows_the_records(repo)
 
 
 def test_exp_run_with_another_seed_runs_only_the_new_variants_and_compare(repo, stage_env):
@@ -104,78 +105,106 @@ def test_exp_run_with_another_seed_runs_only_the_new_variants_and_compare(repo, 
     new = [v.replace("-1337", "-7") for v in VARIANTS]
     # compile and transfer keep the first seed's CLSO
     assert sorted(ran_stages(out)) == sorted([*new, "compare"]), ran_stages(out)
-    compare = json.loads((repo / "metrics/compare.json").read_text())
-    assert set(compare["variants"]) == {*VARIANTS, *new}
+    compare = json.loads((repo / "metrics/detail/compare.json").read_text())
+    assert set(compare["contestants"]) == {"baseline", "field", *VARIANTS, *new}
     spread = compare["over_seeds"]["evolve@hybrid"]
-    losses = [json.loads((repo / f"metrics/search/evolve/hybrid-{s}.json").read_text())["val_loss"] for s in (1337, 7)]
+    losses = [json.loads((repo / f"metrics/detail/search/evolve/hybrid-{s}.json").read_text())["val_loss"]
+              for s in (1337, 7)]
     assert spread["seeds"] == 2 and spread["val_loss"] == pytest.approx(sum(losses) / 2)
     assert spread["val_loss_spread"] == pytest.approx(abs(losses[0] - losses[1]) / 2 ** 0.5)
     assert compare["contrasts"]["ga_vs_random"]["hybrid"]["seeds"] == 2
-    assert "Mean ± spread" in (repo / "README.md").read_text()
-    assert_verdict_follows_the_metrics(repo)
+    assert "Mean ± spread" in (repo / "metrics/report.md").read_text()
+    assert_verdict_follows_the_records(repo)
 
 
-def assert_verdict_follows_the_metrics(repo):
-    """The verdict and every variant's charges are recomputed here from the stages' own metrics
-    files, not taken from compare: each control is charged like CLSO, and spent CLSO's budget."""
+def assert_verdict_follows_the_records(repo):
+    """The verdict and every contestant's charges are recomputed here from the stages' own records and
+    detail files, not taken from compare: each control is charged like CLSO, and spent CLSO's budget."""
     from clso.compare import ENERGY_SHARE, PPL_TOLERANCE
 
-    m = {name: json.loads((repo / f"metrics/{name}.json").read_text())
-         for name in ("library", "surrogate", "baseline", "compare")}
-    compare, surrogate = m["compare"], m["surrogate"]
-    searches = {name: json.loads((repo / f"metrics/search/{name.replace('@', '/')}.json").read_text())
-                for name in compare["variants"]}
+    detail = {name: json.loads((repo / f"metrics/detail/{name}.json").read_text())
+              for name in ("library", "surrogate", "baseline", "compare")}
+    compare, surrogate, summary = detail["compare"], detail["surrogate"], json.loads((repo / "metrics/compare.json").read_text())
+    searches = {name: json.loads((repo / f"metrics/detail/search/{name.replace('@', '/')}.json").read_text())
+                for name in compare["contestants"] if "@" in name}
+    baseline = detail["baseline"]
     for name, search in searches.items():
-        is_clso = name.startswith("evolve@")
-        charged = m["library"]["energy_wh"] + search["energy_wh"] + is_clso * (
+        is_clso, own = name.startswith("evolve@"), search["costs"]["search"]
+        charged = detail["library"]["generation"]["energy_wh"] + own["energy_wh"] + is_clso * (
             surrogate["evaluation"]["energy_wh"] + surrogate["training"]["energy_wh"])
-        flops = search["flops"] + is_clso * (surrogate["evaluation"]["flops"] + surrogate["training"]["flops"])
-        row = compare["variants"][name]
+        flops = own["flops"] + is_clso * (surrogate["evaluation"]["flops"] + surrogate["training"]["flops"])
+        row = compare["contestants"][name]
         assert row["energy_wh"] == pytest.approx(charged, rel=1e-9) and row["flops"] == flops, name
-        assert row["true_evaluations"] == search["true_evaluations"] + is_clso * surrogate["genomes"], name
-        assert row["ppl_ratio"] == pytest.approx(search["val_ppl"] / m["baseline"]["final_val_ppl"], abs=1e-4)
-        clso_run = compare["variants"][f"evolve@{name.split('@')[1]}"]
+        assert row["true_evaluations"] == own["true_evaluations"] + is_clso * surrogate["genomes"], name
+        assert summary["contestants"][name] == {k: row[k] for k in ("val_ppl", "test_ppl", "energy_wh", "method", "flops")}
+        ratio = compare["against_baseline"][name]["val_ppl"]
+        assert ratio == pytest.approx(search["val_ppl"] / baseline["val_ppl"], abs=1e-4)
+        clso_run = compare["contestants"][f"evolve@{name.split('@')[1]}"]
         if name.startswith("random@"):  # as many true evaluations as CLSO, pretraining included
             assert row["true_evaluations"] == clso_run["true_evaluations"], name
         if name.startswith("no_surrogate@"):  # CLSO's FLOPs spent (the last generation may cross them)
-            assert search["stopped"] == "FLOP budget spent" and row["flops"] >= clso_run["flops"], name
+            assert search["details"]["stopped"] == "FLOP budget spent" and row["flops"] >= clso_run["flops"], name
         if name.startswith("fixed_body@"):  # the same generations, so the same Adam phases
-            clso_search = searches[f"evolve@{name.split('@')[1]}"]
-            assert (search["generations"], search["adam_phases"]) == (clso_search["generations"], clso_search["adam_phases"])
-            assert search["adam_phases"] == search["generations"] // 2  # the tiny params' hybrid_every
+            mine, clso_search = search["details"], searches[f"evolve@{name.split('@')[1]}"]["details"]
+            assert (mine["generations"], mine["adam_phases"]) == (clso_search["generations"], clso_search["adam_phases"])
+            assert mine["adam_phases"] == mine["generations"] // 2  # the tiny params' hybrid_every
     # the headline: CLSO's mode of lowest mean val loss over seeds, at the first seed (1337)
     modes = {n.split("@")[1].split("-")[0] for n in searches if n.startswith("evolve@")}
     mean = {mode: [searches[n]["val_loss"] for n in searches if n.startswith(f"evolve@{mode}-")] for mode in modes}
     best = f"evolve@{min(modes, key=lambda mode: sum(mean[mode]) / len(mean[mode]))}-1337"
-    row = compare["variants"][best]
-    holds = row["ppl_ratio"] <= 1 + PPL_TOLERANCE and row["energy_ratio"] <= ENERGY_SHARE
-    v = compare["verdict"]
-    assert compare["clso"]["variant"] == best and v["holds"] == holds
-    assert v["ppl_ratio"] == row["ppl_ratio"] and v["energy_ratio"] == pytest.approx(
-        row["energy_wh"] / m["baseline"]["energy_wh"], abs=1e-4)
+    row = compare["contestants"][best]
+    ppl_ratio, energy_ratio = row["val_ppl"] / baseline["val_ppl"], row["energy_wh"] / compare["contestants"]["baseline"]["energy_wh"]
+    holds = ppl_ratio <= 1 + PPL_TOLERANCE and energy_ratio <= ENERGY_SHARE
+    v = summary["verdict"]
+    assert v["contestant"] == best and v["holds"] == holds
+    assert v["ppl_ratio"] == pytest.approx(ppl_ratio, abs=1e-4) and v["energy_ratio"] == pytest.approx(energy_ratio, abs=1e-4)
     report = (repo / "metrics/report.md").read_text()
-    assert f"`{best}`: **{'HOLDS' if holds else 'DOES NOT HOLD'}: CLSO's val perplexity is {v['ppl_ratio']:.3f}×" in report
-    for name in searches:
+    assert report.split("## Verdict", 1)[1].lstrip().startswith(
+        f"**The hypothesis {'holds' if holds else 'does not hold'}** for CLSO's best mode, `{best}`")
+    for name in compare["contestants"]:
         assert f"| `{name}` |" in report
 
 
-def test_dvc_plots_draw_every_variant_fully_charged(repo, stage_env):
-    """The frontier `dvc plots show` draws: each variant's curve ends at the cost compare charges it,
-    not at its search's, and its final val point is its val loss there."""
+def test_dvc_plots_draw_every_contestant_fully_charged(repo, stage_env):
+    """The frontier `dvc plots show` draws: each contestant's curve ends at the cost compare charges it,
+    not at its own stage's, and its final val point is its val loss there; a mode the grid does not run
+    still has its plot, with the baseline and the field LM alone."""
     import yaml
 
-    compare = json.loads((repo / "metrics/compare.json").read_text())
+    compare = json.loads((repo / "metrics/detail/compare.json").read_text())
     declared = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
-    frontier = list(csv.DictReader(io.StringIO((repo / "plots/compare_frontier.csv").read_text())))
     for plot in declared:
         (name, spec), = plot.items()
-        assert list(spec["y"]) == ["plots/compare_frontier.csv"] and (repo / spec["template"]).is_file()
+        (csv_path,) = spec["y"]
+        assert (repo / spec["template"]).is_file()
+        frontier = list(csv.DictReader(io.StringIO((repo / csv_path).read_text())))
         x = spec["x"]
-        for variant, row in compare["variants"].items():
-            curve = [r for r in frontier if r["series"] == f"{variant} (best fitness, train batch)"]
-            final, = [r for r in frontier if r["series"] == f"{variant} (final val)"]
-            assert float(curve[-1][x]) == pytest.approx(row[x], rel=1e-6) == float(final[x]), (name, variant)
+        mode = csv_path.split("/")[-1].removesuffix(".csv")
+        shown = {r["contestant"] for r in frontier}
+        assert shown == {n for n, r in compare["contestants"].items() if r["mode"] in (None, mode)}, (name, shown)
+        for contestant in shown:
+            row = compare["contestants"][contestant]
+            curve = [r for r in frontier if r["contestant"] == contestant and r["point"] != "final val"]
+            final, = [r for r in frontier if r["contestant"] == contestant and r["point"] == "final val"]
+            assert float(curve[-1][x]) == pytest.approx(row[x], rel=1e-6) == float(final[x]), (name, contestant)
             assert float(final["loss"]) == pytest.approx(math.log(row["val_ppl"]), rel=1e-9)
-        assert sum(r["variant"] == "baseline" for r in frontier) > 1
     show = json.loads(sh(["dvc", "plots", "show", "--json"], repo, stage_env))
-    assert not show.get("errors") and {"loss_vs_energy", "loss_vs_flops"} <= set(show["data"])
+    assert not show.get("errors")
+    assert {"pure_loss_vs_energy", "pure_loss_vs_flops", "hybrid_loss_vs_energy", "hybrid_loss_vs_flops"} <= set(show["data"])
+
+
+def test_compare_writes_only_what_it_declares(repo, stage_env):
+    """Run in a scratch copy, `compare` changes its declared outputs and no other file (README.md included)."""
+    import yaml
+
+    def snapshot():
+        return {p.relative_to(repo).as_posix(): p.read_bytes() for p in repo.rglob("*")
+                if p.is_file() and not {".git", ".dvc"} & set(p.relative_to(repo).parts)}
+
+    before = snapshot()
+    stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["compare"]
+    declared = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])]
+    sh([str(BIN / "python"), "-m", "stages.compare"], repo, stage_env)
+    after = snapshot()
+    changed = {f for f in before.keys() | after.keys() if before.get(f) != after.get(f)}
+    assert changed and all(any(f == d or f.startswith(d + "/") for d in declared) for f in changed), changed

@@ -1,6 +1,7 @@
 """Who reads which split: every stage of dvc.yaml runs in-process, in pipeline order, on tiny
 params in a scratch copy of the repository, while two independent observers record the splits it
-touches. Only `compare` may read the test split; the search must not see val or test.
+touches. The test split is read once per contestant, in its final scores (clso.data.tokens.final_losses),
+after training and selection; the search must not see val or test.
 
 Observers:
   * `TokenData.tokens(split)`, wrapped: the front door every stage uses today;
@@ -183,7 +184,7 @@ def scratch_repo(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratch_repo, monkeypatch):
+def test_test_is_read_only_in_the_final_scores_and_the_search_sees_only_train(scratch_repo, monkeypatch):
     from clso.data.tokens import TokenData
     from clso.search.evolve import Evolution
 
@@ -218,6 +219,10 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
     for method in ("__init__", "run_to_end"):
         assert hasattr(Evolution, method), f"clso.search.evolve.Evolution.{method} is gone: update this test"
         monkeypatch.setattr(Evolution, method, phase("search", getattr(Evolution, method)))
+    # a contestant's final scores, the one place the test split may be read
+    for module in ("stages.baseline", "stages.field", "stages.evolve"):
+        stage_module = importlib.import_module(module)
+        monkeypatch.setattr(stage_module, "final_losses", phase("final", stage_module.final_losses))
 
     _install_hook()
     _ACTIVE.append(rec)
@@ -242,8 +247,11 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
         assert rec.splits(name, via="TokenData.tokens") <= rec.splits(name, via="open"), name
     assert any(rec.splits(n, via="open") for n in order), "the audit hook saw no split being read"
 
-    assert {n for n, r in reads.items() if "test" in r} == {"compare"}, \
-        f"only compare may read the test split; reads: {reads}"
+    contestants = {"baseline", "field", *searches}
+    assert {n for n, r in reads.items() if "test" in r} == contestants, f"who reads the test split: {reads}"
+    for name in contestants:  # and only in its final scores
+        assert {sp for st, ph, sp, k, v in rec.events if st == name and k == "read" and ph != "final"} <= {"train", "val"}
+    assert reads["compare"] == set(), "compare reads the records, never a split"
     assert rec.splits("prepare", "write") == {"train", "val", "test"} and reads["prepare"] == set(), \
         "prepare writes every split and reads none"
     writers = {n for n in order if rec.splits(n, "write")}
@@ -260,18 +268,20 @@ def test_only_compare_reads_the_test_split_and_the_search_sees_only_train(scratc
 
     from clso.compare import PPL_TOLERANCE
 
-    compare = json.loads((scratch_repo / "metrics/compare.json").read_text())
-    evolve = json.loads((scratch_repo / "metrics/search/evolve/pure-1337.json").read_text())
-    bound = evolve["frozen_head_bound"]
+    compare = json.loads((scratch_repo / "metrics/detail/compare.json").read_text())
+    evolve = json.loads((scratch_repo / "metrics/detail/search/evolve/pure-1337.json").read_text())
+    bound = evolve["details"]["frozen_head_bound"]
     for name in (n for n in searches if "@pure-" in n):
-        run = json.loads((scratch_repo / f"metrics/search/{name.replace('@', '/')}.json").read_text())
-        assert run["frozen_head_bound"] == bound and run["val_loss"] >= bound["val_loss"], name
+        run = json.loads((scratch_repo / f"metrics/detail/search/{name.replace('@', '/')}.json").read_text())
+        assert run["details"]["frozen_head_bound"] == bound and run["val_loss"] >= bound["val_loss"], name
     assert 0 <= bound["solver_gap"] < 1e-3
     assert compare["frozen_head_bound_val_ppl"] == bound["val_ppl"]
-    v, pure = compare["verdict"], compare["clso"]["mode"] == "pure"  # the headline: whichever mode did better
+    headline = compare["contestants"][compare["headline"]["clso"]]
+    v, pure = compare["headline"]["verdict"], headline["mode"] == "pure"  # the headline: whichever mode did better
     assert v["bound_ppl"] == (bound["val_ppl"] if pure else None)
-    assert v["decided_by_frozen_head_bound"] == (pure and bound["val_ppl"] / compare["baseline"]["val_ppl"] > 1 + PPL_TOLERANCE)
+    baseline_ppl = compare["contestants"]["baseline"]["val_ppl"]
+    assert v["decided_by_frozen_head_bound"] == (pure and bound["val_ppl"] / baseline_ppl > 1 + PPL_TOLERANCE)
     # the stages after the search meter themselves too, charged to neither side
-    compile_ = json.loads((scratch_repo / "metrics/compile.json").read_text())
-    for cost in (compare["cost"], compile_["cost"], evolve["final_evaluation"], evolve["checkpoint"]):
+    compile_ = json.loads((scratch_repo / "metrics/detail/compile.json").read_text())
+    for cost in (compare["cost"], compile_["cost"], evolve["details"]["final_evaluation"], evolve["details"]["checkpoint"]):
         assert cost["energy_wh"] > 0 and cost["method"] in {"estimate", "rapl"}

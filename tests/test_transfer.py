@@ -7,24 +7,22 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from safetensors.torch import save_file
 
 from clso.data.tasks import load_task, split_task
 from clso.data.tokens import TokenData
-from clso.model.baseline import dense_gpt2, state_for_saving
+from clso.model.baseline import dense_gpt2, save_baseline
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
 from clso.model.library import Library
 from clso.params import load_params
 from clso.transfer import chosen_genes, partial_search
+from stages.paths import searched
 from stages.prepare import prepare
 from stages.transfer import transfer
-from stages.variants import Variant
 from tests.conftest import REPO
 
 WORDS = "the a film movie story actor scene plot long short old new".split()
@@ -63,19 +61,18 @@ def workdir(tmp_path_factory):
         library.save("models/library", tensors)
         clso = CrystallineGPT2(config, library, seed=p.base.seed)
         clso.set_genome([1, 2, 3, 0])
-        searched = Variant("evolve", p.transfer.clso_mode, p.grid.seeds[0]).model_dir
-        searched.mkdir(parents=True)
-        (searched / "best_genome.json").write_text(json.dumps({"genome": clso.genome, "model": asdict(config)}))
-        save_file(clso.continuous_state(), searched / "continuous.safetensors")
+        me = searched("evolve", p.transfer.clso_mode, p.grid)
+        me.model_dir.mkdir(parents=True)
+        clso.save(me.model_dir, fitness_loss=8.0, name=me.name, mode=me.mode)
         Path("models/baseline").mkdir(parents=True)
-        save_file(state_for_saving(dense_gpt2(ModelConfig.from_params(p.model, vocab, layer_gains=False),
-                                              p.base.seed, "cpu")), "models/baseline/model.safetensors")
+        save_baseline(dense_gpt2(ModelConfig.from_params(p.model, vocab, layer_gains=False), p.base.seed, "cpu"),
+                      "models/baseline")
         transfer.__wrapped__(Path("params.yaml"))
     return folder
 
 
 def read(folder: Path):
-    metrics = json.loads((folder / "metrics/transfer.json").read_text())
+    metrics = json.loads((folder / "metrics/detail/transfer.json").read_text())
     with open(folder / "plots/transfer.csv") as f:
         return metrics, list(csv.DictReader(f))
 
@@ -239,8 +236,7 @@ def test_the_verdict_takes_the_option_better_on_val_even_when_test_disagrees():
 
 
 def test_statement_and_table_for_mnli_and_a_matthews_correlation():
-    from clso.transfer import statement
-    from stages.compare import transfer_table
+    from clso.report import partial_statement, transfer_section, transfer_statement
 
     side = lambda test, mm, **extra: {"train": 0.9, "val": 0.5, "test": test, "test_mismatched": mm,  # noqa: E731
                                       "energy_wh": 0.1, "method": "estimate", "flops": 1e9, **extra}
@@ -251,21 +247,20 @@ def test_statement_and_table_for_mnli_and_a_matthews_correlation():
          "no_pretraining_finetuned": side(0.6, 0.6), "clso_within_tolerance": {"test": False, "test_mismatched": False},
          "no_pretraining_within_tolerance": False,
          "lift": {"pretraining_finetuned": 0.2, "pretraining_probe": 0.2, "clso_probe": 0.0}, "energy_ratio": 1.0}
-    text = statement(r)
-    assert "(mismatched: CLSO 0.4100, baseline 0.8100, not within 5%)" in text and "(9815 examples)" in text
-    assert "does not transfer within 5% of the baseline" in text and "does not test pretraining" not in text
-    assert "is noise" not in text
+    text = transfer_statement(r, 0.05)
+    assert "(mismatched: 0.4100 against 0.8100, not within): not within the tolerance (5%)" in text
+    assert "does not test pretraining" not in text and partial_statement(r) is None
     noisy = {**r, "clso_partial": side(0.4, 0.41, best_fitness=0.70, pretrained_fitness=0.71, prior_fitness=0.69,
                                        search_accepted=False)}
-    assert ("found no genes better than the pretrained ones and the label prior (best fitness 0.7000 nats, "
-            "pretrained 0.7100, prior 0.6900), so it kept the pretrained genes") in statement(noisy)
-    lines = transfer_table({"clso_variant": "evolve@hybrid-1", "tasks": {"glue/mnli": r}})
-    assert "| `glue/mnli` (accuracy) | CLSO, charged both options (partial) | 0.9000 | 0.5000 | 0.4000, 0.4100 |" in \
-        "\n".join(lines)
-    assert "| `glue/mnli` (accuracy) | majority class of train | | | 0.3500, 0.3600 | | |" in lines
+    assert partial_statement(noisy) == ("`partial` kept the pretrained genes: its search's best fitness (0.7000 nats) "
+                                        "beat neither the pretrained genes' (0.7100) nor the label prior's (0.6900).")
+    lines = "\n".join(transfer_section({"clso_variant": "evolve@hybrid-1", "tolerance": 0.05, "tasks": {"glue/mnli": noisy}}))
+    assert "| `glue/mnli` | CLSO, charged both options (partial) | 0.9 | 0.5 | 0.4000, 0.4100 |" in lines
+    assert "| `glue/mnli` | majority class of train | — | — | 0.3500, 0.3600 | — | — |" in lines
+    assert "(accuracy, 9815 test examples)" in lines and "`partial` kept the pretrained genes" in lines
     r_cola = {**r, "metric": "matthews", "majority_class": {"test": 0.0}, "clso_within_tolerance": {"test": True},
               "no_pretraining_within_tolerance": True}
-    assert "test matthews" in statement(r_cola) and "does not test pretraining" in statement(r_cola)
+    assert "does not test pretraining" in transfer_statement(r_cola, 0.05)
 
 
 def test_a_pair_is_encoded_as_first_separator_second():
@@ -288,13 +283,13 @@ def test_a_bad_task_file_stops_the_stage_with_one_line_and_exit_2(workdir, tmp_p
     params = yaml.safe_load((folder / "params.yaml").read_text())
     params["transfer"]["tasks"] = [f"file:{folder / 'task.tsv'}"]
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    before = (folder / "metrics/transfer.json").read_bytes()
+    before = {p: p.read_bytes() for p in (folder / "metrics").rglob("*.json")}
     run = subprocess.run([sys.executable, "-m", "stages.transfer"], cwd=folder, env=stage_env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [f"clso transfer: error: {folder / 'task.tsv'}:3: empty text for label 'neg'; "
                                                "give every example its text"]
-    assert (folder / "metrics/transfer.json").read_bytes() == before
+    assert {p: p.read_bytes() for p in (folder / "metrics").rglob("*.json")} == before
 
 
 def test_a_pair_keeps_its_second_text_and_cuts_the_first():

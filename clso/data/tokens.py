@@ -186,3 +186,14 @@ def split_loss(logits_fn, tokens: np.ndarray, block_size: int, batch_size: int, 
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch.y.flatten(), reduction="sum"))
         count += batch.y.numel()
     return total / count
+
+
+FINAL_BATCH = 16  # sequences per forward pass of the final scores: a contestant's record, every stage alike
+
+
+def final_losses(logits_fn, data: TokenData, block_size: int, device="cpu") -> tuple[float, float]:
+    """A finished model's loss on the whole val split and on the whole test split. Called once training
+    and selection are done: this is the only read of the test split, and nothing after it trains or
+    selects (tests/test_splits.py)."""
+    return tuple(split_loss(logits_fn, data.tokens(split), block_size, FINAL_BATCH, device) for split in ("val", "test"))
+

@@ -25,12 +25,16 @@ Neurons are born and frozen during training: clso/field/train.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
+from clso import ClsoError
+from clso.io import read_json, read_tensors, write_json_atomic
 from clso.model.flops import attention_flops_per_token
 
 DIST_FLOOR = 1e-6  # added to the squared distance under the root (see the module docstring)
@@ -47,6 +51,12 @@ class FieldConfig:
     initial_neurons: int = 64
     max_neurons: int = 1024
     attention: bool = True  # False: the journal's flat field, each position querying the field alone
+
+    @classmethod
+    def from_params(cls, params, vocab_size: int, block_size: int) -> FieldConfig:
+        """From the params.yaml `field` section (FieldParams); the context is the baseline's (model.block_size)."""
+        return cls(vocab_size, params.n_layer, params.n_embd, params.n_head, block_size, params.initial_neurons,
+                   params.max_neurons, params.attention)
 
     @property
     def n_inner(self) -> int:
@@ -140,6 +150,35 @@ class FieldLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x) @ self.wte.weight.t()
+
+    def parameter_count(self) -> int:
+        """Every dense parameter, and of each field its born neurons only (position, value, temperature)."""
+        dense = sum(t.numel() for n, t in self.named_parameters() if ".field." not in n)
+        return dense + sum((2 * self.config.n_embd + 1) * f.alive for f in self.fields)
+
+    # --- the trained field's folder (models/field) ------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """model.safetensors (every weight, the neurons' capacity included) and config.json, into an
+        existing folder."""
+        folder = Path(folder)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"),
+                  metadata={"clso": "field/1"})
+        write_json_atomic(folder / "config.json", asdict(self.config))
+
+    @classmethod
+    def load(cls, folder: str | Path, device="cpu") -> FieldLM:
+        """The model `save` wrote, in eval mode: its config.json, then its weights."""
+        folder = Path(folder)
+        config = read_json(folder / "config.json")
+        try:
+            with torch.random.fork_rng(devices=[]):  # its initialisation is overwritten: leave the global generator be
+                model = cls(FieldConfig(**config)).to(device)
+            model.load_state_dict(read_tensors(folder / "model.safetensors"))
+        except (TypeError, RuntimeError) as e:
+            raise ClsoError(f"{folder}: config.json and model.safetensors do not fit ({type(e).__name__}: "
+                            f"{str(e)[:120]}); re-create it with `dvc repro -f field`") from None
+        return model.eval()
 
 
 def field_flops_per_token(n_embd: int, neurons: int) -> int:

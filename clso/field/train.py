@@ -36,6 +36,7 @@ from clso.model.flops import throughput
 CURVE_FIELDS = ("step", "tokens", "train_loss", "val_loss", "neurons", "frozen_share", "mean_lr_multiplier",
                 "energy_wh", "energy_method", "flops", "wall_s")
 EVAL_BATCH = 16
+TRAIN_LOSS_WINDOW = 20  # steps whose train losses make the final train loss (one batch is noisy)
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ class FieldSchedule:
     floor: float = 0.01
 
     @classmethod
-    def from_params(cls, cfg) -> FieldSchedule:
+    def from_params(cls, params) -> FieldSchedule:
         """From the params.yaml `field` section (FieldParams)."""
-        return cls(cfg.steps, cfg.grow_every, cfg.grow_by, cfg.rising_tide, cfg.tide_start, cfg.tide_end, cfg.freeze,
-                   cfg.hard_age, cfg.hard_stability, cfg.stability_window, cfg.half_life, cfg.floor)
+        return cls(params.steps, params.grow_every, params.grow_by, params.rising_tide, params.tide_start,
+                   params.tide_end, params.freeze, params.hard_age, params.hard_stability, params.stability_window,
+                   params.half_life, params.floor)
 
     def births(self, step: int, alive: int, capacity: int) -> int:
         """Neurons born before step `step` (> 0) trains, given `alive` of `capacity`."""
@@ -175,12 +177,6 @@ def freeze_counts(field: NeuronField, schedule: FieldSchedule, step: int) -> tor
     return torch.stack([frozen.sum().float(), (~frozen).sum().float()])
 
 
-def field_config(cfg, vocab_size: int, block_size: int) -> FieldConfig:
-    """From the params.yaml `field` section; the context is the baseline's (model.block_size)."""
-    return FieldConfig(vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head, block_size, cfg.initial_neurons, cfg.max_neurons,
-                       cfg.attention)
-
-
 def new_field_lm(config: FieldConfig, seed: int, device) -> FieldLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -234,136 +230,183 @@ def _restore(tensors: dict[str, torch.Tensor], model: FieldLM, adamw: torch.opti
         snapshots[layer] = tensors[f"snapshot.{layer}"].to(device) if f"snapshot.{layer}" in tensors else None
 
 
-def train_field(data: TokenData, config: FieldConfig, cfg, *, seed: int, device, meter_options: dict,
+def train_field(data: TokenData, params, *, block_size: int, seed: int, device, meter_options: dict,
                 on_step=None, checkpoint: FieldCheckpoint | None = None) -> FieldResult:
-    """`cfg.steps` steps of AdamW (the dense parts) and NeuronAdam (the fields) on random train
-    batches, neurons born and frozen as FieldSchedule says. The curve has a row per step (after that
-    many steps): neurons, frozen share, mean learning-rate multiplier, FLOPs; and at every
-    `eval_interval` the val loss and the energy of training alone (the periodic validation is metered
-    apart and subtracted, as for the baseline). Births, freezing and their bookkeeping are charged.
+    """`params.steps` steps (the `field` section) of AdamW (the dense parts) and NeuronAdam (the fields)
+    on random train batches of `block_size` tokens, neurons born and frozen as FieldSchedule says. The
+    curve has a row per step (after that many steps): neurons, frozen share, mean learning-rate
+    multiplier, FLOPs; and at every `eval_interval` the val loss and the energy of training alone (the
+    periodic validation is metered apart and subtracted, as for the baseline). Births, freezing and
+    their bookkeeping are charged.
 
     With a `checkpoint`, the run is saved before every `eval_interval`-th step and resumes from the
     last save, to the same results bit for bit on CPU; its energy is that of the segments up to their
     last saves (the steps a kill loses after a save are done again and charged once; writing
     checkpoints is metered apart and charged to no one, as in evolve). Throughput is this segment's."""
-    schedule = FieldSchedule.from_params(cfg)
-    precision = resolve_precision(cfg.precision, device)
-    model = new_field_lm(config, seed, device)
-    dense = [(n, p) for n, p in model.named_parameters() if ".field." not in n]
-    adamw = torch.optim.AdamW([{"params": [p for n, p in dense if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                               {"params": [p for n, p in dense if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=cfg.lr, betas=(0.9, 0.95))
-    neuron_adams = [NeuronAdam(f) for f in model.fields]
-    queries: list[torch.Tensor | None] = [None] * config.n_layer
-    def keep_queries(layer):  # the last training batch's queries: where the next neurons are born (never val's)
-        def hook(module, args):
+    run = _FieldTraining(data, FieldConfig.from_params(params, data.vocab_size, block_size), params, seed, device)
+    if checkpoint:
+        run.resume(checkpoint)
+    run.model.train()
+    with EnergyMeter(**meter_options) as meter:
+        run.start_metering(meter)
+        for step in range(run.start, params.steps + 1):
+            if checkpoint and step > run.start and step % params.eval_interval == 0 and step < params.steps:
+                run.save(checkpoint, step)
+            row = run.row(step)
+            run.result.curve.append(row)
+            if on_step:
+                on_step(row)
+            if step == params.steps:
+                break
+            run.train_step(step)
+    return run.finish(meter.reading)
+
+
+class _FieldTraining:
+    """One run of train_field: the model, its optimizers and everything a checkpoint carries."""
+
+    def __init__(self, data: TokenData, config: FieldConfig, params, seed: int, device):
+        self.config, self.params, self.device = config, params, device
+        self.schedule = FieldSchedule.from_params(params)
+        self.precision = resolve_precision(params.precision, device)
+        self.model = model = new_field_lm(config, seed, device)
+        dense = [(n, p) for n, p in model.named_parameters() if ".field." not in n]
+        self.adamw = torch.optim.AdamW(
+            [{"params": [p for n, p in dense if p.dim() >= 2], "weight_decay": params.weight_decay},
+             {"params": [p for n, p in dense if p.dim() < 2], "weight_decay": 0.0}], lr=params.lr, betas=(0.9, 0.95))
+        self.neuron_adams = [NeuronAdam(f) for f in model.fields]
+        self.queries: list[torch.Tensor | None] = [None] * config.n_layer
+        for layer, f in enumerate(model.fields):
+            f.register_forward_pre_hook(self._keep_queries(layer))
+        self.train, self.val = data.tokens("train"), data.tokens("val")
+        self.rng, self.birth_rng = np.random.default_rng(seed), np.random.default_rng(seed + 2)
+        self.snapshots: list[torch.Tensor | None] = [None] * config.n_layer
+        self.result = FieldResult(model, self.precision)
+        # this segment's losses and freeze counts stay on the device until the end (reading them each step
+        # would wait for a GPU); the earlier segments' come as numbers from the checkpoint
+        self.start, self.flops, self.losses, self.counts = 0, 0, [], []
+        self.earlier, self.earlier_losses, self.earlier_counts = None, [], []
+
+    def _keep_queries(self, layer: int):
+        def hook(module, args):  # the last training batch's queries: where the next neurons are born (never val's)
             if module.training:
-                queries[layer] = args[0].detach()
+                self.queries[layer] = args[0].detach()
         return hook
 
-    for layer, f in enumerate(model.fields):
-        f.register_forward_pre_hook(keep_queries(layer))
-    train, val = data.tokens("train"), data.tokens("val")
-    rng, birth_rng = np.random.default_rng(seed), np.random.default_rng(seed + 2)
-    snapshots: list[torch.Tensor | None] = [None] * config.n_layer
-    T, B = config.block_size, cfg.batch_size
-    eval_seqs = (len(val) - 1) // T
-    result = FieldResult(model, precision)
-    # this segment's losses and freeze counts stay on the device until the end (reading them each step would
-    # wait for a GPU); the earlier segments' come as numbers from the checkpoint
-    start, flops, losses, counts, earlier, earlier_losses, earlier_counts = 0, 0, [], [], None, [], []
-    saved = checkpoint.load() if checkpoint else None
-    if saved:
+    def resume(self, checkpoint: FieldCheckpoint) -> None:
+        saved = checkpoint.load()
+        if not saved:
+            return
         state, tensors = saved
         try:
-            _restore(tensors, model, adamw, neuron_adams, queries, snapshots, device)
+            _restore(tensors, self.model, self.adamw, self.neuron_adams, self.queries, self.snapshots, self.device)
         except (KeyError, ValueError, RuntimeError) as e:
             raise ClsoError(f"{checkpoint.folder}: checkpoint does not fit this model ({type(e).__name__}); delete "
                             "the folder to train afresh") from None
-        rng.bit_generator.state, birth_rng.bit_generator.state = state["rng"], state["birth_rng"]
-        start, flops, earlier_losses, earlier_counts = state["step"], state["flops"], state["losses"], state["counts"]
-        result.curve, result.resumed_at = state["curve"], start
-        earlier = {k: EnergyReading(**v) for k, v in state["energy"].items()}  # training, evaluations, saving
-    start_flops = flops
-    model.train()
-    with EnergyMeter(**meter_options) as meter:
+        self.rng.bit_generator.state, self.birth_rng.bit_generator.state = state["rng"], state["birth_rng"]
+        self.start, self.flops = state["step"], state["flops"]
+        self.earlier_losses, self.earlier_counts = state["losses"], state["counts"]
+        self.result.curve, self.result.resumed_at = state["curve"], self.start
+        self.earlier = {k: EnergyReading(**v) for k, v in state["energy"].items()}  # training, evaluations, saving
+
+    def start_metering(self, meter: EnergyMeter) -> None:
+        self.meter, self.start_flops = meter, self.flops
         nothing = meter.read()
         nothing = nothing.minus(nothing)
-        earlier = earlier or {"training": nothing, "evaluations": nothing, "saving": nothing}
-        evals, saving = nothing, nothing  # this segment's, metered apart from its training
+        self.earlier = self.earlier or {"training": nothing, "evaluations": nothing, "saving": nothing}
+        self.evals, self.saving = nothing, nothing  # this segment's, metered apart from its training
 
-        def trained(now: EnergyReading) -> EnergyReading:
-            """Training alone so far: the earlier segments' and this one's."""
-            return earlier["training"].plus(now.minus(evals).minus(saving))
+    def trained(self, now: EnergyReading) -> EnergyReading:
+        """Training alone so far: the earlier segments' and this one's."""
+        return self.earlier["training"].plus(now.minus(self.evals).minus(self.saving))
 
-        for step in range(start, cfg.steps + 1):
-            if checkpoint and step > start and step % cfg.eval_interval == 0 and step < cfg.steps:
-                before = meter.read()
-                checkpoint.save({"step": step, "flops": flops, "curve": result.curve,
-                                 "losses": earlier_losses + torch.stack(losses).tolist() if losses else earlier_losses,
-                                 "counts": earlier_counts + torch.stack(counts).tolist(),
-                                 "rng": rng.bit_generator.state, "birth_rng": birth_rng.bit_generator.state,
-                                 "energy": {"training": asdict(trained(before)),
-                                            "evaluations": asdict(earlier["evaluations"].plus(evals)),
-                                            "saving": asdict(earlier["saving"].plus(saving))}},
-                                _tensors(model, adamw, neuron_adams, queries, snapshots))
-                saving = saving.plus(meter.read().minus(before))
-            counts.append(sum(freeze_counts(f, schedule, step) for f in model.fields))
-            row = {"step": step, "tokens": step * B * T, "train_loss": None, "val_loss": None,
-                   "neurons": sum(f.alive for f in model.fields), "frozen_share": None, "mean_lr_multiplier": None,
-                   "energy_wh": None, "energy_method": None, "flops": flops, "wall_s": None}
-            if step % cfg.eval_interval == 0 or step == cfg.steps:
-                before = meter.read()
-                model.eval()
-                with torch.no_grad():
-                    row["val_loss"] = split_loss(model, val, T, EVAL_BATCH, device)
-                model.train()
-                so_far = trained(before)
-                evals = evals.plus(meter.read().minus(before))
-                row.update(energy_wh=so_far.energy_wh, energy_method=so_far.method, wall_s=so_far.wall_s)
-            result.curve.append(row)
-            if on_step:
-                on_step(row)
-            if step == cfg.steps:
-                break
-            x, y = random_batch(train, B, T, rng, device)
-            if step == 0:  # the initial neurons are born at the first batch's queries
-                with torch.no_grad(), precision_context(precision, device):
-                    model(x)
-                flops += forward_flops(config, [0] * config.n_layer, T, B)
-            for f, opt, q in zip(model.fields, neuron_adams, queries):
-                count = config.initial_neurons if step == 0 else schedule.births(step, f.alive, config.max_neurons)
-                give_birth(f, opt, count, q, step, schedule.tide(step), birth_rng)
-            if schedule.freeze == "hard":
-                snapshots = [hard_freeze(f, schedule, step, s) for f, s in zip(model.fields, snapshots)]
-            lr = learning_rate(step, cfg)
-            model.zero_grad(set_to_none=True)
-            with precision_context(precision, device):
-                logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for group in adamw.param_groups:
-                group["lr"] = lr
-            adamw.step()
-            for f, opt in zip(model.fields, neuron_adams):
-                opt.step(lr, schedule.lr_multiplier(ages(f, step)[:f.alive]))
-            losses.append(loss.detach())
-            # forward and backward (2x: input and weight gradients), every neuron alive this step included
-            flops += 3 * forward_flops(config, [f.alive for f in model.fields], T, B)
-    total = trained(meter.reading)
-    for row, loss in zip(result.curve[1:], earlier_losses + (torch.stack(losses).tolist() if losses else [])):
-        row["train_loss"] = loss
-    for row, (frozen, multipliers) in zip(result.curve, earlier_counts + torch.stack(counts).tolist()):
-        row["frozen_share"] = frozen / row["neurons"] if row["neurons"] else 0.0
-        row["mean_lr_multiplier"] = multipliers / row["neurons"] if row["neurons"] else 0.0
-    evaluations = earlier["evaluations"].plus(evals)
-    result.train_energy = {**total.as_metrics(), "flops": flops, "eval_energy_wh": evaluations.energy_wh,
-                           "eval_flops": sum(forward_flops(config, [r["neurons"] // config.n_layer] * config.n_layer, T,
-                                                           eval_seqs) for r in result.curve if r["val_loss"] is not None),
-                           "checkpoint_energy_wh": earlier["saving"].plus(saving).energy_wh,
-                           **throughput(flops - start_flops, (cfg.steps - start) * B * T, total.wall_s - earlier["training"].wall_s,
-                                        device)}
-    model.eval()
-    return result
+    def _losses(self) -> list[float]:
+        return self.earlier_losses + (torch.stack(self.losses).tolist() if self.losses else [])
+
+    def save(self, checkpoint: FieldCheckpoint, step: int) -> None:
+        before = self.meter.read()
+        checkpoint.save({"step": step, "flops": self.flops, "curve": self.result.curve, "losses": self._losses(),
+                         "counts": self.earlier_counts + torch.stack(self.counts).tolist(),
+                         "rng": self.rng.bit_generator.state, "birth_rng": self.birth_rng.bit_generator.state,
+                         "energy": {"training": asdict(self.trained(before)),
+                                    "evaluations": asdict(self.earlier["evaluations"].plus(self.evals)),
+                                    "saving": asdict(self.earlier["saving"].plus(self.saving))}},
+                        _tensors(self.model, self.adamw, self.neuron_adams, self.queries, self.snapshots))
+        self.saving = self.saving.plus(self.meter.read().minus(before))
+
+    def row(self, step: int) -> dict:
+        """The curve's row after `step` steps; every eval_interval (and at the end) with the val loss."""
+        self.counts.append(sum(freeze_counts(f, self.schedule, step) for f in self.model.fields))
+        T, B = self.config.block_size, self.params.batch_size
+        row = {"step": step, "tokens": step * B * T, "train_loss": None, "val_loss": None,
+               "neurons": sum(f.alive for f in self.model.fields), "frozen_share": None, "mean_lr_multiplier": None,
+               "energy_wh": None, "energy_method": None, "flops": self.flops, "wall_s": None}
+        if step % self.params.eval_interval == 0 or step == self.params.steps:
+            before = self.meter.read()
+            self.model.eval()
+            with torch.no_grad():
+                row["val_loss"] = split_loss(self.model, self.val, T, EVAL_BATCH, self.device)
+            self.model.train()
+            so_far = self.trained(before)
+            self.evals = self.evals.plus(self.meter.read().minus(before))
+            row.update(energy_wh=so_far.energy_wh, energy_method=so_far.method, wall_s=so_far.wall_s)
+        return row
+
+    def train_step(self, step: int) -> None:
+        """Births, freezing, then one step of both optimizers; its FLOPs counted with every neuron alive."""
+        config, params, model, device = self.config, self.params, self.model, self.device
+        T, B = config.block_size, params.batch_size
+        x, y = random_batch(self.train, B, T, self.rng, device)
+        if step == 0:  # the initial neurons are born at the first batch's queries
+            with torch.no_grad(), precision_context(self.precision, device):
+                model(x)
+            self.flops += forward_flops(config, [0] * config.n_layer, T, B)
+        for f, opt, q in zip(model.fields, self.neuron_adams, self.queries):
+            count = config.initial_neurons if step == 0 else self.schedule.births(step, f.alive, config.max_neurons)
+            give_birth(f, opt, count, q, step, self.schedule.tide(step), self.birth_rng)
+        if self.schedule.freeze == "hard":
+            self.snapshots = [hard_freeze(f, self.schedule, step, s) for f, s in zip(model.fields, self.snapshots)]
+        lr = learning_rate(step, params)
+        model.zero_grad(set_to_none=True)
+        with precision_context(self.precision, device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        if params.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        for group in self.adamw.param_groups:
+            group["lr"] = lr
+        self.adamw.step()
+        for f, opt in zip(model.fields, self.neuron_adams):
+            opt.step(lr, self.schedule.lr_multiplier(ages(f, step)[:f.alive]))
+        self.losses.append(loss.detach())
+        # forward and backward (2x: input and weight gradients), every neuron alive this step included
+        self.flops += 3 * forward_flops(config, [f.alive for f in model.fields], T, B)
+
+    def finish(self, reading: EnergyReading) -> FieldResult:
+        """The curve's train losses and freeze shares filled in, and what training spent."""
+        config, params, result = self.config, self.params, self.result
+        T, B = config.block_size, params.batch_size
+        total = self.trained(reading)
+        for row, loss in zip(result.curve[1:], self._losses()):
+            row["train_loss"] = loss
+        for row, (frozen, multipliers) in zip(result.curve, self.earlier_counts + torch.stack(self.counts).tolist()):
+            row["frozen_share"] = frozen / row["neurons"] if row["neurons"] else 0.0
+            row["mean_lr_multiplier"] = multipliers / row["neurons"] if row["neurons"] else 0.0
+        eval_seqs = (len(self.val) - 1) // T
+        eval_flops = sum(forward_flops(config, [r["neurons"] // config.n_layer] * config.n_layer, T, eval_seqs)
+                         for r in result.curve if r["val_loss"] is not None)
+        result.train_energy = {
+            **total.as_metrics(), "flops": self.flops, "eval_energy_wh": self.earlier["evaluations"].plus(self.evals).energy_wh,
+            "eval_flops": eval_flops, "checkpoint_energy_wh": self.earlier["saving"].plus(self.saving).energy_wh,
+            **throughput(self.flops - self.start_flops, (params.steps - self.start) * B * T,
+                         total.wall_s - self.earlier["training"].wall_s, self.device)}
+        self.model.eval()
+        return result
+
+
+def final_train_loss(curve: list[dict]) -> float:
+    """The mean train loss of the last TRAIN_LOSS_WINDOW steps of train_field's curve."""
+    last = [r["train_loss"] for r in curve[-TRAIN_LOSS_WINDOW:] if r["train_loss"] is not None]
+    return sum(last) / len(last)
+

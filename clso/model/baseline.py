@@ -6,28 +6,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from transformers import GPT2LMHeadModel
 
+from clso import ClsoError
 from clso.context import precision_context, resolve_precision
 from clso.data.tokens import TokenData, random_batch, split_loss
 from clso.energy import EnergyMeter
+from clso.io import read_tensors
 from clso.model.crystalline import ModelConfig
 from clso.model.flops import forward_flops, throughput, train_step_flops
 
 CURVE_FIELDS = ("step", "tokens", "train_loss", "val_loss", "energy_wh", "energy_method", "flops", "wall_s")
 
 
-def learning_rate(step: int, cfg) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+def learning_rate(step: int, params) -> float:
+    """Linear warm-up to params.lr, then cosine decay to params.min_lr at params.steps (the `baseline`
+    or `field` section of params.yaml)."""
+    if step < params.warmup_steps:
+        return params.lr * (step + 1) / params.warmup_steps
+    progress = (step - params.warmup_steps) / max(1, params.steps - params.warmup_steps)
+    return params.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (params.lr - params.min_lr)
 
 
 def dense_gpt2(config: ModelConfig, seed: int, device, attention: str = "sdpa") -> GPT2LMHeadModel:
@@ -47,13 +52,13 @@ class TrainingSetup:
     micro_batch_size: int  # sequences per forward/backward pass
 
     @classmethod
-    def resolve(cls, cfg, device) -> TrainingSetup:
-        """From a BaselineParams-like `cfg` (precision, attention, adamw, torch_compile, micro_batch_size)."""
+    def resolve(cls, params, device) -> TrainingSetup:
+        """From BaselineParams (precision, attention, adamw, torch_compile, micro_batch_size)."""
         cuda = torch.device(device).type == "cuda"
-        adamw = cfg.adamw if cfg.adamw != "auto" else "fused" if cuda else "default"
-        compile_mode = cfg.torch_compile if cfg.torch_compile != "auto" else "default" if cuda else "none"
-        return cls(resolve_precision(cfg.precision, device), cfg.attention, adamw, compile_mode,
-                   cfg.micro_batch_size or cfg.batch_size)
+        adamw = params.adamw if params.adamw != "auto" else "fused" if cuda else "default"
+        compile_mode = params.torch_compile if params.torch_compile != "auto" else "default" if cuda else "none"
+        return cls(resolve_precision(params.precision, device), params.attention, adamw, compile_mode,
+                   params.micro_batch_size or params.batch_size)
 
 
 def adamw_optimizer(model: nn.Module, lr: float, weight_decay: float, implementation: str) -> torch.optim.AdamW:
@@ -119,6 +124,30 @@ def state_for_saving(model: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
     return state
 
 
+# --- the trained baseline's folder (models/baseline) -------------------------------------------
+
+def save_baseline(model: GPT2LMHeadModel, folder: str | Path) -> None:
+    """model.safetensors: every weight but the tied head, into an existing folder."""
+    save_file(state_for_saving(model), str(Path(folder) / "model.safetensors"), metadata={"clso": "baseline/1"})
+
+
+def load_baseline(folder: str | Path, config: ModelConfig, *, seed: int, device="cpu") -> GPT2LMHeadModel:
+    """The baseline `save_baseline` wrote, for a ModelConfig of the same shape, in eval mode."""
+    path = Path(folder) / "model.safetensors"
+    model = dense_gpt2(config, seed, device)
+    try:
+        missing, unexpected = model.load_state_dict(read_tensors(path), strict=False)
+    except RuntimeError:  # a tensor of another shape
+        missing, unexpected = ["(shapes differ)"], []
+    # the tied head is the embedding, saved once: every other parameter must come from the file
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ClsoError(f"{path}: does not fit params.yaml's model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); re-create it with `dvc repro -f baseline`")
+    model.tie_weights()
+    return model.eval()
+
+
 @dataclass
 class BaselineResult:
     model: GPT2LMHeadModel
@@ -141,34 +170,35 @@ def _val_loss(model, tokens, batch_size, block_size, batches, rng, device) -> fl
     return loss
 
 
-def train_baseline(data: TokenData, config: ModelConfig, cfg, *, seed: int, device, meter_options: dict,
+def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, device, meter_options: dict,
                    on_eval=None) -> BaselineResult:
-    """AdamW with warm-up and cosine decay, in the setup cfg's params resolve to on `device`. Curve
+    """AdamW with warm-up and cosine decay (`params`: the `baseline` section), in the setup its settings
+    resolve to on `device`. Curve
     rows carry the energy of training alone: the periodic validation (fp32, uncompiled) is metered
     apart and subtracted. Compilation happens in the first steps and is charged to training."""
-    setup = TrainingSetup.resolve(cfg, device)
+    setup = TrainingSetup.resolve(params, device)
     model = dense_gpt2(config, seed, device, setup.attention)
-    step_fn = TrainStep(model, setup, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+    step_fn = TrainStep(model, setup, lr=params.lr, weight_decay=params.weight_decay, grad_clip=params.grad_clip,
                         device=device)
     train, val = data.tokens("train"), data.tokens("val")
     rng = np.random.default_rng(seed)
     val_rng_seed = seed + 1  # the same val batches at every curve point
-    step_flops = train_step_flops(config.gpt2(), config.block_size, cfg.batch_size)
-    eval_seqs = cfg.batch_size * cfg.eval_batches or (len(val) - 1) // config.block_size
+    step_flops = train_step_flops(config.gpt2(), config.block_size, params.batch_size)
+    eval_seqs = params.batch_size * params.eval_batches or (len(val) - 1) // config.block_size
     eval_flops = forward_flops(config.gpt2(), config.block_size, eval_seqs)
     result = BaselineResult(model, setup=setup)
     evals = None  # the periodic validation so far, metered apart from training
     train_losses: list[torch.Tensor] = []
     model.train()
     with EnergyMeter(**meter_options) as meter:
-        for step in range(cfg.steps + 1):
-            if step % cfg.eval_interval == 0 or step == cfg.steps:
+        for step in range(params.steps + 1):
+            if step % params.eval_interval == 0 or step == params.steps:
                 before = meter.read()
-                val_loss = _val_loss(model, val, cfg.batch_size, config.block_size, cfg.eval_batches,
+                val_loss = _val_loss(model, val, params.batch_size, config.block_size, params.eval_batches,
                                      np.random.default_rng(val_rng_seed), device)
                 trained = before.minus(evals) if evals else before
                 evals = meter.read().minus(before) if evals is None else evals.plus(meter.read().minus(before))
-                row = {"step": step, "tokens": step * cfg.batch_size * config.block_size,
+                row = {"step": step, "tokens": step * params.batch_size * config.block_size,
                        "train_loss": float(np.mean([float(t) for t in train_losses])) if train_losses else val_loss,
                        "val_loss": val_loss, "energy_wh": trained.energy_wh, "energy_method": trained.method,
                        "flops": step * step_flops, "wall_s": trained.wall_s}
@@ -176,19 +206,19 @@ def train_baseline(data: TokenData, config: ModelConfig, cfg, *, seed: int, devi
                 train_losses = []
                 if on_eval:
                     on_eval(row)
-            if step == cfg.steps:
+            if step == params.steps:
                 break
-            x, y = random_batch(train, cfg.batch_size, config.block_size, rng, device)
+            x, y = random_batch(train, params.batch_size, config.block_size, rng, device)
             if step == 0:  # compilation, when there is any, happens in the first step: shown apart (and charged)
                 started = meter.read()
-            train_losses.append(step_fn(x, y, learning_rate(step, cfg)))
+            train_losses.append(step_fn(x, y, learning_rate(step, params)))
             if step == 0:
                 first_step = meter.read().minus(started).as_metrics()
     trained = meter.reading.minus(evals).as_metrics()
-    result.train_energy = {**trained, "flops": cfg.steps * step_flops, "eval_energy_wh": evals.energy_wh,
+    result.train_energy = {**trained, "flops": params.steps * step_flops, "eval_energy_wh": evals.energy_wh,
                            "eval_flops": eval_flops * len(result.curve),
                            "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")},
-                           **throughput(cfg.steps * step_flops, cfg.steps * cfg.batch_size * config.block_size,
+                           **throughput(params.steps * step_flops, params.steps * params.batch_size * config.block_size,
                                         trained["wall_s"], device)}
     model.eval()
     return result

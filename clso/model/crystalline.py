@@ -10,17 +10,21 @@ per-layer gains — are frozen at their seeded initialisation in `pure` mode and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from clso import ClsoError
+from clso.io import read_json, read_tensors, write_json_atomic
 from clso.model.flops import forward_flops
 from clso.model.library import BUCKETS, Library
+from clso.params import MODES
 
 LAYER_NAMES = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
-MODES = ("pure", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,32 @@ class CrystallineGPT2(nn.Module):
         missing = [m for m in missing if not (self.config.tie_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
             raise ValueError(f"continuous state does not fit: missing {missing}, unexpected {unexpected}")
+
+    # --- a searched model's folder (models/search/STAGE/MODE-SEED) -----------------------------
+
+    def save(self, folder: str | Path, *, fitness_loss: float, name: str, mode: str) -> None:
+        """best_genome.json (the genome, its fitness loss, the library's seed, the contestant's name, the
+        search's mode, the config) and continuous.safetensors (every continuous weight), into an existing
+        folder."""
+        folder = Path(folder)
+        write_json_atomic(folder / "best_genome.json", {
+            "genome": self.genome, "fitness_loss": fitness_loss, "library_seed": self.library.seed,
+            "variant": name, "mode": mode, "model": asdict(self.config)})
+        save_file(self.continuous_state(), str(folder / "continuous.safetensors"), metadata={"clso": "continuous/1"})
+
+    @classmethod
+    def load(cls, folder: str | Path, library: Library, *, seed: int, device="cpu") -> CrystallineGPT2:
+        """A searched model saved by `save`, on `library`, in eval mode."""
+        folder = Path(folder)
+        saved = read_json(folder / "best_genome.json")
+        try:
+            model = cls(ModelConfig(**saved["model"]), library, seed=seed).to(device)
+            model.load_continuous_state(read_tensors(folder / "continuous.safetensors"))
+            model.set_genome(saved["genome"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ClsoError(f"{folder}: does not fit models/library ({type(e).__name__}: {str(e)[:120]}); "
+                            f"re-create it with `dvc repro -f {saved.get('variant', '')}`") from None
+        return model.eval()
 
     def dense_gpt2(self, genome, attn_implementation: str = "eager") -> GPT2LMHeadModel:
         """A stock GPT2LMHeadModel with this genome's matrices materialised as dense weights."""

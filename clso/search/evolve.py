@@ -29,8 +29,8 @@ from clso.context import derive_seed, precision_context
 from clso.data.tokens import random_batch
 from clso.energy import EnergyMeter, EnergyReading
 from clso.io import write_bytes_atomic, write_text_atomic
-from clso.model.crystalline import MODES
 from clso.model.flops import backward_flops, forward_flops
+from clso.params import MODES
 from clso.search import ga
 from clso.search.problem import Search
 from clso.search.surrogate import Surrogate
@@ -118,13 +118,6 @@ NO_SURROGATE_GENERATION_CAP = 10  # × evolve.generations
 BUDGET_OF = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations"}  # what each control needs
 
 
-def ga_config(cfg, search: Search) -> ga.GAConfig:
-    return ga.GAConfig(population=cfg.population, genome_length=search.genome_length,
-                       library_size=search.library.size, elite=cfg.elite, selection=cfg.selection,
-                       tournament=cfg.tournament, temperature=cfg.temperature, temperature_decay=cfg.temperature_decay,
-                       crossover=cfg.crossover, crossover_rate=cfg.crossover_rate, mutation_rate=cfg.mutation_rate)
-
-
 class Checkpoints:
     """One run's checkpoint folder. Tensors go to files named by generation first; state.json,
     replaced atomically last, names them: a kill at any instant leaves a consistent checkpoint,
@@ -174,20 +167,20 @@ class Checkpoints:
                 old.unlink()
 
 
-def adam_phase(search: Search, genome: np.ndarray, cfg, rng: np.random.Generator) -> int:
-    """`cfg.hybrid_steps` Adam steps on the continuous parts of the model with `genome` set, on
+def adam_phase(search: Search, genome: np.ndarray, params, rng: np.random.Generator) -> int:
+    """`params.hybrid_steps` Adam steps on the continuous parts of the model with `genome` set, on
     random train windows, in the search's precision; returns the FLOPs they cost (the library matrices pass gradients down
     but never train)."""
     model = search.model
     model.set_genome(genome)
     model.set_mode("hybrid")
     device = search.batch.x.device
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.hybrid_lr,
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=params.hybrid_lr,
                            fused=True if device.type == "cuda" else None)  # as fast as the baseline's AdamW
     train = search.data.tokens("train")
     model.train()
-    for _ in range(cfg.hybrid_steps):
-        x, y = random_batch(train, cfg.hybrid_batch_size, search.config.block_size, rng, device)
+    for _ in range(params.hybrid_steps):
+        x, y = random_batch(train, params.hybrid_batch_size, search.config.block_size, rng, device)
         with precision_context(search.precision, device):
             loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)
@@ -195,13 +188,13 @@ def adam_phase(search: Search, genome: np.ndarray, cfg, rng: np.random.Generator
         opt.step()
     model.eval()
     model.set_mode("pure")
-    t, b, per_layer = search.config.block_size, cfg.hybrid_batch_size, model.linear_flops(genome)
-    return cfg.hybrid_steps * (forward_flops(search.config.gpt2(), t, b, per_layer)
+    t, b, per_layer = search.config.block_size, params.hybrid_batch_size, model.linear_flops(genome)
+    return params.hybrid_steps * (forward_flops(search.config.gpt2(), t, b, per_layer)
                                + backward_flops(search.config.gpt2(), t, b, per_layer, train_linears=False))
 
 
 class Evolution:
-    def __init__(self, search: Search, cfg, surrogate: Surrogate | None, pretraining: tuple[np.ndarray, np.ndarray] | None,
+    def __init__(self, search: Search, params, surrogate: Surrogate | None, pretraining: tuple[np.ndarray, np.ndarray] | None,
                  seed: int, checkpoint_dir: str | Path, fingerprint: str, meter_options: dict,
                  strategy: str = "ga", budget: Budget = Budget(), mode: str = "pure"):
         if strategy not in STRATEGIES or mode not in MODES:
@@ -212,9 +205,9 @@ class Evolution:
             raise ValueError("a fixed body trains nothing in pure mode")
         if strategy in BUDGET_OF and getattr(budget, BUDGET_OF[strategy]) is None:
             raise ValueError(f"the {strategy} control needs a budget of {BUDGET_OF[strategy]} matched to a GA run")
-        self.search, self.cfg, self.surrogate = search, cfg, surrogate
+        self.search, self.params, self.surrogate = search, params, surrogate
         self.strategy, self.budget, self.mode = strategy, budget, mode
-        self.gacfg = ga_config(cfg, search)
+        self.ga_config = ga.GAConfig.from_params(params, search.genome_length, search.library.size)
         self.pretraining = pretraining
         self.seed = seed
         # a checkpoint of another strategy or budget, in a folder reused by mistake, is not resumed
@@ -226,7 +219,7 @@ class Evolution:
     # --- state -----------------------------------------------------------------------------
 
     def _start(self) -> Run:
-        state = ga.init(self.gacfg, derive_seed(self.seed, "evolve-ga"))
+        state = ga.init(self.ga_config, derive_seed(self.seed, "evolve-ga"))
         run = Run(state, np.random.default_rng(derive_seed(self.seed, "evolve")).bit_generator.state)
         if self.pretraining is not None:
             self.search.evaluator.cache.update(zip(map(tuple, self.pretraining[0].tolist()), self.pretraining[1].tolist()))
@@ -252,7 +245,7 @@ class Evolution:
         """True losses for a fraction X (known ones, the surrogate's best, random picks), predictions for the rest."""
         cache = self.search.evaluator.cache
         known = np.array([tuple(c) in cache for c in children.tolist()])
-        budget = max(1, math.ceil(self.cfg.full_eval_fraction * len(children)))
+        budget = max(1, math.ceil(self.params.full_eval_fraction * len(children)))
         unknown = np.flatnonzero(~known)
         chosen = np.zeros(len(children), dtype=bool)
         chosen[known] = True
@@ -273,10 +266,10 @@ class Evolution:
         state = self.run.ga_state
         true_fitness = np.where(state.evaluated, state.fitness, np.inf)
         population, fitness = state.population.copy(), state.fitness.copy()
-        for i in ga.elites(true_fitness, min(self.cfg.local_search_top, len(population))):
+        for i in ga.elites(true_fitness, min(self.params.local_search_top, len(population))):
             if not np.isfinite(true_fitness[i]):
                 continue
-            neighbours = np.repeat(population[i][None], self.cfg.local_search_neighbours, axis=0)
+            neighbours = np.repeat(population[i][None], self.params.local_search_neighbours, axis=0)
             genes = rng.integers(0, self.search.genome_length, size=len(neighbours))
             shift = rng.integers(1, self.search.library.size, size=len(neighbours))
             neighbours[np.arange(len(neighbours)), genes] = (neighbours[np.arange(len(neighbours)), genes] + shift) \
@@ -306,7 +299,7 @@ class Evolution:
     def _hybrid_phase(self, rng: np.random.Generator) -> None:
         """Adam on the continuous parts for the best genome; every cached loss is then stale."""
         search, state = self.search, self.run.ga_state
-        self.run.totals.flops += adam_phase(search, state.best_genome, self.cfg, rng)
+        self.run.totals.flops += adam_phase(search, state.best_genome, self.params, rng)
         search.evaluator.invalidate()
         if self.strategy == "random":  # its batch is drawn afresh next generation: only the best carries on
             best_loss = float(self._true(state.best_genome[None])[0])
@@ -319,7 +312,7 @@ class Evolution:
         self.run.ga_state = replace(state, fitness=fitness, best_fitness=best_loss)
 
     def step(self) -> None:
-        run, cfg = self.run, self.cfg
+        run, params = self.run, self.params
         rng = np.random.default_rng()
         rng.bit_generator.state = run.rng
         first = bool(np.isnan(run.ga_state.fitness).all())  # generation 0: score the first population
@@ -329,15 +322,15 @@ class Evolution:
             fitness, chosen = self._score(population, rng)
         else:
             fitness, chosen = self._true(population), np.ones(len(population), dtype=bool)
-        run.ga_state = ga.tell(self.gacfg, state, population, fitness, chosen)
+        run.ga_state = ga.tell(self.ga_config, state, population, fitness, chosen)
         if not first:
             generation = run.ga_state.generation
-            if self.strategy in ("ga", "no_surrogate") and generation % cfg.local_search_every == 0:
+            if self.strategy in ("ga", "no_surrogate") and generation % params.local_search_every == 0:
                 self._local_search(rng)
             # a hybrid phase makes a new landscape: the re-evaluated best counts as progress
             hybrid = self._hybrid_at(generation)
             run.since_improvement = 0 if hybrid or run.ga_state.best_fitness < before else run.since_improvement + 1
-            if self.strategy == "ga" and generation % cfg.surrogate_every == 0 and self._stop() is None:
+            if self.strategy == "ga" and generation % params.surrogate_every == 0 and self._stop() is None:
                 self._retrain_surrogate(generation)  # not after the last generation: no one would use it
             if hybrid:
                 self._hybrid_phase(rng)
@@ -353,7 +346,7 @@ class Evolution:
         run.stopped = self._stop()
 
     def _hybrid_at(self, generation: int) -> bool:
-        return self.mode == "hybrid" and generation > 0 and generation % self.cfg.hybrid_every == 0
+        return self.mode == "hybrid" and generation > 0 and generation % self.params.hybrid_every == 0
 
     @property
     def adam_phases(self) -> int:
@@ -366,19 +359,19 @@ class Evolution:
         The GA without surrogate runs until its FLOPs are spent — a generation limit would leave it
         short of CLSO's budget — with a cap against a converged population that costs nothing."""
         if self.strategy == "no_surrogate":
-            return NO_SURROGATE_GENERATION_CAP * self.cfg.generations
-        return self.budget.generations or self.cfg.generations
+            return NO_SURROGATE_GENERATION_CAP * self.params.generations
+        return self.budget.generations or self.params.generations
 
     def _stop(self) -> str | None:
-        run, cfg = self.run, self.cfg
+        run, params = self.run, self.params
         if run.ga_state.generation >= self.generation_limit:
             return "generation limit"
         if self.budget.flops is not None and run.totals.flops >= self.budget.flops:
             return "FLOP budget spent"
         if self.budget.evaluations is not None and run.ga_state.generation >= len(self.budget.evaluations) - 1:
             return "evaluation schedule done"
-        if self.strategy == "ga" and run.since_improvement >= cfg.patience:
-            return f"no improvement in {cfg.patience} generations"
+        if self.strategy == "ga" and run.since_improvement >= params.patience:
+            return f"no improvement in {params.patience} generations"
         return None
 
     def _propose(self, first: bool) -> tuple[np.ndarray, ga.GAState]:
@@ -394,8 +387,8 @@ class Evolution:
             n = allowed - self.run.true_evaluations - int(self._hybrid_at(generation))
             if n <= 0:  # nothing left this generation: the best, already known, costs nothing
                 return state.best_genome[None], state
-            return ga.sample(self.gacfg, state, n)
-        return (state.population, state) if first else ga.ask(self.gacfg, state)
+            return ga.sample(self.ga_config, state, n)
+        return (state.population, state) if first else ga.ask(self.ga_config, state)
 
     def run_to_end(self, on_generation=None, stop_after: int | None = None) -> Run:
         """Generations until a stop; `stop_after` ends this process early, as a kill would (tests)."""

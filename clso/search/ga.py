@@ -35,6 +35,14 @@ class GAConfig:
     crossover_rate: float = 0.75
     mutation_rate: float = 0.08  # per gene
 
+    @classmethod
+    def from_params(cls, evolve, genome_length: int, library_size: int) -> GAConfig:
+        """From the params.yaml `evolve` section (EvolveParams) and the genome's shape."""
+        return cls(population=evolve.population, genome_length=genome_length, library_size=library_size,
+                   elite=evolve.elite, selection=evolve.selection, tournament=evolve.tournament,
+                   temperature=evolve.temperature, temperature_decay=evolve.temperature_decay,
+                   crossover=evolve.crossover, crossover_rate=evolve.crossover_rate, mutation_rate=evolve.mutation_rate)
+
     def __post_init__(self):
         if not 0 <= self.elite < self.population:
             raise ValueError("elite must be below the population size")

@@ -63,7 +63,7 @@ def sample_for_surrogate(search: Search, n: int, mutant_fraction: float, rng: np
     """n truly evaluated genomes: random ones, then mutants of the best found so far, so the data
     is not all poor. Returns distinct genomes and their losses."""
     size, length = search.library.size, search.genome_length
-    cfg = ga.GAConfig(population=2, genome_length=length, library_size=size, elite=0)
+    ga_config = ga.GAConfig(population=2, genome_length=length, library_size=size, elite=0)
     n_random = max(1, n - int(round(n * mutant_fraction)))
     genomes: dict[tuple[int, ...], float] = {}
 
@@ -74,7 +74,7 @@ def sample_for_surrogate(search: Search, n: int, mutant_fraction: float, rng: np
             if on_progress:
                 on_progress(len(fresh))
 
-    evaluate(ga.random_genomes(n_random, cfg, rng))
+    evaluate(ga.random_genomes(n_random, ga_config, rng))
     stalls = 0
     while len(genomes) < n and stalls < 100:
         before = len(genomes)

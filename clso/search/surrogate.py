@@ -12,14 +12,19 @@ ensemble of K members gives a spread that reads as uncertainty.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
+from clso import ClsoError
 from clso.context import to_device
+from clso.io import read_json, read_tensors, write_json_atomic
 
 RANKING_LOSSES = ("ranknet", "margin")
 INPUTS = ("index", "structure", "both")
@@ -95,7 +100,7 @@ class Surrogate:
 
         Unfit genomes (infinite loss) are ranked below every fit one by a large target.
         """
-        cfg = self.config
+        config = self.config
         g = torch.as_tensor(np.asarray(genomes), dtype=torch.long).to(self.device)
         log_loss = np.log(np.asarray(losses, dtype=np.float64))
         finite = np.isfinite(log_loss)
@@ -108,13 +113,13 @@ class Surrogate:
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same batches on every device
         last = None
         for member in self.members:
-            opt = torch.optim.AdamW(member.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(member.parameters(), lr=config.lr, weight_decay=config.weight_decay)
             member.train()
-            for _ in range(steps or cfg.steps):
-                idx = to_device(torch.randint(0, len(g), (min(cfg.batch_size, len(g)),), generator=generator),
+            for _ in range(steps or config.steps):
+                idx = to_device(torch.randint(0, len(g), (min(config.batch_size, len(g)),), generator=generator),
                                 self.device)
                 score = member(g[idx])
-                loss = self._ranking_loss(score, target[idx]) + cfg.mse_weight * F.mse_loss(score, target[idx])
+                loss = self._ranking_loss(score, target[idx]) + config.mse_weight * F.mse_loss(score, target[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -174,6 +179,34 @@ class Surrogate:
             prefix = f"member{i}."
             m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         self.target_mean, self.target_std = (float(v) for v in state["target"])
+
+    # --- the folder a trained surrogate lives in (models/surrogate) ------------------------------
+
+    def save(self, folder: str | Path, genomes: np.ndarray, losses: np.ndarray, holdout: np.ndarray) -> None:
+        """surrogate.safetensors (its weights), surrogate.json (its config) and data.json (the genomes it
+        learnt from, their true losses and which were held out), into an existing folder."""
+        folder = Path(folder)
+        save_file(self.state_dict(), str(folder / "surrogate.safetensors"), metadata={"clso": "surrogate/1"})
+        write_json_atomic(folder / "surrogate.json", dataclasses.asdict(self.config))
+        write_json_atomic(folder / "data.json", {"genomes": genomes.tolist(),
+                                                 "losses": [float(x) if np.isfinite(x) else "inf" for x in losses],
+                                                 "holdout": sorted(holdout.tolist())})
+
+    @classmethod
+    def load(cls, folder: str | Path, device="cpu") -> tuple[Surrogate, np.ndarray, np.ndarray]:
+        """A saved surrogate on `device`, with the genomes and true losses it learnt from."""
+        folder, fix = Path(folder), "run `dvc repro surrogate` first"
+        config, data = read_json(folder / "surrogate.json", fix), read_json(folder / "data.json", fix)
+        state = read_tensors(folder / "surrogate.safetensors", fix)
+        try:
+            model = cls(SurrogateConfig(**{**config, "gene_buckets": tuple(config["gene_buckets"])}), device=device)
+            model.load_state_dict(state)
+            genomes = np.array(data["genomes"], dtype=np.int64)
+            losses = np.array([float(x) for x in data["losses"]])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ClsoError(f"{folder}: unreadable surrogate ({type(e).__name__}); re-create it with "
+                            "`dvc repro -f surrogate`") from None
+        return model, genomes, losses
 
 
 # --- how well a score ranks the truth ---------------------------------------------------------

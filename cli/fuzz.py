@@ -1,4 +1,4 @@
-"""`clso fuzz`: differential fuzzing of the two .crystal readers (Python and C) with atheris."""
+"""`clso fuzz`: differential fuzzing of the two .crystal readers (Python and C) with atheris (a tool, not a DVC stage)."""
 
 import json
 import tempfile

@@ -1,4 +1,4 @@
-"""`clso bench …`: benchmarks that print JSON, each ratio measured side by side in one run."""
+"""`clso bench …`: benchmarks that print JSON, each ratio measured side by side in one run (a tool, not a DVC stage)."""
 
 import json
 from pathlib import Path

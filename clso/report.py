@@ -1,0 +1,271 @@
+"""Every sentence and table the pipeline writes: metrics/report.md and the stages' closing lines.
+
+The computing modules (clso.compare, clso.transfer, clso.export.compile) return numbers; this module
+turns them into words. Each statement is at most two sentences; a table carries parallel facts.
+"""
+
+from __future__ import annotations
+
+from clso.compare import ENERGY_SHARE, PPL_TOLERANCE
+
+QUESTIONS = {"ga_vs_random": ("random search", "Does the GA beat sampling at equal true evaluations?"),
+             "surrogate_vs_none": ("the GA without surrogate", "Does the surrogate pay for itself at equal FLOPs?"),
+             "search_vs_fixed_body": ("the fixed random body", "What does the search add beyond Adam?")}
+TRANSFER_SIDES = {"clso": "CLSO, charged both options", "clso_head": "CLSO head", "clso_partial": "CLSO partial",
+                  "baseline": "baseline, fine-tuned", "baseline_head": "baseline, probe",
+                  "no_pretraining": "no pretraining, probe", "no_pretraining_finetuned": "no pretraining, fine-tuned"}
+
+
+def fmt(x) -> str:
+    """A number as the report shows it: 4 significant digits, or — for none."""
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int) and abs(x) >= 100_000:
+        return f"{x:.3g}"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(fmt(x) if not isinstance(x, str) else x for x in r) + " |" for r in rows)]
+
+
+def hypothesis() -> str:
+    """Document 003's hypothesis, as clso.compare's constants state it."""
+    return f"CLSO within {PPL_TOLERANCE:.0%} of the baseline's perplexity at ≤ {ENERGY_SHARE:.0%} of its energy"
+
+
+def verdict_statement(name: str, v: dict, methods: str) -> str:
+    """The verdict on the headline run, in two sentences (three when the frozen head decides it)."""
+    text = (f"**The hypothesis {'holds' if v['holds'] else 'does not hold'}** for CLSO's best mode, `{name}` "
+            f"({hypothesis()}). Its val perplexity is {v['ppl_ratio']:.3f}× the baseline's at "
+            f"{v['energy_ratio']:.3f}× its energy (energy by `{methods}`).")
+    if v["decided_by_frozen_head_bound"]:
+        text += (f" Pure mode cannot pass: its frozen head allows no val perplexity below {v['bound_ppl']:.4g} "
+                 f"({v['bound_ppl_ratio']:.3f}× the baseline's), whatever the library or the search.")
+    return text
+
+
+def _energy_parts(d: dict) -> str:
+    """Where a side's energy went: a GPU run still spends CPU energy, metered apart."""
+    cpu = f"CPU {fmt(d['cpu_wh'])} Wh ({d['cpu_method']})"
+    return cpu if d["gpu_method"] is None else f"GPU {fmt(d['gpu_wh'])} Wh ({d['gpu_method']}), {cpu}"
+
+
+def headline_section(result: dict) -> list[str]:
+    rows, h = result["contestants"], result["headline"]
+    c, b, m = rows[h["clso"]], rows["baseline"], h["matched"]
+    lines = ["## Headline", "", "CLSO's best mode (lowest mean val loss over seeds, at the first seed) against the "
+             "baseline. Val decides; test is reported.", ""]
+    lines += table(["", f"CLSO, `{c['name']}`", "AdamW baseline", "ratio"],
+                   [["val perplexity", c["val_ppl"], b["val_ppl"], h["ratio"]["val_ppl"]],
+                    ["test perplexity", c["test_ppl"], b["test_ppl"], h["ratio"]["test_ppl"]],
+                    ["energy (Wh), charged", c["energy_wh"], b["energy_wh"], h["ratio"]["energy_wh"]],
+                    ["energy by device", _energy_parts(c["energy_by_device"]), _energy_parts(b["energy_by_device"]),
+                     None],
+                    ["FLOPs", c["flops"], b["flops"], h["ratio"]["flops"]],
+                    ["wall (s)", c["wall_s"], b["wall_s"], None]])
+    reach = (f"{fmt(m['baseline_energy_wh_to_reach_clso'])} Wh (step {fmt(m['baseline_step_to_reach_clso'])})"
+             if m["baseline_reached_clso_val_ppl"] else "never, in its whole run")
+    lines += ["", *table(["the baseline's run, matched to CLSO's", "value"],
+                         [["val perplexity at CLSO's energy", f"{fmt(m['baseline_val_ppl_at_clso_energy'])} "
+                           f"({m['at_clso_energy']})"],
+                          ["val perplexity at CLSO's FLOPs", f"{fmt(m['baseline_val_ppl_at_clso_flops'])} "
+                           f"({m['at_clso_flops']})"],
+                          ["energy to reach CLSO's val perplexity", reach]])]
+    return lines
+
+
+def contestants_section(result: dict) -> list[str]:
+    lines = ["## Every contestant", "", "Each is charged everything it spent, shared costs included "
+             "(metrics/detail/compare.json has them by part). The frontier plots are plots/frontier/*.png.", ""]
+    rows = []
+    for name, r in result["contestants"].items():
+        vs = result["against_baseline"].get(name, {})
+        hypothesis_text = ("holds" if vs["holds"] else "does not hold") if "holds" in vs else "—"
+        rows.append([f"`{name}`", r["label"], r["val_ppl"], r["test_ppl"], r["energy_wh"], r["method"], r["flops"],
+                     r.get("true_evaluations"), vs.get("val_ppl"), vs.get("energy_wh"), hypothesis_text])
+    lines += table(["contestant", "what", "val ppl", "test ppl", "energy (Wh)", "method", "FLOPs", "true evaluations",
+                    "ppl ÷ baseline", "energy ÷ baseline", "hypothesis"], rows)
+    if "over_seeds" in result:
+        lines += ["", "Mean ± spread (sample standard deviation) over seeds:", ""]
+        lines += table(["stage@mode", "seeds", "val loss", "val ppl", "test ppl", "energy (Wh)", "FLOPs"],
+                       [[f"`{name}`", s["seeds"], *(f"{fmt(s[k])} ± {fmt(s[k + '_spread'])}" for k in
+                                                    ("val_loss", "val_ppl", "test_ppl", "energy_wh", "flops"))]
+                        for name, s in result["over_seeds"].items()])
+    return lines
+
+
+def contrast_statement(name: str, mode: str, c: dict) -> str:
+    """One contrast in at most two sentences: the difference, and what the seeds allow one to say of it."""
+    label, _ = QUESTIONS[name]
+    d = c["loss_difference"]
+    side = "above" if d > 0 else "below" if d < 0 else "level with"
+    first = f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss."
+    if c["seeds"] == 1:
+        return first + " One seed gives no spread to weigh that against, so no side is called better."
+    return first + (f" Over {c['seeds']} seeds the spread is {c['loss_difference_spread']:.4f} nats, and CLSO's GA "
+                    f"is ahead in {c['clso_better_in']} of them.")
+
+
+def contrasts_section(result: dict) -> list[str]:
+    lines = ["## What each part of CLSO buys", "", "Each control is paired with CLSO's GA of its mode and seed, on its "
+             "budget: random search gets its true evaluations, the GA without surrogate its FLOPs (with the "
+             "surrogate's), the fixed body its generations (so its Adam phases).", ""]
+    rows = [[question, mode, c["seeds"], f"{c['loss_difference']:+.4f}", c["loss_difference_spread"],
+             c["energy_share"], c["flops_share"], f"{fmt(c['adam_phases'])} / {fmt(c['clso_adam_phases'])}"]
+            for name, (label, question) in QUESTIONS.items() for mode, c in result["contrasts"].get(name, {}).items()]
+    lines += table(["question", "mode", "seeds", "control − CLSO val loss (nats)", "spread", "energy share",
+                    "FLOPs share", "Adam phases (control / CLSO)"], rows)
+    lines += ["", *(f"- {contrast_statement(name, mode, c)}" for name in QUESTIONS
+                    for mode, c in result["contrasts"].get(name, {}).items())]
+    return lines
+
+
+def field_section(result: dict) -> list[str]:
+    f, b, details = result["contestants"]["field"], result["contestants"]["baseline"], result["field"]
+    j = details["journal"]
+    c = j["nats_per_char"]
+    lines = ["## The neuron-field LM (document 004)", "", f"Trained by gradient: {details['neurons']} neurons, "
+             f"{details['frozen_share']:.0%} {'at the soft-freeze floor' if details['freeze'] == 'soft' else 'frozen'}, "
+             f"{'with' if details['attention'] else 'without'} attention. It is a contestant, not the hypothesis.", ""]
+    lines += table(["", "neuron-field LM", "AdamW baseline", "ratio"],
+                   [[k, f[key], b[key], f[key] / b[key]] for k, key in
+                    (("val perplexity", "val_ppl"), ("test perplexity", "test_ppl"), ("energy (Wh)", "energy_wh"),
+                     ("FLOPs", "flops"))])
+    lines += ["", *table(["loss in nats per character", "ours", "the journal's", "met"],
+                         [["train, the journal with attention (2.39 per token)", c["our_final_train"],
+                           c["journal_causal_train"], j["causal_train_loss_met"]],
+                          ["train, the journal's flat field (2.55 per token)", c["our_final_train"],
+                           c["journal_flat_train"], j["flat_train_loss_met"]],
+                          ["val", c["our_final_val"], None, None]])]
+    lines += ["", f"Ours trained on {j['our_train_tokens'] / 1e6:.2f} M tokens, the journal's attention run on about "
+              f"{j['journal_causal_train_tokens'] / 1e6:.0f} M token passes of another text. A figure not met here is "
+              "not shown false, only not reproduced at this budget."]
+    if details["torch_compile"] != details["baseline_torch_compile"]:
+        lines.append(f"The baseline ran `torch.compile` ({details['baseline_torch_compile']}) and the field did not: "
+                     "its energy ratio carries that gap.")
+    return lines
+
+
+def transfer_statement(r: dict, tolerance: float) -> str:
+    """One task's verdict in two sentences: did CLSO transfer within the tolerance of the fine-tuned
+    baseline, at what energy; and does the task test pretraining at all."""
+    c, b, verdicts = r["clso"], r["baseline"], r["clso_within_tolerance"]
+    mismatched = (f" (mismatched: {c['test_mismatched']:.4f} against {b['test_mismatched']:.4f}, "
+                  f"{'within' if verdicts['test_mismatched'] else 'not within'})" if "test_mismatched" in verdicts else "")
+    first = (f"CLSO ({c['option']}, the better on val) scores {c['test']:.4f} on test against the fine-tuned "
+             f"baseline's {b['test']:.4f}{mismatched}: {'within' if verdicts['test'] else 'not within'} the "
+             f"tolerance ({tolerance:.0%}), at {r['energy_ratio']:.3g}× its fine-tuning energy.")
+    if r["no_pretraining_within_tolerance"]:
+        return first + " A GPT-2 with no pretraining, fine-tuned, comes within it too, so this task does not test pretraining."
+    return first + (f" Pretraining lifts the fine-tuned baseline by {r['lift']['pretraining_finetuned']:+.4f} over no "
+                    f"pretraining; CLSO's body lifts a probe by {r['lift']['clso_probe']:+.4f}.")
+
+
+def partial_statement(r: dict) -> str | None:
+    """When `partial`'s search kept the pretrained genes, why (one sentence); None when it changed some."""
+    p = r["clso_partial"]
+    if p.get("search_accepted", True):
+        return None
+    return (f"`partial` kept the pretrained genes: its search's best fitness ({p['best_fitness']:.4f} nats) beat "
+            f"neither the pretrained genes' ({p['pretrained_fitness']:.4f}) nor the label prior's ({p['prior_fitness']:.4f}).")
+
+
+def transfer_section(t: dict) -> list[str]:
+    lines = ["## Transfer to classification", "", f"CLSO's `{t['clso_variant']}` frozen under a linear probe (`head`), "
+             "or with a search over the genes nearest the head first (`partial`); the better on val is charged both. "
+             "The test split reached no training step.", ""]
+    rows = []
+    for spec, r in t["tasks"].items():
+        tests = list(r["majority_class"])
+        for side, name in TRANSFER_SIDES.items():
+            s = r[side]
+            rows.append([f"`{spec}`", f"{name} ({s['option']})" if side == "clso" else name, s["train"], s["val"],
+                         ", ".join(f"{s[split]:.4f}" for split in tests), s["energy_wh"], s["flops"]])
+        rows.append([f"`{spec}`", "majority class of train", None, None,
+                     ", ".join(f"{r['majority_class'][split]:.4f}" for split in tests), None, None])
+    lines += table(["task", "side", "train", "val", "test", "energy (Wh)", "FLOPs"], rows)
+    lines.append("")
+    for spec, r in t["tasks"].items():
+        lines.append(f"- `{spec}` ({r['metric']}, {r['splits']['test']['examples']} test examples): {transfer_statement(r, t['tolerance'])}")
+        if partial_statement(r):
+            lines.append(f"- `{spec}`: {partial_statement(r)}")
+    return lines
+
+
+def journal_claims_rows(j: dict) -> list[list]:
+    return [["'mixed8 = full quality'", f"perplexity {j['mixed8_ppl_change']:+.2%}, mean KL {j['mixed8_mean_kl']:.2g}",
+             j["mixed8_full_quality"]],
+            ["'per-tensor int8 breaks it'", f"perplexity {j['int8_ppl_change']:+.2%}, top-1 agreement "
+             f"{j['int8_top1_agreement']:.2%}", j["int8_breaks"]],
+            ["'per-tensor int16 breaks it'", f"perplexity {j['int16_ppl_change']:+.2%}, top-1 agreement "
+             f"{j['int16_top1_agreement']:.2%}", j["int16_breaks"]]]
+
+
+def compile_section(c: dict) -> list[str]:
+    lines = ["## Compiled to `.crystal`", "", f"CLSO's file is `{c['variant']}`'s. Each file is scored against its "
+             "float model on the val split; the C runtime's speed is against PyTorch eager.", ""]
+    rows = [[name, m8["bytes"], m8["bytes_vs_f32"], m8.get("bytes_vs_dense_f32"), m8["mean_kl"], m8["top1_agreement"],
+             m8["ppl_change"], m.get("runtime_bench", {}).get("ratio")]
+            for name, m in c["models"].items() for m8 in [m["modes"]["mixed8"]]]
+    lines += table(["model", "mixed8 bytes", "÷ its f32", "÷ dense f32", "mean KL (nats)", "top-1 agreement",
+                    "perplexity change", "runtime ÷ PyTorch tokens/s"], rows)
+    lines += ["", *table(["target", "measured", "met"], [[k, c["measured"][k], ok] for k, ok in c["met"].items()])]
+    j = c["models"]["field"]["journal"]
+    lines += ["", "The crystal journal's quantization claims, on the neuron-field LM's files (broken: more than "
+              f"{j['broken_ppl_change']:+.0%} perplexity or under {j['broken_top1_agreement']:.0%} top-1 agreement):", "",
+              *table(["claim", "measured", "holds"], journal_claims_rows(j))]
+    return lines
+
+
+def diagnostics_section(result: dict, library: dict, surrogate: dict) -> list[str]:
+    s = library["sanity_check"]
+    rows = [["library sanity (protocol step 1): mean best relative error, with gain",
+             f"{s['mean_best_rel_error_with_gain']:.0%} (worst {s['worst_best_rel_error_with_gain']:.0%}; "
+             f"the protocol allows {s['protocol_max_error']:.0%})", s["passes_protocol"]],
+            ["surrogate: held-out Spearman (the protocol's bar: 0.7)", surrogate["holdout_metrics"]["spearman"],
+             surrogate["holdout_metrics"]["spearman"] >= 0.7]]
+    if result.get("frozen_head_bound_val_ppl"):
+        bound = result["frozen_head_bound_val_ppl"]
+        rows.append(["pure mode: the lowest val perplexity any body reaches under the frozen head",
+                     f"{fmt(bound)} ({bound / result['contestants']['baseline']['val_ppl']:.3f}× the baseline's)", None])
+    return ["## Diagnostics", "", *table(["check", "value", "passes"], rows)]
+
+
+def costs_section(costs: list[tuple[str, dict]]) -> list[str]:
+    return ["## Costs charged to no one", "", "Measuring is no one's training: these are metered and left out.", "",
+            *table(["what", "energy (Wh)", "method", "wall (s)"],
+                   [[what, c["energy_wh"], c["method"], c.get("wall_s")] for what, c in costs])]
+
+
+def report(result: dict, inputs: dict) -> str:
+    """metrics/report.md: the verdict first, then a table per question. `inputs`: the other stages' details."""
+    h = result["headline"]
+    lines = ["# CLSO against the dense AdamW baseline", "",
+             "Generated by `dvc repro compare` from this run's records; do not edit. Every number here is in "
+             "metrics/detail/.", "", "## Verdict", "",
+             verdict_statement(h["clso"], h["verdict"], result["contestants"][h["clso"]]["method"]), "",
+             *headline_section(result), "", *contestants_section(result), "", *contrasts_section(result), "",
+             *field_section(result), "", *transfer_section(inputs["transfer"]), "", *compile_section(inputs["compile"]),
+             "", *diagnostics_section(result, inputs["library"], inputs["surrogate"]), "",
+             *costs_section(result["uncharged"]), ""]
+    return "\n".join(lines)
+
+
+def compile_lines(c: dict) -> list[str]:
+    """The compile stage's closing lines."""
+    lines = [f"{name} mixed8 {m8['bytes'] / 1e6:.2f} MB ({m8['bytes_vs_f32']:.0%} of f32), top-1 agreement "
+             f"{m8['top1_agreement']:.2%}, mean KL {m8['mean_kl']:.2g} nats, perplexity {m8['ppl_change']:+.3%}"
+             + (f"; runtime {m['runtime_bench']['ratio']:.1f}× PyTorch" if "runtime_bench" in m else "")
+             for name, m in c["models"].items() for m8 in [m["modes"]["mixed8"]]]
+    lines += [f"the journal's {claim} {'holds' if ok else 'does not hold'} ({measured})"
+              for claim, measured, ok in journal_claims_rows(c["models"]["field"]["journal"])]
+    met = [k for k, ok in c["met"].items() if ok]
+    missed = [k for k, ok in c["met"].items() if not ok]
+    return lines + [f"targets met: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}; "
+                    f"{c['cost']['energy_wh']:.4f} Wh ({c['cost']['method']}) in {c['cost']['wall_s']:.0f} s"]
