@@ -1,17 +1,15 @@
 """The `clso` command: every DVC stage (stages/) and every tool (bench, fuzz) as a subcommand of one
 typer app. Stages run through `dvc repro`; the tools print JSON."""
 
-import cli.bench  # noqa: F401  (each import registers its commands)
-import cli.fuzz  # noqa: F401
-import stages.baseline  # noqa: F401
-import stages.compare  # noqa: F401
-import stages.compile  # noqa: F401
-import stages.evolve  # noqa: F401
-import stages.field  # noqa: F401
-import stages.library  # noqa: F401
-import stages.prepare  # noqa: F401
-import stages.surrogate  # noqa: F401
-import stages.transfer  # noqa: F401
+import importlib
+
 from stages.common import app
+
+# each import registers its commands, in this order in `clso --help`: the stages as the pipeline runs
+# them, then the tools
+COMMANDS = ("stages.prepare", "stages.baseline", "stages.library", "stages.surrogate", "stages.evolve", "stages.field",
+            "stages.compile", "stages.transfer", "stages.compare", "cli.bench", "cli.fuzz")
+for module in COMMANDS:
+    importlib.import_module(module)
 
 __all__ = ["app"]

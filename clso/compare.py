@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from clso import ClsoError
 from clso.record import Record
 
 PPL_TOLERANCE = 0.05
@@ -95,6 +96,10 @@ def summed_device_parts(costs) -> dict:
 def charged(record: Record, shared: dict[str, dict]) -> dict:
     """Everything a contestant is charged: the shared costs its record names (spent before its own
     work: the library, the surrogate's pretraining, …), then its own. `shared` maps each name to a cost."""
+    unknown = [name for name in record.charged_with if name not in shared]
+    if unknown:
+        raise ClsoError(f"{record.name}: its record is charged {unknown[0]!r}, which no stage records (valid: "
+                        f"{', '.join(shared)}); re-create it with `dvc repro -f {record.name}`")
     parts = {name: shared[name] for name in record.charged_with} | record.costs
     before = [shared[name] for name in record.charged_with]
 
@@ -136,6 +141,37 @@ def against_baseline(r: dict, baseline: dict) -> dict:
                     r["frozen_head_bound_val_ppl"])
         out["holds"] = v["holds"]
     return out
+
+
+def summed(costs) -> dict:
+    """Costs added up: energy (with every method), and wall time when every cost has one."""
+    costs = list(costs)
+    out = {"energy_wh": sum(c["energy_wh"] for c in costs), "method": methods(*(c["method"] for c in costs)),
+           "count": len(costs)}
+    return out | ({"wall_s": sum(c["wall_s"] for c in costs)} if all("wall_s" in c for c in costs) else {})
+
+
+def uncharged(records: list[Record], stage_costs: dict[str, dict]) -> dict[str, dict]:
+    """What was metered but charged to no one: every record's own, summed by what it was (final scores,
+    checkpoints, the curves' val loss), and the stages' own (`stage_costs`: compile, compare, …)."""
+    by_what: dict[str, list[dict]] = {}
+    for r in records:
+        for what, cost in r.uncharged.items():
+            by_what.setdefault(what, []).append(cost)
+    return {what: summed(costs) for what, costs in by_what.items()} | stage_costs
+
+
+SUMMARY = ("val_ppl", "test_ppl", "energy_wh", "method", "flops")  # a contestant's columns in `dvc exp show`
+
+
+def summary(result: dict) -> dict:
+    """metrics/compare.json: the verdict, each contrast's mean loss difference and each contestant's columns."""
+    v = result["headline"]["verdict"]
+    return {"verdict": {"contestant": result["headline"]["clso"], "holds": v["holds"], "ppl_ratio": v["ppl_ratio"],
+                        "energy_ratio": v["energy_ratio"]},
+            "contrasts": {name: {mode: c["loss_difference"] for mode, c in modes.items()}
+                          for name, modes in result["contrasts"].items()},
+            "contestants": {name: {k: r[k] for k in SUMMARY} for name, r in result["contestants"].items()}}
 
 
 def spread(xs: list[float]) -> float | None:
@@ -216,11 +252,12 @@ JOURNAL_FIELD = {"causal_train_loss": 2.39, "causal_neurons": 208, "causal_epoch
                  "gpt2_tokens_per_char": 338_025 / 1_115_394, "text_gpt2_tokens": 338_025, "passes_per_epoch": 2}
 
 
-def field_vs_journal(field: Record, tokens_per_char: dict[str, float]) -> dict:
+def field_vs_journal(field: Record) -> dict:
     """The neuron-field LM against the journal's figures: our final train loss (the mean of the last
     steps) and val loss per character beside the journal's training losses per character, with the
-    tokens each run trained on. `tokens_per_char`: our tokenizer's, per split."""
+    tokens each run trained on. The record's details give our tokenizer's tokens per character."""
     j, d = JOURNAL_FIELD, field.details
+    tokens_per_char = d["tokens_per_char"]
     per_char = {"our_final_train": d["final_train_loss"] * tokens_per_char["train"],
                 "our_final_val": field.val_loss * tokens_per_char["val"],
                 "journal_causal_train": j["causal_train_loss"] * j["gpt2_tokens_per_char"],

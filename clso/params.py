@@ -202,7 +202,7 @@ class EvolveParams:
 
 @dataclass(frozen=True)
 class GridParams:
-    seeds: tuple[int, ...] = spec((1337,), "search seeds: every variant runs once per seed (the library, surrogate, "
+    seeds: tuple[int, ...] = spec((1337,), "search seeds: every search runs once per seed (the library, surrogate, "
                                   "fitness batch and initial weights stay on base.seed); with several, compare "
                                   "reports mean ± spread", min=0, max=2**32 - 1, min_items=1)
     evolve: tuple[str, ...] = spec(MODES, "modes of the CLSO search (the GA with its surrogate). pure: only genes "

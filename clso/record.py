@@ -37,6 +37,9 @@ class Record:
     mode: str | None = None  # pure or hybrid, for a search of the crystalline GPT-2
     seed: int | None = None
     details: dict = field(default_factory=dict)  # the stage's other figures
+    # what its stage metered but charges to no one (measuring is no one's training), by what it was:
+    # final_scores, curve_val_loss, checkpoints
+    uncharged: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,9 +61,10 @@ class Record:
     @classmethod
     def load(cls, path: str | Path) -> Record:
         data = read_json(path)
-        if data.get("version") != VERSION:
-            raise ClsoError(f"{path}: record version {data.get('version')}, expected {VERSION}; re-create it with "
-                            "`dvc repro -f` of its stage")
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            found = data.get("version") if isinstance(data, dict) else "none"
+            raise ClsoError(f"{path}: record version {found}, expected {VERSION}; re-create it with `dvc repro -f` "
+                            "of its stage")
         try:
             return cls(**{k: v for k, v in data.items() if k not in ("version", "val_ppl", "test_ppl")}
                        | {"charged_with": tuple(data["charged_with"])})

@@ -40,14 +40,26 @@ def hypothesis() -> str:
 
 
 def verdict_statement(name: str, v: dict, methods: str) -> str:
-    """The verdict on the headline run, in two sentences (three when the frozen head decides it)."""
-    text = (f"**The hypothesis {'holds' if v['holds'] else 'does not hold'}** for CLSO's best mode, `{name}` "
-            f"({hypothesis()}). Its val perplexity is {v['ppl_ratio']:.3f}× the baseline's at "
-            f"{v['energy_ratio']:.3f}× its energy (energy by `{methods}`).")
+    """The verdict on the headline run, in two sentences."""
+    text = (f"**The hypothesis ({hypothesis()}) {'holds' if v['holds'] else 'does not hold'}** for CLSO's best "
+            f"mode, `{name}`. Its val perplexity is {v['ppl_ratio']:.3f}× the baseline's at {v['energy_ratio']:.3f}× "
+            f"its energy (energy by `{methods}`)")
     if v["decided_by_frozen_head_bound"]:
-        text += (f" Pure mode cannot pass: its frozen head allows no val perplexity below {v['bound_ppl']:.4g} "
-                 f"({v['bound_ppl_ratio']:.3f}× the baseline's), whatever the library or the search.")
-    return text
+        text += (f"; pure mode cannot pass, as its frozen head allows no val perplexity below {v['bound_ppl']:.4g} "
+                 f"({v['bound_ppl_ratio']:.3f}× the baseline's) whatever the library or the search")
+    return text + "."
+
+
+def readme_table(summary: dict) -> list[str]:
+    """The README's headline table, from metrics/compare.json (tests/test_readable.py keeps the README to it)."""
+    v = summary["verdict"]
+    c, b = summary["contestants"][v["contestant"]], summary["contestants"]["baseline"]
+    method = c["method"] if c["method"] == b["method"] else f"{c['method']} / {b['method']}"
+    return table(["", f"CLSO's best mode, `{v['contestant']}`", "AdamW baseline", "CLSO ÷ baseline"],
+                 [["val perplexity", c["val_ppl"], b["val_ppl"], v["ppl_ratio"]],
+                  ["test perplexity", c["test_ppl"], b["test_ppl"], None],
+                  [f"energy (Wh, `{method}`)", c["energy_wh"], b["energy_wh"], v["energy_ratio"]],
+                  ["FLOPs", c["flops"], b["flops"], None]])
 
 
 def _energy_parts(d: dict) -> str:
@@ -133,8 +145,9 @@ def field_section(result: dict) -> list[str]:
     lines = ["## The neuron-field LM (document 004)", "", f"Trained by gradient: {details['neurons']} neurons, "
              f"{details['frozen_share']:.0%} {'at the soft-freeze floor' if details['freeze'] == 'soft' else 'frozen'}, "
              f"{'with' if details['attention'] else 'without'} attention. It is a contestant, not the hypothesis.", ""]
+    ratio = result["against_baseline"]["field"]
     lines += table(["", "neuron-field LM", "AdamW baseline", "ratio"],
-                   [[k, f[key], b[key], f[key] / b[key]] for k, key in
+                   [[k, f[key], b[key], ratio[key]] for k, key in
                     (("val perplexity", "val_ppl"), ("test perplexity", "test_ppl"), ("energy (Wh)", "energy_wh"),
                      ("FLOPs", "flops"))])
     lines += ["", *table(["loss in nats per character", "ours", "the journal's", "met"],
@@ -177,7 +190,7 @@ def partial_statement(r: dict) -> str | None:
 
 
 def transfer_section(t: dict) -> list[str]:
-    lines = ["## Transfer to classification", "", f"CLSO's `{t['clso_variant']}` frozen under a linear probe (`head`), "
+    lines = ["## Transfer to classification", "", f"CLSO's `{t['clso']}` frozen under a linear probe (`head`), "
              "or with a search over the genes nearest the head first (`partial`); the better on val is charged both. "
              "The test split reached no training step.", ""]
     rows = []
@@ -208,10 +221,11 @@ def journal_claims_rows(j: dict) -> list[list]:
 
 
 def compile_section(c: dict) -> list[str]:
-    lines = ["## Compiled to `.crystal`", "", f"CLSO's file is `{c['variant']}`'s. Each file is scored against its "
+    lines = ["## Compiled to `.crystal`", "", f"CLSO's file is `{c['clso']}`'s. Each file is scored against its "
              "float model on the val split; the C runtime's speed is against PyTorch eager.", ""]
-    rows = [[name, m8["bytes"], m8["bytes_vs_f32"], m8.get("bytes_vs_dense_f32"), m8["mean_kl"], m8["top1_agreement"],
-             m8["ppl_change"], m.get("runtime_bench", {}).get("ratio")]
+    rows = [[name, f"{m8['bytes']:,}", f"{m8['bytes_vs_f32']:.1%}",
+             f"{m8['bytes_vs_dense_f32']:.1%}" if "bytes_vs_dense_f32" in m8 else None, m8["mean_kl"],
+             f"{m8['top1_agreement']:.2%}", f"{m8['ppl_change']:+.3%}", m.get("runtime_bench", {}).get("ratio")]
             for name, m in c["models"].items() for m8 in [m["modes"]["mixed8"]]]
     lines += table(["model", "mixed8 bytes", "÷ its f32", "÷ dense f32", "mean KL (nats)", "top-1 agreement",
                     "perplexity change", "runtime ÷ PyTorch tokens/s"], rows)
@@ -231,23 +245,31 @@ def diagnostics_section(result: dict, library: dict, surrogate: dict) -> list[st
             ["surrogate: held-out Spearman (the protocol's bar: 0.7)", surrogate["holdout_metrics"]["spearman"],
              surrogate["holdout_metrics"]["spearman"] >= 0.7]]
     if result.get("frozen_head_bound_val_ppl"):
-        bound = result["frozen_head_bound_val_ppl"]
         rows.append(["pure mode: the lowest val perplexity any body reaches under the frozen head",
-                     f"{fmt(bound)} ({bound / result['contestants']['baseline']['val_ppl']:.3f}× the baseline's)", None])
+                     fmt(result["frozen_head_bound_val_ppl"]), None])
     return ["## Diagnostics", "", *table(["check", "value", "passes"], rows)]
 
 
-def costs_section(costs: list[tuple[str, dict]]) -> list[str]:
-    return ["## Costs charged to no one", "", "Measuring is no one's training: these are metered and left out.", "",
+UNCHARGED = {"final_scores": "every contestant's final val and test scores (and the frozen-head bound)",
+             "curve_val_loss": "the val loss of the baseline's and the field LM's curves",
+             "checkpoints": "writing checkpoints (the searches, the field LM)",
+             "library_sanity_check": "the library's sanity check against the baseline",
+             "surrogate_inputs_comparison": "the surrogate's other input kinds, trained to compare them",
+             "compile": "compile: every file, its checks and benchmarks", "compare": "compare: this report"}
+
+
+def costs_section(costs: dict[str, dict]) -> list[str]:
+    return ["## Metered, charged to no one", "", "Neither the contestants' training nor their search: measuring, "
+            "saving, compiling, comparing.", "",
             *table(["what", "energy (Wh)", "method", "wall (s)"],
-                   [[what, c["energy_wh"], c["method"], c.get("wall_s")] for what, c in costs])]
+                   [[UNCHARGED.get(what, what), c["energy_wh"], c["method"], c.get("wall_s")] for what, c in costs.items()])]
 
 
 def report(result: dict, inputs: dict) -> str:
     """metrics/report.md: the verdict first, then a table per question. `inputs`: the other stages' details."""
     h = result["headline"]
     lines = ["# CLSO against the dense AdamW baseline", "",
-             "Generated by `dvc repro compare` from this run's records; do not edit. Every number here is in "
+             "Generated by `dvc repro compare` from this run's records; do not edit. The figures behind it are in "
              "metrics/detail/.", "", "## Verdict", "",
              verdict_statement(h["clso"], h["verdict"], result["contestants"][h["clso"]]["method"]), "",
              *headline_section(result), "", *contestants_section(result), "", *contrasts_section(result), "",
@@ -255,17 +277,3 @@ def report(result: dict, inputs: dict) -> str:
              "", *diagnostics_section(result, inputs["library"], inputs["surrogate"]), "",
              *costs_section(result["uncharged"]), ""]
     return "\n".join(lines)
-
-
-def compile_lines(c: dict) -> list[str]:
-    """The compile stage's closing lines."""
-    lines = [f"{name} mixed8 {m8['bytes'] / 1e6:.2f} MB ({m8['bytes_vs_f32']:.0%} of f32), top-1 agreement "
-             f"{m8['top1_agreement']:.2%}, mean KL {m8['mean_kl']:.2g} nats, perplexity {m8['ppl_change']:+.3%}"
-             + (f"; runtime {m['runtime_bench']['ratio']:.1f}× PyTorch" if "runtime_bench" in m else "")
-             for name, m in c["models"].items() for m8 in [m["modes"]["mixed8"]]]
-    lines += [f"the journal's {claim} {'holds' if ok else 'does not hold'} ({measured})"
-              for claim, measured, ok in journal_claims_rows(c["models"]["field"]["journal"])]
-    met = [k for k, ok in c["met"].items() if ok]
-    missed = [k for k, ok in c["met"].items() if not ok]
-    return lines + [f"targets met: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}; "
-                    f"{c['cost']['energy_wh']:.4f} Wh ({c['cost']['method']}) in {c['cost']['wall_s']:.0f} s"]

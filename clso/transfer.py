@@ -23,13 +23,16 @@ before the second. Only train-split examples reach any training step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clso.data.tasks import split_record, task_metric
+from clso.energy import EnergyReading
 from clso.model.baseline import adamw_optimizer
 from clso.model.flops import LINEAR_NAMES, attention_flops_per_token, dense_linear_flops, linear_shapes
 from clso.search import ga
@@ -259,6 +262,48 @@ def within_tolerance(clso: float, baseline: float) -> bool:
     """CLSO's metric at most TOLERANCE of the baseline's magnitude below it (a Matthews correlation
     can be 0 or negative, where a ratio would mean nothing)."""
     return clso >= baseline - TOLERANCE * abs(baseline)
+
+
+# --- one task's sides and CLSO's verdict -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Side:
+    """One way of fitting a task: its metric on every split, what its training spent, and the rest."""
+
+    scores: dict[str, float]
+    reading: EnergyReading
+    flops: int
+    extra: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict:
+        return {**self.scores, **self.reading.as_metrics(), "flops": self.flops, **self.extra}
+
+
+def task_result(task, splits, sides: dict[str, Side]) -> dict:
+    """Every side; the majority class on each test split; what pretraining lifts; and the verdict for
+    CLSO: its option with the better val metric (chosen on val, judged on test), charged both
+    options, since choosing needed both."""
+    labels = np.asarray(task.labels)
+    tests = [split for split in splits if split.startswith("test")]
+    guess = np.bincount(labels[splits["train"]]).argmax()  # the train split's majority: test picks nothing
+    majority = {split: task_metric(task.metric, np.full(len(splits[split]), guess), labels[splits[split]])
+                for split in tests}
+    # a tie on val goes to `head`, the cheaper option
+    option = max(("clso_head", "clso_partial"), key=lambda side: sides[side].scores["val"])
+    head, partial = sides["clso_head"], sides["clso_partial"]
+    clso = Side(sides[option].scores, head.reading.plus(partial.reading), head.flops + partial.flops,
+                {"option": option.removeprefix("clso_")})
+    test = {name: side.scores["test"] for name, side in {**sides, "clso": clso}.items()}
+    base = sides["baseline"]
+    return {"metric": task.metric, "splits": split_record(task, splits), "majority_class": majority,
+            **{name: side.metrics() for name, side in {**sides, "clso": clso}.items()},
+            "clso_within_tolerance": {split: within_tolerance(clso.scores[split], base.scores[split]) for split in tests},
+            # a verdict that a model with no pretraining also passes does not test pretraining
+            "no_pretraining_within_tolerance": within_tolerance(test["no_pretraining_finetuned"], test["baseline"]),
+            "lift": {"pretraining_finetuned": test["baseline"] - test["no_pretraining_finetuned"],
+                     "pretraining_probe": test["baseline_head"] - test["no_pretraining"],
+                     "clso_probe": test["clso_head"] - test["no_pretraining"]},
+            "energy_ratio": clso.reading.energy_wh / base.reading.energy_wh if base.reading.energy_wh else math.inf}
 
 
 # --- `partial`: a GA over the genes nearest the head, plus the head ----------------------------

@@ -21,7 +21,7 @@ from stages.paths import PREPARED, Contestant
 @stage("baseline", sections=("base", "model", "baseline"))
 def baseline(params: Path = PARAMS_OPTION) -> None:
     """Train the dense GPT-2 of `model` with AdamW on the train split; write models/baseline/, its
-    record metrics/detail/baseline.json (val and test loss, cost, curve) and plots/baseline.csv (loss
+    record metrics/detail/contestants/baseline.json (val and test loss, cost, curve) and plots/baseline.csv (loss
     against tokens, energy, FLOPs, wall)."""
     p = load_params(params)
     device = setup(p.base)
@@ -47,8 +47,9 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
            {"loss": "val", "points": curve_points(result.curve, "val_loss", "step")},
            details={"steps": p.baseline.steps, "tokens": result.curve[-1]["tokens"],
                     "best_curve_val_loss": best["val_loss"], "best_curve_step": best["step"], **rest,
-                    "setup": asdict(result.setup), "device": str(device),
-                    "final_evaluation": final_meter.reading.as_metrics()}).save(me.record)
+                    "setup": asdict(result.setup), "device": str(device)},
+           uncharged={"final_scores": final_meter.reading.as_metrics(),
+                      "curve_val_loss": {"energy_wh": rest["eval_energy_wh"], "method": cost["method"]}}).save(me.record)
     write_csv_atomic(me.curve, CURVE_FIELDS, result.curve)
     e, s = result.train_energy, result.setup
     print(f"baseline: {p.baseline.steps} steps ({s.precision}, {s.attention} attention, {s.adamw} AdamW, compile "

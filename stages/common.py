@@ -18,8 +18,8 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
     help="CLSO: evolve GPT-2 weights from a library of crystalline matrices, and compare with "
-         "AdamW. Each command is one DVC stage; run them through `dvc repro`. Hyperparameters "
-         "live in params.yaml only.",
+         "AdamW. Each stage command is one DVC stage: run them through `dvc repro`, with every "
+         "hyperparameter in params.yaml. bench and fuzz are tools that print JSON.",
 )
 
 

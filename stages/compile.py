@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from clso.context import setup
 from clso.data.tokenizer import load_tokenizer
@@ -32,11 +31,9 @@ from clso.model.crystalline import CrystallineGPT2, ModelConfig
 from clso.model.library import Library
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.report import compile_lines
 from stages.common import PARAMS_OPTION, run_alone, stage
-from stages.paths import BUILD, LIBRARY, PREPARED, Contestant, detail, metrics, searched
+from stages.paths import BUILD, COMPILE_REPORT, LIBRARY, PREPARED, Contestant, detail, metrics, searched
 
-REPORT = "report.json"  # inside BUILD: every file's figures, the benchmarks and the samples
 CHECK_TOKENS = 64  # val tokens on which the C runtime's logits are compared with the Python reader's
 # mixed8 must keep the float model's next-token distributions: a mean KL(float ‖ file) of a thousandth of a
 # nat per token costs about 0.1 % perplexity; top-1 agreement is reported beside it, but is no target (a
@@ -56,17 +53,17 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
     and build the C runtime build/crystal with compile.cc; score every file against its float PyTorch
     model on the val split, check the runtime's logits against the Python reader's (the stage fails
     beyond a tolerance), benchmark GPT-2 generation against PyTorch eager, test the crystal journal's
-    quantization claims on the neuron-field LM; write build/report.json (everything),
-    metrics/compile.json (mixed8 KL and size) and metrics/detail/compile.json (the figures compared
-    across runs)."""
+    quantization claims on the neuron-field LM; write build/report.json (every file's figures, the
+    benchmarks, the samples), metrics/compile.json (each GPT-2 model's mixed8 KL and size) and
+    metrics/detail/compile.json (the mixed8 figures, the targets, the journal's claims)."""
     p = load_params(params)
     c = p.compile
     setup(p.base, cpu_only=True)  # the files are scored and run on the CPU, whatever base.device says
-    variant = searched("evolve", c.mode, p.grid)
+    clso_run = searched("evolve", c.mode, p.grid)
     with EnergyMeter(**p.base.meter_options("cpu")) as meter:
         data = TokenData.open(PREPARED)
         tokenizer = export_tokenizer(load_tokenizer(PREPARED / "tokenizer.json"))
-        specs = _specs(p, data, variant)
+        specs = _specs(p, data, clso_run)
         keep = np.unique(np.asarray(data.tokens("train"))) if c.prune_vocab else None
         val = np.asarray(data.tokens("val"))
         val = val[:c.eval_tokens + 1] if c.eval_tokens else val
@@ -82,26 +79,30 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
                 for f in models[name]["modes"].values():
                     f["bytes_vs_dense_f32"] = f["bytes"] / dense_f32
             vocab_rows = int(len(keep)) if keep is not None else data.vocab_size
-            write_json_atomic(out / REPORT, {"variant": variant.name, "prune_vocab": c.prune_vocab,
+            write_json_atomic(out / COMPILE_REPORT.name, {"clso": clso_run.name, "prune_vocab": c.prune_vocab,
                                              "vocab_rows": vocab_rows, "runtime_logit_tolerance": RUNTIME_LOGIT_TOLERANCE,
                                              "models": models})
-    result = {"variant": variant.name, **_figures(models), "cost": meter.reading.as_metrics()}  # charged to no one
+    result = {"clso": clso_run.name, **_figures(models), "cost": meter.reading.as_metrics()}  # charged to no one
     write_json_atomic(metrics("compile"), {name: {"mixed8_mean_kl": m["modes"]["mixed8"]["mean_kl"],
                                                   "mixed8_bytes": m["modes"]["mixed8"]["bytes"]}
                                            for name, m in result["models"].items() if name != "field"})
     write_json_atomic(detail("compile"), result)
-    for line in compile_lines(result):
-        print(f"compile: {line}")
+    for name, m in result["models"].items():
+        m8 = m["modes"]["mixed8"]
+        print(f"compile: {name} mixed8 {m8['bytes']:,} bytes, mean KL {m8['mean_kl']:.2g} nats, perplexity "
+              f"{m8['ppl_change']:+.3%}" + (f", runtime {m['runtime_bench']['ratio']:.1f}× PyTorch" if "runtime_bench" in m else ""))
+    print(f"compile: targets missed: {', '.join(k for k, ok in result['met'].items() if not ok) or 'none'}; "
+          f"{result['cost']['energy_wh']:.4f} Wh ({result['cost']['method']}); see {detail('compile')}")
 
 
-def _specs(p, data: TokenData, variant: Contestant) -> dict:
+def _specs(p, data: TokenData, clso_run: Contestant) -> dict:
     """Each model to compile: what the writer needs of it, and its float logits to score the files against."""
     library = Library.load(LIBRARY)
-    clso_model = CrystallineGPT2.load(variant.model_dir, library, seed=p.base.seed, device="cpu")
+    clso_model = CrystallineGPT2.load(clso_run.model_dir, library, seed=p.base.seed, device="cpu")
     dense_config = ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)
     baseline = load_baseline(Contestant("baseline").model_dir, dense_config, seed=p.base.seed, device="cpu")
     field = FieldLM.load(Contestant("field").model_dir, "cpu")
-    stored = load_file(str(LIBRARY / "library.safetensors"))  # packed as generated; Library holds floats
+    stored = Library.stored(LIBRARY)  # packed as generated; a loaded Library holds floats
     return {"clso": (crystalline_spec(clso_model, stored, clso_model.library.manifest), clso_model),
             "baseline": (dense_spec(baseline, dense_config), lambda x: baseline(input_ids=x).logits),
             "field": (field_spec(field), field)}

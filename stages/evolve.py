@@ -14,6 +14,7 @@ from clso.data.tokens import final_losses, split_targets
 from clso.energy import EnergyMeter
 from clso.io import atomic_dir, read_curve, read_json, write_csv_atomic
 from clso.model.bound import frozen_head_bound
+from clso.model.library import Library
 from clso.params import MODES, load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
@@ -25,8 +26,6 @@ from clso.search.workers import search_pool
 from stages.common import PARAMS_OPTION, app, fingerprint, stage
 from stages.paths import LIBRARY, PREPARED, SURROGATE, Contestant, detail
 
-# the stage → the search strategy it runs (clso.search.evolve.STRATEGIES)
-STRATEGY = {"evolve": "ga", "random": "random", "no_surrogate": "no_surrogate", "fixed_body": "fixed_body"}
 CURVE_LOSS = "best fitness (train batch)"
 
 
@@ -34,12 +33,12 @@ def _fingerprint(p, me: Contestant, files, precision: str) -> str:
     """A checkpoint resumes only under the same params, contestant, inputs, the precision `auto` gave, and code."""
     evolve = {k: v for k, v in asdict(p.evolve).items() if k not in ("workers", "address")}  # a resume may change them
     return fingerprint({**{k: asdict(getattr(p, k)) for k in ("base", "model", "fitness")}, "evolve": evolve,
-                        "variant": asdict(me), "precision": precision}, files, "stages.evolve")
+                        "contestant": asdict(me), "precision": precision}, files, "stages.evolve")
 
 
 def _budget(me: Contestant) -> Budget:
     """A control's budget, matched to the CLSO run of its mode and seed and to all CLSO spent on it."""
-    strategy = STRATEGY[me.stage]
+    strategy = me.strategy
     if strategy == "ga":
         return Budget()
     clso = me.clso()
@@ -58,15 +57,15 @@ def _evolution(p, me: Contestant, device) -> tuple[Evolution, Budget]:
     budget = _budget(me)  # before any work: a control needs its CLSO run
     search = build_search(PREPARED, LIBRARY, p.model, fitness_batch_size=p.fitness.batch_size, seed=p.base.seed,
                           device=device, precision=resolve_precision(p.fitness.precision, device))
-    surrogate, pretraining, inputs = None, None, [PREPARED / "meta.json", LIBRARY / "manifest.json"]
-    if STRATEGY[me.stage] == "ga":
+    surrogate, pretraining, inputs = None, None, [search.data.meta_file, LIBRARY / Library.MANIFEST]
+    if me.strategy == "ga":
         surrogate, genomes, losses = Surrogate.load(SURROGATE, device)
         if surrogate.config.gene_buckets != search.gene_buckets or surrogate.config.library_size != search.library.size:
             raise ClsoError(f"{SURROGATE} was trained for another genome layout; run `dvc repro surrogate`")
-        pretraining, inputs = (genomes, losses), [*inputs, SURROGATE / "surrogate.safetensors"]
+        pretraining, inputs = (genomes, losses), [*inputs, SURROGATE / Surrogate.WEIGHTS]
     evolution = Evolution(search, p.evolve, surrogate, pretraining, me.seed, me.checkpoints,
                           _fingerprint(p, me, inputs, search.precision), p.base.meter_options(device),
-                          strategy=STRATEGY[me.stage], budget=budget, mode=me.mode)
+                          strategy=me.strategy, budget=budget, mode=me.mode)
     return evolution, budget
 
 
@@ -111,7 +110,7 @@ def _record(p, me: Contestant, evolution: Evolution, budget: Budget, scores, dev
     run, cost, search = evolution.run, evolution.cost, evolution.search
     val, test, final_evaluation, bound = scores
     last, total = run.history[-1], run.true_evaluations + run.surrogate_predictions
-    charged_with = ["library"] + (["surrogate_evaluation", "surrogate_training"] if STRATEGY[me.stage] == "ga" else [])
+    charged_with = ["library"] + (["surrogate_evaluation", "surrogate_training"] if me.strategy == "ga" else [])
     if search.library.manifest["family_counts"].get("svd"):  # its matrices came from the trained baseline
         charged_with.append("baseline_training")
     # the workers of the last segment; what died and what shard boundaries cost, over all segments
@@ -128,20 +127,19 @@ def _record(p, me: Contestant, evolution: Evolution, budget: Budget, scores, dev
         {"loss": CURVE_LOSS, "points": [{"loss": r["best_loss"], "energy_wh": r["energy_wh"], "flops": r["flops"],
                                          "wall_s": r["wall_s"], "step": r["generation"]} for r in run.history]},
         tuple(charged_with), me.mode, me.seed,
-        {"strategy": STRATEGY[me.stage], **({"budget": allowed} if allowed else {}),
+        {"strategy": me.strategy, **({"budget": allowed} if allowed else {}),
          "generations": run.ga_state.generation, "adam_phases": evolution.adam_phases, "stopped": run.stopped,
          "best_fitness_loss": run.ga_state.best_fitness, "surrogate_predictions": run.surrogate_predictions,
          "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
          "device": str(device), "precision": search.precision, **workers,
-         # writing checkpoints is metered apart and charged to neither side (the baseline writes none)
-         "checkpoint": {"energy_wh": cost.checkpoint_energy_j / 3600, "method": last["energy_method"],
-                        "wall_s": cost.checkpoint_wall_s},
-         "final_evaluation": final_evaluation,
          **({"frozen_head_bound": {"val_loss": bound["loss"], "val_ppl": bound["ppl"], "solver_gap": bound["solver_gap"],
-                                   "distinct_targets": bound["distinct_targets"]}} if bound else {})})
+                                   "distinct_targets": bound["distinct_targets"]}} if bound else {})},
+        # writing checkpoints is metered apart and charged to no one (the baseline writes none)
+        {"final_scores": final_evaluation, "checkpoints": {"energy_wh": cost.checkpoint_energy_j / 3600,
+                                                          "method": last["energy_method"], "wall_s": cost.checkpoint_wall_s}})
 
 
-def search_variant(stage_name: str, mode: str, seed: int | None, params: Path) -> None:
+def run_search(stage_name: str, mode: str, seed: int | None, params: Path) -> None:
     """Run one contestant's search from where its checkpoint left it; write its model, record, curve and figure."""
     modes = ("hybrid",) if stage_name == "fixed_body" else MODES
     if mode not in modes:
@@ -178,22 +176,22 @@ SECTIONS = ("base", "model", "fitness", "evolve")
 def evolve(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
     """CLSO: the genetic search with its pretrained surrogate. Checkpoints after every generation in
     checkpoints/search/evolve/MODE-SEED (a killed run resumes); writes models/search/evolve/MODE-SEED/,
-    its record metrics/detail/search/evolve/MODE-SEED.json and plots/search/evolve/MODE-SEED.{csv,png}."""
-    search_variant("evolve", mode, seed, params)
+    its record metrics/detail/contestants/evolve@MODE-SEED.json and plots/search/evolve/MODE-SEED.{csv,png}."""
+    run_search("evolve", mode, seed, params)
 
 
 @stage("random", sections=SECTIONS)
 def random_search(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
     """Control: random genomes, as many true evaluations per generation as `evolve` of the same mode
     and seed spent (its surrogate's pretraining included). Outputs as `evolve`'s, under random/."""
-    search_variant("random", mode, seed, params)
+    run_search("random", mode, seed, params)
 
 
 @stage("no_surrogate", sections=SECTIONS)
 def no_surrogate(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
     """Control: the GA with every child truly evaluated, until it has spent the FLOPs of `evolve` of
     the same mode and seed plus its surrogate's. Outputs as `evolve`'s, under no_surrogate/."""
-    search_variant("no_surrogate", mode, seed, params)
+    run_search("no_surrogate", mode, seed, params)
 
 
 @stage("fixed_body", sections=SECTIONS)
@@ -201,7 +199,7 @@ def fixed_body(mode: str = typer.Option("hybrid", "--mode", help="hybrid only"),
                params: Path = PARAMS_OPTION) -> None:
     """Control (hybrid): one seeded random genome, never searched, with exactly the Adam phases of
     `evolve` of the same seed. Outputs as `evolve`'s, under fixed_body/."""
-    search_variant("fixed_body", mode, seed, params)
+    run_search("fixed_body", mode, seed, params)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from stages.paths import FIELD_NEURONS, PREPARED, Contestant
 @stage("field", sections=("base", "model", "field"))
 def field(params: Path = PARAMS_OPTION) -> None:
     """Train the neuron-field LM of params.yaml's `field` section on the train split (context
-    model.block_size, the baseline's); write models/field/, its record metrics/detail/field.json,
+    model.block_size, the baseline's); write models/field/, its record metrics/detail/contestants/field.json,
     plots/field.csv (a row per step: loss, neurons, frozen share, energy with its method, FLOPs) and
     plots/field_neurons.png (the neurons' positions in two dimensions, by PCA, coloured by birth step).
     Saves the run to checkpoints/field every eval_interval steps: a killed run resumes."""
@@ -33,7 +33,7 @@ def field(params: Path = PARAMS_OPTION) -> None:
     checkpoint = FieldCheckpoint(me.checkpoints, fingerprint(
         {"base": asdict(p.base), "model": asdict(p.model), "field": asdict(s),
          "precision": resolve_precision(s.precision, device), "device": str(device)},
-        [data.folder / "meta.json"], "stages.field"))
+        [data.meta_file], "stages.field"))
     with progress_bar() as bar:
         task = bar.add_task("field", total=s.steps, info="")
 
@@ -55,13 +55,18 @@ def field(params: Path = PARAMS_OPTION) -> None:
     Record(me.name, me.kind, me.label, val, test, {"training": cost},
            {"loss": "val", "points": curve_points(result.curve, "val_loss", "step")},
            details={"steps": s.steps, "tokens": last["tokens"], "final_train_loss": final_train_loss(result.curve),
+                    # our tokenizer's, per split: puts the losses in nats per character, as the journal's can be
+                    "tokens_per_char": {split: data.meta["tokens"][split] / data.meta["chars"][split]
+                                        for split in ("train", "val")},
                     "best_curve_val_loss": best["val_loss"], "best_curve_step": best["step"],
                     "neurons": sum(neurons), "neurons_per_field": neurons, "frozen_share": last["frozen_share"],
                     "mean_lr_multiplier": last["mean_lr_multiplier"], "freeze": s.freeze, "attention": s.attention,
                     "parameters": model.parameter_count(), **rest, "precision": result.precision,
-                    "torch_compile": "none", "device": str(device),
-                    "final_evaluation": final_meter.reading.as_metrics(), "resumed_at_step": result.resumed_at,
-                    }).save(me.record)
+                    "torch_compile": "none", "device": str(device), "resumed_at_step": result.resumed_at},
+           uncharged={"final_scores": final_meter.reading.as_metrics(),
+                      "curve_val_loss": {"energy_wh": rest["eval_energy_wh"], "method": cost["method"]},
+                      "checkpoints": {"energy_wh": rest["checkpoint_energy_wh"], "method": cost["method"]}}
+           ).save(me.record)
     write_csv_atomic(me.curve, CURVE_FIELDS, result.curve)
     neurons_png(model.fields, FIELD_NEURONS, f"neuron field after {s.steps} steps: {sum(neurons)} neurons "
                 f"(PCA of positions; val loss {val:.3f})")

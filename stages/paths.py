@@ -3,7 +3,7 @@
 A contestant is a DVC stage instance that trains a model for the frontier. Its name is the stage's
 (`baseline`, `field`), or for a search of the crystalline GPT-2 run once per mode and seed of
 params.yaml's grid, `STAGE@MODE-SEED` as DVC names the matrix item (`evolve@pure-1337`): the same in
-dvc.yaml, in models/, in metrics/detail/ and in plots/.
+dvc.yaml, in models/, in its record metrics/detail/contestants/NAME.json and in plots/.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ PREPARED = Path("data/prepared")
 LIBRARY = Path("models/library")
 SURROGATE = Path("models/surrogate")
 BUILD = Path("build")
+COMPILE_REPORT = BUILD / "report.json"  # every compiled file's figures, the benchmarks and the samples
 REPORT = Path("metrics/report.md")
+RECORDS = Path("metrics/detail/contestants")  # every contestant's record: compare depends on the folder
 FIELD_NEURONS = Path("plots/field_neurons.png")
 TRANSFER_CURVES = Path("plots/transfer.csv")
 
@@ -43,17 +45,19 @@ class Entry:
     stage: str
     kind: str  # clso.record.KINDS
     label: str
-    grid: bool = False  # run once per mode and seed of params.yaml's grid (its list grid.STAGE)
+    # a search of the crystalline GPT-2 (clso.search.evolve.STRATEGIES), run once per mode and seed of
+    # params.yaml's grid (its list grid.STAGE); None: one run
+    strategy: str | None = None
 
 
 # Everything on the frontier. Adding a contestant: a stage that writes its record, and a line here.
 REGISTRY = (
     Entry("baseline", "baseline", "AdamW baseline"),
     Entry("field", "contestant", "neuron-field LM"),
-    Entry("evolve", "clso", "CLSO (GA + surrogate)", grid=True),
-    Entry("random", "control", "random search", grid=True),
-    Entry("no_surrogate", "control", "GA without surrogate", grid=True),
-    Entry("fixed_body", "control", "fixed random body", grid=True),
+    Entry("evolve", "clso", "CLSO (GA + surrogate)", strategy="ga"),
+    Entry("random", "control", "random search", strategy="random"),
+    Entry("no_surrogate", "control", "GA without surrogate", strategy="no_surrogate"),
+    Entry("fixed_body", "control", "fixed random body", strategy="fixed_body"),
 )
 ENTRIES = {e.stage: e for e in REGISTRY}
 
@@ -73,6 +77,10 @@ class Contestant:
         return ENTRIES[self.stage].kind
 
     @property
+    def strategy(self) -> str | None:
+        return ENTRIES[self.stage].strategy
+
+    @property
     def label(self) -> str:
         label = ENTRIES[self.stage].label
         return label if self.mode is None else f"{label}, {self.mode}"
@@ -87,7 +95,7 @@ class Contestant:
 
     @property
     def record(self) -> Path:
-        return detail(self._key)
+        return RECORDS / f"{self.name}.json"
 
     @property
     def curve(self) -> Path:
@@ -110,7 +118,7 @@ def contestants(grid) -> list[Contestant]:
     """Every contestant one `dvc repro` trains under params.yaml's `grid`, in the registry's order."""
     out = []
     for e in REGISTRY:
-        if e.grid:
+        if e.strategy:
             out += [Contestant(e.stage, mode, seed) for mode in getattr(grid, e.stage) for seed in grid.seeds]
         else:
             out.append(Contestant(e.stage))

@@ -4,28 +4,26 @@ the same probe; no pretraining, both ways); the task metric on a test split that
 saw, and what each side spent."""
 
 import functools
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from clso.context import derive_seed, setup
-from clso.data.tasks import load_task, split_record, split_task, task_metric
+from clso.data.tasks import load_task, split_task, task_metric
 from clso.data.tokens import TokenData
-from clso.energy import EnergyMeter, EnergyReading
+from clso.energy import EnergyMeter
 from clso.io import write_csv_atomic, write_json_atomic
 from clso.model.baseline import dense_gpt2, load_baseline
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
 from clso.model.library import BUCKETS, Library
 from clso.params import load_params
 from clso.progress import progress_bar
-from clso.report import transfer_statement
 from clso.transfer import (
     TOLERANCE,
     CachedBody,
     Classifier,
+    Side,
     body_flops,
     chosen_genes,
     classify,
@@ -36,7 +34,7 @@ from clso.transfer import (
     partial_search,
     prior_fitness,
     probe_fitness,
-    within_tolerance,
+    task_result,
 )
 from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.paths import LIBRARY, PREPARED, TRANSFER_CURVES, Contestant, detail, metrics, searched
@@ -52,8 +50,9 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
     """Fine-tune on each of transfer.tasks: CLSO's searched model (transfer.clso_mode at the first of
     grid.seeds) frozen with a linear probe on its features (`head`), and with a search over the genes
     nearest the head before its probe (`partial`); the baseline fine-tuned end to end, and frozen with
-    the same probe; a randomly initialised GPT-2 both ways. Writes metrics/transfer.json and
-    plots/transfer.csv: per task and side the loss by step, which is a fine-tuning step's batch
+    the same probe; a randomly initialised GPT-2 both ways. Writes metrics/transfer.json (CLSO's and the
+    fine-tuned baseline's test metric per task), metrics/detail/transfer.json (every side on every split,
+    what each spent, the verdict) and plots/transfer.csv: per task and side the loss by step, which is a fine-tuning step's batch
     cross-entropy, a probe's objective (cross-entropy + L2) at each L-BFGS evaluation, or (side
     clso_partial_search) the best fitness after each generation."""
     p = load_params(params)
@@ -63,7 +62,7 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
     data = TokenData.open(PREPARED)
     tokenizer = data.tokenizer()
     pad = int(data.meta["eot_id"])
-    variant = searched("evolve", t.clso_mode, p.grid)
+    clso_run = searched("evolve", t.clso_mode, p.grid)
     meter = p.base.meter_options(device)
     results, curve = {}, []
     with progress_bar() as bar:
@@ -80,7 +79,7 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
 
             run = dict(task=task, splits=splits, encoded=encoded, labels=torch.tensor(task.labels), p=p, meter=meter,
                        device=device)
-            bodies = {"clso_head": lambda: _clso_body(p, variant, device),
+            bodies = {"clso_head": lambda: _clso_body(p, clso_run, device),
                       "baseline_head": lambda: _dense_body(_baseline(p, data.vocab_size, device)),
                       "no_pretraining": lambda: _dense_body(_random_gpt2(p, data.vocab_size, device))}
             sides = {}
@@ -88,32 +87,22 @@ def transfer(params: Path = PARAMS_OPTION) -> None:
                 sides[side] = _probe_side(*body(), **run, log=functools.partial(log, side),
                                           charged=CHOICE if side == "clso_head" else ())
                 bar.advance(progress)
-            sides["clso_partial"] = _partial_side(variant, **run, log=log)
+            sides["clso_partial"] = _partial_side(clso_run, **run, log=log)
             bar.advance(progress)
             for side, gpt2 in (("baseline", lambda: _baseline(p, data.vocab_size, device)),
                                ("no_pretraining_finetuned", lambda: _random_gpt2(p, data.vocab_size, device))):
                 sides[side] = _finetuned_side(gpt2(), **run, log=functools.partial(log, side))
-            results[spec] = _task_result(task, splits, sides)
+            results[spec] = task_result(task, splits, sides)
     write_json_atomic(metrics("transfer"), {spec: {f"{side}_{split}": r[side][split] for side in ("clso", "baseline")
                                                    for split in r["majority_class"]} for spec, r in results.items()})
-    write_json_atomic(detail("transfer"), {"clso_variant": variant.name, "pooling": t.pooling, "tolerance": TOLERANCE,
+    write_json_atomic(detail("transfer"), {"clso": clso_run.name, "pooling": t.pooling, "tolerance": TOLERANCE,
                                            "tasks": results})
     write_csv_atomic(TRANSFER_CURVES, PLOT_FIELDS, curve)
     for spec, r in results.items():
-        print(f"transfer {spec}: {transfer_statement(r, TOLERANCE)}")
-
-
-@dataclass(frozen=True)
-class Side:
-    """One way of fitting a task: its metric on every split, what its training spent, and the rest."""
-
-    scores: dict[str, float]
-    reading: EnergyReading
-    flops: int
-    extra: dict = field(default_factory=dict)
-
-    def metrics(self) -> dict:
-        return {**self.scores, **self.reading.as_metrics(), "flops": self.flops, **self.extra}
+        c, b = r["clso"], r["baseline"]
+        print(f"transfer {spec}: test {r['metric']} CLSO {c['test']:.4f} ({c['option']}), baseline fine-tuned "
+              f"{b['test']:.4f}; within {TOLERANCE:.0%}: {'yes' if r['clso_within_tolerance']['test'] else 'no'}; "
+              f"energy {r['energy_ratio']:.3g}× the baseline's")
 
 
 def _baseline(p, vocab_size: int, device):
@@ -121,9 +110,9 @@ def _baseline(p, vocab_size: int, device):
                          seed=p.base.seed, device=device)
 
 
-def _clso_body(p, variant: Contestant, device):
+def _clso_body(p, clso_run: Contestant, device):
     """CLSO's searched model, its hidden states and the FLOPs of its body (of the genome it has now)."""
-    model = CrystallineGPT2.load(variant.model_dir, Library.load(LIBRARY), seed=p.base.seed, device=device)
+    model = CrystallineGPT2.load(clso_run.model_dir, Library.load(LIBRARY), seed=p.base.seed, device=device)
     return (model, lambda ids: model.gpt2.transformer(input_ids=ids, use_cache=False).last_hidden_state,
             lambda T, B: body_flops(model.config.gpt2(), T, B, model.linear_flops(model.genome)))
 
@@ -183,13 +172,13 @@ def _probe_side(model, hidden_fn, flops_fn, *, task, splits, encoded, labels, p,
     return Side(scores, trained.reading, flops, fit.as_metrics())
 
 
-def _partial_side(variant: Contestant, *, task, splits, encoded, labels, p, meter, device, log) -> Side:
+def _partial_side(clso_run: Contestant, *, task, splits, encoded, labels, p, meter, device, log) -> Side:
     """A search over the chosen genes, its fitness a probe's two-fold loss on a batch of train
     examples; then a probe on the whole train split, as in `head`, and val scored for the choice.
     The blocks below the first chosen gene never change: CachedBody runs them once on the batch.
     The final probe's train features recompute those blocks, which `head` computed too."""
     t = p.transfer
-    model, hidden_fn, flops_fn = _clso_body(p, variant, device)
+    model, hidden_fn, flops_fn = _clso_body(p, clso_run, device)
     pretrained = np.array(model.genome)
     chosen = chosen_genes(len(pretrained), t.partial_share)
     rng = np.random.default_rng(derive_seed(p.base.seed, "transfer-partial"))
@@ -236,33 +225,6 @@ def _finetuned_side(gpt2, *, task, splits, encoded, labels, p, meter, device, lo
     scores = {split: task_metric(task.metric, classify(model, encoded, idx, EVAL_BATCH, device), labels[idx].numpy())
               for split, idx in splits.items()}
     return Side(scores, trained.reading, flops)
-
-
-def _task_result(task, splits, sides: dict[str, Side]) -> dict:
-    """Every side; the majority class on each test split; what pretraining lifts; and the verdict for
-    CLSO: its option with the better val metric (chosen on val, judged on test), charged both
-    options, since choosing needed both."""
-    labels = np.asarray(task.labels)
-    tests = [split for split in splits if split.startswith("test")]
-    guess = np.bincount(labels[splits["train"]]).argmax()  # the train split's majority: test picks nothing
-    majority = {split: task_metric(task.metric, np.full(len(splits[split]), guess), labels[splits[split]])
-                for split in tests}
-    # a tie on val goes to `head`, the cheaper option
-    option = max(("clso_head", "clso_partial"), key=lambda side: sides[side].scores["val"])
-    head, partial = sides["clso_head"], sides["clso_partial"]
-    clso = Side(sides[option].scores, head.reading.plus(partial.reading), head.flops + partial.flops,
-                {"option": option.removeprefix("clso_")})
-    test = {name: side.scores["test"] for name, side in {**sides, "clso": clso}.items()}
-    base = sides["baseline"]
-    return {"metric": task.metric, "splits": split_record(task, splits), "majority_class": majority,
-            **{name: side.metrics() for name, side in {**sides, "clso": clso}.items()},
-            "clso_within_tolerance": {split: within_tolerance(clso.scores[split], base.scores[split]) for split in tests},
-            # a verdict that a model with no pretraining also passes does not test pretraining
-            "no_pretraining_within_tolerance": within_tolerance(test["no_pretraining_finetuned"], test["baseline"]),
-            "lift": {"pretraining_finetuned": test["baseline"] - test["no_pretraining_finetuned"],
-                     "pretraining_probe": test["baseline_head"] - test["no_pretraining"],
-                     "clso_probe": test["clso_head"] - test["no_pretraining"]},
-            "energy_ratio": clso.reading.energy_wh / base.reading.energy_wh if base.reading.energy_wh else math.inf}
 
 
 if __name__ == "__main__":

@@ -43,12 +43,12 @@ def test_first_reach_interpolates_or_says_never():
 def test_verdict_both_outcomes():
     win = verdict(clso_ppl=104.0, clso_energy=0.4, baseline_ppl=100.0, baseline_energy=1.0)
     assert win["holds"] and win["ppl_within_tolerance"] and win["energy_within_share"]
-    assert verdict_statement("evolve@pure-1", win, "rapl").startswith("**The hypothesis holds**")
+    assert verdict_statement("evolve@pure-1", win, "rapl").startswith(f"**The hypothesis ({hypothesis()}) holds**")
     too_dear = verdict(clso_ppl=100.0, clso_energy=0.6, baseline_ppl=100.0, baseline_energy=1.0)
     assert not too_dear["holds"] and too_dear["ppl_within_tolerance"] and not too_dear["energy_within_share"]
     too_poor = verdict(clso_ppl=106.0, clso_energy=0.1, baseline_ppl=100.0, baseline_energy=1.0)
     assert not too_poor["holds"]
-    assert verdict_statement("evolve@pure-1", too_poor, "rapl").startswith("**The hypothesis does not hold**")
+    assert verdict_statement("evolve@pure-1", too_poor, "rapl").startswith(f"**The hypothesis ({hypothesis()}) does not hold**")
 
 
 def point(name, val_loss, energy, flops, kind="clso", mode="pure", seed=1, bound=None):
@@ -97,8 +97,9 @@ def test_the_statement_follows_the_constants(monkeypatch):
 def test_a_frozen_head_bound_above_the_tolerance_decides_alone():
     decided = verdict(clso_ppl=3886.0, clso_energy=0.3, baseline_ppl=164.6, baseline_energy=0.6, bound_ppl=330.0)
     assert decided["decided_by_frozen_head_bound"] and decided["bound_ppl_ratio"] == pytest.approx(2.0049, abs=1e-4)
-    assert "Pure mode cannot pass: its frozen head allows no val perplexity below 330" in \
-        verdict_statement("evolve@pure-1", decided, "estimate")
+    text = verdict_statement("evolve@pure-1", decided, "estimate")
+    assert "; pure mode cannot pass, as its frozen head allows no val perplexity below 330 (2.005× the baseline's)" in text
+    assert len(re.findall(r"[.!?](?:\s|$)", text)) == 2
     open_question = verdict(clso_ppl=3886.0, clso_energy=0.3, baseline_ppl=164.6, baseline_energy=0.6, bound_ppl=160.0)
     assert not open_question["decided_by_frozen_head_bound"]
     assert "cannot pass" not in verdict_statement("evolve@pure-1", open_question, "estimate")
@@ -119,7 +120,7 @@ SEARCH = [{"loss": 8.3, "energy_wh": 0.0, "flops": 0, "wall_s": 0.0, "step": 0},
 def search_record(charged_with=("library", "surrogate_evaluation", "surrogate_training"), kind="clso", name="evolve@pure-1"):
     return Record(name, kind, "CLSO", 8.0, 8.1, {"search": cost(0.3, 5000, 40.0, "rapl", true_evaluations=20)},
                   {"loss": "best fitness (train batch)", "points": SEARCH}, tuple(charged_with), "pure", 1,
-                  {"checkpoint": cost(0.05, 0, 5.0, "rapl"), "adam_phases": 0})
+                  {"adam_phases": 0}, {"checkpoints": cost(0.05, 0, 5.0, "rapl")})
 
 
 def test_clso_is_charged_the_shared_costs_its_record_names_and_its_own_but_not_checkpoints():
@@ -158,6 +159,22 @@ def test_a_control_is_charged_its_library_and_search_but_no_surrogate():
     assert charges["before"] == pytest.approx({"energy_wh": 0.01, "flops": 0, "wall_s": 2.0})
 
 
+def test_a_record_naming_a_shared_cost_no_stage_records_is_one_clear_error():
+    from clso import ClsoError
+
+    with pytest.raises(ClsoError, match=r"evolve@pure-1: its record is charged 'tokenizer', which no stage records"):
+        charged(search_record(("library", "tokenizer")), SHARED)
+
+
+def test_what_no_one_is_charged_is_summed_by_what_it_was():
+    from clso.compare import uncharged
+
+    a, b = search_record(), search_record(name="random@pure-1", kind="control")
+    out = uncharged([a, b], {"compare": cost(0.001, 0, 1.0, "estimate")})
+    assert out["checkpoints"]["energy_wh"] == pytest.approx(0.1) and out["checkpoints"]["count"] == 2
+    assert out["checkpoints"]["method"] == "rapl" and out["compare"]["energy_wh"] == 0.001
+
+
 def test_a_contestant_trained_by_gradient_is_charged_its_training_alone():
     field = Record("field", "contestant", "field", 5.0, 5.1, {"training": cost(0.5, 800, 9.0, "estimate")},
                    {"loss": "val", "points": CURVE})
@@ -194,11 +211,27 @@ def test_contrasts_pair_each_control_with_clso_of_its_mode_and_seed():
     assert "0.3000 nats above" in two and "spread is 0.2828" in two and "ahead in 2 of them" in two
 
 
+def sentences(text: str) -> int:
+    return len(re.findall(r"[.!?](?:\s|$)", re.sub(r"\d\.\d|e\.g\.|\.crystal", "", text)))
+
+
 def test_every_statement_is_at_most_two_sentences():
-    c = contrasts([run("evolve", "pure", 1, 8.0), run("random", "pure", 1, 8.5)])["ga_vs_random"]["pure"]
-    v = verdict(clso_ppl=104.0, clso_energy=0.4, baseline_ppl=100.0, baseline_energy=1.0)
-    for text in (contrast_statement("ga_vs_random", "pure", c), verdict_statement("evolve@pure-1", v, "rapl")):
-        assert len(re.findall(r"[.!?](?:\s|$)", text)) <= 2, text
+    from clso.report import partial_statement, transfer_statement
+
+    c = contrasts([run("evolve", "pure", 1, 8.0), run("random", "pure", 1, 8.5),
+                   run("evolve", "pure", 2, 8.0), run("random", "pure", 2, 7.5)])["ga_vs_random"]["pure"]
+    one = contrasts([run("evolve", "pure", 1, 8.0), run("random", "pure", 1, 8.5)])["ga_vs_random"]["pure"]
+    side = {"test": 0.5, "test_mismatched": 0.4, "option": "head"}
+    task = {"clso": side, "baseline": side, "clso_within_tolerance": {"test": False, "test_mismatched": True},
+            "energy_ratio": 2.0, "lift": {"pretraining_finetuned": 0.1, "clso_probe": 0.0},
+            "clso_partial": {"search_accepted": False, "best_fitness": 0.7, "pretrained_fitness": 0.6, "prior_fitness": 0.69}}
+    texts = [contrast_statement("ga_vs_random", "pure", c), contrast_statement("ga_vs_random", "pure", one),
+             transfer_statement({**task, "no_pretraining_within_tolerance": True}, 0.05),
+             transfer_statement({**task, "no_pretraining_within_tolerance": False}, 0.05), partial_statement(task)]
+    for v in (verdict(104.0, 0.4, 100.0, 1.0), verdict(3886.0, 0.3, 164.6, 0.6, bound_ppl=330.0)):
+        texts.append(verdict_statement("evolve@pure-1", v, "rapl"))
+    for text in texts:
+        assert 1 <= sentences(text) <= 2, text
 
 
 def test_the_headline_is_the_best_mode_on_average_at_the_first_seed_not_the_luckiest_run():
@@ -238,14 +271,17 @@ def test_the_field_lm_sets_its_final_losses_per_character_beside_the_journals():
     from clso.compare import JOURNAL_FIELD, field_vs_journal
 
     field = Record("field", "contestant", "field", 5.0, 5.5, {"training": cost(2.0, 10, 1.0, "estimate")},
-                   {"loss": "val", "points": []}, details={"final_train_loss": 4.195, "tokens": 1000})
-    j = field_vs_journal(field, {"train": 0.25, "val": 0.5})
+                   {"loss": "val", "points": []},
+                   details={"final_train_loss": 4.195, "tokens": 1000, "tokens_per_char": {"train": 0.25, "val": 0.5}})
+    j = field_vs_journal(field)
     c = j["nats_per_char"]
     assert c["our_final_train"] == pytest.approx(4.195 * 0.25) and c["our_final_val"] == pytest.approx(2.5)
     assert c["journal_causal_train"] == pytest.approx(2.39 * 338_025 / 1_115_394)
     assert j["causal_train_loss_met"] is (4.195 * 0.25 <= 2.39 * JOURNAL_FIELD["gpt2_tokens_per_char"])
     assert j["journal_causal_train_tokens"] == 60 * 2 * 338_025 and j["our_train_tokens"] == 1000
-    met = field_vs_journal(field, {"train": 0.1, "val": 0.1})
+    from dataclasses import replace
+
+    met = field_vs_journal(replace(field, details={**field.details, "tokens_per_char": {"train": 0.1, "val": 0.1}}))
     assert met["causal_train_loss_met"] and met["flat_train_loss_met"]
 
 

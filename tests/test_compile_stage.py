@@ -67,8 +67,8 @@ def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdi
     report = json.loads((workdir / "build/report.json").read_text())
     assert summary == {name: {"mixed8_mean_kl": m["modes"]["mixed8"]["mean_kl"], "mixed8_bytes": m["modes"]["mixed8"]["bytes"]}
                        for name, m in metrics["models"].items() if name != "field"}
-    assert set(metrics) == {"variant", "models", "targets", "measured", "met", "cost"}
-    assert metrics["variant"] == report["variant"] == "evolve@hybrid-1337"  # the tiny params' compile.mode, first seed
+    assert set(metrics) == {"clso", "models", "targets", "measured", "met", "cost"}
+    assert metrics["clso"] == report["clso"] == "evolve@hybrid-1337"  # the tiny params' compile.mode, first seed
     assert set(metrics["models"]["baseline"]) == {"modes", "runtime_bench"}
     assert set(metrics["models"]["clso"]) == {"modes", "runtime_bench", "exactness"}
     assert set(metrics["models"]["clso"]["exactness"]) == EXACTNESS

@@ -24,6 +24,10 @@ def test_no_function_is_longer_than_60_lines():
     assert not found, f"split these functions (at most {MAX_LINES} lines each):\n" + "\n".join(found)
 
 
+def test_the_compare_stage_reads_calls_and_writes_in_at_most_120_lines():
+    assert len((REPO / "stages/compare.py").read_text(encoding="utf-8").splitlines()) <= 120
+
+
 def test_a_long_function_is_caught(tmp_path):
     (tmp_path / "clso").mkdir()
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))

@@ -109,13 +109,13 @@ def test_structured_sparse_structure(lib32):
     assert patterns == {"row", "column", "checkerboard", "random"}
 
 
-# The README's table row for structured_sparse, word for word: the test below holds the code to it.
+# docs/model.md's table row for structured_sparse, word for word: the test below holds the code to it.
 SPARSE_ROW = "row, column or random masks at 20/50/80 % density, or a checkerboard (50 %)"
 
 
-def test_structured_sparse_densities_are_what_the_readme_says():
+def test_structured_sparse_densities_are_what_the_docs_say():
     from tests.conftest import REPO
-    row = next(line for line in (REPO / "README.md").read_text().splitlines()
+    row = next(line for line in (REPO / "docs/model.md").read_text().splitlines()
                if line.startswith("| `structured_sparse` |"))
     assert SPARSE_ROW in row
     lib, _ = Library.generate(11, 32, size=60, shares={"structured_sparse": 1.0})

@@ -159,7 +159,7 @@ def test_the_offline_gpu_profile_is_gpt2_small_on_the_shipped_corpus():
     assert (p.evolve.population, p.evolve.generations) == (256, 200)
 
 
-def test_the_readme_shows_the_error_the_loader_gives(tmp_path, monkeypatch):
+def test_the_docs_show_the_error_the_loader_gives(tmp_path, monkeypatch):
     from pathlib import Path
 
     import yaml
@@ -168,7 +168,7 @@ def test_the_readme_shows_the_error_the_loader_gives(tmp_path, monkeypatch):
     from clso.params import load_params
 
     root = Path(__file__).resolve().parent.parent
-    shown = next(line for line in (root / "README.md").read_text().splitlines() if "vocab_sise" in line)
+    shown = next(line for line in (root / "docs/architecture.md").read_text().splitlines() if "vocab_sise" in line)
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["prepare"]["vocab_sise"] = raw["prepare"].pop("vocab_size")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

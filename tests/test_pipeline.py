@@ -45,6 +45,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo, stage_env):
 
     again = sh(["dvc", "repro"], repo, env)
     assert "Running stage" not in again and "up to date" in again
+    assert "DeprecationWarning" not in out and "FutureWarning" not in out  # transformers' past_key_values, say
 
 
 def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(repo, stage_env):
@@ -60,11 +61,9 @@ def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(
         assert metrics["models"][model]["modes"]["mixed8"]["bytes"] == details["models"][model]["modes"]["mixed8"]["bytes"]
         assert metrics["models"][model]["runtime_bench"]["runtime_tokens_per_s"] > 0
     assert set(metrics["met"]) < set(metrics["measured"])  # plus bytes against the dense f32 file, for context
-    from clso.report import fmt
-
     report = (repo / "metrics/report.md").read_text()
     assert "## Compiled to `.crystal`" in report
-    assert f"| clso | {fmt(metrics['models']['clso']['modes']['mixed8']['bytes'])} |" in report
+    assert f"| clso | {metrics['models']['clso']['modes']['mixed8']['bytes']:,} |" in report
     # the README's generation command
     run = subprocess.run(["build/crystal", "generate", "build/baseline-mixed8.crystal", "-p", "ROMEO:", "-n", "20",
                           "-s", "1"], cwd=repo, env=stage_env, capture_output=True, timeout=60)
@@ -188,23 +187,61 @@ def test_dvc_plots_draw_every_contestant_fully_charged(repo, stage_env):
             final, = [r for r in frontier if r["contestant"] == contestant and r["point"] == "final val"]
             assert float(curve[-1][x]) == pytest.approx(row[x], rel=1e-6) == float(final[x]), (name, contestant)
             assert float(final["loss"]) == pytest.approx(math.log(row["val_ppl"]), rel=1e-9)
+    # one colour per contestant, its curve and its final val point alike: both layers colour by contestant
+    template = json.loads((repo / "plots/frontier.dvc-template.json").read_text())
+    assert template["encoding"]["color"]["field"] == "contestant" and len(template["layer"]) == 2
+    assert {layer["transform"][0]["filter"] for layer in template["layer"]} == {"datum.point != 'final val'",
+                                                                                "datum.point == 'final val'"}
     show = json.loads(sh(["dvc", "plots", "show", "--json"], repo, stage_env))
     assert not show.get("errors")
     assert {"pure_loss_vs_energy", "pure_loss_vs_flops", "hybrid_loss_vs_energy", "hybrid_loss_vs_flops"} <= set(show["data"])
 
 
-def test_compare_writes_only_what_it_declares(repo, stage_env):
-    """Run in a scratch copy, `compare` changes its declared outputs and no other file (README.md included)."""
+_WRITES: list[list[str]] = []  # the paths the running test records writes to (an audit hook cannot be removed)
+_HOOKED = []
+
+
+def _record_writes(event: str, args) -> None:
+    if not _WRITES:
+        return
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
+                (mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)):
+            _WRITES[-1].append(os.fsdecode(args[0]))
+    elif event == "os.rename":
+        _WRITES[-1].append(os.fsdecode(args[1]))
+
+
+def test_compare_writes_only_what_it_declares(repo, monkeypatch):
+    """Run in a scratch copy, `compare` writes its declared outputs and no other file, README.md
+    included: every write and rename is recorded, bytes the same or not."""
+    import re
+    import sys
+
     import yaml
 
-    def snapshot():
-        return {p.relative_to(repo).as_posix(): p.read_bytes() for p in repo.rglob("*")
-                if p.is_file() and not {".git", ".dvc"} & set(p.relative_to(repo).parts)}
+    import stages.compare  # noqa: F401  (registers the command)
+    from stages.common import app
 
-    before = snapshot()
     stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["compare"]
     declared = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])]
-    sh([str(BIN / "python"), "-m", "stages.compare"], repo, stage_env)
-    after = snapshot()
-    changed = {f for f in before.keys() | after.keys() if before.get(f) != after.get(f)}
-    assert changed and all(any(f == d or f.startswith(d + "/") for d in declared) for f in changed), changed
+    if not _HOOKED:
+        sys.addaudithook(_record_writes)
+        _HOOKED.append(True)
+    monkeypatch.chdir(repo)
+    _WRITES.append([])
+    try:
+        assert app(args=["compare", "--params", "params.yaml"], standalone_mode=False) in (None, 0)
+    finally:
+        written = _WRITES.pop()
+    inside = set()
+    for path in written:
+        full = (repo / path).resolve()
+        if repo.resolve() not in full.parents:
+            continue  # a cache outside the repository (matplotlib's fonts, say)
+        rel = full.relative_to(repo.resolve())
+        temp = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", rel.name)  # clso.io's temp file beside its target
+        inside.add((rel.parent / temp.group(1) if temp else rel).as_posix())
+    assert inside and "README.md" not in inside
+    assert all(any(f == d or f.startswith(d + "/") for d in declared) for f in inside), sorted(inside)

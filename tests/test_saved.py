@@ -47,7 +47,7 @@ def test_a_searched_model_loads_back_bit_for_bit(saved):
     x = torch.randint(0, 30, (2, 8))
     assert torch.equal(loaded(x), clso.eval()(x))
     about = json.loads((ME.model_dir / "best_genome.json").read_text())
-    assert (about["variant"], about["mode"], about["fitness_loss"]) == ("random@hybrid-5", "hybrid", 3.25)
+    assert (about["contestant"], about["mode"], about["fitness_loss"]) == ("random@hybrid-5", "hybrid", 3.25)
 
 
 def test_the_baseline_loads_with_its_tied_head(saved):
@@ -125,7 +125,7 @@ def test_a_record_loads_back_and_a_stale_one_is_one_clear_error(tmp_path):
     (["fixed_body", "--mode", "pure"], "clso fixed_body: error: --mode pure: not valid for fixed_body; valid: hybrid"),
     (["random", "--mode", "hybrid", "--seed", "5"], "clso random: error: metrics/detail/surrogate.json: not found"),
     (["fixed_body", "--mode", "hybrid", "--seed", "5"],
-     "clso fixed_body: error: metrics/detail/search/evolve/hybrid-5.json: not found"),
+     "clso fixed_body: error: metrics/detail/contestants/evolve@hybrid-5.json: not found"),
 ])
 def test_a_search_stage_without_what_it_needs_is_one_line(tmp_path, stage_env, args, expected):
     import shutil

@@ -283,5 +283,5 @@ def test_test_is_read_only_in_the_final_scores_and_the_search_sees_only_train(sc
     assert v["decided_by_frozen_head_bound"] == (pure and bound["val_ppl"] / baseline_ppl > 1 + PPL_TOLERANCE)
     # the stages after the search meter themselves too, charged to neither side
     compile_ = json.loads((scratch_repo / "metrics/detail/compile.json").read_text())
-    for cost in (compare["cost"], compile_["cost"], evolve["details"]["final_evaluation"], evolve["details"]["checkpoint"]):
+    for cost in (compare["uncharged"]["compare"], compile_["cost"], evolve["uncharged"]["final_scores"], evolve["uncharged"]["checkpoints"]):
         assert cost["energy_wh"] > 0 and cost["method"] in {"estimate", "rapl"}

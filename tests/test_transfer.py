@@ -83,7 +83,7 @@ SIDES = ("clso_head", "clso_partial", "baseline", "baseline_head", "no_pretraini
 def test_every_side_is_scored_on_every_split_and_charged(workdir):
     metrics, curve = read(workdir)
     [(spec, r)] = metrics["tasks"].items()
-    assert spec.startswith("file:") and r["metric"] == "accuracy" and metrics["clso_variant"] == "evolve@hybrid-1337"
+    assert spec.startswith("file:") and r["metric"] == "accuracy" and metrics["clso"] == "evolve@hybrid-1337"
     assert {k: v["examples"] for k, v in r["splits"].items()} == {"train": 72, "val": 24, "test": 24}
     for side in (*SIDES, "clso"):
         s = r[side]
@@ -219,7 +219,7 @@ def test_the_test_split_chooses_nothing(workdir, tmp_path):
 
 def test_the_verdict_takes_the_option_better_on_val_even_when_test_disagrees():
     from clso.energy import EnergyReading
-    from stages.transfer import Side, _task_result
+    from clso.transfer import Side, task_result
 
     reading = lambda wh: EnergyReading(wh, "estimate", 1.0, 1.0, wh, "estimate")  # noqa: E731
     side = lambda val, test, wh=0.1: Side({"train": 0.9, "val": val, "test": test}, reading(wh), 10)  # noqa: E731
@@ -227,7 +227,7 @@ def test_the_verdict_takes_the_option_better_on_val_even_when_test_disagrees():
     splits = split_task(task, 0.1, 0.1, seed=0)
     sides = {"clso_head": side(0.60, 0.50, 0.2), "clso_partial": side(0.55, 0.70, 0.3), "baseline": side(0.7, 0.52, 0.4),
              "baseline_head": side(0.6, 0.6), "no_pretraining": side(0.5, 0.45), "no_pretraining_finetuned": side(0.6, 0.4)}
-    r = _task_result(task, splits, sides)
+    r = task_result(task, splits, sides)
     assert r["clso"]["option"] == "head" and r["clso"]["test"] == 0.50  # not partial's better test score
     assert r["clso_within_tolerance"] == {"test": True}  # 0.50 ≥ 0.52 − 5 % of 0.52
     assert r["clso"]["energy_wh"] == pytest.approx(0.5) and r["energy_ratio"] == pytest.approx(1.25)
@@ -254,7 +254,7 @@ def test_statement_and_table_for_mnli_and_a_matthews_correlation():
                                        search_accepted=False)}
     assert partial_statement(noisy) == ("`partial` kept the pretrained genes: its search's best fitness (0.7000 nats) "
                                         "beat neither the pretrained genes' (0.7100) nor the label prior's (0.6900).")
-    lines = "\n".join(transfer_section({"clso_variant": "evolve@hybrid-1", "tolerance": 0.05, "tasks": {"glue/mnli": noisy}}))
+    lines = "\n".join(transfer_section({"clso": "evolve@hybrid-1", "tolerance": 0.05, "tasks": {"glue/mnli": noisy}}))
     assert "| `glue/mnli` | CLSO, charged both options (partial) | 0.9 | 0.5 | 0.4000, 0.4100 |" in lines
     assert "| `glue/mnli` | majority class of train | — | — | 0.3500, 0.3600 | — | — |" in lines
     assert "(accuracy, 9815 test examples)" in lines and "`partial` kept the pretrained genes" in lines

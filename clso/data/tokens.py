@@ -82,7 +82,7 @@ def prepare_dataset(corpus: Corpus, out_dir: str | Path, *, corpus_name: str, to
             meta["documents"][name] = [d.name for d in docs]
         meta["sha256"]["corpus"] = sha256_text(
             d.text for d in sorted((d for s in splits.values() for d in s), key=lambda d: d.name))
-        write_json_atomic(tmp / "meta.json", meta)
+        write_json_atomic(tmp / TokenData.META, meta)
     return meta
 
 
@@ -92,13 +92,18 @@ class TokenData:
 
     folder: Path
     meta: dict
+    META = "meta.json"  # the folder's description: vocab, dtype, token counts, each split's documents and hash
+
+    @property
+    def meta_file(self) -> Path:
+        return self.folder / self.META
 
     @classmethod
     def open(cls, folder: str | Path) -> TokenData:
         folder = Path(folder)
         fix = "re-create it with `dvc repro -f prepare`"
         try:
-            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            meta = json.loads((folder / cls.META).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ClsoError(f"{folder}/meta.json: not found; run `dvc repro prepare` first") from None
         except (OSError, ValueError) as e:

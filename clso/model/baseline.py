@@ -131,12 +131,17 @@ def save_baseline(model: GPT2LMHeadModel, folder: str | Path) -> None:
     save_file(state_for_saving(model), str(Path(folder) / "model.safetensors"), metadata={"clso": "baseline/1"})
 
 
+def baseline_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The weights `save_baseline` wrote, by their transformers names (the tied head left out)."""
+    return read_tensors(Path(folder) / "model.safetensors", "run `dvc repro baseline` first")
+
+
 def load_baseline(folder: str | Path, config: ModelConfig, *, seed: int, device="cpu") -> GPT2LMHeadModel:
     """The baseline `save_baseline` wrote, for a ModelConfig of the same shape, in eval mode."""
     path = Path(folder) / "model.safetensors"
     model = dense_gpt2(config, seed, device)
     try:
-        missing, unexpected = model.load_state_dict(read_tensors(path), strict=False)
+        missing, unexpected = model.load_state_dict(baseline_tensors(folder), strict=False)
     except RuntimeError:  # a tensor of another shape
         missing, unexpected = ["(shapes differ)"], []
     # the tied head is the embedding, saved once: every other parameter must come from the file

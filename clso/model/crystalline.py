@@ -168,7 +168,7 @@ class CrystallineGPT2(nn.Module):
         folder = Path(folder)
         write_json_atomic(folder / "best_genome.json", {
             "genome": self.genome, "fitness_loss": fitness_loss, "library_seed": self.library.seed,
-            "variant": name, "mode": mode, "model": asdict(self.config)})
+            "contestant": name, "mode": mode, "model": asdict(self.config)})
         save_file(self.continuous_state(), str(folder / "continuous.safetensors"), metadata={"clso": "continuous/1"})
 
     @classmethod
@@ -182,7 +182,7 @@ class CrystallineGPT2(nn.Module):
             model.set_genome(saved["genome"])
         except (KeyError, TypeError, ValueError) as e:
             raise ClsoError(f"{folder}: does not fit models/library ({type(e).__name__}: {str(e)[:120]}); "
-                            f"re-create it with `dvc repro -f {saved.get('variant', '')}`") from None
+                            f"re-create it with `dvc repro -f {saved.get('contestant', '')}`") from None
         return model.eval()
 
     def dense_gpt2(self, genome, attn_implementation: str = "eager") -> GPT2LMHeadModel:

@@ -406,21 +406,28 @@ class Library:
                     progress()
         return cls(seed, shapes, matrices, manifest), tensors
 
+    TENSORS, MANIFEST = "library.safetensors", "manifest.json"  # a library's folder: its two files
+
     def save(self, folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(folder / "library.safetensors",
+        write_bytes_atomic(folder / self.TENSORS,
                            # one metadata key: safetensors orders several at random in the header
                            save_safetensors(tensors, metadata={"clso": f"library/{LIBRARY_VERSION}"}))
-        write_json_atomic(folder / "manifest.json", self.manifest)
+        write_json_atomic(folder / self.MANIFEST, self.manifest)
+
+    @classmethod
+    def stored(cls, folder: str | Path) -> dict[str, torch.Tensor]:
+        """The library's tensors as saved: packed (int8 ternary factors, index sets), not the floats it applies."""
+        return load_safetensors((Path(folder) / cls.TENSORS).read_bytes())
 
     @classmethod
     def load(cls, folder: str | Path, device="cpu") -> Library:
         folder = Path(folder)
         fix = "rebuild it with `dvc repro -f library`"
         try:
-            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-            tensors = load_safetensors((folder / "library.safetensors").read_bytes())
+            manifest = json.loads((folder / cls.MANIFEST).read_text(encoding="utf-8"))
+            tensors = cls.stored(folder)
         except FileNotFoundError as e:
             raise ClsoError(f"{e.filename}: not found; run `dvc repro library` first") from None
         except (OSError, ValueError, SafetensorError) as e:

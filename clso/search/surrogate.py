@@ -182,11 +182,13 @@ class Surrogate:
 
     # --- the folder a trained surrogate lives in (models/surrogate) ------------------------------
 
+    WEIGHTS = "surrogate.safetensors"
+
     def save(self, folder: str | Path, genomes: np.ndarray, losses: np.ndarray, holdout: np.ndarray) -> None:
         """surrogate.safetensors (its weights), surrogate.json (its config) and data.json (the genomes it
         learnt from, their true losses and which were held out), into an existing folder."""
         folder = Path(folder)
-        save_file(self.state_dict(), str(folder / "surrogate.safetensors"), metadata={"clso": "surrogate/1"})
+        save_file(self.state_dict(), str(folder / self.WEIGHTS), metadata={"clso": "surrogate/1"})
         write_json_atomic(folder / "surrogate.json", dataclasses.asdict(self.config))
         write_json_atomic(folder / "data.json", {"genomes": genomes.tolist(),
                                                  "losses": [float(x) if np.isfinite(x) else "inf" for x in losses],
@@ -197,7 +199,7 @@ class Surrogate:
         """A saved surrogate on `device`, with the genomes and true losses it learnt from."""
         folder, fix = Path(folder), "run `dvc repro surrogate` first"
         config, data = read_json(folder / "surrogate.json", fix), read_json(folder / "data.json", fix)
-        state = read_tensors(folder / "surrogate.safetensors", fix)
+        state = read_tensors(folder / cls.WEIGHTS, fix)
         try:
             model = cls(SurrogateConfig(**{**config, "gene_buckets": tuple(config["gene_buckets"])}), device=device)
             model.load_state_dict(state)
