@@ -107,7 +107,7 @@ def test_exp_run_with_another_seed_runs_only_the_new_variants_and_compare(repo, 
     compare = json.loads((repo / "metrics/detail/compare.json").read_text())
     assert set(compare["contestants"]) == {"baseline", "field", *VARIANTS, *new}
     spread = compare["over_seeds"]["evolve@hybrid"]
-    losses = [json.loads((repo / f"metrics/detail/search/evolve/hybrid-{s}.json").read_text())["val_loss"]
+    losses = [json.loads((repo / f"metrics/detail/contestants/evolve@hybrid-{s}.json").read_text())["val_loss"]
               for s in (1337, 7)]
     assert spread["seeds"] == 2 and spread["val_loss"] == pytest.approx(sum(losses) / 2)
     assert spread["val_loss_spread"] == pytest.approx(abs(losses[0] - losses[1]) / 2 ** 0.5)
@@ -120,13 +120,14 @@ def assert_verdict_follows_the_records(repo):
     """The verdict and every contestant's charges are recomputed here from the stages' own records and
     detail files, not taken from compare: each control is charged like CLSO, and spent CLSO's budget."""
     from clso.compare import ENERGY_SHARE, PPL_TOLERANCE
+    from clso.report import hypothesis
 
     detail = {name: json.loads((repo / f"metrics/detail/{name}.json").read_text())
-              for name in ("library", "surrogate", "baseline", "compare")}
+              for name in ("library", "surrogate", "contestants/baseline", "compare")}
     compare, surrogate, summary = detail["compare"], detail["surrogate"], json.loads((repo / "metrics/compare.json").read_text())
-    searches = {name: json.loads((repo / f"metrics/detail/search/{name.replace('@', '/')}.json").read_text())
+    searches = {name: json.loads((repo / f"metrics/detail/contestants/{name}.json").read_text())
                 for name in compare["contestants"] if "@" in name}
-    baseline = detail["baseline"]
+    baseline = detail["contestants/baseline"]
     for name, search in searches.items():
         is_clso, own = name.startswith("evolve@"), search["costs"]["search"]
         charged = detail["library"]["generation"]["energy_wh"] + own["energy_wh"] + is_clso * (
@@ -159,7 +160,7 @@ def assert_verdict_follows_the_records(repo):
     assert v["ppl_ratio"] == pytest.approx(ppl_ratio, abs=1e-4) and v["energy_ratio"] == pytest.approx(energy_ratio, abs=1e-4)
     report = (repo / "metrics/report.md").read_text()
     assert report.split("## Verdict", 1)[1].lstrip().startswith(
-        f"**The hypothesis {'holds' if holds else 'does not hold'}** for CLSO's best mode, `{best}`")
+        f"**The hypothesis ({hypothesis()}) {'holds' if holds else 'does not hold'}** for CLSO's best mode, `{best}`")
     for name in compare["contestants"]:
         assert f"| `{name}` |" in report
 

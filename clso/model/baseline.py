@@ -219,7 +219,10 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
             train_losses.append(step_fn(x, y, learning_rate(step, params)))
             if step == 0:
                 first_step = meter.read().minus(started).as_metrics()
-    trained = meter.reading.minus(evals).as_metrics()
+    whole = meter.reading.minus(evals)
+    trained = whole.as_metrics()
+    # the last point is the model training ends with: its cost is the whole training's
+    result.curve[-1].update(energy_wh=whole.energy_wh, energy_method=whole.method, wall_s=whole.wall_s)
     result.train_energy = {**trained, "flops": params.steps * step_flops, "eval_energy_wh": evals.energy_wh,
                            "eval_flops": eval_flops * len(result.curve),
                            "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")},
