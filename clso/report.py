@@ -39,11 +39,17 @@ def hypothesis() -> str:
     return f"CLSO within {PPL_TOLERANCE:.0%} of the baseline's perplexity at ≤ {ENERGY_SHARE:.0%} of its energy"
 
 
+HOLDS = {True: "holds", False: "does not hold", None: "is undetermined"}
+
+
 def verdict_statement(name: str, v: dict, methods: str) -> str:
     """The verdict on the headline run, in two sentences."""
-    text = (f"**The hypothesis ({hypothesis()}) {'holds' if v['holds'] else 'does not hold'}** for CLSO's best "
-            f"mode, `{name}`. Its val perplexity is {v['ppl_ratio']:.3f}× the baseline's at {v['energy_ratio']:.3f}× "
-            f"its energy (energy by `{methods}`)")
+    text = (f"**The hypothesis ({hypothesis()}) {HOLDS[v['holds']]}** for CLSO's best mode, `{name}`. Its val "
+            f"perplexity is {v['ppl_ratio']:.3f}× the baseline's, at {v['energy_ratio']:.3f}× its energy (`{methods}`) "
+            f"and {v['flops_ratio']:.3f}× its FLOPs")
+    if v["energy_criterion"] == "undetermined":
+        text += (f"; the energy criterion is undetermined, as energy is an estimate that moves with the machine's load "
+                 f"and the two ratios fall on either side of {ENERGY_SHARE:.0%}")
     if v["decided_by_frozen_head_bound"]:
         text += (f"; pure mode cannot pass, as its frozen head allows no val perplexity below {v['bound_ppl']:.4g} "
                  f"({v['bound_ppl_ratio']:.3f}× the baseline's) whatever the library or the search")
@@ -98,7 +104,7 @@ def contestants_section(result: dict) -> list[str]:
     rows = []
     for name, r in result["contestants"].items():
         vs = result["against_baseline"].get(name, {})
-        hypothesis_text = ("holds" if vs["holds"] else "does not hold") if "holds" in vs else "—"
+        hypothesis_text = HOLDS[vs["holds"]] if "holds" in vs else "—"
         rows.append([f"`{name}`", r["label"], r["val_ppl"], r["test_ppl"], r["energy_wh"], r["method"], r["flops"],
                      r.get("true_evaluations"), vs.get("val_ppl"), vs.get("energy_wh"), hypothesis_text])
     lines += table(["contestant", "what", "val ppl", "test ppl", "energy (Wh)", "method", "FLOPs", "true evaluations",
@@ -112,27 +118,34 @@ def contestants_section(result: dict) -> list[str]:
     return lines
 
 
+CONCLUSIONS = {"clso_better": "excludes zero: CLSO's GA is better", "within_noise": "includes zero: within noise",
+               "control_better": "excludes zero: {label} is better"}
+
+
 def contrast_statement(name: str, mode: str, c: dict) -> str:
-    """One contrast in at most two sentences: the difference, and what the seeds allow one to say of it."""
+    """One contrast in at most two sentences: the mean difference, and what its interval allows."""
     label, _ = QUESTIONS[name]
-    d = c["loss_difference"]
+    d = c["mean_diff"]
     side = "above" if d > 0 else "below" if d < 0 else "level with"
-    first = f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss."
-    if c["seeds"] == 1:
-        return first + " One seed gives no spread to weigh that against, so no side is called better."
-    return first + (f" Over {c['seeds']} seeds the spread is {c['loss_difference_spread']:.4f} nats, and CLSO's GA "
-                    f"is ahead in {c['clso_better_in']} of them.")
+    if c["conclusion"] == "one_seed":
+        return f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss, on one seed: no claim is made."
+    low, high = c["interval"]
+    return (f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss, the mean over {c['seeds']} "
+            f"seeds. Its 95 % interval, [{low:+.4f}, {high:+.4f}], {CONCLUSIONS[c['conclusion']].format(label=label)}.")
 
 
 def contrasts_section(result: dict) -> list[str]:
     lines = ["## What each part of CLSO buys", "", "Each control is paired with CLSO's GA of its mode and seed, on its "
              "budget: random search gets its true evaluations, the GA without surrogate its FLOPs (with the "
-             "surrogate's), the fixed body its generations (so its Adam phases).", ""]
-    rows = [[question, mode, c["seeds"], f"{c['loss_difference']:+.4f}", c["loss_difference_spread"],
-             c["energy_share"], c["flops_share"], f"{fmt(c['adam_phases'])} / {fmt(c['clso_adam_phases'])}"]
+             "surrogate's), the fixed body its generations (so its Adam phases). The interval is a paired t over "
+             "seeds (95 %); a difference is called better only when it excludes zero.", ""]
+    rows = [[question, mode, c["seeds"], f"{c['mean_diff']:+.4f}",
+             "—" if c["interval"] is None else f"[{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]",
+             c["conclusion"].replace("_", " "), c["flops_share"], c["energy_share"],
+             f"{fmt(c['adam_phases'])} / {fmt(c['clso_adam_phases'])}"]
             for name, (label, question) in QUESTIONS.items() for mode, c in result["contrasts"].get(name, {}).items()]
-    lines += table(["question", "mode", "seeds", "control − CLSO val loss (nats)", "spread", "energy share",
-                    "FLOPs share", "Adam phases (control / CLSO)"], rows)
+    lines += table(["question", "mode", "seeds", "control − CLSO val loss (nats), mean", "95 % interval",
+                    "conclusion", "FLOPs share", "energy share", "Adam phases (control / CLSO)"], rows)
     lines += ["", *(f"- {contrast_statement(name, mode, c)}" for name in QUESTIONS
                     for mode, c in result["contrasts"].get(name, {}).items())]
     return lines

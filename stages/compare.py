@@ -12,7 +12,7 @@ from clso.io import read_json, write_csv_atomic, write_json_atomic, write_text_a
 from clso.params import MODES, load_params
 from clso.plots import frontier_png
 from clso.record import Record
-from clso.report import report
+from clso.report import HOLDS, report
 from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.paths import REPORT, Contestant, contestants, detail, metrics
 from stages.paths import frontier as frontier_path
@@ -70,7 +70,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     write_text_atomic(REPORT, report(result, details))
     write_frontiers(rows, records, curves, result["frozen_head_bound_val_ppl"])
     v = result["headline"]["verdict"]
-    print(f"compare: {best['name']}: the hypothesis {'holds' if v['holds'] else 'does not hold'} (val perplexity "
+    print(f"compare: {best['name']}: the hypothesis {HOLDS[v['holds']]} (val perplexity "
           f"{v['ppl_ratio']:.3f}× the baseline's at {v['energy_ratio']:.3f}× its energy); see {REPORT}")
 
 
