@@ -136,8 +136,9 @@ def contrast_statement(name: str, mode: str, c: dict) -> str:
 
 def contrasts_section(result: dict) -> list[str]:
     lines = ["## What each part of CLSO buys", "", "Each control is paired with CLSO's GA of its mode and seed, on its "
-             "budget: random search gets its true evaluations, the GA without surrogate its FLOPs (with the "
-             "surrogate's), the fixed body its generations (so its Adam phases). The interval is a paired t over "
+             "budget: random search gets its true evaluations, the GA without surrogate its search FLOPs (with the "
+             "surrogate's, without the Adam steps), the fixed body its generations. In hybrid mode each control gets "
+             "exactly CLSO's Adam phases, so a contrast compares search with search. The interval is a paired t over "
              "seeds (95 %); a difference is called better only when it excludes zero.", ""]
     rows = [[question, mode, c["seeds"], f"{c['mean_diff']:+.4f}",
              "—" if c["interval"] is None else f"[{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]",

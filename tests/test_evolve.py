@@ -324,9 +324,21 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
 
     from clso.search.evolve import Budget
 
-    _, ga_run, ga_steps = run("ga", "ga")
+    ga, ga_run, ga_steps = run("ga", "ga")
     fixed, fixed_run, fixed_steps = run("fixed_body", "fixed", Budget(generations=ga_run.ga_state.generation))
     assert fixed_steps == ga_steps == 3 * 3  # generations 2, 4 and 6
+    # the GA without surrogate: the GA's search FLOPs (Adam's aside) and more, and exactly its Adam phases,
+    # each at the share of the budget the GA had spent when it ran it
+    spent = ga.cost.search_flops
+    assert ga.cost.adam_flops > 0 and spent == ga.cost.flops - ga.cost.adam_flops and len(ga_run.adam_at) == 3
+    shares = tuple(f / spent for f in ga_run.adam_at)
+    budget = Budget(flops=spent, adam_at=shares)
+    nosur, nosur_run, nosur_steps = run("no_surrogate", "no_surrogate", budget)
+    assert nosur_steps == ga_steps and nosur.adam_phases == ga.adam_phases == 3
+    assert nosur_run.stopped == "FLOP budget spent" and nosur.cost.search_flops >= budget.flops
+    assert nosur.cost.flops - nosur.cost.search_flops == nosur.cost.adam_flops > 0  # charged, not counted in the budget
+    assert all(at >= share * budget.flops for at, share in zip(nosur_run.adam_at, shares))
+    assert nosur_run.history[-1]["flops"] == nosur.cost.flops
     from clso.model.flops import backward_flops, forward_flops
 
     genome, gpt = fixed_run.ga_state.best_genome, fixed.search.config.gpt2()
@@ -388,3 +400,22 @@ def test_totals_keep_the_gpu_and_cpu_parts_apart():
     assert totals.by_device() == {"cpu_wh": 0.15, "cpu_method": "estimate|rapl", "gpu_wh": 0.2, "gpu_method": "nvml"}
     assert totals.energy_j == pytest.approx((totals.cpu_j + totals.gpu_j))
     assert Totals().plus(cpu).by_device() == {}  # CPU-only: no parts, as EnergyReading.as_metrics gives none
+
+
+def test_the_no_surrogate_budget_is_clsos_search_and_surrogate_flops_without_adam(tmp_path, monkeypatch):
+    from clso.io import write_json_atomic
+    from clso.record import Record
+    from stages.evolve import _budget
+    from stages.paths import Contestant, detail
+
+    monkeypatch.chdir(tmp_path)
+    write_json_atomic(detail("surrogate"), {"genomes": 10, "evaluation": {"flops": 300}, "training": {"flops": 20}})
+    search = {"energy_wh": 1.0, "method": "estimate", "wall_s": 1.0, "flops": 10_000, "true_evaluations": 50}
+    for mode, adam in (("hybrid", 4_000), ("pure", 0)):
+        clso = Contestant("evolve", mode, 5)
+        at = [1_500, 6_000] if adam else []
+        Record(clso.name, "clso", "CLSO", 5.0, 5.0, {"search": search}, {"loss": "x", "points": []}, (), mode, 5,
+               {"adam_phases": len(at), "adam_flops": adam, "adam_at_search_flops": at}).save(clso.record)
+        budget = _budget(Contestant("no_surrogate", mode, 5))
+        assert budget.flops == 10_000 - adam + 300 + 20
+        assert budget.adam_at == ((0.25, 1.0) if adam else None)  # each phase at its share of the GA's 6,000

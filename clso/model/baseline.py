@@ -35,10 +35,12 @@ def learning_rate(step: int, params) -> float:
     return params.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (params.lr - params.min_lr)
 
 
-def dense_gpt2(config: ModelConfig, seed: int, device, attention: str = "sdpa") -> GPT2LMHeadModel:
+def dense_gpt2(config: ModelConfig, seed: int, device, attention: str = "sdpa", **gpt2) -> GPT2LMHeadModel:
+    """The dense GPT-2 of `config`, seeded; `gpt2` overrides its GPT2Config (`clso bench train` compares
+    transformers' default activation, say)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return GPT2LMHeadModel(config.gpt2(attention)).to(device)
+        return GPT2LMHeadModel(config.gpt2(attention, **gpt2)).to(device)
 
 
 @dataclass(frozen=True)
