@@ -277,6 +277,13 @@ def paired_interval(diffs: list[float]) -> dict:
     return {"mean_diff": mean, "interval": [low, high], "seeds": n, "conclusion": conclusion}
 
 
+def field_contrast(field: dict, control: dict) -> dict:
+    """What the neuron fields add: the field LM against the same model with empty fields (one run each),
+    its val loss difference (control − field, nats; positive: the neurons help) and its cost as a share."""
+    return {**paired_interval([control["val_loss"] - field["val_loss"]]),
+            "flops_share": field["flops"] / control["flops"], "energy_share": field["energy_wh"] / control["energy_wh"]}
+
+
 # The crystal journal's figures for its neuron-field LM (document 004): losses per GPT-2 token on
 # Tiny Shakespeare, taken as training losses (it logs them by epoch, and its final 0.12 is one), 2.39
 # with causal attention at 208 neurons (epoch 60) and 2.55 for the flat field (no attention) after 600

@@ -280,7 +280,8 @@ class CompileParams:
 
 @dataclass(frozen=True)
 class FieldParams:
-    n_layer: int = spec(1, "blocks of causal self-attention → neuron field → MLP (the journal has one)", min=1, max=96)
+    n_layer: int = spec(2, "blocks of causal self-attention → neuron field → MLP (the journal has one; the default "
+                        "is the baseline's depth, so a comparison with it is not one of depth)", min=1, max=96)
     n_embd: int = spec(128, "width d of the embeddings, the attention and the neurons' positions and values",
                        min=8, max=8192)
     n_head: int = spec(4, "attention heads; must divide n_embd", min=1, max=256)

@@ -152,6 +152,18 @@ def contrasts_section(result: dict) -> list[str]:
     return lines
 
 
+def field_statement(c: dict) -> str:
+    """What the neurons add, in at most two sentences, its wording by the contrast's conclusion."""
+    d = c["mean_diff"]
+    first = (f"With its neurons the field LM ends {abs(d):.4f} nats {'below' if d > 0 else 'above'} the same model "
+             f"without them on val loss, at {c['flops_share']:.3f}× its FLOPs")
+    if c["conclusion"] == "one_seed":
+        return first + ", on one run each: no claim is made."
+    low, high = c["interval"]
+    verdict = {"clso_better": "the neurons help", "control_better": "the neurons hurt", "within_noise": "within noise"}
+    return first + f". Its 95 % interval over {c['seeds']} seeds is [{low:+.4f}, {high:+.4f}]: {verdict[c['conclusion']]}."
+
+
 def field_section(result: dict) -> list[str]:
     f, b, details = result["contestants"]["field"], result["contestants"]["baseline"], result["field"]
     j = details["journal"]
@@ -159,11 +171,12 @@ def field_section(result: dict) -> list[str]:
     lines = ["## The neuron-field LM (document 004)", "", f"Trained by gradient: {details['neurons']} neurons, "
              f"{details['frozen_share']:.0%} {'at the soft-freeze floor' if details['freeze'] == 'soft' else 'frozen'}, "
              f"{'with' if details['attention'] else 'without'} attention. It is a contestant, not the hypothesis.", ""]
-    ratio = result["against_baseline"]["field"]
-    lines += table(["", "neuron-field LM", "AdamW baseline", "ratio"],
-                   [[k, f[key], b[key], ratio[key]] for k, key in
+    ratio, empty = result["against_baseline"]["field"], result["contestants"]["field_no_neurons"]
+    lines += table(["", "neuron-field LM", "without neurons", "AdamW baseline", "field ÷ baseline"],
+                   [[k, f[key], empty[key], b[key], ratio[key]] for k, key in
                     (("val perplexity", "val_ppl"), ("test perplexity", "test_ppl"), ("energy (Wh)", "energy_wh"),
                      ("FLOPs", "flops"))])
+    lines += ["", field_statement(details["neurons_add"])]
     lines += ["", *table(["loss in nats per character", "ours", "the journal's", "met"],
                          [["train, the journal with attention (2.39 per token)", c["our_final_train"],
                            c["journal_causal_train"], j["causal_train_loss_met"]],

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from clso import ClsoError
-from clso.compare import (against_baseline, charged, charged_curve, contrasts, field_vs_journal, frontier, headline,
+from clso.compare import (against_baseline, charged, charged_curve, contrasts, field_contrast, field_vs_journal, frontier, headline,
                           headline_row, methods, over_seeds, row, summary, uncharged)
 from clso.energy import EnergyMeter
 from clso.io import read_json, write_csv_atomic, write_json_atomic, write_text_atomic
@@ -56,6 +56,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
               "against_baseline": {n: against_baseline(r, rows["baseline"]) for n, r in rows.items() if n != "baseline"},
               "contrasts": contrasts(list(rows.values())),
               "field": {"journal": field_vs_journal(field), **{k: field.details[k] for k in FIELD_DETAILS},
+                        "neurons_add": field_contrast(rows["field"], rows["field_no_neurons"]),
                         "baseline_torch_compile": records["baseline"].details["setup"]["torch_compile"]},
               # every pure search shares the head (initialised on base.seed), so one bound
               "frozen_head_bound_val_ppl": max(bounds) if bounds else None}

@@ -357,3 +357,16 @@ def test_the_journals_quantization_claims_follow_the_thresholds():
     assert journal_claims(modes, 1e-3, 0.01)["int16_breaks"]
     modes["mixed8"]["ppl_change"] = -0.02
     assert not journal_claims(modes, 1e-3, 0.01)["mixed8_full_quality"]
+
+
+def test_what_the_neurons_add_is_a_one_run_difference_with_no_claim():
+    from clso.compare import field_contrast
+    from clso.report import field_statement
+
+    field, empty = point("field", 5.10, 1.0, 130, kind="contestant", mode=None), point("field_no_neurons", 5.13, 0.8, 100,
+                                                                                          kind="contestant", mode=None)
+    c = field_contrast(field, empty)
+    assert c["mean_diff"] == pytest.approx(0.03) and c["conclusion"] == "one_seed" and c["flops_share"] == 1.3
+    text = field_statement(c)
+    assert text.startswith("With its neurons the field LM ends 0.0300 nats below the same model without them")
+    assert "no claim is made" in text and "better" not in text and sentences(text) == 1
