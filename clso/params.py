@@ -263,8 +263,6 @@ class BaselineParams:
 
 @dataclass(frozen=True)
 class CompileParams:
-    mode: str = spec("pure", "which CLSO search is compiled: that mode's run at the first of grid.seeds",
-                     choices=MODES)
     prune_vocab: bool = spec(False, "keep only the token ids that occur in the train split (smaller embeddings)")
     eval_tokens: int = spec(0, "val tokens for perplexity and top-1 agreement of each file; 0 = the whole val split",
                             min=0, max=1_000_000_000)
@@ -507,9 +505,9 @@ def _check_across(params: Params) -> None:
         if orphans:  # a control's budget is matched to the GA run of its mode and seed
             raise ParamsError(f"grid.{control}: {orphans[0]} is not in grid.evolve {list(g.evolve)}; a control "
                               f"is matched to the CLSO search of its mode: add {orphans[0]} to grid.evolve")
-    for key, mode in (("transfer.clso_mode", params.transfer.clso_mode), ("compile.mode", params.compile.mode)):
-        if mode not in g.evolve:
-            raise ParamsError(f"{key}: {mode} is not in grid.evolve {list(g.evolve)}; valid: a mode the grid runs")
+    if params.transfer.clso_mode not in g.evolve:
+        raise ParamsError(f"transfer.clso_mode: {params.transfer.clso_mode} is not in grid.evolve {list(g.evolve)}; "
+                          "valid: a mode the grid runs")
 
 
 def parse_params(raw) -> Params:
