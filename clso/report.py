@@ -264,13 +264,20 @@ def compile_section(c: dict) -> list[str]:
     return lines
 
 
+HOLDOUT_PARTS = {"all": "whole families held out", "random": "their random genomes", "mutants": "their mutants"}
+
+
+def _spearman_row(label: str, m: dict | None) -> list:
+    return [label, None if m is None else m["spearman"], None if m is None else m["spearman"] >= 0.7]
+
+
 def diagnostics_section(result: dict, library: dict, surrogate: dict) -> list[str]:
     s = library["sanity_check"]
     rows = [["library sanity (protocol step 1): mean best relative error, with gain",
              f"{s['mean_best_rel_error_with_gain']:.0%} (worst {s['worst_best_rel_error_with_gain']:.0%}; "
              f"the protocol allows {s['protocol_max_error']:.0%})", s["passes_protocol"]],
-            ["surrogate: held-out Spearman (the protocol's bar: 0.7)", surrogate["holdout_metrics"]["spearman"],
-             surrogate["holdout_metrics"]["spearman"] >= 0.7]]
+            *(_spearman_row(f"surrogate: held-out Spearman, {what} (the protocol's bar: 0.7)",
+                            surrogate["holdout_metrics_by_part"][part]) for part, what in HOLDOUT_PARTS.items())]
     if result.get("frozen_head_bound_val_ppl"):
         rows.append(["pure mode: the lowest val perplexity any body reaches under the frozen head",
                      fmt(result["frozen_head_bound_val_ppl"]), None])

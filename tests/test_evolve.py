@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clso.params import EvolveParams, defaults
+from clso.search import ga
 from clso.search.evaluate import population_losses
 from clso.search.evolve import Evolution
 from clso.search.problem import build_search, sample_for_surrogate
@@ -131,7 +132,7 @@ def test_real_gpt2_search_resumes_identically(tiny_gpt2_search, tmp_path, mode):
 
     def make():
         search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
-        genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
+        genomes, losses, _ = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
         surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
         surrogate.fit(genomes, losses)
         cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 6, "generations": 5,
@@ -313,7 +314,7 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
         search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
         surrogate, pretraining = None, None
         if strategy == "ga":
-            genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
+            genomes, losses, _ = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
             surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
             surrogate.fit(genomes, losses)
             pretraining = (genomes, losses)
@@ -419,3 +420,32 @@ def test_the_no_surrogate_budget_is_clsos_search_and_surrogate_flops_without_ada
         budget = _budget(Contestant("no_surrogate", mode, 5))
         assert budget.flops == 10_000 - adam + 300 + 20
         assert budget.adam_at == ((0.25, 1.0) if adam else None)  # each phase at its share of the GA's 6,000
+
+
+def test_the_surrogate_holdout_keeps_each_family_on_one_side(tiny_gpt2_search):
+    """A mutant and its random ancestor (and every sibling) fall on the same side of the holdout: a
+    near-duplicate of a training genome never flatters the held-out score."""
+    from clso.search.problem import split_by_family
+
+    root, model = tiny_gpt2_search
+    search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
+    parents = {}
+    real_mutate = ga.mutate
+
+    def mutate(parent, *args):  # record each mutant's parent
+        child = real_mutate(parent, *args)
+        parents.setdefault(tuple(child.tolist()), tuple(parent.tolist()))
+        return child
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ga, "mutate", mutate)
+        genomes, losses, families = sample_for_surrogate(search, 40, 0.5, np.random.default_rng(0))
+    assert len(genomes) == 40 and len(np.unique(families)) < 40  # some random genomes have mutants
+    family_of = dict(zip(map(tuple, genomes.tolist()), families.tolist()))
+    mutants = [g for g in family_of if g in parents and parents[g] in family_of]
+    assert mutants and all(family_of[g] == family_of[parents[g]] for g in mutants)
+    held, kept = split_by_family(families, 8, np.random.default_rng(1))
+    assert 0 < len(held) <= 8 and sorted([*held, *kept]) == list(range(40))
+    assert not set(families[held].tolist()) & set(families[kept].tolist())
+    side = {g: i in set(held.tolist()) for i, g in enumerate(map(tuple, genomes.tolist()))}
+    assert all(side[g] == side[parents[g]] for g in mutants)
