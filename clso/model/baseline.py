@@ -161,6 +161,11 @@ class BaselineResult:
     setup: TrainingSetup
     curve: list[dict] = field(default_factory=list)
     train_energy: dict = field(default_factory=dict)
+    # early stopping, as a practitioner keeps the best checkpoint: the curve point of lowest val loss,
+    # what training had cost by then (train_energy's form) and what it cost after (charged to no one)
+    best_step: int = 0
+    to_best: dict = field(default_factory=dict)
+    after_best: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -180,9 +185,10 @@ def _val_loss(model, tokens, batch_size, block_size, batches, rng, device) -> fl
 def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, device, meter_options: dict,
                    on_eval=None) -> BaselineResult:
     """AdamW with warm-up and cosine decay (`params`: the `baseline` section), in the setup its settings
-    resolve to on `device`. Curve
-    rows carry the energy of training alone: the periodic validation (fp32, uncompiled) is metered
-    apart and subtracted. Compilation happens in the first steps and is charged to training."""
+    resolve to on `device`. Curve rows carry the energy of training alone: the periodic validation
+    (fp32, uncompiled) is metered apart and subtracted. Compilation happens in the first steps and is
+    charged to training. The model returned is the one of the curve's lowest val loss (its last point
+    while val still falls), with what training had cost by then."""
     setup = TrainingSetup.resolve(params, device)
     model = dense_gpt2(config, seed, device, setup.attention)
     step_fn = TrainStep(model, setup, lr=params.lr, weight_decay=params.weight_decay, grad_clip=params.grad_clip,
@@ -196,6 +202,7 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
     result = BaselineResult(model, setup=setup)
     evals = None  # the periodic validation so far, metered apart from training
     train_losses: list[torch.Tensor] = []
+    best = (math.inf, None, None)  # val loss, state, training's reading at that point
     model.train()
     with EnergyMeter(**meter_options) as meter:
         for step in range(params.steps + 1):
@@ -210,6 +217,9 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
                        "val_loss": val_loss, "energy_wh": trained.energy_wh, "energy_method": trained.method,
                        "flops": step * step_flops, "wall_s": trained.wall_s}
                 result.curve.append(row)
+                if val_loss < best[0]:
+                    best = (val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}, trained)
+                    result.best_step = step
                 train_losses = []
                 if on_eval:
                     on_eval(row)
@@ -221,7 +231,12 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
             train_losses.append(step_fn(x, y, learning_rate(step, params)))
             if step == 0:
                 first_step = meter.read().minus(started).as_metrics()
-    trained = meter.reading.minus(evals).as_metrics()
+    whole = meter.reading.minus(evals)
+    trained = whole.as_metrics()
+    result.to_best = {**best[2].as_metrics(), "flops": result.best_step * step_flops}
+    result.after_best = {**whole.minus(best[2]).as_metrics(), "flops": (params.steps - result.best_step) * step_flops}
+    if result.best_step < params.steps:
+        model.load_state_dict(best[1])
     result.train_energy = {**trained, "flops": params.steps * step_flops, "eval_energy_wh": evals.energy_wh,
                            "eval_flops": eval_flops * len(result.curve),
                            "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")},
