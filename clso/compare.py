@@ -174,14 +174,25 @@ SUMMARY = ("val_ppl", "test_ppl", "energy_wh", "method", "flops")  # a contestan
 CONTRAST_SUMMARY = ("mean_diff", "interval", "seeds", "conclusion")  # a contrast's
 
 
+def group(r: dict) -> str:
+    """A contestant's column group in `dvc exp show`: stage@mode for a search (its seeds averaged), else its name."""
+    return r["name"] if r["mode"] is None else f"{r['stage']}@{r['mode']}"
+
+
 def summary(result: dict) -> dict:
-    """metrics/compare.json: the verdict, each contrast's mean loss difference and each contestant's columns."""
+    """metrics/compare.json: the verdict, each contrast's mean difference with its interval and conclusion,
+    and each contestant's columns, a search's as the mean over its seeds."""
     v = result["headline"]["verdict"]
+    groups: dict[str, list[dict]] = {}
+    for r in result["contestants"].values():
+        groups.setdefault(group(r), []).append(r)
     return {"verdict": {"contestant": result["headline"]["clso"], "holds": v["holds"], "ppl_ratio": v["ppl_ratio"],
                         "energy_ratio": v["energy_ratio"], "energy_criterion": v["energy_criterion"]},
             "contrasts": {name: {mode: {k: c[k] for k in CONTRAST_SUMMARY} for mode, c in modes.items()}
                           for name, modes in result["contrasts"].items()},
-            "contestants": {name: {k: r[k] for k in SUMMARY} for name, r in result["contestants"].items()}}
+            "contestants": {name: {k: methods(*(r[k] for r in runs)) if k == "method" else
+                                   statistics.fmean(r[k] for r in runs) for k in SUMMARY}
+                            for name, runs in groups.items()}}
 
 
 def spread(xs: list[float]) -> float | None:

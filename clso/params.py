@@ -202,18 +202,18 @@ class EvolveParams:
 
 @dataclass(frozen=True)
 class GridParams:
-    seeds: tuple[int, ...] = spec((1337,), "search seeds: every search runs once per seed (the library, surrogate, "
-                                  "fitness batch and initial weights stay on base.seed); with several, compare "
-                                  "reports mean ± spread", min=0, max=2**32 - 1, min_items=1)
+    seeds: tuple[int, ...] = spec((1337, 1, 2), "search seeds: every search runs once per seed (the library, "
+                                  "surrogate, fitness batch and initial weights stay on base.seed); compare pairs each "
+                                  "contrast by seed, with a 95 % interval over them", min=0, max=2**32 - 1, min_items=1)
     evolve: tuple[str, ...] = spec(MODES, "modes of the CLSO search (the GA with its surrogate). pure: only genes "
                                    "change (the protocol's V1); hybrid: every evolve.hybrid_every generations, Adam "
                                    "trains the continuous parts for the best genome", choices=MODES, min_items=1)
-    random: tuple[str, ...] = spec(MODES, "modes of the random-search control: as many true evaluations per "
-                                   "generation as the GA of that mode and seed (with its surrogate's pretraining)",
+    random: tuple[str, ...] = spec(("hybrid",), "modes of the random-search control: as many true evaluations "
+                                   "per generation as the GA of that mode and seed (with its surrogate's pretraining)",
                                    choices=MODES)
-    no_surrogate: tuple[str, ...] = spec(MODES, "modes of the no-surrogate control: the GA with every child truly "
-                                         "evaluated, until it has spent the FLOPs of the GA and its surrogate",
-                                         choices=MODES)
+    no_surrogate: tuple[str, ...] = spec(("hybrid",), "modes of the no-surrogate control: the GA with every child "
+                                         "truly evaluated, until it has spent the search FLOPs of the GA (its Adam "
+                                         "steps aside) and its surrogate's", choices=MODES)
     fixed_body: tuple[str, ...] = spec(("hybrid",), "the fixed-body control (hybrid only): one seeded random "
                                        "genome, never searched, with the GA's Adam phases", choices=("hybrid",))
 

@@ -56,16 +56,18 @@ def verdict_statement(name: str, v: dict, methods: str) -> str:
     return text + "."
 
 
-def readme_table(summary: dict) -> list[str]:
-    """The README's headline table, from metrics/compare.json (tests/test_readable.py keeps the README to it)."""
-    v = summary["verdict"]
-    c, b = summary["contestants"][v["contestant"]], summary["contestants"]["baseline"]
+def readme_table(result: dict) -> list[str]:
+    """The README's headline table, from metrics/detail/compare.json (tests/test_readable.py keeps the
+    README to it)."""
+    h = result["headline"]
+    v, ratio = h["verdict"], h["ratio"]
+    c, b = result["contestants"][h["clso"]], result["contestants"]["baseline"]
     method = c["method"] if c["method"] == b["method"] else f"{c['method']} / {b['method']}"
-    return table(["", f"CLSO's best mode, `{v['contestant']}`", "AdamW baseline", "CLSO ÷ baseline"],
+    return table(["", f"CLSO's best mode, `{h['clso']}`", "AdamW baseline", "CLSO ÷ baseline"],
                  [["val perplexity", c["val_ppl"], b["val_ppl"], v["ppl_ratio"]],
-                  ["test perplexity", c["test_ppl"], b["test_ppl"], None],
+                  ["test perplexity", c["test_ppl"], b["test_ppl"], ratio["test_ppl"]],
                   [f"energy (Wh, `{method}`)", c["energy_wh"], b["energy_wh"], v["energy_ratio"]],
-                  ["FLOPs", c["flops"], b["flops"], None]])
+                  ["FLOPs", c["flops"], b["flops"], v["flops_ratio"]]])
 
 
 def _energy_parts(d: dict) -> str:
@@ -87,6 +89,10 @@ def headline_section(result: dict) -> list[str]:
                      None],
                     ["FLOPs", c["flops"], b["flops"], h["ratio"]["flops"]],
                     ["wall (s)", c["wall_s"], b["wall_s"], None]])
+    spread = result.get("over_seeds", {}).get(f"evolve@{c['mode']}")
+    if spread:
+        lines += ["", f"Over its {spread['seeds']} seeds this mode's val perplexity is {fmt(spread['val_ppl'])} ± "
+                  f"{fmt(spread['val_ppl_spread'])} (mean ± sample standard deviation); the table is its first seed."]
     reach = (f"{fmt(m['baseline_energy_wh_to_reach_clso'])} Wh (step {fmt(m['baseline_step_to_reach_clso'])})"
              if m["baseline_reached_clso_val_ppl"] else "never, in its whole run")
     lines += ["", *table(["the baseline's run, matched to CLSO's", "value"],
