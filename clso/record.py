@@ -74,8 +74,10 @@ class Record:
 
 
 def curve_points(rows: list[dict], loss: str, step: str) -> list[dict]:
-    """A stage's curve rows as record points: those with a `loss`, each with its costs and step."""
-    return [{"loss": r[loss], "energy_wh": r["energy_wh"], "flops": r["flops"], "wall_s": r["wall_s"], "step": r[step]}
+    """A stage's curve rows as record points: those with a `loss`, each with its costs and step. Energy and
+    time are rounded as a stage's cost is (EnergyReading.as_metrics), so the curve ends where its charge does."""
+    return [{"loss": r[loss], "energy_wh": round(r["energy_wh"], 6), "flops": r["flops"],
+             "wall_s": round(r["wall_s"], 6), "step": r[step]}
             for r in rows if r[loss] is not None and r[loss] == r[loss]]
 
 

@@ -37,7 +37,6 @@ from clso.model.baseline import adamw_optimizer
 from clso.model.flops import LINEAR_NAMES, attention_flops_per_token, dense_linear_flops, linear_shapes
 from clso.search import ga
 
-POOLINGS = ("last", "mean")
 TOLERANCE = 0.05  # CLSO transfers when its test metric is within 5 % of the baseline's
 
 

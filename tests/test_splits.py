@@ -269,10 +269,10 @@ def test_test_is_read_only_in_the_final_scores_and_the_search_sees_only_train(sc
     from clso.compare import PPL_TOLERANCE
 
     compare = json.loads((scratch_repo / "metrics/detail/compare.json").read_text())
-    evolve = json.loads((scratch_repo / "metrics/detail/search/evolve/pure-1337.json").read_text())
+    evolve = json.loads((scratch_repo / "metrics/detail/contestants/evolve@pure-1337.json").read_text())
     bound = evolve["details"]["frozen_head_bound"]
     for name in (n for n in searches if "@pure-" in n):
-        run = json.loads((scratch_repo / f"metrics/detail/search/{name.replace('@', '/')}.json").read_text())
+        run = json.loads((scratch_repo / f"metrics/detail/contestants/{name}.json").read_text())
         assert run["details"]["frozen_head_bound"] == bound and run["val_loss"] >= bound["val_loss"], name
     assert 0 <= bound["solver_gap"] < 1e-3
     assert compare["frozen_head_bound_val_ppl"] == bound["val_ppl"]
