@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clso.params import EvolveParams, defaults
+from clso.energy import EnergyMeter
 from clso.search import ga
 from clso.search.evaluate import population_losses
 from clso.search.evolve import Evolution
@@ -188,10 +189,12 @@ def test_checkpoint_writing_is_metered_apart_from_the_search(tmp_path):
         write(*args)
 
     evo.checkpoints.save = slow_write
-    run = evo.run_to_end()
+    with EnergyMeter(**evo.meter_options) as whole:
+        run = evo.run_to_end()
     burned_wh = 9 * 0.3 * 10.0 / 3600  # nine generations (0..8) at the default 10 W per core
     assert evo.cost.checkpoint_energy_j / 3600 >= burned_wh
-    assert run.history[-1]["energy_wh"] < 0.5 * burned_wh
+    # the search's figure leaves the burn out, however loaded the machine (its CPU time moves with load)
+    assert run.history[-1]["energy_wh"] <= whole.reading.energy_wh - burned_wh
 
 
 def test_every_flop_the_search_computes_is_charged(tmp_path):
