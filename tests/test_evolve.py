@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from clso.params import EvolveParams, defaults
 from clso.energy import EnergyMeter
+from clso.params import EvolveParams, defaults
 from clso.search import ga
 from clso.search.evaluate import population_losses
 from clso.search.evolve import Evolution
