@@ -388,6 +388,8 @@ class _FieldTraining:
         config, params, result = self.config, self.params, self.result
         T, B = config.block_size, params.batch_size
         total = self.trained(reading)
+        # the last point is the model training ends with: its cost is the whole training's
+        result.curve[-1].update(energy_wh=total.energy_wh, energy_method=total.method, wall_s=total.wall_s)
         for row, loss in zip(result.curve[1:], self._losses()):
             row["train_loss"] = loss
         for row, (frozen, multipliers) in zip(result.curve, self.earlier_counts + torch.stack(self.counts).tolist()):

@@ -233,6 +233,8 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
                 first_step = meter.read().minus(started).as_metrics()
     whole = meter.reading.minus(evals)
     trained = whole.as_metrics()
+    # the last point is the model training ends with: its cost is the whole training's
+    result.curve[-1].update(energy_wh=whole.energy_wh, energy_method=whole.method, wall_s=whole.wall_s)
     result.to_best = {**best[2].as_metrics(), "flops": result.best_step * step_flops}
     result.after_best = {**whole.minus(best[2]).as_metrics(), "flops": (params.steps - result.best_step) * step_flops}
     if result.best_step < params.steps:
