@@ -2,6 +2,7 @@
 and the verdict on document 003's hypothesis."""
 
 import math
+import os
 from pathlib import Path
 
 from clso import ClsoError
@@ -19,6 +20,20 @@ from stages.paths import frontier as frontier_path
 
 FRONTIER_FIELDS = ("contestant", "label", "point", "loss", "energy_wh", "energy_method", "flops")
 FIELD_DETAILS = ("neurons", "frozen_share", "freeze", "attention", "torch_compile")  # what the report says of it
+
+
+def machine() -> dict:
+    """The CPU, cores, torch build and the kernels it picked (and a GPU's name): what bit-for-bit repeats need."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def shared_costs(details: dict[str, dict]) -> dict[str, dict]:
@@ -52,7 +67,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     bounds = [r["frozen_head_bound_val_ppl"] for r in rows.values() if r["frozen_head_bound_val_ppl"]]
     field = records["field"]
     result = {"headline": headline(best, rows["baseline"], records["baseline"].curve["points"]),
-              "contestants": rows,
+              "machine": machine(), "contestants": rows,
               "against_baseline": {n: against_baseline(r, rows["baseline"]) for n, r in rows.items() if n != "baseline"},
               "contrasts": contrasts(list(rows.values())),
               "field": {"journal": field_vs_journal(field), **{k: field.details[k] for k in FIELD_DETAILS},
