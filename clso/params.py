@@ -47,7 +47,8 @@ class BaseParams:
     seed: int = spec(1337, "seed of every random choice in the pipeline", min=0, max=2**32 - 1)
     device: str = spec("auto", "where tensors live: auto picks cuda when a GPU is visible",
                        choices=("auto", "cpu", "cuda"))
-    threads: int = spec(0, "CPU threads for torch; 0 uses every core", min=0, max=4096)
+    threads: int = spec(0, "CPU threads for torch; 0: every core on a CPU run, one on a GPU run (the GPU works; "
+                        "idle pool threads would spin)", min=0, max=4096)
     cpu_watts_per_core: float = spec(
         10.0, "watts per busy core for the `estimate` energy method (CPU TDP / cores)",
         min=0.0, min_exclusive=True, max=1000.0)
@@ -144,8 +145,9 @@ class SurrogateParams:
                                   "(the rest are random)", min=0.0, max=0.9)
     holdout_fraction: float = spec(0.2, "share held out to measure Spearman, Kendall and top-10% recall",
                                    min=0.05, max=0.5)
-    inputs: str = spec("index", "what describes each gene: index (a learned embedding per library index), structure "
-                       "(the chosen matrix's family, rank, density, bits, FLOPs from the manifest) or both",
+    inputs: str = spec("structure", "what describes each gene: index (a learned embedding per library index), "
+                       "structure (the chosen matrix's family, rank, density, bits, FLOPs from the manifest) or both; "
+                       "the default is the best of the three on a split of the training families",
                        choices=("index", "structure", "both"))
     embed_dim: int = spec(16, "embedding size per (bucket, library index)", min=1, max=1024)
     hidden: int = spec(64, "width of the MLP", min=1, max=8192)
