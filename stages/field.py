@@ -95,6 +95,7 @@ def train(p, me: Contestant, s) -> tuple:
     print(f"{me.name}: {s.steps} steps ({result.precision}{resumed}), {sum(neurons)} neurons, {last['frozen_share']:.0%} "
           f"frozen ({s.freeze}), val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole val split, "
           f"{e['energy_wh']:.4f} Wh ({e['method']}), {e['flops']:.3g} FLOPs, {e['tokens_per_s']:,.0f} tokens/s")
+    return model, val
 
 
 if __name__ == "__main__":
