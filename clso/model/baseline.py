@@ -231,18 +231,23 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
             train_losses.append(step_fn(x, y, learning_rate(step, params)))
             if step == 0:
                 first_step = meter.read().minus(started).as_metrics()
-    whole = meter.reading.minus(evals)
+    result.train_energy = {"eval_energy_wh": evals.energy_wh, "eval_flops": eval_flops * len(result.curve),
+                           "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")}}
+    return _finish(result, meter.reading.minus(evals), best, params, step_flops,
+                   params.steps * params.batch_size * config.block_size, device)
+
+
+def _finish(result: BaselineResult, whole, best: tuple, params, step_flops: int, tokens: int, device) -> BaselineResult:
+    """Once training is done: the whole run's cost (`whole`, validation aside), the cost to the best val
+    point and after it, and the best point's weights back in the model."""
     trained = whole.as_metrics()
     # the last point is the model training ends with: its cost is the whole training's
     result.curve[-1].update(energy_wh=whole.energy_wh, energy_method=whole.method, wall_s=whole.wall_s)
     result.to_best = {**best[2].as_metrics(), "flops": result.best_step * step_flops}
     result.after_best = {**whole.minus(best[2]).as_metrics(), "flops": (params.steps - result.best_step) * step_flops}
     if result.best_step < params.steps:
-        model.load_state_dict(best[1])
-    result.train_energy = {**trained, "flops": params.steps * step_flops, "eval_energy_wh": evals.energy_wh,
-                           "eval_flops": eval_flops * len(result.curve),
-                           "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")},
-                           **throughput(params.steps * step_flops, params.steps * params.batch_size * config.block_size,
-                                        trained["wall_s"], device)}
-    model.eval()
+        result.model.load_state_dict(best[1])
+    result.train_energy = {**trained, "flops": params.steps * step_flops, **result.train_energy,
+                           **throughput(params.steps * step_flops, tokens, trained["wall_s"], device)}
+    result.model.eval()
     return result
