@@ -36,16 +36,23 @@ PRESETS = {
 }
 # the baseline step's settings, from the plain reference to standard practice (fp32-sdpa is what the
 # pipeline's baseline ran before it took the fast path)
+# the pipeline's GPT-2 uses the fused tanh GELU and builds no key/value cache in training; `gelu_new`
+# is transformers' default GPT-2 (seven element-wise ops, a cache built each step), to measure that choice
+FUSED, GELU_NEW = {"activation": "gelu_pytorch_tanh", "use_cache": False}, {"activation": "gelu_new", "use_cache": True}
 TRAIN_SETTINGS = {
-    "fp32-eager": {"precision": "fp32", "attention": "eager", "adamw": "default", "torch_compile": "none"},
-    "fp32-sdpa": {"precision": "fp32", "attention": "sdpa", "adamw": "default", "torch_compile": "none"},
-    "tf32-sdpa": {"precision": "tf32", "attention": "sdpa", "adamw": "default", "torch_compile": "none"},
-    "bf16-sdpa": {"precision": "bf16", "attention": "sdpa", "adamw": "default", "torch_compile": "none"},
-    "bf16-sdpa-fused": {"precision": "bf16", "attention": "sdpa", "adamw": "fused", "torch_compile": "none"},
-    "bf16-sdpa-fused-compile": {"precision": "bf16", "attention": "sdpa", "adamw": "fused", "torch_compile": "default"},
+    "fp32-eager": {"precision": "fp32", "attention": "eager", "adamw": "default", "torch_compile": "none", **FUSED},
+    "fp32-sdpa": {"precision": "fp32", "attention": "sdpa", "adamw": "default", "torch_compile": "none", **FUSED},
+    "fp32-sdpa-gelu_new": {"precision": "fp32", "attention": "sdpa", "adamw": "default", "torch_compile": "none",
+                           **GELU_NEW},
+    "tf32-sdpa": {"precision": "tf32", "attention": "sdpa", "adamw": "default", "torch_compile": "none", **FUSED},
+    "bf16-sdpa": {"precision": "bf16", "attention": "sdpa", "adamw": "default", "torch_compile": "none", **FUSED},
+    "bf16-sdpa-fused": {"precision": "bf16", "attention": "sdpa", "adamw": "fused", "torch_compile": "none", **FUSED},
+    "bf16-sdpa-fused-compile": {"precision": "bf16", "attention": "sdpa", "adamw": "fused", "torch_compile": "default",
+                                **FUSED},
 }
-DEFAULT_TRAIN_SETTINGS = {"cuda": ("fp32-eager", "fp32-sdpa", "tf32-sdpa", "bf16-sdpa-fused", "bf16-sdpa-fused-compile"),
-                          "cpu": ("fp32-eager", "fp32-sdpa", "bf16-sdpa")}
+DEFAULT_TRAIN_SETTINGS = {"cuda": ("fp32-eager", "fp32-sdpa-gelu_new", "fp32-sdpa", "tf32-sdpa", "bf16-sdpa-fused",
+                                   "bf16-sdpa-fused-compile"),
+                          "cpu": ("fp32-eager", "fp32-sdpa-gelu_new", "fp32-sdpa", "bf16-sdpa")}
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -253,8 +260,9 @@ def _precisions(model, genomes: np.ndarray, batch: EvalBatch, repeats: int, devi
 
 
 def _train_results(runs: dict, step_flops: int, tokens: int, peak: float | None, reference: str) -> dict:
-    """Each setting's medians, and its speed and energy against the reference and against fp32-sdpa
-    (what the pipeline's baseline ran before it took the fast path)."""
+    """Each setting's medians, and its speed and energy against the reference, against fp32-sdpa (what
+    the pipeline's baseline ran before it took the fast path) and against transformers' default GPT-2
+    (gelu_new with a cache: what the pipeline's GPT-2s ran before they took the fused GELU)."""
     out = {}
     for setting, run in runs.items():
         t, j = statistics.median(run["seconds"]), statistics.median(run["joules"])
@@ -265,8 +273,8 @@ def _train_results(runs: dict, step_flops: int, tokens: int, peak: float | None,
                         "joules_per_step": round(j, 4), "gpu_joules_per_step": round(statistics.median(run["gpu_joules"]), 4),
                         "energy_method": run["method"], "last_loss": round(run["loss"], 4),
                         "ms_per_step_runs": [round(x * 1e3, 3) for x in run["seconds"]]}
-    for name, suffix in ((reference, "reference"), ("fp32-sdpa", "fp32_sdpa")):
-        if name not in out or (suffix == "fp32_sdpa" and name == reference):
+    for name, suffix in ((reference, "reference"), ("fp32-sdpa", "fp32_sdpa"), ("fp32-sdpa-gelu_new", "gelu_new")):
+        if name not in out or (suffix != "reference" and name == reference):
             continue
         base = out[name]
         for r in out.values():
@@ -298,7 +306,8 @@ def bench_train(*, n_embd=128, n_layer=2, n_head=4, block_size=128, batch_size=1
     for setting in settings:
         options = SimpleNamespace(**TRAIN_SETTINGS[setting], micro_batch_size=micro_batch_size, batch_size=batch_size)
         setup = TrainingSetup.resolve(options, device)
-        model = dense_gpt2(config, seed, device, setup.attention).train()
+        model = dense_gpt2(config, seed, device, setup.attention, activation=TRAIN_SETTINGS[setting]["activation"],
+                           use_cache=TRAIN_SETTINGS[setting]["use_cache"]).train()
         step = TrainStep(model, setup, lr=1e-4, weight_decay=0.1, grad_clip=1.0, device=device)
         for _ in range(warmup_steps):
             step(*random_batch(tokens, batch_size, block_size, rng, device), 1e-4)

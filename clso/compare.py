@@ -39,18 +39,29 @@ def first_reach(xs: list[float], ys: list[float], target: float) -> float | None
     return None
 
 
-def verdict(clso_ppl: float, clso_energy: float, baseline_ppl: float, baseline_energy: float,
-            bound_ppl: float | None = None) -> dict:
-    """The hypothesis on val perplexity and charged energy. `bound_ppl`, the lowest val perplexity
-    any body reaches with CLSO's frozen head (pure mode), decides it alone when it is too high."""
-    ppl_ratio = clso_ppl / baseline_ppl
-    energy_ratio = clso_energy / baseline_energy
-    close = ppl_ratio <= 1 + PPL_TOLERANCE
+def energy_criterion(energy_ratio: float, flops_ratio: float, method: str) -> str:
+    """`met` or `not_met` on energy; on an `estimate` (CPU seconds × watts, which moves with the machine's
+    load), decided only where the energy and FLOPs ratios agree about the share, else `undetermined`."""
     cheap = energy_ratio <= ENERGY_SHARE
-    return {"holds": close and cheap, "ppl_within_tolerance": close, "energy_within_share": cheap,
-            "ppl_ratio": round(ppl_ratio, 4), "energy_ratio": round(energy_ratio, 4),
-            "decided_by_frozen_head_bound": bound_ppl is not None and bound_ppl / baseline_ppl > 1 + PPL_TOLERANCE,
-            "bound_ppl": bound_ppl, "bound_ppl_ratio": None if bound_ppl is None else round(bound_ppl / baseline_ppl, 4)}
+    if "estimate" in method.split("|") and cheap != (flops_ratio <= ENERGY_SHARE):
+        return "undetermined"
+    return "met" if cheap else "not_met"
+
+
+def verdict(clso: dict, baseline: dict, bound_ppl: float | None = None) -> dict:
+    """The hypothesis on val perplexity and charged energy, from two rows (val_ppl, energy_wh, flops,
+    method). `holds` is None when the perplexity criterion is met and the energy criterion undetermined.
+    `bound_ppl`, the lowest val perplexity any body reaches with CLSO's frozen head (pure mode), decides
+    it alone when it is too high."""
+    ppl_ratio = clso["val_ppl"] / baseline["val_ppl"]
+    energy_ratio, flops_ratio = clso["energy_wh"] / baseline["energy_wh"], clso["flops"] / baseline["flops"]
+    close = ppl_ratio <= 1 + PPL_TOLERANCE
+    energy = energy_criterion(energy_ratio, flops_ratio, methods(clso["method"], baseline["method"]))
+    holds = False if not close or energy == "not_met" else (None if energy == "undetermined" else True)
+    return {"holds": holds, "ppl_within_tolerance": close, "energy_criterion": energy,
+            "ppl_ratio": round(ppl_ratio, 4), "energy_ratio": round(energy_ratio, 4), "flops_ratio": round(flops_ratio, 4),
+            "decided_by_frozen_head_bound": bound_ppl is not None and bound_ppl / baseline["val_ppl"] > 1 + PPL_TOLERANCE,
+            "bound_ppl": bound_ppl, "bound_ppl_ratio": None if bound_ppl is None else round(bound_ppl / baseline["val_ppl"], 4)}
 
 
 def matched(clso: dict, curve: list[dict]) -> dict:
@@ -137,9 +148,7 @@ def against_baseline(r: dict, baseline: dict) -> dict:
     """A contestant's ratios to the baseline; the hypothesis only for CLSO's search and its controls."""
     out = {key: round(r[key] / baseline[key], 4) for key in ("val_ppl", "test_ppl", "energy_wh", "flops")}
     if r["kind"] in ("clso", "control"):
-        v = verdict(r["val_ppl"], r["energy_wh"], baseline["val_ppl"], baseline["energy_wh"],
-                    r["frozen_head_bound_val_ppl"])
-        out["holds"] = v["holds"]
+        out["holds"] = verdict(r, baseline, r["frozen_head_bound_val_ppl"])["holds"]
     return out
 
 
@@ -162,16 +171,28 @@ def uncharged(records: list[Record], stage_costs: dict[str, dict]) -> dict[str, 
 
 
 SUMMARY = ("val_ppl", "test_ppl", "energy_wh", "method", "flops")  # a contestant's columns in `dvc exp show`
+CONTRAST_SUMMARY = ("mean_diff", "interval", "seeds", "conclusion")  # a contrast's
+
+
+def group(r: dict) -> str:
+    """A contestant's column group in `dvc exp show`: stage@mode for a search (its seeds averaged), else its name."""
+    return r["name"] if r["mode"] is None else f"{r['stage']}@{r['mode']}"
 
 
 def summary(result: dict) -> dict:
-    """metrics/compare.json: the verdict, each contrast's mean loss difference and each contestant's columns."""
+    """metrics/compare.json: the verdict, each contrast's mean difference with its interval and conclusion,
+    and each contestant's columns, a search's as the mean over its seeds."""
     v = result["headline"]["verdict"]
+    groups: dict[str, list[dict]] = {}
+    for r in result["contestants"].values():
+        groups.setdefault(group(r), []).append(r)
     return {"verdict": {"contestant": result["headline"]["clso"], "holds": v["holds"], "ppl_ratio": v["ppl_ratio"],
-                        "energy_ratio": v["energy_ratio"]},
-            "contrasts": {name: {mode: c["loss_difference"] for mode, c in modes.items()}
+                        "energy_ratio": v["energy_ratio"], "energy_criterion": v["energy_criterion"]},
+            "contrasts": {name: {mode: {k: c[k] for k in CONTRAST_SUMMARY} for mode, c in modes.items()}
                           for name, modes in result["contrasts"].items()},
-            "contestants": {name: {k: r[k] for k in SUMMARY} for name, r in result["contestants"].items()}}
+            "contestants": {name: {k: methods(*(r[k] for r in runs)) if k == "method" else
+                                   statistics.fmean(r[k] for r in runs) for k in SUMMARY}
+                            for name, runs in groups.items()}}
 
 
 def spread(xs: list[float]) -> float | None:
@@ -196,13 +217,18 @@ def over_seeds(rows: list[dict]) -> dict:
             for stage, mode in groups}
 
 
+def best_mode(runs: list[dict]) -> str:
+    """CLSO's mode with the lowest mean val loss over seeds (`runs`: CLSO's, each with mode and val_loss)."""
+    modes = dict.fromkeys(r["mode"] for r in runs)
+    return min(modes, key=lambda m: statistics.fmean(r["val_loss"] for r in runs if r["mode"] == m))
+
+
 def headline_row(rows: list[dict], first_seed: int) -> dict:
-    """The headline run: CLSO's mode with the lowest mean val loss over seeds, at the first seed —
-    not the luckiest seed, which would be picked and judged on the same val split."""
+    """The headline run: CLSO's best mode at the first seed — not the luckiest seed, which would be
+    picked and judged on the same val split."""
     clso = [r for r in rows if r["kind"] == "clso"]
-    modes = dict.fromkeys(r["mode"] for r in clso)
-    best_mode = min(modes, key=lambda m: statistics.fmean(r["val_loss"] for r in clso if r["mode"] == m))
-    return next(r for r in clso if r["mode"] == best_mode and r["seed"] == first_seed)
+    mode = best_mode(clso)
+    return next(r for r in clso if r["mode"] == mode and r["seed"] == first_seed)
 
 
 def headline(clso: dict, baseline: dict, baseline_curve: list[dict]) -> dict:
@@ -210,15 +236,13 @@ def headline(clso: dict, baseline: dict, baseline_curve: list[dict]) -> dict:
     return {"clso": clso["name"], "ratio": {key: round(clso[key] / baseline[key], 4)
                                            for key in ("energy_wh", "flops", "val_ppl", "test_ppl")},
             "matched": matched(clso, baseline_curve),
-            "verdict": verdict(clso["val_ppl"], clso["energy_wh"], baseline["val_ppl"], baseline["energy_wh"],
-                               clso["frozen_head_bound_val_ppl"])}
+            "verdict": verdict(clso, baseline, clso["frozen_head_bound_val_ppl"])}
 
 
 def contrasts(rows: list[dict]) -> dict:
-    """Each control against CLSO's GA of the same mode, seed by seed: the control's val loss less
-    the GA's (positive: the GA is better), its mean and spread over seeds, and the control's
-    charged energy and FLOPs as a share of the GA's, and both runs' Adam phases (hybrid mode: a
-    control stopped by its FLOP budget may have had fewer)."""
+    """Each control against CLSO's GA of the same mode, paired seed by seed: the control's val loss less
+    the GA's (positive: the GA is better), its mean with a 95 % interval over seeds, and the control's
+    charged energy and FLOPs as a share of the GA's, and both runs' Adam phases."""
     by = {(r["stage"], r["mode"], r["seed"]): r for r in rows if r["mode"] is not None}
     out = {}
     for name, control in CONTRASTS:
@@ -234,10 +258,46 @@ def contrasts(rows: list[dict]) -> dict:
 
 
 def _paired(pairs: list[dict]) -> dict:
-    means = {k: sum(p[k] for p in pairs) / len(pairs)
-             for k in ("loss_difference", "energy_share", "flops_share", "adam_phases", "clso_adam_phases")}
-    return {"seeds": len(pairs), **means, "loss_difference_spread": spread([p["loss_difference"] for p in pairs]),
-            "clso_better_in": sum(p["loss_difference"] > 0 for p in pairs)}
+    means = {k: statistics.fmean(p[k] for p in pairs) for k in ("energy_share", "flops_share", "adam_phases",
+                                                               "clso_adam_phases")}
+    diffs = [p["loss_difference"] for p in pairs]
+    return {**paired_interval(diffs), **means, "spread": spread(diffs), "clso_better_in": sum(d > 0 for d in diffs)}
+
+
+# Student's t, 97.5th percentile, by degrees of freedom (1 to 30): a two-sided 95 % interval
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
+Z_975 = 1.959964
+
+
+def t_975(df: int) -> float:
+    """Student's t at 97.5 %: the table to 30 degrees of freedom, then the Cornish-Fisher expansion
+    (within 1e-4 of the exact value there)."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = Z_975
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_interval(diffs: list[float]) -> dict:
+    """Differences paired by seed (control − CLSO val loss, nats; positive: CLSO better): their mean, the
+    95 % paired-t interval of the mean, and what it allows: `clso_better` or `control_better` when the
+    interval excludes zero, `within_noise` when it does not, `one_seed` when there is no spread to weigh."""
+    n, mean = len(diffs), statistics.fmean(diffs)
+    if n == 1:
+        return {"mean_diff": mean, "interval": None, "seeds": 1, "conclusion": "one_seed"}
+    half = t_975(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    low, high = mean - half, mean + half
+    conclusion = "clso_better" if low > 0 else "control_better" if high < 0 else "within_noise"
+    return {"mean_diff": mean, "interval": [low, high], "seeds": n, "conclusion": conclusion}
+
+
+def field_contrast(field: dict, control: dict) -> dict:
+    """What the neuron fields add: the field LM against the same model with empty fields (one run each),
+    its val loss difference (control − field, nats; positive: the neurons help) and its cost as a share."""
+    return {**paired_interval([control["val_loss"] - field["val_loss"]]),
+            "flops_share": field["flops"] / control["flops"], "energy_share": field["energy_wh"] / control["energy_wh"]}
 
 
 # The crystal journal's figures for its neuron-field LM (document 004): losses per GPT-2 token on

@@ -47,7 +47,8 @@ class BaseParams:
     seed: int = spec(1337, "seed of every random choice in the pipeline", min=0, max=2**32 - 1)
     device: str = spec("auto", "where tensors live: auto picks cuda when a GPU is visible",
                        choices=("auto", "cpu", "cuda"))
-    threads: int = spec(0, "CPU threads for torch; 0 uses every core", min=0, max=4096)
+    threads: int = spec(0, "CPU threads for torch; 0: every core on a CPU run, one on a GPU run (the GPU works; "
+                        "idle pool threads would spin)", min=0, max=4096)
     cpu_watts_per_core: float = spec(
         10.0, "watts per busy core for the `estimate` energy method (CPU TDP / cores)",
         min=0.0, min_exclusive=True, max=1000.0)
@@ -144,8 +145,9 @@ class SurrogateParams:
                                   "(the rest are random)", min=0.0, max=0.9)
     holdout_fraction: float = spec(0.2, "share held out to measure Spearman, Kendall and top-10% recall",
                                    min=0.05, max=0.5)
-    inputs: str = spec("index", "what describes each gene: index (a learned embedding per library index), structure "
-                       "(the chosen matrix's family, rank, density, bits, FLOPs from the manifest) or both",
+    inputs: str = spec("structure", "what describes each gene: index (a learned embedding per library index), "
+                       "structure (the chosen matrix's family, rank, density, bits, FLOPs from the manifest) or both; "
+                       "the default is the best of the three on a split of the training families",
                        choices=("index", "structure", "both"))
     embed_dim: int = spec(16, "embedding size per (bucket, library index)", min=1, max=1024)
     hidden: int = spec(64, "width of the MLP", min=1, max=8192)
@@ -202,18 +204,18 @@ class EvolveParams:
 
 @dataclass(frozen=True)
 class GridParams:
-    seeds: tuple[int, ...] = spec((1337,), "search seeds: every search runs once per seed (the library, surrogate, "
-                                  "fitness batch and initial weights stay on base.seed); with several, compare "
-                                  "reports mean ± spread", min=0, max=2**32 - 1, min_items=1)
+    seeds: tuple[int, ...] = spec((1337, 1, 2), "search seeds: every search runs once per seed (the library, "
+                                  "surrogate, fitness batch and initial weights stay on base.seed); compare pairs each "
+                                  "contrast by seed, with a 95 % interval over them", min=0, max=2**32 - 1, min_items=1)
     evolve: tuple[str, ...] = spec(MODES, "modes of the CLSO search (the GA with its surrogate). pure: only genes "
                                    "change (the protocol's V1); hybrid: every evolve.hybrid_every generations, Adam "
                                    "trains the continuous parts for the best genome", choices=MODES, min_items=1)
-    random: tuple[str, ...] = spec(MODES, "modes of the random-search control: as many true evaluations per "
-                                   "generation as the GA of that mode and seed (with its surrogate's pretraining)",
+    random: tuple[str, ...] = spec(("hybrid",), "modes of the random-search control: as many true evaluations "
+                                   "per generation as the GA of that mode and seed (with its surrogate's pretraining)",
                                    choices=MODES)
-    no_surrogate: tuple[str, ...] = spec(MODES, "modes of the no-surrogate control: the GA with every child truly "
-                                         "evaluated, until it has spent the FLOPs of the GA and its surrogate",
-                                         choices=MODES)
+    no_surrogate: tuple[str, ...] = spec(("hybrid",), "modes of the no-surrogate control: the GA with every child "
+                                         "truly evaluated, until it has spent the search FLOPs of the GA (its Adam "
+                                         "steps aside) and its surrogate's", choices=MODES)
     fixed_body: tuple[str, ...] = spec(("hybrid",), "the fixed-body control (hybrid only): one seeded random "
                                        "genome, never searched, with the GA's Adam phases", choices=("hybrid",))
 
@@ -263,8 +265,6 @@ class BaselineParams:
 
 @dataclass(frozen=True)
 class CompileParams:
-    mode: str = spec("pure", "which CLSO search is compiled: that mode's run at the first of grid.seeds",
-                     choices=MODES)
     prune_vocab: bool = spec(False, "keep only the token ids that occur in the train split (smaller embeddings)")
     eval_tokens: int = spec(0, "val tokens for perplexity and top-1 agreement of each file; 0 = the whole val split",
                             min=0, max=1_000_000_000)
@@ -280,7 +280,8 @@ class CompileParams:
 
 @dataclass(frozen=True)
 class FieldParams:
-    n_layer: int = spec(1, "blocks of causal self-attention → neuron field → MLP (the journal has one)", min=1, max=96)
+    n_layer: int = spec(2, "blocks of causal self-attention → neuron field → MLP (the journal has one; the default "
+                        "is the baseline's depth, so a comparison with it is not one of depth)", min=1, max=96)
     n_embd: int = spec(128, "width d of the embeddings, the attention and the neurons' positions and values",
                        min=8, max=8192)
     n_head: int = spec(4, "attention heads; must divide n_embd", min=1, max=256)
@@ -506,9 +507,9 @@ def _check_across(params: Params) -> None:
         if orphans:  # a control's budget is matched to the GA run of its mode and seed
             raise ParamsError(f"grid.{control}: {orphans[0]} is not in grid.evolve {list(g.evolve)}; a control "
                               f"is matched to the CLSO search of its mode: add {orphans[0]} to grid.evolve")
-    for key, mode in (("transfer.clso_mode", params.transfer.clso_mode), ("compile.mode", params.compile.mode)):
-        if mode not in g.evolve:
-            raise ParamsError(f"{key}: {mode} is not in grid.evolve {list(g.evolve)}; valid: a mode the grid runs")
+    if params.transfer.clso_mode not in g.evolve:
+        raise ParamsError(f"transfer.clso_mode: {params.transfer.clso_mode} is not in grid.evolve {list(g.evolve)}; "
+                          "valid: a mode the grid runs")
 
 
 def parse_params(raw) -> Params:

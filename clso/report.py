@@ -39,27 +39,35 @@ def hypothesis() -> str:
     return f"CLSO within {PPL_TOLERANCE:.0%} of the baseline's perplexity at ≤ {ENERGY_SHARE:.0%} of its energy"
 
 
+HOLDS = {True: "holds", False: "does not hold", None: "is undetermined"}
+
+
 def verdict_statement(name: str, v: dict, methods: str) -> str:
     """The verdict on the headline run, in two sentences."""
-    text = (f"**The hypothesis ({hypothesis()}) {'holds' if v['holds'] else 'does not hold'}** for CLSO's best "
-            f"mode, `{name}`. Its val perplexity is {v['ppl_ratio']:.3f}× the baseline's at {v['energy_ratio']:.3f}× "
-            f"its energy (energy by `{methods}`)")
+    text = (f"**The hypothesis ({hypothesis()}) {HOLDS[v['holds']]}** for CLSO's best mode, `{name}`. Its val "
+            f"perplexity is {v['ppl_ratio']:.3f}× the baseline's, at {v['energy_ratio']:.3f}× its energy (`{methods}`) "
+            f"and {v['flops_ratio']:.3f}× its FLOPs")
+    if v["energy_criterion"] == "undetermined":
+        text += (f"; the energy criterion is undetermined, as energy is an estimate that moves with the machine's load "
+                 f"and the two ratios fall on either side of {ENERGY_SHARE:.0%}")
     if v["decided_by_frozen_head_bound"]:
         text += (f"; pure mode cannot pass, as its frozen head allows no val perplexity below {v['bound_ppl']:.4g} "
                  f"({v['bound_ppl_ratio']:.3f}× the baseline's) whatever the library or the search")
     return text + "."
 
 
-def readme_table(summary: dict) -> list[str]:
-    """The README's headline table, from metrics/compare.json (tests/test_readable.py keeps the README to it)."""
-    v = summary["verdict"]
-    c, b = summary["contestants"][v["contestant"]], summary["contestants"]["baseline"]
+def readme_table(result: dict) -> list[str]:
+    """The README's headline table, from metrics/detail/compare.json (tests/test_readable.py keeps the
+    README to it)."""
+    h = result["headline"]
+    v, ratio = h["verdict"], h["ratio"]
+    c, b = result["contestants"][h["clso"]], result["contestants"]["baseline"]
     method = c["method"] if c["method"] == b["method"] else f"{c['method']} / {b['method']}"
-    return table(["", f"CLSO's best mode, `{v['contestant']}`", "AdamW baseline", "CLSO ÷ baseline"],
+    return table(["", f"CLSO's best mode, `{h['clso']}`", "AdamW baseline", "CLSO ÷ baseline"],
                  [["val perplexity", c["val_ppl"], b["val_ppl"], v["ppl_ratio"]],
-                  ["test perplexity", c["test_ppl"], b["test_ppl"], None],
+                  ["test perplexity", c["test_ppl"], b["test_ppl"], ratio["test_ppl"]],
                   [f"energy (Wh, `{method}`)", c["energy_wh"], b["energy_wh"], v["energy_ratio"]],
-                  ["FLOPs", c["flops"], b["flops"], None]])
+                  ["FLOPs", c["flops"], b["flops"], v["flops_ratio"]]])
 
 
 def _energy_parts(d: dict) -> str:
@@ -81,6 +89,10 @@ def headline_section(result: dict) -> list[str]:
                      None],
                     ["FLOPs", c["flops"], b["flops"], h["ratio"]["flops"]],
                     ["wall (s)", c["wall_s"], b["wall_s"], None]])
+    spread = result.get("over_seeds", {}).get(f"evolve@{c['mode']}")
+    if spread:
+        lines += ["", f"Over its {spread['seeds']} seeds this mode's val perplexity is {fmt(spread['val_ppl'])} ± "
+                  f"{fmt(spread['val_ppl_spread'])} (mean ± sample standard deviation); the table is its first seed."]
     reach = (f"{fmt(m['baseline_energy_wh_to_reach_clso'])} Wh (step {fmt(m['baseline_step_to_reach_clso'])})"
              if m["baseline_reached_clso_val_ppl"] else "never, in its whole run")
     lines += ["", *table(["the baseline's run, matched to CLSO's", "value"],
@@ -98,7 +110,7 @@ def contestants_section(result: dict) -> list[str]:
     rows = []
     for name, r in result["contestants"].items():
         vs = result["against_baseline"].get(name, {})
-        hypothesis_text = ("holds" if vs["holds"] else "does not hold") if "holds" in vs else "—"
+        hypothesis_text = HOLDS[vs["holds"]] if "holds" in vs else "—"
         rows.append([f"`{name}`", r["label"], r["val_ppl"], r["test_ppl"], r["energy_wh"], r["method"], r["flops"],
                      r.get("true_evaluations"), vs.get("val_ppl"), vs.get("energy_wh"), hypothesis_text])
     lines += table(["contestant", "what", "val ppl", "test ppl", "energy (Wh)", "method", "FLOPs", "true evaluations",
@@ -112,30 +124,50 @@ def contestants_section(result: dict) -> list[str]:
     return lines
 
 
+CONCLUSIONS = {"clso_better": "excludes zero: CLSO's GA is better", "within_noise": "includes zero: within noise",
+               "control_better": "excludes zero: {label} is better"}
+
+
 def contrast_statement(name: str, mode: str, c: dict) -> str:
-    """One contrast in at most two sentences: the difference, and what the seeds allow one to say of it."""
+    """One contrast in at most two sentences: the mean difference, and what its interval allows."""
     label, _ = QUESTIONS[name]
-    d = c["loss_difference"]
+    d = c["mean_diff"]
     side = "above" if d > 0 else "below" if d < 0 else "level with"
-    first = f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss."
-    if c["seeds"] == 1:
-        return first + " One seed gives no spread to weigh that against, so no side is called better."
-    return first + (f" Over {c['seeds']} seeds the spread is {c['loss_difference_spread']:.4f} nats, and CLSO's GA "
-                    f"is ahead in {c['clso_better_in']} of them.")
+    if c["conclusion"] == "one_seed":
+        return f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss, on one seed: no claim is made."
+    low, high = c["interval"]
+    return (f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss, the mean over {c['seeds']} "
+            f"seeds. Its 95 % interval, [{low:+.4f}, {high:+.4f}], {CONCLUSIONS[c['conclusion']].format(label=label)}.")
 
 
 def contrasts_section(result: dict) -> list[str]:
     lines = ["## What each part of CLSO buys", "", "Each control is paired with CLSO's GA of its mode and seed, on its "
-             "budget: random search gets its true evaluations, the GA without surrogate its FLOPs (with the "
-             "surrogate's), the fixed body its generations (so its Adam phases).", ""]
-    rows = [[question, mode, c["seeds"], f"{c['loss_difference']:+.4f}", c["loss_difference_spread"],
-             c["energy_share"], c["flops_share"], f"{fmt(c['adam_phases'])} / {fmt(c['clso_adam_phases'])}"]
+             "budget: random search gets its true evaluations, the GA without surrogate its search FLOPs (with the "
+             "surrogate's, without the Adam steps), the fixed body its generations. In hybrid mode each control gets "
+             "exactly CLSO's Adam phases, so a contrast compares search with search. The interval is a paired t over "
+             "seeds (95 %); a difference is called better only when it excludes zero.", ""]
+    rows = [[question, mode, c["seeds"], f"{c['mean_diff']:+.4f}",
+             "—" if c["interval"] is None else f"[{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]",
+             c["conclusion"].replace("_", " "), c["flops_share"], c["energy_share"],
+             f"{fmt(c['adam_phases'])} / {fmt(c['clso_adam_phases'])}"]
             for name, (label, question) in QUESTIONS.items() for mode, c in result["contrasts"].get(name, {}).items()]
-    lines += table(["question", "mode", "seeds", "control − CLSO val loss (nats)", "spread", "energy share",
-                    "FLOPs share", "Adam phases (control / CLSO)"], rows)
+    lines += table(["question", "mode", "seeds", "control − CLSO val loss (nats), mean", "95 % interval",
+                    "conclusion", "FLOPs share", "energy share", "Adam phases (control / CLSO)"], rows)
     lines += ["", *(f"- {contrast_statement(name, mode, c)}" for name in QUESTIONS
                     for mode, c in result["contrasts"].get(name, {}).items())]
     return lines
+
+
+def field_statement(c: dict) -> str:
+    """What the neurons add, in at most two sentences, its wording by the contrast's conclusion."""
+    d = c["mean_diff"]
+    first = (f"With its neurons the field LM ends {abs(d):.4f} nats {'below' if d > 0 else 'above'} the same model "
+             f"without them on val loss, at {c['flops_share']:.3f}× its FLOPs")
+    if c["conclusion"] == "one_seed":
+        return first + ", on one run each: no claim is made."
+    low, high = c["interval"]
+    verdict = {"clso_better": "the neurons help", "control_better": "the neurons hurt", "within_noise": "within noise"}
+    return first + f". Its 95 % interval over {c['seeds']} seeds is [{low:+.4f}, {high:+.4f}]: {verdict[c['conclusion']]}."
 
 
 def field_section(result: dict) -> list[str]:
@@ -145,11 +177,12 @@ def field_section(result: dict) -> list[str]:
     lines = ["## The neuron-field LM (document 004)", "", f"Trained by gradient: {details['neurons']} neurons, "
              f"{details['frozen_share']:.0%} {'at the soft-freeze floor' if details['freeze'] == 'soft' else 'frozen'}, "
              f"{'with' if details['attention'] else 'without'} attention. It is a contestant, not the hypothesis.", ""]
-    ratio = result["against_baseline"]["field"]
-    lines += table(["", "neuron-field LM", "AdamW baseline", "ratio"],
-                   [[k, f[key], b[key], ratio[key]] for k, key in
+    ratio, empty = result["against_baseline"]["field"], result["contestants"]["field_no_neurons"]
+    lines += table(["", "neuron-field LM", "without neurons", "AdamW baseline", "field ÷ baseline"],
+                   [[k, f[key], empty[key], b[key], ratio[key]] for k, key in
                     (("val perplexity", "val_ppl"), ("test perplexity", "test_ppl"), ("energy (Wh)", "energy_wh"),
                      ("FLOPs", "flops"))])
+    lines += ["", field_statement(details["neurons_add"])]
     lines += ["", *table(["loss in nats per character", "ours", "the journal's", "met"],
                          [["train, the journal with attention (2.39 per token)", c["our_final_train"],
                            c["journal_causal_train"], j["causal_train_loss_met"]],
@@ -175,7 +208,8 @@ def transfer_statement(r: dict, tolerance: float) -> str:
              f"baseline's {b['test']:.4f}{mismatched}: {'within' if verdicts['test'] else 'not within'} the "
              f"tolerance ({tolerance:.0%}), at {r['energy_ratio']:.3g}× its fine-tuning energy.")
     if r["no_pretraining_within_tolerance"]:
-        return first + " A GPT-2 with no pretraining, fine-tuned, comes within it too, so this task does not test pretraining."
+        return first + (f" A GPT-2 with no pretraining, fine-tuned, comes within it{' too' if verdicts['test'] else ''}, "
+                        "so this task does not test pretraining.")
     return first + (f" Pretraining lifts the fine-tuned baseline by {r['lift']['pretraining_finetuned']:+.4f} over no "
                     f"pretraining; CLSO's body lifts a probe by {r['lift']['clso_probe']:+.4f}.")
 
@@ -237,13 +271,20 @@ def compile_section(c: dict) -> list[str]:
     return lines
 
 
+HOLDOUT_PARTS = {"all": "whole families held out", "random": "their random genomes", "mutants": "their mutants"}
+
+
+def _spearman_row(label: str, m: dict | None) -> list:
+    return [label, None if m is None else m["spearman"], None if m is None else m["spearman"] >= 0.7]
+
+
 def diagnostics_section(result: dict, library: dict, surrogate: dict) -> list[str]:
     s = library["sanity_check"]
     rows = [["library sanity (protocol step 1): mean best relative error, with gain",
              f"{s['mean_best_rel_error_with_gain']:.0%} (worst {s['worst_best_rel_error_with_gain']:.0%}; "
              f"the protocol allows {s['protocol_max_error']:.0%})", s["passes_protocol"]],
-            ["surrogate: held-out Spearman (the protocol's bar: 0.7)", surrogate["holdout_metrics"]["spearman"],
-             surrogate["holdout_metrics"]["spearman"] >= 0.7]]
+            *(_spearman_row(f"surrogate: held-out Spearman, {what} (the protocol's bar: 0.7)",
+                            surrogate["holdout_metrics_by_part"][part]) for part, what in HOLDOUT_PARTS.items())]
     if result.get("frozen_head_bound_val_ppl"):
         rows.append(["pure mode: the lowest val perplexity any body reaches under the frozen head",
                      fmt(result["frozen_head_bound_val_ppl"]), None])
@@ -265,12 +306,19 @@ def costs_section(costs: dict[str, dict]) -> list[str]:
                    [[UNCHARGED.get(what, what), c["energy_wh"], c["method"], c.get("wall_s")] for what, c in costs.items()])]
 
 
+def machine_line(m: dict) -> str:
+    """Where the run was measured: results repeat bit for bit on the same CPU and torch build only."""
+    return (f"Measured on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, CPU kernels {m['cpu_capability']}"
+            f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}). Losses and FLOPs repeat bit for bit on the same CPU "
+            "and torch build; another CPU's kernels round differently, and a search then takes another path.")
+
+
 def report(result: dict, inputs: dict) -> str:
     """metrics/report.md: the verdict first, then a table per question. `inputs`: the other stages' details."""
     h = result["headline"]
     lines = ["# CLSO against the dense AdamW baseline", "",
              "Generated by `dvc repro compare` from this run's records; do not edit. The figures behind it are in "
-             "metrics/detail/.", "", "## Verdict", "",
+             "metrics/detail/.", "", machine_line(result["machine"]), "", "## Verdict", "",
              verdict_statement(h["clso"], h["verdict"], result["contestants"][h["clso"]]["method"]), "",
              *headline_section(result), "", *contestants_section(result), "", *contrasts_section(result), "",
              *field_section(result), "", *transfer_section(inputs["transfer"]), "", *compile_section(inputs["compile"]),

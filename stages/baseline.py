@@ -20,9 +20,10 @@ from stages.paths import PREPARED, Contestant
 
 @stage("baseline", sections=("base", "model", "baseline"))
 def baseline(params: Path = PARAMS_OPTION) -> None:
-    """Train the dense GPT-2 of `model` with AdamW on the train split; write models/baseline/, its
-    record metrics/detail/contestants/baseline.json (val and test loss, cost, curve) and plots/baseline.csv (loss
-    against tokens, energy, FLOPs, wall)."""
+    """Train the dense GPT-2 of `model` with AdamW on the train split; keep the weights of its lowest
+    val loss on the curve (early stopping) and charge it what training had cost by then; write
+    models/baseline/, its record metrics/detail/contestants/baseline.json (val and test loss, cost,
+    curve) and plots/baseline.csv (loss against tokens, energy, FLOPs, wall: the whole run)."""
     p = load_params(params)
     device = setup(p.base)
     data = TokenData.open(PREPARED)
@@ -41,19 +42,24 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
         val, test = final_losses(lambda x: result.model(input_ids=x).logits, data, config.block_size, device)
     with atomic_dir(me.model_dir) as tmp:
         save_baseline(result.model, tmp)
-    best = min(result.curve, key=lambda r: r["val_loss"])
     cost, rest = split_cost(result.train_energy)
-    Record(me.name, me.kind, me.label, val, test, {"training": cost},
-           {"loss": "val", "points": curve_points(result.curve, "val_loss", "step")},
-           details={"steps": p.baseline.steps, "tokens": result.curve[-1]["tokens"],
-                    "best_curve_val_loss": best["val_loss"], "best_curve_step": best["step"], **rest,
+    stopped_early = result.best_step < p.baseline.steps  # charged to its best val point, as early stopping would
+    charged = split_cost(result.to_best)[0] if stopped_early else cost
+    Record(me.name, me.kind, me.label, val, test, {"training": charged},
+           {"loss": "val", "points": curve_points([r for r in result.curve if r["step"] <= result.best_step],
+                                                  "val_loss", "step")},
+           details={"steps": p.baseline.steps, "tokens": result.curve[-1]["tokens"], "best_curve_step": result.best_step,
+                    "best_curve_val_loss": min(r["val_loss"] for r in result.curve), "whole_run": cost, **rest,
                     "setup": asdict(result.setup), "device": str(device)},
            uncharged={"final_scores": final_meter.reading.as_metrics(),
-                      "curve_val_loss": {"energy_wh": rest["eval_energy_wh"], "method": cost["method"]}}).save(me.record)
+                      "curve_val_loss": {"energy_wh": rest["eval_energy_wh"], "method": cost["method"]},
+                      **({"training_after_best": split_cost(result.after_best)[0]} if stopped_early else {})}
+           ).save(me.record)
     write_csv_atomic(me.curve, CURVE_FIELDS, result.curve)
     e, s = result.train_energy, result.setup
     print(f"baseline: {p.baseline.steps} steps ({s.precision}, {s.attention} attention, {s.adamw} AdamW, compile "
-          f"{s.torch_compile}), val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole val split, "
+          f"{s.torch_compile}), best val at step {result.best_step}: val loss {val:.4f} (ppl {math.exp(val):.1f}) "
+          f"on the whole val split; the whole run "
           f"{e['energy_wh']:.4f} Wh ({e['method']}), {e['tokens_per_s']:,.0f} tokens/s, "
           f"{e['achieved_tflops']:.3g} TFLOP/s" + (f", MFU {e['mfu']:.1%}" if e["mfu"] is not None else ""))
 

@@ -2,23 +2,38 @@
 and the verdict on document 003's hypothesis."""
 
 import math
+import os
 from pathlib import Path
 
 from clso import ClsoError
-from clso.compare import (against_baseline, charged, charged_curve, contrasts, field_vs_journal, frontier, headline,
+from clso.compare import (against_baseline, charged, charged_curve, contrasts, field_contrast, field_vs_journal, frontier, headline,
                           headline_row, methods, over_seeds, row, summary, uncharged)
 from clso.energy import EnergyMeter
 from clso.io import read_json, write_csv_atomic, write_json_atomic, write_text_atomic
 from clso.params import MODES, load_params
 from clso.plots import frontier_png
 from clso.record import Record
-from clso.report import report
+from clso.report import HOLDS, report
 from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.paths import REPORT, Contestant, contestants, detail, metrics
 from stages.paths import frontier as frontier_path
 
 FRONTIER_FIELDS = ("contestant", "label", "point", "loss", "energy_wh", "energy_method", "flops")
 FIELD_DETAILS = ("neurons", "frozen_share", "freeze", "attention", "torch_compile")  # what the report says of it
+
+
+def machine() -> dict:
+    """The CPU, cores, torch build and the kernels it picked (and a GPU's name): what bit-for-bit repeats need."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"cpu": cpu or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def shared_costs(details: dict[str, dict]) -> dict[str, dict]:
@@ -52,10 +67,11 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     bounds = [r["frozen_head_bound_val_ppl"] for r in rows.values() if r["frozen_head_bound_val_ppl"]]
     field = records["field"]
     result = {"headline": headline(best, rows["baseline"], records["baseline"].curve["points"]),
-              "contestants": rows,
+              "machine": machine(), "contestants": rows,
               "against_baseline": {n: against_baseline(r, rows["baseline"]) for n, r in rows.items() if n != "baseline"},
               "contrasts": contrasts(list(rows.values())),
               "field": {"journal": field_vs_journal(field), **{k: field.details[k] for k in FIELD_DETAILS},
+                        "neurons_add": field_contrast(rows["field"], rows["field_no_neurons"]),
                         "baseline_torch_compile": records["baseline"].details["setup"]["torch_compile"]},
               # every pure search shares the head (initialised on base.seed), so one bound
               "frozen_head_bound_val_ppl": max(bounds) if bounds else None}
@@ -70,7 +86,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     write_text_atomic(REPORT, report(result, details))
     write_frontiers(rows, records, curves, result["frozen_head_bound_val_ppl"])
     v = result["headline"]["verdict"]
-    print(f"compare: {best['name']}: the hypothesis {'holds' if v['holds'] else 'does not hold'} (val perplexity "
+    print(f"compare: {best['name']}: the hypothesis {HOLDS[v['holds']]} (val perplexity "
           f"{v['ppl_ratio']:.3f}× the baseline's at {v['energy_ratio']:.3f}× its energy); see {REPORT}")
 
 

@@ -48,8 +48,10 @@ def _budget(me: Contestant) -> Budget:
     if strategy == "random":  # the surrogate's pretraining genomes were true evaluations too
         return Budget(evaluations=tuple(surrogate["genomes"] + int(row["true_evaluations"])
                                         for row in read_curve(clso.curve)))
-    search = Record.load(clso.record).costs["search"]
-    return Budget(flops=search["flops"] + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"])
+    record = Record.load(clso.record)  # the GA without surrogate: its search FLOPs, its Adam steps aside
+    search_flops = record.costs["search"]["flops"] - record.details["adam_flops"]
+    adam_at = tuple(f / search_flops for f in record.details["adam_at_search_flops"]) if me.mode == "hybrid" else None
+    return Budget(flops=search_flops + surrogate["evaluation"]["flops"] + surrogate["training"]["flops"], adam_at=adam_at)
 
 
 def _evolution(p, me: Contestant, device) -> tuple[Evolution, Budget]:
@@ -117,7 +119,7 @@ def _record(p, me: Contestant, evolution: Evolution, budget: Budget, scores, dev
     workers = {"workers": p.evolve.workers, "workers_replaced": cost.workers_replaced,
                "workers_extra_flops": cost.workers_extra_flops} if p.evolve.workers or cost.workers_replaced \
         or cost.workers_extra_flops else {}
-    allowed = {k: v for k, v in asdict(budget).items() if v is not None}
+    allowed = {k: v for k, v in asdict(budget).items() if v is not None and k != "adam_at"}
     if budget.evaluations:  # the schedule by its total
         allowed["evaluations"] = budget.evaluations[-1]
     return Record(
@@ -128,7 +130,8 @@ def _record(p, me: Contestant, evolution: Evolution, budget: Budget, scores, dev
                                          "wall_s": r["wall_s"], "step": r["generation"]} for r in run.history]},
         tuple(charged_with), me.mode, me.seed,
         {"strategy": me.strategy, **({"budget": allowed} if allowed else {}),
-         "generations": run.ga_state.generation, "adam_phases": evolution.adam_phases, "stopped": run.stopped,
+         "generations": run.ga_state.generation, "adam_phases": evolution.adam_phases,
+         "adam_flops": cost.adam_flops, "adam_at_search_flops": run.adam_at, "stopped": run.stopped,
          "best_fitness_loss": run.ga_state.best_fitness, "surrogate_predictions": run.surrogate_predictions,
          "evaluations_saved_share": round(run.surrogate_predictions / total, 4) if total else 0.0,
          "device": str(device), "precision": search.precision, **workers,
@@ -189,8 +192,9 @@ def random_search(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path
 
 @stage("no_surrogate", sections=SECTIONS)
 def no_surrogate(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
-    """Control: the GA with every child truly evaluated, until it has spent the FLOPs of `evolve` of
-    the same mode and seed plus its surrogate's. Outputs as `evolve`'s, under no_surrogate/."""
+    """Control: the GA with every child truly evaluated, until it has spent the search FLOPs of `evolve`
+    of the same mode and seed (its Adam steps aside) plus its surrogate's; in hybrid mode it gets exactly
+    that run's Adam phases, each at the same share of the budget. Outputs as `evolve`'s, under no_surrogate/."""
     run_search("no_surrogate", mode, seed, params)
 
 

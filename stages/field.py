@@ -2,7 +2,7 @@
 growth and freezing, with its loss-against-energy curve and a picture of its neurons."""
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from clso.context import resolve_precision, setup
@@ -15,11 +15,14 @@ from clso.params import load_params
 from clso.plots import neurons_png
 from clso.progress import progress_bar
 from clso.record import Record, curve_points, split_cost
-from stages.common import PARAMS_OPTION, fingerprint, run_alone, stage
+from stages.common import PARAMS_OPTION, app, fingerprint, stage
 from stages.paths import FIELD_NEURONS, PREPARED, Contestant
 
 
-@stage("field", sections=("base", "model", "field"))
+SECTIONS = ("base", "model", "field")
+
+
+@stage("field", sections=SECTIONS)
 def field(params: Path = PARAMS_OPTION) -> None:
     """Train the neuron-field LM of params.yaml's `field` section on the train split (context
     model.block_size, the baseline's); write models/field/, its record metrics/detail/contestants/field.json,
@@ -27,15 +30,33 @@ def field(params: Path = PARAMS_OPTION) -> None:
     plots/field_neurons.png (the neurons' positions in two dimensions, by PCA, coloured by birth step).
     Saves the run to checkpoints/field every eval_interval steps: a killed run resumes."""
     p = load_params(params)
+    model, val = train(p, Contestant("field"), p.field)
+    neurons = sum(f.alive for f in model.fields)
+    neurons_png(model.fields, FIELD_NEURONS, f"neuron field after {p.field.steps} steps: {neurons} neurons "
+                f"(PCA of positions; val loss {val:.3f})")
+
+
+@stage("field_no_neurons", sections=SECTIONS)
+def field_no_neurons(params: Path = PARAMS_OPTION) -> None:
+    """The field LM's control: the same model and training with every field empty (no neurons, no
+    growth), so attention and MLP alone; what the neurons add is the difference. Outputs as `field`'s,
+    under field_no_neurons (no picture)."""
+    p = load_params(params)
+    train(p, Contestant("field_no_neurons"), replace(p.field, initial_neurons=0, grow_every=0))
+
+
+def train(p, me: Contestant, s) -> tuple:
+    """Train one field LM of settings `s` (resuming from its checkpoint); write its model, record and
+    curve; return the model and its val loss."""
     device = setup(p.base)
     data = TokenData.open(PREPARED)
-    me, s, meter = Contestant("field"), p.field, p.base.meter_options(device)
+    meter = p.base.meter_options(device)
     checkpoint = FieldCheckpoint(me.checkpoints, fingerprint(
         {"base": asdict(p.base), "model": asdict(p.model), "field": asdict(s),
          "precision": resolve_precision(s.precision, device), "device": str(device)},
         [data.meta_file], "stages.field"))
     with progress_bar() as bar:
-        task = bar.add_task("field", total=s.steps, info="")
+        task = bar.add_task(me.name, total=s.steps, info="")
 
         def show(row):
             if row["val_loss"] is not None:
@@ -68,15 +89,14 @@ def field(params: Path = PARAMS_OPTION) -> None:
                       "checkpoints": {"energy_wh": rest["checkpoint_energy_wh"], "method": cost["method"]}}
            ).save(me.record)
     write_csv_atomic(me.curve, CURVE_FIELDS, result.curve)
-    neurons_png(model.fields, FIELD_NEURONS, f"neuron field after {s.steps} steps: {sum(neurons)} neurons "
-                f"(PCA of positions; val loss {val:.3f})")
     checkpoint.clear()
     e = result.train_energy
     resumed = f", resumed at step {result.resumed_at}" if result.resumed_at else ""
-    print(f"field: {s.steps} steps ({result.precision}{resumed}), {sum(neurons)} neurons, {last['frozen_share']:.0%} "
+    print(f"{me.name}: {s.steps} steps ({result.precision}{resumed}), {sum(neurons)} neurons, {last['frozen_share']:.0%} "
           f"frozen ({s.freeze}), val loss {val:.4f} (ppl {math.exp(val):.1f}) on the whole val split, "
           f"{e['energy_wh']:.4f} Wh ({e['method']}), {e['flops']:.3g} FLOPs, {e['tokens_per_s']:,.0f} tokens/s")
+    return model, val
 
 
 if __name__ == "__main__":
-    run_alone("field")
+    app(prog_name="python -m stages.field")  # COMMAND: field or field_no_neurons

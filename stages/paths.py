@@ -54,6 +54,7 @@ class Entry:
 REGISTRY = (
     Entry("baseline", "baseline", "AdamW baseline"),
     Entry("field", "contestant", "neuron-field LM"),
+    Entry("field_no_neurons", "contestant", "field LM without neurons"),
     Entry("evolve", "clso", "CLSO (GA + surrogate)", strategy="ga"),
     Entry("random", "control", "random search", strategy="random"),
     Entry("no_surrogate", "control", "GA without surrogate", strategy="no_surrogate"),

@@ -156,3 +156,27 @@ def test_tf32_holds_through_backward():
     before = torch.backends.cuda.matmul.allow_tf32
     step(x[:, :-1], x[:, 1:], 1e-3)
     assert modes == [True] and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_the_baseline_keeps_its_best_val_point_and_what_it_cost_by_then(data, tmp_path, monkeypatch):
+    """Early stopping, as a practitioner would: the weights of the lowest val loss on the curve, the
+    FLOPs and energy spent by then, and what came after apart."""
+    import clso.model.baseline as b
+
+    losses, states = iter([5.0, 4.0, 3.0, 3.5, 4.0]), []
+
+    def val_loss(model, *args):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(losses)
+
+    monkeypatch.setattr(b, "_val_loss", val_loss)
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    result = train_baseline(data, config, CFG, seed=0, device="cpu", meter_options=dict(device="cpu", rapl_root=tmp_path))
+    assert result.best_step == 20
+    kept = result.model.state_dict()
+    assert all(torch.equal(kept[k], states[2][k]) for k in kept) and not torch.equal(kept["transformer.wte.weight"],
+                                                                                     states[4]["transformer.wte.weight"])
+    whole, step = result.train_energy, result.curve[1]["flops"] // 10
+    assert result.to_best["flops"] == 20 * step and result.after_best["flops"] == 20 * step == whole["flops"] // 2
+    assert result.to_best["energy_wh"] == pytest.approx(result.curve[2]["energy_wh"], abs=1e-6)
+    assert result.to_best["energy_wh"] + result.after_best["energy_wh"] == pytest.approx(whole["energy_wh"], abs=2e-6)

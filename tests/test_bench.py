@@ -25,7 +25,10 @@ def test_bench_train_times_each_setting_against_the_reference():
     result = bench_train(n_embd=16, n_layer=1, n_head=2, block_size=8, batch_size=4, vocab_size=32,
                          micro_batch_size=2, steps=2, warmup_steps=1, repeats=2)
     settings = result["settings"]
-    assert list(settings) == ["fp32-eager", "fp32-sdpa", "bf16-sdpa"] and result["reference"] == "fp32-eager"
+    assert list(settings) == ["fp32-eager", "fp32-sdpa-gelu_new", "fp32-sdpa", "bf16-sdpa"]
+    assert result["reference"] == "fp32-eager" and settings["fp32-sdpa-gelu_new"]["activation"] == "gelu_new"
+    # the pipeline's fused GELU without a cache, against transformers' default GPT-2, side by side
+    assert settings["fp32-sdpa"]["speedup_vs_gelu_new"] > 0 and settings["fp32-sdpa-gelu_new"]["speedup_vs_gelu_new"] == 1.0
     assert settings["fp32-eager"]["speedup_vs_reference"] == 1.0 and settings["fp32-eager"]["energy_vs_reference"] == 1.0
     for s in settings.values():
         assert s["ms_per_step"] > 0 and len(s["ms_per_step_runs"]) == 2 and s["energy_method"] in ("estimate", "rapl")

@@ -9,11 +9,14 @@ from clso.compare import (
     charged_curve,
     contrasts,
     device_parts,
+    energy_criterion,
     first_reach,
     headline,
     headline_row,
+    paired_interval,
     row,
     seed_summary,
+    t_975,
     value_at,
     verdict,
 )
@@ -40,20 +43,43 @@ def test_first_reach_interpolates_or_says_never():
     assert first_reach(xs, ys, 4.0) is None
 
 
+def side(ppl, energy, flops=None, method="rapl"):
+    """A verdict's side; FLOPs in proportion to energy unless given."""
+    return {"val_ppl": ppl, "energy_wh": energy, "flops": energy * 100 if flops is None else flops, "method": method}
+
+
+BASE = side(100.0, 1.0)
+
+
 def test_verdict_both_outcomes():
-    win = verdict(clso_ppl=104.0, clso_energy=0.4, baseline_ppl=100.0, baseline_energy=1.0)
-    assert win["holds"] and win["ppl_within_tolerance"] and win["energy_within_share"]
+    win = verdict(side(104.0, 0.4), BASE)
+    assert win["holds"] and win["ppl_within_tolerance"] and win["energy_criterion"] == "met"
     assert verdict_statement("evolve@pure-1", win, "rapl").startswith(f"**The hypothesis ({hypothesis()}) holds**")
-    too_dear = verdict(clso_ppl=100.0, clso_energy=0.6, baseline_ppl=100.0, baseline_energy=1.0)
-    assert not too_dear["holds"] and too_dear["ppl_within_tolerance"] and not too_dear["energy_within_share"]
-    too_poor = verdict(clso_ppl=106.0, clso_energy=0.1, baseline_ppl=100.0, baseline_energy=1.0)
-    assert not too_poor["holds"]
+    too_dear = verdict(side(100.0, 0.6), BASE)
+    assert too_dear["holds"] is False and too_dear["ppl_within_tolerance"] and too_dear["energy_criterion"] == "not_met"
+    too_poor = verdict(side(106.0, 0.1), BASE)
+    assert too_poor["holds"] is False
     assert verdict_statement("evolve@pure-1", too_poor, "rapl").startswith(f"**The hypothesis ({hypothesis()}) does not hold**")
+
+
+def test_an_estimated_energy_decides_only_where_the_flops_agree():
+    assert energy_criterion(0.44, 0.40, "estimate") == "met" and energy_criterion(0.6, 0.7, "estimate") == "not_met"
+    assert energy_criterion(0.534, 0.403, "estimate") == "undetermined"  # the default run's two ratios
+    assert energy_criterion(0.44, 0.9, "rapl|estimate") == "undetermined"  # either side estimated
+    assert energy_criterion(0.44, 0.9, "rapl") == "met" and energy_criterion(0.534, 0.403, "nvml|rapl") == "not_met"
+    open_ = verdict(side(104.0, 0.44, flops=90, method="estimate"), BASE)
+    assert open_["holds"] is None and open_["energy_criterion"] == "undetermined" and open_["flops_ratio"] == 0.9
+    text = verdict_statement("evolve@hybrid-1", open_, "estimate")
+    assert text.startswith(f"**The hypothesis ({hypothesis()}) is undetermined**") and "either side of 50%" in text
+    assert sentences(text) == 2
+    # a perplexity too high decides alone, whatever the energy
+    assert verdict(side(300.0, 0.44, flops=90, method="estimate"), BASE)["holds"] is False
 
 
 def point(name, val_loss, energy, flops, kind="clso", mode="pure", seed=1, bound=None):
     return {"name": name, "kind": kind, "mode": mode, "seed": seed, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
-            "test_ppl": math.exp(val_loss), "energy_wh": energy, "flops": flops, "frozen_head_bound_val_ppl": bound}
+            "test_ppl": math.exp(val_loss), "energy_wh": energy, "flops": flops, "method": "rapl",
+            "frozen_head_bound_val_ppl": bound}
 
 
 BASELINE = point("baseline", 4.5, 3.0, 300, kind="baseline", mode=None)
@@ -88,22 +114,23 @@ def test_the_statement_follows_the_constants(monkeypatch):
     monkeypatch.setattr(c, "ENERGY_SHARE", 0.25)
     monkeypatch.setattr(r, "PPL_TOLERANCE", 0.10)
     monkeypatch.setattr(r, "ENERGY_SHARE", 0.25)
-    v = c.verdict(clso_ppl=108.0, clso_energy=0.3, baseline_ppl=100.0, baseline_energy=1.0)
-    assert v["ppl_within_tolerance"] and not v["energy_within_share"] and not v["holds"]
+    v = c.verdict(side(108.0, 0.3), BASE)
+    assert v["ppl_within_tolerance"] and v["energy_criterion"] == "not_met" and v["holds"] is False
     assert hypothesis() == "CLSO within 10% of the baseline's perplexity at ≤ 25% of its energy"
     assert "(CLSO within 10% of the baseline's perplexity at ≤ 25% of its energy)" in verdict_statement("x", v, "m")
 
 
 def test_a_frozen_head_bound_above_the_tolerance_decides_alone():
-    decided = verdict(clso_ppl=3886.0, clso_energy=0.3, baseline_ppl=164.6, baseline_energy=0.6, bound_ppl=330.0)
+    baseline = side(164.6, 0.6)
+    decided = verdict(side(3886.0, 0.3), baseline, bound_ppl=330.0)
     assert decided["decided_by_frozen_head_bound"] and decided["bound_ppl_ratio"] == pytest.approx(2.0049, abs=1e-4)
     text = verdict_statement("evolve@pure-1", decided, "estimate")
     assert "; pure mode cannot pass, as its frozen head allows no val perplexity below 330 (2.005× the baseline's)" in text
     assert len(re.findall(r"[.!?](?:\s|$)", text)) == 2
-    open_question = verdict(clso_ppl=3886.0, clso_energy=0.3, baseline_ppl=164.6, baseline_energy=0.6, bound_ppl=160.0)
+    open_question = verdict(side(3886.0, 0.3), baseline, bound_ppl=160.0)
     assert not open_question["decided_by_frozen_head_bound"]
     assert "cannot pass" not in verdict_statement("evolve@pure-1", open_question, "estimate")
-    assert verdict(3886.0, 0.3, 164.6, 0.6)["bound_ppl_ratio"] is None
+    assert verdict(side(3886.0, 0.3), baseline)["bound_ppl_ratio"] is None
 
 
 def cost(wh, flops, wall, method, **more):
@@ -198,17 +225,42 @@ def test_contrasts_pair_each_control_with_clso_of_its_mode_and_seed():
     c = contrasts(runs)
     assert set(c) == {"ga_vs_random", "search_vs_fixed_body"} and set(c["ga_vs_random"]) == {"pure"}
     r = c["ga_vs_random"]["pure"]
-    assert r["seeds"] == 2 and r["loss_difference"] == pytest.approx(0.3) and r["clso_better_in"] == 2
-    assert r["loss_difference_spread"] == pytest.approx(math.sqrt(0.08))  # differences 0.5 and 0.1
+    assert r["seeds"] == 2 and r["mean_diff"] == pytest.approx(0.3) and r["clso_better_in"] == 2
+    assert r["spread"] == pytest.approx(math.sqrt(0.08))  # differences 0.5 and 0.1
+    half = 12.7062 * math.sqrt(0.08) / math.sqrt(2)  # t at 1 degree of freedom
+    assert r["interval"] == pytest.approx([0.3 - half, 0.3 + half]) and r["conclusion"] == "within_noise"
     assert r["energy_share"] == pytest.approx(1.0)
     f = c["search_vs_fixed_body"]["hybrid"]
-    assert f["loss_difference"] == pytest.approx(-0.5) and f["loss_difference_spread"] is None
-    assert f["flops_share"] == 0.5 and f["clso_better_in"] == 0
+    assert f["mean_diff"] == pytest.approx(-0.5) and f["spread"] is None and f["interval"] is None
+    assert f["conclusion"] == "one_seed" and f["flops_share"] == 0.5 and f["clso_better_in"] == 0
     one = contrast_statement("search_vs_fixed_body", "hybrid", f)
     assert one.startswith("In hybrid mode, the fixed random body ends 0.5000 nats below CLSO's GA")
-    assert "no side is called better" in one and "better than" not in one
+    assert "no claim is made" in one and "better" not in one
     two = contrast_statement("ga_vs_random", "pure", r)
-    assert "0.3000 nats above" in two and "spread is 0.2828" in two and "ahead in 2 of them" in two
+    assert "0.3000 nats above" in two and "over 2 seeds" in two and "includes zero: within noise" in two
+    assert "better" not in two
+
+
+def test_t_quantiles_match_the_table_and_approach_the_normal():
+    assert t_975(1) == 12.7062 and t_975(2) == 4.3027 and t_975(30) == 2.0423
+    assert t_975(31) == pytest.approx(2.0395, abs=1e-4) and t_975(120) == pytest.approx(1.9799, abs=1e-4)
+    assert t_975(10 ** 6) == pytest.approx(1.959964, abs=1e-5)
+
+
+def test_a_contrast_is_called_better_only_when_its_interval_excludes_zero():
+    clear = paired_interval([0.10, 0.12, 0.11])  # mean 0.11, spread 0.01: t(2)·0.01/√3 = 0.0248
+    assert clear["conclusion"] == "clso_better" and clear["interval"] == pytest.approx([0.11 - 0.024842, 0.11 + 0.024842],
+                                                                                       abs=1e-6)
+    assert paired_interval([-0.10, -0.12, -0.11])["conclusion"] == "control_better"
+    straddles = paired_interval([0.05, -0.02, 0.04])
+    assert straddles["interval"][0] < 0 < straddles["interval"][1] and straddles["conclusion"] == "within_noise"
+    assert paired_interval([0.3])["conclusion"] == "one_seed"
+    # the words follow the conclusion: "better" only where the interval excludes zero
+    shares = {"flops_share": 1.0, "energy_share": 1.0, "adam_phases": 0, "clso_adam_phases": 0}
+    for diffs, better in (([0.10, 0.12, 0.11], "CLSO's GA is better"), ([-0.10, -0.12, -0.11], "random search is better"),
+                          ([0.05, -0.02, 0.04], None), ([0.3], None)):
+        text = contrast_statement("ga_vs_random", "hybrid", {**paired_interval(diffs), **shares})
+        assert (better in text) if better else ("better" not in text), text
 
 
 def sentences(text: str) -> int:
@@ -221,14 +273,15 @@ def test_every_statement_is_at_most_two_sentences():
     c = contrasts([run("evolve", "pure", 1, 8.0), run("random", "pure", 1, 8.5),
                    run("evolve", "pure", 2, 8.0), run("random", "pure", 2, 7.5)])["ga_vs_random"]["pure"]
     one = contrasts([run("evolve", "pure", 1, 8.0), run("random", "pure", 1, 8.5)])["ga_vs_random"]["pure"]
-    side = {"test": 0.5, "test_mismatched": 0.4, "option": "head"}
-    task = {"clso": side, "baseline": side, "clso_within_tolerance": {"test": False, "test_mismatched": True},
+    scores = {"test": 0.5, "test_mismatched": 0.4, "option": "head"}
+    task = {"clso": scores, "baseline": scores, "clso_within_tolerance": {"test": False, "test_mismatched": True},
             "energy_ratio": 2.0, "lift": {"pretraining_finetuned": 0.1, "clso_probe": 0.0},
             "clso_partial": {"search_accepted": False, "best_fitness": 0.7, "pretrained_fitness": 0.6, "prior_fitness": 0.69}}
     texts = [contrast_statement("ga_vs_random", "pure", c), contrast_statement("ga_vs_random", "pure", one),
              transfer_statement({**task, "no_pretraining_within_tolerance": True}, 0.05),
              transfer_statement({**task, "no_pretraining_within_tolerance": False}, 0.05), partial_statement(task)]
-    for v in (verdict(104.0, 0.4, 100.0, 1.0), verdict(3886.0, 0.3, 164.6, 0.6, bound_ppl=330.0)):
+    for v in (verdict(side(104.0, 0.4), BASE), verdict(side(3886.0, 0.3), side(164.6, 0.6), bound_ppl=330.0),
+              verdict(side(104.0, 0.44, flops=90, method="estimate"), BASE)):
         texts.append(verdict_statement("evolve@pure-1", v, "rapl"))
     for text in texts:
         assert 1 <= sentences(text) <= 2, text
@@ -304,3 +357,16 @@ def test_the_journals_quantization_claims_follow_the_thresholds():
     assert journal_claims(modes, 1e-3, 0.01)["int16_breaks"]
     modes["mixed8"]["ppl_change"] = -0.02
     assert not journal_claims(modes, 1e-3, 0.01)["mixed8_full_quality"]
+
+
+def test_what_the_neurons_add_is_a_one_run_difference_with_no_claim():
+    from clso.compare import field_contrast
+    from clso.report import field_statement
+
+    field, empty = point("field", 5.10, 1.0, 130, kind="contestant", mode=None), point("field_no_neurons", 5.13, 0.8, 100,
+                                                                                          kind="contestant", mode=None)
+    c = field_contrast(field, empty)
+    assert c["mean_diff"] == pytest.approx(0.03) and c["conclusion"] == "one_seed" and c["flops_share"] == 1.3
+    text = field_statement(c)
+    assert text.startswith("With its neurons the field LM ends 0.0300 nats below the same model without them")
+    assert "no claim is made" in text and "better" not in text and sentences(text) == 1

@@ -3,11 +3,11 @@ refuses a C runtime whose logits disagree with the Python reader's."""
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import stages.compile as stage
 from clso import ClsoError
@@ -18,7 +18,8 @@ from clso.model.baseline import dense_gpt2, save_baseline
 from clso.model.crystalline import CrystallineGPT2, ModelConfig
 from clso.model.library import Library
 from clso.params import load_params
-from stages.paths import searched as searched_contestant
+from clso.record import Record
+from stages.paths import Contestant
 from stages.prepare import prepare
 from tests.conftest import REPO
 
@@ -33,7 +34,9 @@ def workdir(tmp_path_factory):
     """data/prepared, a library of block-diagonal (0, 1) and ternary low-rank (2, 3) matrices, a
     CLSO model with two of each, an untrained baseline; then the compile stage, run once."""
     folder = tmp_path_factory.mktemp("compile")
-    shutil.copy(REPO / "tests/params_tiny.yaml", folder / "params.yaml")
+    raw = yaml.safe_load((REPO / "tests/params_tiny.yaml").read_text())
+    raw["grid"] |= {"seeds": [1337, 7], "evolve": ["pure", "hybrid"]}
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     with contextlib.chdir(folder):
         prepare.__wrapped__(Path("params.yaml"))
         p = load_params(Path("params.yaml"))
@@ -44,7 +47,11 @@ def workdir(tmp_path_factory):
         library.save("models/library", tensors)
         clso = CrystallineGPT2(config, library, seed=p.base.seed)
         clso.set_genome([0, 2, 1, 3])  # c_attn, c_fc block-diagonal; attn_proj, mlp_proj ternary
-        me = searched_contestant("evolve", p.compile.mode, p.grid)
+        # pure's first seed is the luckiest run, hybrid the better mode over seeds: compile takes hybrid's
+        for mode, seed, val in (("pure", 1337, 5.0), ("pure", 7, 9.0), ("hybrid", 1337, 6.5), ("hybrid", 7, 6.4)):
+            c = Contestant("evolve", mode, seed)
+            Record(c.name, "clso", c.label, val, val, {}, {"loss": "x", "points": []}, (), mode, seed).save(c.record)
+        me = Contestant("evolve", "hybrid", 1337)
         me.model_dir.mkdir(parents=True)
         clso.save(me.model_dir, fitness_loss=8.0, name=me.name, mode=me.mode)
         baseline = dense_gpt2(ModelConfig.from_params(p.model, vocab, layer_gains=False), p.base.seed, "cpu")
@@ -68,7 +75,7 @@ def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdi
     assert summary == {name: {"mixed8_mean_kl": m["modes"]["mixed8"]["mean_kl"], "mixed8_bytes": m["modes"]["mixed8"]["bytes"]}
                        for name, m in metrics["models"].items() if name != "field"}
     assert set(metrics) == {"clso", "models", "targets", "measured", "met", "cost"}
-    assert metrics["clso"] == report["clso"] == "evolve@hybrid-1337"  # the tiny params' compile.mode, first seed
+    assert metrics["clso"] == report["clso"] == "evolve@hybrid-1337"  # the best mode over seeds, at the first seed
     assert set(metrics["models"]["baseline"]) == {"modes", "runtime_bench"}
     assert set(metrics["models"]["clso"]) == {"modes", "runtime_bench", "exactness"}
     assert set(metrics["models"]["clso"]["exactness"]) == EXACTNESS

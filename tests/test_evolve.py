@@ -9,6 +9,7 @@ import torch
 
 from clso.energy import EnergyMeter
 from clso.params import EvolveParams, defaults
+from clso.search import ga
 from clso.search.evaluate import population_losses
 from clso.search.evolve import Evolution
 from clso.search.problem import build_search, sample_for_surrogate
@@ -132,7 +133,7 @@ def test_real_gpt2_search_resumes_identically(tiny_gpt2_search, tmp_path, mode):
 
     def make():
         search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
-        genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
+        genomes, losses, _ = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
         surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
         surrogate.fit(genomes, losses)
         cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 6, "generations": 5,
@@ -316,7 +317,7 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
         search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
         surrogate, pretraining = None, None
         if strategy == "ga":
-            genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
+            genomes, losses, _ = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
             surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
             surrogate.fit(genomes, losses)
             pretraining = (genomes, losses)
@@ -327,9 +328,21 @@ def test_the_fixed_body_gets_exactly_the_adam_steps_of_the_hybrid_run(tiny_gpt2_
 
     from clso.search.evolve import Budget
 
-    _, ga_run, ga_steps = run("ga", "ga")
+    ga, ga_run, ga_steps = run("ga", "ga")
     fixed, fixed_run, fixed_steps = run("fixed_body", "fixed", Budget(generations=ga_run.ga_state.generation))
     assert fixed_steps == ga_steps == 3 * 3  # generations 2, 4 and 6
+    # the GA without surrogate: the GA's search FLOPs (Adam's aside) and more, and exactly its Adam phases,
+    # each at the share of the budget the GA had spent when it ran it
+    spent = ga.cost.search_flops
+    assert ga.cost.adam_flops > 0 and spent == ga.cost.flops - ga.cost.adam_flops and len(ga_run.adam_at) == 3
+    shares = tuple(f / spent for f in ga_run.adam_at)
+    budget = Budget(flops=spent, adam_at=shares)
+    nosur, nosur_run, nosur_steps = run("no_surrogate", "no_surrogate", budget)
+    assert nosur_steps == ga_steps and nosur.adam_phases == ga.adam_phases == 3
+    assert nosur_run.stopped == "FLOP budget spent" and nosur.cost.search_flops >= budget.flops
+    assert nosur.cost.flops - nosur.cost.search_flops == nosur.cost.adam_flops > 0  # charged, not counted in the budget
+    assert all(at >= share * budget.flops for at, share in zip(nosur_run.adam_at, shares))
+    assert nosur_run.history[-1]["flops"] == nosur.cost.flops
     from clso.model.flops import backward_flops, forward_flops
 
     genome, gpt = fixed_run.ga_state.best_genome, fixed.search.config.gpt2()
@@ -391,3 +404,51 @@ def test_totals_keep_the_gpu_and_cpu_parts_apart():
     assert totals.by_device() == {"cpu_wh": 0.15, "cpu_method": "estimate|rapl", "gpu_wh": 0.2, "gpu_method": "nvml"}
     assert totals.energy_j == pytest.approx((totals.cpu_j + totals.gpu_j))
     assert Totals().plus(cpu).by_device() == {}  # CPU-only: no parts, as EnergyReading.as_metrics gives none
+
+
+def test_the_no_surrogate_budget_is_clsos_search_and_surrogate_flops_without_adam(tmp_path, monkeypatch):
+    from clso.io import write_json_atomic
+    from clso.record import Record
+    from stages.evolve import _budget
+    from stages.paths import Contestant, detail
+
+    monkeypatch.chdir(tmp_path)
+    write_json_atomic(detail("surrogate"), {"genomes": 10, "evaluation": {"flops": 300}, "training": {"flops": 20}})
+    search = {"energy_wh": 1.0, "method": "estimate", "wall_s": 1.0, "flops": 10_000, "true_evaluations": 50}
+    for mode, adam in (("hybrid", 4_000), ("pure", 0)):
+        clso = Contestant("evolve", mode, 5)
+        at = [1_500, 6_000] if adam else []
+        Record(clso.name, "clso", "CLSO", 5.0, 5.0, {"search": search}, {"loss": "x", "points": []}, (), mode, 5,
+               {"adam_phases": len(at), "adam_flops": adam, "adam_at_search_flops": at}).save(clso.record)
+        budget = _budget(Contestant("no_surrogate", mode, 5))
+        assert budget.flops == 10_000 - adam + 300 + 20
+        assert budget.adam_at == ((0.25, 1.0) if adam else None)  # each phase at its share of the GA's 6,000
+
+
+def test_the_surrogate_holdout_keeps_each_family_on_one_side(tiny_gpt2_search):
+    """A mutant and its random ancestor (and every sibling) fall on the same side of the holdout: a
+    near-duplicate of a training genome never flatters the held-out score."""
+    from clso.search.problem import split_by_family
+
+    root, model = tiny_gpt2_search
+    search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
+    parents = {}
+    real_mutate = ga.mutate
+
+    def mutate(parent, *args):  # record each mutant's parent
+        child = real_mutate(parent, *args)
+        parents.setdefault(tuple(child.tolist()), tuple(parent.tolist()))
+        return child
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ga, "mutate", mutate)
+        genomes, losses, families = sample_for_surrogate(search, 40, 0.5, np.random.default_rng(0))
+    assert len(genomes) == 40 and len(np.unique(families)) < 40  # some random genomes have mutants
+    family_of = dict(zip(map(tuple, genomes.tolist()), families.tolist()))
+    mutants = [g for g in family_of if g in parents and parents[g] in family_of]
+    assert mutants and all(family_of[g] == family_of[parents[g]] for g in mutants)
+    held, kept = split_by_family(families, 8, np.random.default_rng(1))
+    assert 0 < len(held) <= 8 and sorted([*held, *kept]) == list(range(40))
+    assert not set(families[held].tolist()) & set(families[kept].tolist())
+    side = {g: i in set(held.tolist()) for i, g in enumerate(map(tuple, genomes.tolist()))}
+    assert all(side[g] == side[parents[g]] for g in mutants)

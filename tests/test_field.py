@@ -138,7 +138,7 @@ def prepared(tmp_path_factory):
 
 
 def _cfg(**changes) -> FieldParams:
-    small = dict(n_embd=16, n_head=2, initial_neurons=3, max_neurons=9, grow_every=2, grow_by=2, steps=9,
+    small = dict(n_layer=1, n_embd=16, n_head=2, initial_neurons=3, max_neurons=9, grow_every=2, grow_by=2, steps=9,
                  batch_size=2, warmup_steps=1, eval_interval=4)
     return replace(defaults(FieldParams), **{**small, **changes})
 

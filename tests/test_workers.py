@@ -27,7 +27,7 @@ def cluster():
 
 def _evolution(root, model, folder, workers=0):
     search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
-    genomes, losses = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
+    genomes, losses, _ = sample_for_surrogate(search, 20, 0.5, np.random.default_rng(0))
     surrogate = Surrogate(SurrogateConfig(search.gene_buckets, 10, steps=20), seed=0)
     surrogate.fit(genomes, losses)
     cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 8, "generations": 5, "hybrid_every": 2,

@@ -35,10 +35,12 @@ def learning_rate(step: int, params) -> float:
     return params.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (params.lr - params.min_lr)
 
 
-def dense_gpt2(config: ModelConfig, seed: int, device, attention: str = "sdpa") -> GPT2LMHeadModel:
+def dense_gpt2(config: ModelConfig, seed: int, device, attention: str = "sdpa", **gpt2) -> GPT2LMHeadModel:
+    """The dense GPT-2 of `config`, seeded; `gpt2` overrides its GPT2Config (`clso bench train` compares
+    transformers' default activation, say)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return GPT2LMHeadModel(config.gpt2(attention)).to(device)
+        return GPT2LMHeadModel(config.gpt2(attention, **gpt2)).to(device)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,11 @@ class BaselineResult:
     setup: TrainingSetup
     curve: list[dict] = field(default_factory=list)
     train_energy: dict = field(default_factory=dict)
+    # early stopping, as a practitioner keeps the best checkpoint: the curve point of lowest val loss,
+    # what training had cost by then (train_energy's form) and what it cost after (charged to no one)
+    best_step: int = 0
+    to_best: dict = field(default_factory=dict)
+    after_best: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -178,9 +185,10 @@ def _val_loss(model, tokens, batch_size, block_size, batches, rng, device) -> fl
 def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, device, meter_options: dict,
                    on_eval=None) -> BaselineResult:
     """AdamW with warm-up and cosine decay (`params`: the `baseline` section), in the setup its settings
-    resolve to on `device`. Curve
-    rows carry the energy of training alone: the periodic validation (fp32, uncompiled) is metered
-    apart and subtracted. Compilation happens in the first steps and is charged to training."""
+    resolve to on `device`. Curve rows carry the energy of training alone: the periodic validation
+    (fp32, uncompiled) is metered apart and subtracted. Compilation happens in the first steps and is
+    charged to training. The model returned is the one of the curve's lowest val loss (its last point
+    while val still falls), with what training had cost by then."""
     setup = TrainingSetup.resolve(params, device)
     model = dense_gpt2(config, seed, device, setup.attention)
     step_fn = TrainStep(model, setup, lr=params.lr, weight_decay=params.weight_decay, grad_clip=params.grad_clip,
@@ -194,6 +202,7 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
     result = BaselineResult(model, setup=setup)
     evals = None  # the periodic validation so far, metered apart from training
     train_losses: list[torch.Tensor] = []
+    best = (math.inf, None, None)  # val loss, state, training's reading at that point
     model.train()
     with EnergyMeter(**meter_options) as meter:
         for step in range(params.steps + 1):
@@ -208,6 +217,9 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
                        "val_loss": val_loss, "energy_wh": trained.energy_wh, "energy_method": trained.method,
                        "flops": step * step_flops, "wall_s": trained.wall_s}
                 result.curve.append(row)
+                if val_loss < best[0]:
+                    best = (val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}, trained)
+                    result.best_step = step
                 train_losses = []
                 if on_eval:
                     on_eval(row)
@@ -219,14 +231,23 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
             train_losses.append(step_fn(x, y, learning_rate(step, params)))
             if step == 0:
                 first_step = meter.read().minus(started).as_metrics()
-    whole = meter.reading.minus(evals)
+    result.train_energy = {"eval_energy_wh": evals.energy_wh, "eval_flops": eval_flops * len(result.curve),
+                           "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")}}
+    return _finish(result, meter.reading.minus(evals), best, params, step_flops,
+                   params.steps * params.batch_size * config.block_size, device)
+
+
+def _finish(result: BaselineResult, whole, best: tuple, params, step_flops: int, tokens: int, device) -> BaselineResult:
+    """Once training is done: the whole run's cost (`whole`, validation aside), the cost to the best val
+    point and after it, and the best point's weights back in the model."""
     trained = whole.as_metrics()
     # the last point is the model training ends with: its cost is the whole training's
     result.curve[-1].update(energy_wh=whole.energy_wh, energy_method=whole.method, wall_s=whole.wall_s)
-    result.train_energy = {**trained, "flops": params.steps * step_flops, "eval_energy_wh": evals.energy_wh,
-                           "eval_flops": eval_flops * len(result.curve),
-                           "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")},
-                           **throughput(params.steps * step_flops, params.steps * params.batch_size * config.block_size,
-                                        trained["wall_s"], device)}
-    model.eval()
+    result.to_best = {**best[2].as_metrics(), "flops": result.best_step * step_flops}
+    result.after_best = {**whole.minus(best[2]).as_metrics(), "flops": (params.steps - result.best_step) * step_flops}
+    if result.best_step < params.steps:
+        result.model.load_state_dict(best[1])
+    result.train_energy = {**trained, "flops": params.steps * step_flops, **result.train_energy,
+                           **throughput(params.steps * step_flops, tokens, trained["wall_s"], device)}
+    result.model.eval()
     return result

@@ -44,11 +44,15 @@ class ModelConfig:
                    block_size=model.block_size, tie_embeddings=model.tie_embeddings,
                    layer_gains=model.layer_gains if layer_gains is None else layer_gains)
 
-    def gpt2(self, attn_implementation: str = "sdpa") -> GPT2Config:
+    def gpt2(self, attn_implementation: str = "sdpa", activation: str = "gelu_pytorch_tanh",
+             use_cache: bool = False) -> GPT2Config:
         config = GPT2Config(
             vocab_size=self.vocab_size, n_positions=self.block_size, n_embd=self.n_embd,
             n_layer=self.n_layer, n_head=self.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             tie_word_embeddings=self.tie_embeddings, bos_token_id=None, eos_token_id=None,
+            # GPT-2's gelu_new as one fused kernel, not seven element-wise ops (nanoGPT's choice); no
+            # key/value cache built in training or scoring (generation asks for one)
+            activation_function=activation, use_cache=use_cache,
         )
         config._attn_implementation = attn_implementation
         return config

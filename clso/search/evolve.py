@@ -36,7 +36,7 @@ from clso.search.problem import Search
 from clso.search.surrogate import Surrogate
 from clso.search.workers import with_workers
 
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4
 STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body")
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
                   "energy_wh", "energy_method", "flops", "wall_s")
@@ -62,6 +62,12 @@ class Totals:
     # evolve.workers: what the actors computed beyond one process's FLOPs, and actors that died
     workers_extra_flops: int = 0
     workers_replaced: int = 0
+    adam_flops: int = 0  # the hybrid phases' Adam steps: a shared part, not the search under test
+
+    @property
+    def search_flops(self) -> int:
+        """FLOPs of the search itself: everything but the Adam steps."""
+        return self.flops - self.adam_flops
 
     def plus(self, search: EnergyReading, checkpoints: EnergyReading | None = None,
              workers: list[EnergyReading] = ()) -> Totals:
@@ -77,7 +83,7 @@ class Totals:
                       self.cpu_j + search.cpu_wh * 3600, self.gpu_j + search.gpu_wh * 3600,
                       sorted(set(self.cpu_methods) | methods(search.cpu_method)),
                       sorted(set(self.gpu_methods) | methods(search.gpu_method)), self.workers_extra_flops,
-                      self.workers_replaced)
+                      self.workers_replaced, self.adam_flops)
 
     def by_device(self) -> dict:
         """The parts, as a stage's metrics give them (EnergyReading.as_metrics); none for CPU-only work."""
@@ -99,6 +105,7 @@ class Run:
     stopped: str | None = None
     totals: Totals = field(default_factory=Totals)
     history: list[dict] = field(default_factory=list)
+    adam_at: list[int] = field(default_factory=list)  # the search FLOPs (Totals.search_flops) at each hybrid phase
 
 
 @dataclass(frozen=True)
@@ -108,10 +115,13 @@ class Budget:
     # random: cumulative true evaluations allowed after each generation — the surrogate's
     # pretraining genomes plus the GA's cumulative count
     evaluations: tuple[int, ...] | None = None
-    # no_surrogate: the GA's search FLOPs plus the surrogate stage's (its evaluations and training);
-    # checked between generations, so the last one may cross it
+    # no_surrogate: the GA's search FLOPs (its Adam steps excluded) plus the surrogate stage's (its
+    # evaluations and training); checked between generations, so the last one may cross it
     flops: int | None = None
     generations: int | None = None  # fixed_body: the GA's generations, so the same hybrid phases
+    # no_surrogate in hybrid mode: the GA's hybrid phases, each at the share of its search FLOPs it
+    # had spent then; the control runs each at that share of `flops`, so it gets exactly the GA's phases
+    adam_at: tuple[float, ...] | None = None
 
 
 NO_SURROGATE_GENERATION_CAP = 10  # × evolve.generations
@@ -143,7 +153,7 @@ class Checkpoints:
             search.evaluator.cache = {tuple(g): float(v) for g, v in data["cache"]}
             return Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
                        data["surrogate_predictions"], data["since_improvement"], data["stopped"],
-                       Totals(**data["totals"]), data["history"])
+                       Totals(**data["totals"]), data["history"], data["adam_at"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ClsoError(f"{self.folder}: checkpoint unreadable ({type(e).__name__}); delete the "
                             "folder to start the search afresh") from None
@@ -159,7 +169,7 @@ class Checkpoints:
         data = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, **files, "ga": run.ga_state.to_json(),
                 "rng": run.rng, "true_evaluations": run.true_evaluations,
                 "surrogate_predictions": run.surrogate_predictions, "since_improvement": run.since_improvement,
-                "stopped": run.stopped, "totals": totals.__dict__, "history": run.history,
+                "stopped": run.stopped, "totals": totals.__dict__, "history": run.history, "adam_at": run.adam_at,
                 "cache": [[list(k), v if math.isfinite(v) else "inf"] for k, v in search.evaluator.cache.items()]}
         write_text_atomic(self.folder / "state.json", json.dumps(data))
         for old in self.folder.glob("*.safetensors"):
@@ -299,7 +309,10 @@ class Evolution:
     def _hybrid_phase(self, rng: np.random.Generator) -> None:
         """Adam on the continuous parts for the best genome; every cached loss is then stale."""
         search, state = self.search, self.run.ga_state
-        self.run.totals.flops += adam_phase(search, state.best_genome, self.params, rng)
+        self.run.adam_at.append(self.run.totals.search_flops)
+        flops = adam_phase(search, state.best_genome, self.params, rng)
+        self.run.totals.flops += flops
+        self.run.totals.adam_flops += flops
         search.evaluator.invalidate()
         if self.strategy == "random":  # its batch is drawn afresh next generation: only the best carries on
             best_loss = float(self._true(state.best_genome[None])[0])
@@ -328,11 +341,11 @@ class Evolution:
             if self.strategy in ("ga", "no_surrogate") and generation % params.local_search_every == 0:
                 self._local_search(rng)
             # a hybrid phase makes a new landscape: the re-evaluated best counts as progress
-            hybrid = self._hybrid_at(generation)
-            run.since_improvement = 0 if hybrid or run.ga_state.best_fitness < before else run.since_improvement + 1
+            phases = self._phases_due(generation)
+            run.since_improvement = 0 if phases or run.ga_state.best_fitness < before else run.since_improvement + 1
             if self.strategy == "ga" and generation % params.surrogate_every == 0 and self._stop() is None:
                 self._retrain_surrogate(generation)  # not after the last generation: no one would use it
-            if hybrid:
+            for _ in range(phases):
                 self._hybrid_phase(rng)
         chosen_fitness = run.ga_state.fitness[run.ga_state.evaluated]
         run.rng = rng.bit_generator.state
@@ -344,14 +357,26 @@ class Evolution:
             "true_evaluations": run.true_evaluations, "surrogate_predictions": run.surrogate_predictions,
         })
         run.stopped = self._stop()
+        if run.stopped is not None and self.budget.adam_at is not None:  # a phase the GA had is never left out
+            for _ in range(len(self.budget.adam_at) - len(run.adam_at)):
+                self._hybrid_phase(rng)
+            run.rng = rng.bit_generator.state
 
     def _hybrid_at(self, generation: int) -> bool:
         return self.mode == "hybrid" and generation > 0 and generation % self.params.hybrid_every == 0
 
+    def _phases_due(self, generation: int) -> int:
+        """Hybrid phases to run after this generation: one every evolve.hybrid_every generations, or, on a
+        FLOP budget, as many of the GA's as the search FLOPs spent so far have reached."""
+        if self.budget.adam_at is None:
+            return int(self._hybrid_at(generation))
+        spent = self.run.totals.search_flops / self.budget.flops
+        return sum(share <= spent for share in self.budget.adam_at) - len(self.run.adam_at)
+
     @property
     def adam_phases(self) -> int:
-        """Hybrid phases run so far: what the fixed body matches and a hybrid contrast must state."""
-        return sum(self._hybrid_at(g) for g in range(1, self.run.ga_state.generation + 1))
+        """Hybrid phases run so far: what a hybrid control matches and a hybrid contrast must state."""
+        return len(self.run.adam_at)
 
     @property
     def generation_limit(self) -> int:
@@ -366,7 +391,7 @@ class Evolution:
         run, params = self.run, self.params
         if run.ga_state.generation >= self.generation_limit:
             return "generation limit"
-        if self.budget.flops is not None and run.totals.flops >= self.budget.flops:
+        if self.budget.flops is not None and run.totals.search_flops >= self.budget.flops:
             return "FLOP budget spent"
         if self.budget.evaluations is not None and run.ga_state.generation >= len(self.budget.evaluations) - 1:
             return "evaluation schedule done"

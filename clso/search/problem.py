@@ -59,22 +59,28 @@ def build_search(data_dir: str | Path, library_dir: str | Path, model, *, fitnes
 
 
 def sample_for_surrogate(search: Search, n: int, mutant_fraction: float, rng: np.random.Generator,
-                         on_progress=None, rounds: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                         on_progress=None, rounds: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n truly evaluated genomes: random ones, then mutants of the best found so far, so the data
-    is not all poor. Returns distinct genomes and their losses."""
+    is not all poor. Returns distinct genomes, their losses and their families: a random genome starts
+    one (its index among the random ones), a mutant joins its parent's."""
     size, length = search.library.size, search.genome_length
     ga_config = ga.GAConfig(population=2, genome_length=length, library_size=size, elite=0)
     n_random = max(1, n - int(round(n * mutant_fraction)))
     genomes: dict[tuple[int, ...], float] = {}
+    family: dict[tuple[int, ...], int] = {}
 
-    def evaluate(batch: np.ndarray) -> None:
-        fresh = np.array([g for g in dict.fromkeys(map(tuple, batch.tolist())) if g not in genomes][:n - len(genomes)])
-        if len(fresh):
-            genomes.update(zip(map(tuple, fresh.tolist()), search.evaluator(fresh).tolist()))
+    def evaluate(batch: np.ndarray, families) -> None:
+        new = {}
+        for g, f in zip(map(tuple, batch.tolist()), families):
+            if g not in genomes and g not in new and len(genomes) + len(new) < n:
+                new[g] = f
+        if new:
+            genomes.update(zip(new, search.evaluator(np.array(list(new))).tolist()))
+            family.update(new)
             if on_progress:
-                on_progress(len(fresh))
+                on_progress(len(new))
 
-    evaluate(ga.random_genomes(n_random, ga_config, rng))
+    evaluate(ga.random_genomes(n_random, ga_config, rng), range(n_random))
     stalls = 0
     while len(genomes) < n and stalls < 100:
         before = len(genomes)
@@ -82,7 +88,23 @@ def sample_for_surrogate(search: Search, n: int, mutant_fraction: float, rng: np
         want = min(n - len(genomes), max(1, (n - n_random) // rounds))
         parents = [ranked[i] for i in rng.integers(0, len(ranked), size=want)]
         rate = 2.0 / length  # about two genes changed: near the best, not on top of it
-        evaluate(np.array([ga.mutate(np.array(p), rate, size, rng) for p in parents]))
+        evaluate(np.array([ga.mutate(np.array(p), rate, size, rng) for p in parents]), [family[p] for p in parents])
         stalls = stalls + 1 if len(genomes) == before else 0
     keys = list(genomes)
-    return np.array(keys, dtype=np.int64), np.array([genomes[k] for k in keys])
+    return (np.array(keys, dtype=np.int64), np.array([genomes[k] for k in keys]),
+            np.array([family[k] for k in keys], dtype=np.int64))
+
+
+def split_by_family(families: np.ndarray, n_hold: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(held, kept) indices: whole families, in random order, go to the held side while they fit in
+    `n_hold`, so no genome is held out while its parent or a sibling trains (near-duplicates would
+    flatter the held-out score)."""
+    ids, sizes = np.unique(families, return_counts=True)
+    size_of = dict(zip(ids.tolist(), sizes.tolist()))
+    held_ids, count = set(), 0
+    for f in rng.permutation(ids).tolist():
+        if count + size_of[f] <= n_hold:
+            held_ids.add(f)
+            count += size_of[f]
+    held = np.isin(families, list(held_ids))
+    return np.flatnonzero(held), np.flatnonzero(~held)
