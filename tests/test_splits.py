@@ -178,7 +178,6 @@ def scratch_repo(tmp_path, monkeypatch):
     # pure mode too (the dvc pipeline test runs the tiny params' hybrid grid): the frozen-head bound
     params = yaml.safe_load((REPO / "tests/params_tiny.yaml").read_text())
     params["grid"] |= {"evolve": ["pure", "hybrid"], "random": ["pure"], "no_surrogate": ["pure"], "fixed_body": ["hybrid"]}
-    params["compile"]["mode"] = "pure"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     return tmp_path
