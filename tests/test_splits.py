@@ -246,7 +246,7 @@ def test_test_is_read_only_in_the_final_scores_and_the_search_sees_only_train(sc
         assert rec.splits(name, via="TokenData.tokens") <= rec.splits(name, via="open"), name
     assert any(rec.splits(n, via="open") for n in order), "the audit hook saw no split being read"
 
-    contestants = {"baseline", "field", *searches}
+    contestants = {"baseline", "field", "field_no_neurons", *searches}
     assert {n for n, r in reads.items() if "test" in r} == contestants, f"who reads the test split: {reads}"
     for name in contestants:  # and only in its final scores
         assert {sp for st, ph, sp, k, v in rec.events if st == name and k == "read" and ph != "final"} <= {"train", "val"}
