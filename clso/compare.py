@@ -174,25 +174,25 @@ SUMMARY = ("val_ppl", "test_ppl", "energy_wh", "method", "flops")  # a contestan
 CONTRAST_SUMMARY = ("mean_diff", "interval", "seeds", "conclusion")  # a contrast's
 
 
-def group(r: dict) -> str:
-    """A contestant's column group in `dvc exp show`: stage@mode for a search (its seeds averaged), else its name."""
-    return r["name"] if r["mode"] is None else f"{r['stage']}@{r['mode']}"
+def groups(rows) -> dict[str, list[dict]]:
+    """Contestants by group: stage@mode for a search (its seeds together), else each by its name."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["name"] if r["mode"] is None else f"{r['stage']}@{r['mode']}", []).append(r)
+    return out
 
 
 def summary(result: dict) -> dict:
     """metrics/compare.json: the verdict, each contrast's mean difference with its interval and conclusion,
     and each contestant's columns, a search's as the mean over its seeds."""
     v = result["headline"]["verdict"]
-    groups: dict[str, list[dict]] = {}
-    for r in result["contestants"].values():
-        groups.setdefault(group(r), []).append(r)
     return {"verdict": {"contestant": result["headline"]["clso"], "holds": v["holds"], "ppl_ratio": v["ppl_ratio"],
                         "energy_ratio": v["energy_ratio"], "energy_criterion": v["energy_criterion"]},
             "contrasts": {name: {mode: {k: c[k] for k in CONTRAST_SUMMARY} for mode, c in modes.items()}
                           for name, modes in result["contrasts"].items()},
             "contestants": {name: {k: methods(*(r[k] for r in runs)) if k == "method" else
                                    statistics.fmean(r[k] for r in runs) for k in SUMMARY}
-                            for name, runs in groups.items()}}
+                            for name, runs in groups(result["contestants"].values()).items()}}
 
 
 def spread(xs: list[float]) -> float | None:
@@ -212,9 +212,7 @@ def seed_summary(runs: list[dict], keys=("val_loss", "val_ppl", "test_ppl", "ene
 
 def over_seeds(rows: list[dict]) -> dict:
     """Mean and spread of each stage@mode of the grid, when it ran more than one seed."""
-    groups = dict.fromkeys((r["stage"], r["mode"]) for r in rows if r["mode"] is not None)
-    return {f"{stage}@{mode}": seed_summary([r for r in rows if (r["stage"], r["mode"]) == (stage, mode)])
-            for stage, mode in groups}
+    return {name: seed_summary(runs) for name, runs in groups(r for r in rows if r["mode"] is not None).items()}
 
 
 def best_mode(runs: list[dict]) -> str:

@@ -30,7 +30,7 @@ def _trained(p, search, features, inputs, genomes, losses) -> Surrogate:
     return model
 
 
-def _sample(p, search, rng, device) -> tuple[np.ndarray, np.ndarray, dict]:
+def _sample(p, search, rng, device) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """surrogate.n_train genomes truly evaluated (on Ray actors with evolve.workers), and what that cost."""
     meter = p.base.meter_options(device)
     pool = search_pool(search, p.evolve.workers, p.evolve.address or None, meter)

@@ -231,15 +231,17 @@ def train_baseline(data: TokenData, config: ModelConfig, params, *, seed: int, d
             train_losses.append(step_fn(x, y, learning_rate(step, params)))
             if step == 0:
                 first_step = meter.read().minus(started).as_metrics()
-    result.train_energy = {"eval_energy_wh": evals.energy_wh, "eval_flops": eval_flops * len(result.curve),
-                           "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")}}
+    validation = {"eval_energy_wh": evals.energy_wh, "eval_flops": eval_flops * len(result.curve),
+                  "first_step": {k: first_step[k] for k in ("energy_wh", "wall_s")}}
     return _finish(result, meter.reading.minus(evals), best, params, step_flops,
-                   params.steps * params.batch_size * config.block_size, device)
+                   params.steps * params.batch_size * config.block_size, device, validation)
 
 
-def _finish(result: BaselineResult, whole, best: tuple, params, step_flops: int, tokens: int, device) -> BaselineResult:
-    """Once training is done: the whole run's cost (`whole`, validation aside), the cost to the best val
-    point and after it, and the best point's weights back in the model."""
+def _finish(result: BaselineResult, whole, best: tuple, params, step_flops: int, tokens: int, device,
+            validation: dict) -> BaselineResult:
+    """Once training is done: the whole run's cost (`whole`, validation aside; `validation`'s own
+    figures beside it), the cost to the best val point and after it, and the best point's weights
+    back in the model."""
     trained = whole.as_metrics()
     # the last point is the model training ends with: its cost is the whole training's
     result.curve[-1].update(energy_wh=whole.energy_wh, energy_method=whole.method, wall_s=whole.wall_s)
@@ -247,7 +249,7 @@ def _finish(result: BaselineResult, whole, best: tuple, params, step_flops: int,
     result.after_best = {**whole.minus(best[2]).as_metrics(), "flops": (params.steps - result.best_step) * step_flops}
     if result.best_step < params.steps:
         result.model.load_state_dict(best[1])
-    result.train_energy = {**trained, "flops": params.steps * step_flops, **result.train_energy,
+    result.train_energy = {**trained, "flops": params.steps * step_flops, **validation,
                            **throughput(params.steps * step_flops, tokens, trained["wall_s"], device)}
     result.model.eval()
     return result
