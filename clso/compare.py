@@ -16,6 +16,8 @@ ADDITIVE = ("energy_wh", "flops", "wall_s", "true_evaluations")  # what the part
 # (name, the control's stage); each control is paired with CLSO's search of the same mode and seed
 CONTRASTS = (("ga_vs_random", "random"), ("surrogate_vs_none", "no_surrogate"), ("search_vs_fixed_body", "fixed_body"))
 CLSO_STAGE = "evolve"
+ONE_RUN = ("baseline", "field", "field_no_neurons")  # trained once by `dvc repro`; stage `spread` measures their noise
+REMEASURE = "python -m stages.spread && dvc commit -f spread"  # stage spread is frozen: `dvc repro` never runs it
 
 
 def value_at(xs: list[float], ys: list[float], x: float) -> tuple[float, str]:
@@ -190,6 +192,8 @@ def summary(result: dict) -> dict:
                         "energy_ratio": v["energy_ratio"], "energy_criterion": v["energy_criterion"]},
             "contrasts": {name: {mode: {k: c[k] for k in CONTRAST_SUMMARY} for mode, c in modes.items()}
                           for name, modes in result["contrasts"].items()},
+            "field": {name: {k: result["field"][name][k] for k in CONTRAST_SUMMARY}
+                      for name in ("neurons_add", "against_baseline")},
             "contestants": {name: {k: methods(*(r[k] for r in runs)) if k == "method" else
                                    statistics.fmean(r[k] for r in runs) for k in SUMMARY}
                             for name, runs in groups(result["contestants"].values()).items()}}
@@ -213,20 +217,6 @@ def seed_summary(runs: list[dict], keys=("val_loss", "val_ppl", "test_ppl", "ene
 def over_seeds(rows: list[dict]) -> dict:
     """Mean and spread of each stage@mode of the grid, when it ran more than one seed."""
     return {name: seed_summary(runs) for name, runs in groups(r for r in rows if r["mode"] is not None).items()}
-
-
-def best_mode(runs: list[dict]) -> str:
-    """CLSO's mode with the lowest mean val loss over seeds (`runs`: CLSO's, each with mode and val_loss)."""
-    modes = dict.fromkeys(r["mode"] for r in runs)
-    return min(modes, key=lambda m: statistics.fmean(r["val_loss"] for r in runs if r["mode"] == m))
-
-
-def headline_row(rows: list[dict], first_seed: int) -> dict:
-    """The headline run: CLSO's best mode at the first seed — not the luckiest seed, which would be
-    picked and judged on the same val split."""
-    clso = [r for r in rows if r["kind"] == "clso"]
-    mode = best_mode(clso)
-    return next(r for r in clso if r["mode"] == mode and r["seed"] == first_seed)
 
 
 def headline(clso: dict, baseline: dict, baseline_curve: list[dict]) -> dict:
@@ -291,11 +281,41 @@ def paired_interval(diffs: list[float]) -> dict:
     return {"mean_diff": mean, "interval": [low, high], "seeds": n, "conclusion": conclusion}
 
 
-def field_contrast(field: dict, control: dict) -> dict:
-    """What the neuron fields add: the field LM against the same model with empty fields (one run each),
-    its val loss difference (control − field, nats; positive: the neurons help) and its cost as a share."""
-    return {**paired_interval([control["val_loss"] - field["val_loss"]]),
-            "flops_share": field["flops"] / control["flops"], "energy_share": field["energy_wh"] / control["energy_wh"]}
+SAME_RUN = 1e-6  # nats: stage spread's run at base.seed repeats this run's record when this close
+
+
+def one_run_noise(measured: dict, rows: dict) -> dict:
+    """The noise floor of the contestants trained once (ONE_RUN), from stage `spread` (`measured`:
+    metrics/detail/spread.json, their val losses at each of its seeds): each one's mean and spread over
+    those seeds, and whether the spread's run at base.seed repeats this run's record, that is, whether
+    the spread was measured on this code, params and machine."""
+    losses = measured.get("val_loss", {})
+    missing = [name for name in ONE_RUN if not losses.get(name)]
+    if missing:
+        raise ClsoError(f"metrics/detail/spread.json has no val losses of {missing[0]!r}; re-measure them with "
+                        f"`{REMEASURE}`")
+    out = {}
+    for name in ONE_RUN:
+        values, again = list(losses[name].values()), losses[name].get(str(measured["base_seed"]))
+        out[name] = {"seeds": len(values), "val_loss": statistics.fmean(values), "val_loss_spread": spread(values),
+                     "this_run": rows[name]["val_loss"],
+                     "repeats_this_run": again is not None and abs(again - rows[name]["val_loss"]) <= SAME_RUN}
+    return out
+
+
+def field_contrasts(measured: dict, rows: dict) -> dict:
+    """The neuron-field LM against the same model without neurons (what the neurons add) and against the
+    baseline, each paired by seed over stage `spread`'s runs: the other's val loss less the field's
+    (nats; positive: the field ahead), with this run's field FLOPs and energy as a share of the other's."""
+    losses, field = measured["val_loss"], rows["field"]
+
+    def against(other: str) -> dict:
+        seeds = [s for s in losses["field"] if s in losses[other]]
+        return {**paired_interval([losses[other][s] - losses["field"][s] for s in seeds]),
+                "flops_share": field["flops"] / rows[other]["flops"],
+                "energy_share": field["energy_wh"] / rows[other]["energy_wh"]}
+
+    return {"neurons_add": against("field_no_neurons"), "against_baseline": against("baseline")}
 
 
 # The crystal journal's figures for its neuron-field LM (document 004): losses per GPT-2 token on

@@ -6,7 +6,7 @@ turns them into words. Each statement is at most two sentences; a table carries 
 
 from __future__ import annotations
 
-from clso.compare import ENERGY_SHARE, PPL_TOLERANCE
+from clso.compare import ENERGY_SHARE, PPL_TOLERANCE, REMEASURE
 
 QUESTIONS = {"ga_vs_random": ("random search", "Does the GA beat sampling at equal true evaluations?"),
              "surrogate_vs_none": ("the GA without surrogate", "Does the surrogate pay for itself at equal FLOPs?"),
@@ -93,6 +93,10 @@ def headline_section(result: dict) -> list[str]:
     if spread:
         lines += ["", f"Over its {spread['seeds']} seeds this mode's val perplexity is {fmt(spread['val_ppl'])} ± "
                   f"{fmt(spread['val_ppl_spread'])} (mean ± sample standard deviation); the table is its first seed."]
+    noise = result["one_run_noise"]["baseline"]
+    if noise["val_loss_spread"] is not None:
+        lines += ["", f"The baseline's val loss spreads ± {noise['val_loss_spread']:.4f} nats over {noise['seeds']} "
+                  f"seeds (stage `spread`); CLSO's is {c['val_loss'] - b['val_loss']:+.4f} nats from it."]
     reach = (f"{fmt(m['baseline_energy_wh_to_reach_clso'])} Wh (step {fmt(m['baseline_step_to_reach_clso'])})"
              if m["baseline_reached_clso_val_ppl"] else "never, in its whole run")
     lines += ["", *table(["the baseline's run, matched to CLSO's", "value"],
@@ -121,6 +125,19 @@ def contestants_section(result: dict) -> list[str]:
                        [[f"`{name}`", s["seeds"], *(f"{fmt(s[k])} ± {fmt(s[k + '_spread'])}" for k in
                                                     ("val_loss", "val_ppl", "test_ppl", "energy_wh", "flops"))]
                         for name, s in result["over_seeds"].items()])
+    return lines + ["", *noise_section(result["one_run_noise"])]
+
+
+def noise_section(noise: dict) -> list[str]:
+    """The noise floor of the contestants trained once, measured once by stage `spread`."""
+    lines = ["The baseline and the field LMs are trained once, at base.seed. Their noise over seeds was measured "
+             "once by stage `spread` (frozen: `dvc repro` does not run it):", ""]
+    lines += table(["contestant", "seeds", "val loss, mean ± spread", "this run's val loss", "repeated by `spread`"],
+                   [[f"`{name}`", n["seeds"], f"{fmt(n['val_loss'])} ± {fmt(n['val_loss_spread'])}", n["this_run"],
+                     n["repeats_this_run"]] for name, n in noise.items()])
+    if not all(n["repeats_this_run"] for n in noise.values()):
+        lines += ["", "Where `spread`'s run at base.seed does not repeat this run's, it was measured on other code, "
+                  f"params or machine: its spread is a guide, not this run's noise. Re-measure: `{REMEASURE}`."]
     return lines
 
 
@@ -158,16 +175,23 @@ def contrasts_section(result: dict) -> list[str]:
     return lines
 
 
-def field_statement(c: dict) -> str:
-    """What the neurons add, in at most two sentences, its wording by the contrast's conclusion."""
+FIELD_SIDES = {"neurons_add": ("the same model's without neurons", "the neurons help", "the neurons hurt"),
+               "against_baseline": ("the AdamW baseline's", "the field LM is better", "the baseline is better")}
+
+
+def field_statement(name: str, c: dict) -> str:
+    """The field LM against one other side (FIELD_SIDES), paired by the seeds of stage `spread`, in two
+    sentences, its wording by the contrast's conclusion."""
+    other, ahead, behind = FIELD_SIDES[name]
     d = c["mean_diff"]
-    first = (f"With its neurons the field LM ends {abs(d):.4f} nats {'below' if d > 0 else 'above'} the same model "
-             f"without them on val loss, at {c['flops_share']:.3f}× its FLOPs")
+    first = (f"The field LM's val loss is {abs(d):.4f} nats {'below' if d > 0 else 'above'} {other}, at "
+             f"{c['flops_share']:.3f}× its FLOPs")
     if c["conclusion"] == "one_seed":
         return first + ", on one run each: no claim is made."
     low, high = c["interval"]
-    verdict = {"clso_better": "the neurons help", "control_better": "the neurons hurt", "within_noise": "within noise"}
-    return first + f". Its 95 % interval over {c['seeds']} seeds is [{low:+.4f}, {high:+.4f}]: {verdict[c['conclusion']]}."
+    verdict = {"clso_better": ahead, "control_better": behind, "within_noise": "within noise"}[c["conclusion"]]
+    return first + (f", the mean over the {c['seeds']} seeds of stage `spread`. Its 95 % interval is "
+                    f"[{low:+.4f}, {high:+.4f}]: {verdict}.")
 
 
 def field_section(result: dict) -> list[str]:
@@ -182,7 +206,7 @@ def field_section(result: dict) -> list[str]:
                    [[k, f[key], empty[key], b[key], ratio[key]] for k, key in
                     (("val perplexity", "val_ppl"), ("test perplexity", "test_ppl"), ("energy (Wh)", "energy_wh"),
                      ("FLOPs", "flops"))])
-    lines += ["", field_statement(details["neurons_add"])]
+    lines += ["", *(f"- {field_statement(name, details[name])}" for name in FIELD_SIDES)]
     lines += ["", *table(["loss in nats per character", "ours", "the journal's", "met"],
                          [["train, the journal with attention (2.39 per token)", c["our_final_train"],
                            c["journal_causal_train"], j["causal_train_loss_met"]],

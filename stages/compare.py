@@ -2,14 +2,16 @@
 and the verdict on document 003's hypothesis."""
 
 import math
-import os
 from pathlib import Path
 
 from clso import ClsoError
-from clso.compare import (against_baseline, charged, charged_curve, contrasts, field_contrast, field_vs_journal, frontier, headline,
-                          headline_row, methods, over_seeds, row, summary, uncharged)
+from clso.compare import (REMEASURE, against_baseline, charged, charged_curve, contrasts, field_contrasts,
+                          field_vs_journal, frontier, headline, methods, one_run_noise, over_seeds, row, summary,
+                          uncharged)
 from clso.energy import EnergyMeter
+from clso.headline import headline_row
 from clso.io import read_json, write_csv_atomic, write_json_atomic, write_text_atomic
+from clso.machine import machine
 from clso.params import MODES, load_params
 from clso.plots import frontier_png
 from clso.record import Record
@@ -20,21 +22,6 @@ from stages.paths import frontier as frontier_path
 
 FRONTIER_FIELDS = ("contestant", "label", "point", "loss", "energy_wh", "energy_method", "flops")
 FIELD_DETAILS = ("neurons", "frozen_share", "freeze", "attention", "torch_compile")  # what the report says of it
-
-
-def machine() -> dict:
-    """The CPU, cores, torch build and the kernels it picked (and a GPU's name): what bit-for-bit repeats need."""
-    import platform
-
-    import torch
-
-    cpu, cpuinfo = platform.processor() or platform.machine(), Path("/proc/cpuinfo")
-    if cpuinfo.exists():  # Linux names the model there
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def shared_costs(details: dict[str, dict]) -> dict[str, dict]:
@@ -60,24 +47,26 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     with EnergyMeter(**p.base.meter_options("cpu")) as meter:
         records = {c.name: Record.load(c.record) for c in contestants(p.grid)}
         details = {stage: read_json(detail(stage)) for stage in ("library", "surrogate", "compile", "transfer")}
+        details["spread"] = read_json(detail("spread"), fix=f"measure it with `{REMEASURE}`")
         shared = shared_costs(details)
         charges = {name: charged(r, shared) for name, r in records.items()}
         rows = {name: row(r, charges[name]) for name, r in records.items()}
         curves = {name: charged_curve(r, charges[name]) for name, r in records.items()}
         best = headline_row(list(rows.values()), p.grid.seeds[0])
     bounds = [r["frozen_head_bound_val_ppl"] for r in rows.values() if r["frozen_head_bound_val_ppl"]]
-    field = records["field"]
+    field, noise = records["field"], one_run_noise(details["spread"], rows)
     result = {"headline": headline(best, rows["baseline"], records["baseline"].curve["points"]),
               "machine": machine(), "contestants": rows,
               "against_baseline": {n: against_baseline(r, rows["baseline"]) for n, r in rows.items() if n != "baseline"},
               "contrasts": contrasts(list(rows.values())),
               "field": {"journal": field_vs_journal(field), **{k: field.details[k] for k in FIELD_DETAILS},
-                        "neurons_add": field_contrast(rows["field"], rows["field_no_neurons"]),
+                        **field_contrasts(details["spread"], rows),
                         "baseline_torch_compile": records["baseline"].details["setup"]["torch_compile"]},
               # every pure search shares the head (initialised on base.seed), so one bound
               "frozen_head_bound_val_ppl": max(bounds) if bounds else None}
     if len(p.grid.seeds) > 1:
         result["over_seeds"] = over_seeds(list(rows.values()))
+    result["one_run_noise"] = noise
     result["uncharged"] = uncharged(list(records.values()), {
         "library_sanity_check": details["library"]["sanity_check_cost"],
         "surrogate_inputs_comparison": details["surrogate"]["inputs_comparison_cost"],

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clso.compare import best_mode
 from clso.context import setup
 from clso.data.tokenizer import load_tokenizer
 from clso.data.tokens import TokenData
@@ -26,6 +25,7 @@ from clso.export.reader import read_crystal
 from clso.export.reference import CrystalModel
 from clso.export.writer import build_crystal_with_report, crystalline_spec, dense_spec, export_tokenizer, field_spec
 from clso.field.model import FieldLM
+from clso.headline import best_mode
 from clso.io import atomic_dir, write_json_atomic
 from clso.model.baseline import load_baseline
 from clso.model.crystalline import CrystallineGPT2, ModelConfig

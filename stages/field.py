@@ -30,7 +30,7 @@ def field(params: Path = PARAMS_OPTION) -> None:
     plots/field_neurons.png (the neurons' positions in two dimensions, by PCA, coloured by birth step).
     Saves the run to checkpoints/field every eval_interval steps: a killed run resumes."""
     p = load_params(params)
-    model, val = train(p, Contestant("field"), p.field)
+    model, val = train(p, Contestant("field"), settings("field", p.field))
     neurons = sum(f.alive for f in model.fields)
     neurons_png(model.fields, FIELD_NEURONS, f"neuron field after {p.field.steps} steps: {neurons} neurons "
                 f"(PCA of positions; val loss {val:.3f})")
@@ -42,7 +42,12 @@ def field_no_neurons(params: Path = PARAMS_OPTION) -> None:
     growth), so attention and MLP alone; what the neurons add is the difference. Outputs as `field`'s,
     under field_no_neurons (no picture)."""
     p = load_params(params)
-    train(p, Contestant("field_no_neurons"), replace(p.field, initial_neurons=0, grow_every=0))
+    train(p, Contestant("field_no_neurons"), settings("field_no_neurons", p.field))
+
+
+def settings(name: str, s):
+    """The `field` section as contestant `name` (field or field_no_neurons) trains it."""
+    return replace(s, initial_neurons=0, grow_every=0) if name == "field_no_neurons" else s
 
 
 def train(p, me: Contestant, s) -> tuple:

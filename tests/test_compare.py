@@ -12,7 +12,6 @@ from clso.compare import (
     energy_criterion,
     first_reach,
     headline,
-    headline_row,
     paired_interval,
     row,
     seed_summary,
@@ -20,6 +19,7 @@ from clso.compare import (
     value_at,
     verdict,
 )
+from clso.headline import headline_row
 from clso.record import Record
 from clso.report import contrast_statement, hypothesis, verdict_statement
 
@@ -359,14 +359,60 @@ def test_the_journals_quantization_claims_follow_the_thresholds():
     assert not journal_claims(modes, 1e-3, 0.01)["mixed8_full_quality"]
 
 
-def test_what_the_neurons_add_is_a_one_run_difference_with_no_claim():
-    from clso.compare import field_contrast
+def spread_file(field, empty, baseline, base_seed=1):
+    """metrics/detail/spread.json of stage spread: each one-run contestant's val loss by seed."""
+    return {"base_seed": base_seed, "val_loss": {name: {str(seed): v for seed, v in enumerate(losses, 1)}
+                                                 for name, losses in (("field", field), ("field_no_neurons", empty),
+                                                                      ("baseline", baseline))}}
+
+
+ONE_RUN_ROWS = {"field": point("field", 5.10, 1.0, 130, kind="contestant", mode=None),
+                "field_no_neurons": point("field_no_neurons", 5.13, 0.8, 100, kind="contestant", mode=None),
+                "baseline": point("baseline", 5.11, 0.5, 100, kind="baseline", mode=None)}
+
+
+def test_the_field_is_paired_by_seed_over_the_spread_and_says_better_only_beyond_its_noise():
+    from clso.compare import field_contrasts
     from clso.report import field_statement
 
-    field, empty = point("field", 5.10, 1.0, 130, kind="contestant", mode=None), point("field_no_neurons", 5.13, 0.8, 100,
-                                                                                          kind="contestant", mode=None)
-    c = field_contrast(field, empty)
-    assert c["mean_diff"] == pytest.approx(0.03) and c["conclusion"] == "one_seed" and c["flops_share"] == 1.3
-    text = field_statement(c)
-    assert text.startswith("With its neurons the field LM ends 0.0300 nats below the same model without them")
+    measured = spread_file([5.10, 5.12, 5.11], [5.13, 5.151, 5.139], [5.11, 5.10, 5.13])
+    c = field_contrasts(measured, ONE_RUN_ROWS)
+    neurons, baseline = c["neurons_add"], c["against_baseline"]
+    assert neurons["mean_diff"] == pytest.approx(0.03) and neurons["seeds"] == 3
+    assert neurons["interval"][0] > 0 and neurons["conclusion"] == "clso_better" and neurons["flops_share"] == 1.3
+    assert baseline["conclusion"] == "within_noise" and baseline["interval"][0] < 0 < baseline["interval"][1]
+    text = field_statement("neurons_add", neurons)
+    assert text.startswith("The field LM's val loss is 0.0300 nats below the same model's without neurons, at")
+    assert text.endswith(": the neurons help.") and sentences(text) == 2
+    text = field_statement("against_baseline", baseline)
+    assert "within noise" in text and "better" not in text and sentences(text) == 2
+
+
+def test_a_field_contrast_on_one_seed_makes_no_claim():
+    from clso.compare import field_contrasts
+    from clso.report import field_statement
+
+    c = field_contrasts(spread_file([5.10], [5.13], [5.11]), ONE_RUN_ROWS)["neurons_add"]
+    assert c["conclusion"] == "one_seed" and c["interval"] is None
+    text = field_statement("neurons_add", c)
     assert "no claim is made" in text and "better" not in text and sentences(text) == 1
+
+
+def test_the_noise_floor_says_whether_the_spread_repeats_this_run():
+    from clso import ClsoError
+    from clso.compare import one_run_noise
+    from clso.report import noise_section
+
+    measured = spread_file([5.10, 5.12, 5.11], [5.13, 5.15, 5.14], [5.11, 5.10, 5.13])
+    noise = one_run_noise(measured, ONE_RUN_ROWS)
+    assert noise["field"]["repeats_this_run"] and noise["field_no_neurons"]["repeats_this_run"]
+    assert noise["baseline"]["repeats_this_run"] and noise["baseline"]["seeds"] == 3
+    assert noise["field"]["val_loss"] == pytest.approx(5.11) and noise["field"]["val_loss_spread"] == pytest.approx(0.01)
+    assert "measured on other code" not in "\n".join(noise_section(noise))
+    measured["val_loss"]["baseline"]["1"] = 5.1101  # another machine's kernels: the run at base.seed moved
+    noise = one_run_noise(measured, ONE_RUN_ROWS)
+    assert not noise["baseline"]["repeats_this_run"] and noise["field"]["repeats_this_run"]
+    assert "measured on other code" in "\n".join(noise_section(noise))
+    del measured["val_loss"]["field_no_neurons"]
+    with pytest.raises(ClsoError, match="no val losses of 'field_no_neurons'.*python -m stages.spread"):
+        one_run_noise(measured, ONE_RUN_ROWS)

@@ -38,7 +38,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo, stage_env):
     stages = sh(["dvc", "stage", "list", "--name-only"], repo, env).split()
     assert "prepare" in stages
     for stage in stages:
-        assert f"Running stage '{stage}'" in out
+        assert (f"Running stage '{stage}'" in out) != (stage in FROZEN), stage
     assert (repo / "data/prepared/train.bin").stat().st_size > 0
     metrics = json.loads((repo / "metrics/detail/prepare.json").read_text())
     assert metrics["vocab_size"] == 512 and metrics["documents"] == {"train": 30, "val": 4, "test": 4}
@@ -69,6 +69,25 @@ def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(
                           "-s", "1"], cwd=repo, env=stage_env, capture_output=True, timeout=60)
     # raw bytes: a byte-level BPE may sample half of a UTF-8 character
     assert run.returncode == 0 and run.stdout.startswith(b"ROMEO:") and len(run.stdout) > len("ROMEO:") + 5
+
+
+FROZEN = ("spread",)  # measured once: `dvc repro` never runs it
+
+
+def test_the_frozen_spread_stage_measures_the_one_run_contestants_again(repo, stage_env):
+    # the committed spread was measured at the default size: this tiny run does not repeat it
+    compare = json.loads((repo / "metrics/detail/compare.json").read_text())
+    assert not any(n["repeats_this_run"] for n in compare["one_run_noise"].values())
+    assert "measured on other code" in (repo / "metrics/report.md").read_text()
+    sh(["python", "-m", "stages.spread"], repo, stage_env)
+    sh(["dvc", "commit", "-f", "spread"], repo, stage_env)
+    assert ran_stages(sh(["dvc", "repro"], repo, stage_env)) == ["compare"]
+    compare = json.loads((repo / "metrics/detail/compare.json").read_text())
+    noise = compare["one_run_noise"]
+    assert set(noise) == {"baseline", "field", "field_no_neurons"}
+    assert all(n["repeats_this_run"] and n["seeds"] == 1 for n in noise.values())  # bit for bit, one seed here
+    assert compare["field"]["neurons_add"]["conclusion"] == "one_seed"
+    assert "measured on other code" not in (repo / "metrics/report.md").read_text()
 
 
 def test_exp_run_with_a_new_vocab_reruns_prepare_and_its_dependants_only(repo, stage_env):
