@@ -1,0 +1,133 @@
+"""The gradient-free arena's core (clso.search.es): the population forward, low-rank ES and SPSA."""
+
+import math
+
+import pytest
+import torch
+
+from clso.model.baseline import dense_gpt2
+from clso.model.crystalline import ModelConfig
+from clso.search.es import Noise, Population, body_matrices, estimate, member_losses, parameters, shaped, spsa_estimate
+
+CONFIG = ModelConfig(vocab_size=50, n_layer=2, n_embd=16, n_head=2, block_size=8, layer_gains=False)
+
+
+def model_and_params(seed=0):
+    model = dense_gpt2(CONFIG, seed, "cpu").eval()
+    with torch.no_grad():  # nonzero biases and LayerNorms, so their noise is seen
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model, {n: p.detach() for n, p in parameters(model).items()}
+
+
+def draw(params, pairs=3, sigma=0.05, rank=2, seed=0):
+    matrices = [n for n, p in params.items() if p.dim() == 2]
+    vectors = [n for n, p in params.items() if p.dim() == 1]
+    return Noise.draw(params, matrices, vectors, pairs, sigma, rank, torch.Generator().manual_seed(seed))
+
+
+def test_the_population_forward_is_transformers_gpt2():
+    model, params = model_and_params()
+    idx = torch.randint(0, CONFIG.vocab_size, (3, CONFIG.block_size), generator=torch.Generator().manual_seed(1))
+    ours = Population(params, None, torch.arange(1)).logits(idx, CONFIG.n_layer, CONFIG.n_head)[0]
+    with torch.no_grad():
+        theirs = model(input_ids=idx).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_each_member_is_the_model_with_its_perturbation_formed():
+    """Low rank on every matrix (embeddings and tied head included), full rank on every vector: each
+    member's logits are those of transformers' model with θ + Δ_p written into it."""
+    model, params = model_and_params()
+    noise = draw(params)
+    idx = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size), generator=torch.Generator().manual_seed(2))
+    ours = Population(params, noise, torch.arange(noise.members)).logits(idx, CONFIG.n_layer, CONFIG.n_head)
+    for p in range(noise.members):
+        member, sign = dense_gpt2(CONFIG, 0, "cpu").eval(), 1.0 if p % 2 == 0 else -1.0
+        with torch.no_grad():
+            for name, value in parameters(member).items():
+                value.copy_(params[name] + sign * noise.sigma * noise.dense(name)[p // 2])
+            theirs = member(input_ids=idx).logits
+        torch.testing.assert_close(ours[p], theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_the_low_rank_product_is_x_times_w_plus_e_without_forming_e():
+    _, params = model_and_params()
+    name = body_matrices(params)[0]
+    noise = draw(params, pairs=2, rank=3)
+    x = torch.randn(4, 5, params[name].shape[0], generator=torch.Generator().manual_seed(3))
+    got = Population(params, noise, torch.arange(4)).matmul(x, name)
+    for p in range(4):
+        w = params[name] + (1 - 2 * (p % 2)) * noise.sigma * noise.dense(name)[p // 2]
+        torch.testing.assert_close(got[p], x[p] @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_the_body_matrices_are_the_blocks_four_per_block():
+    _, params = model_and_params()
+    assert body_matrices(params) == [f"transformer.h.{i}.{m}.weight" for i in range(2)
+                                     for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def test_antithetic_pairs_cancel_a_constant_fitness_exactly():
+    _, params = model_and_params()
+    noise = draw(params, pairs=5)
+    g = estimate(noise, torch.full((noise.members,), 3.7))
+    assert set(g) == set(params) and all(bool((v == 0).all()) for v in g.values())
+    assert all(bool((v == 0).all()) for v in estimate(noise, shaped(torch.full((10,), 2.0))).values())
+
+
+def quadratic(theta, target):
+    return sum(0.5 * float(((theta[n] - target[n]) ** 2).sum()) for n in theta)
+
+
+def planted(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+    target = {n: torch.randn(t.shape, generator=g) for n, t in theta.items()}
+    return theta, target
+
+
+def cosine(estimated, true):
+    a = torch.cat([estimated[n].flatten() for n in true])
+    b = torch.cat([true[n].flatten() for n in true])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_low_rank_es_points_along_the_gradient_of_a_planted_quadratic(rank):
+    theta, target = planted()
+    noise = Noise.draw(theta, ["w"], ["b"], 3000, 0.01, rank, torch.Generator().manual_seed(4))
+    losses = torch.tensor([quadratic({n: theta[n] + (1 - 2 * (p % 2)) * noise.sigma * noise.dense(n)[p // 2]
+                                      for n in theta}, target) for p in range(noise.members)])
+    true = {n: theta[n] - target[n] for n in theta}
+    assert cosine(estimate(noise, shaped(losses)), true) > 0.9
+    assert cosine(estimate(noise, losses), true) > 0.9
+    few = Noise.draw(theta, ["w"], ["b"], 2, 0.01, rank, torch.Generator().manual_seed(4))
+    assert cosine(estimate(few, losses[:4]), true) < 0.9  # two pairs span too little: the test can fail
+
+
+def test_spsa_points_along_the_gradient_and_leaves_theta_bit_for_bit():
+    theta, target = planted(1)
+    before = {n: t.clone() for n, t in theta.items()}
+    noise = Noise.draw(theta, [], ["w", "b"], 3000, 1e-3, 1, torch.Generator().manual_seed(5))
+    losses = torch.tensor([quadratic({n: theta[n] + (1 - 2 * (p % 2)) * noise.sigma * noise.full[n][p // 2]
+                                      for n in theta}, target) for p in range(noise.members)])
+    g = spsa_estimate(noise, losses)
+    assert cosine(g, {n: theta[n] - target[n] for n in theta}) > 0.9
+    assert all(torch.equal(theta[n], before[n]) for n in theta)
+
+
+def test_member_losses_read_theta_and_never_write_it():
+    model, params = model_and_params()
+    before = {n: p.clone() for n, p in params.items()}
+    noise = draw(params, pairs=4)
+    idx = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size + 1), generator=torch.Generator().manual_seed(6))
+    losses = member_losses(params, noise, idx[:, :-1], idx[:, 1:], CONFIG.n_layer, CONFIG.n_head, chunk=3)
+    assert losses.shape == (8,) and torch.isfinite(losses).all() and len(set(losses.tolist())) == 8
+    assert all(torch.equal(params[n], before[n]) for n in params)
+    alone = member_losses(params, None, idx[:, :-1], idx[:, 1:], CONFIG.n_layer, CONFIG.n_head)
+    with torch.no_grad():
+        theirs = torch.nn.functional.cross_entropy(model(input_ids=idx[:, :-1]).logits.flatten(0, 1), idx[:, 1:].flatten())
+    assert float(alone[0]) == pytest.approx(float(theirs), rel=1e-5)
+    assert math.isclose(float(losses[0::2].mean() + losses[1::2].mean()) / 2, float(alone[0]), rel_tol=0.05)
