@@ -21,10 +21,11 @@ def model_and_params(seed=0):
     return model, {n: p.detach() for n, p in parameters(model).items()}
 
 
-def draw(params, pairs=3, sigma=0.05, rank=2, seed=0):
-    matrices = [n for n, p in params.items() if p.dim() == 2]
-    vectors = [n for n, p in params.items() if p.dim() == 1]
-    return Noise.draw(params, matrices, vectors, pairs, sigma, rank, torch.Generator().manual_seed(seed))
+def draw(params, pairs=3, sigma=0.05, rank=2, seed=0, full_rank=False):
+    """Low rank on every matrix and full rank on every vector (ES), or full rank on all (MeZO)."""
+    matrices = [] if full_rank else [n for n, p in params.items() if p.dim() == 2]
+    rest = [n for n in params if n not in matrices]
+    return Noise.draw(params, matrices, rest, pairs, sigma, rank, torch.Generator().manual_seed(seed))
 
 
 def test_the_population_forward_is_transformers_gpt2():
@@ -36,11 +37,12 @@ def test_the_population_forward_is_transformers_gpt2():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_each_member_is_the_model_with_its_perturbation_formed():
-    """Low rank on every matrix (embeddings and tied head included), full rank on every vector: each
+@pytest.mark.parametrize("full_rank", [False, True])
+def test_each_member_is_the_model_with_its_perturbation_formed(full_rank):
+    """Low rank on every matrix (embeddings and tied head included), or full rank on all: each
     member's logits are those of transformers' model with θ + Δ_p written into it."""
     model, params = model_and_params()
-    noise = draw(params)
+    noise = draw(params, full_rank=full_rank)
     idx = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size), generator=torch.Generator().manual_seed(2))
     ours = Population(params, noise, torch.arange(noise.members)).logits(idx, CONFIG.n_layer, CONFIG.n_head)
     for p in range(noise.members):
@@ -131,3 +133,22 @@ def test_member_losses_read_theta_and_never_write_it():
         theirs = torch.nn.functional.cross_entropy(model(input_ids=idx[:, :-1]).logits.flatten(0, 1), idx[:, 1:].flatten())
     assert float(alone[0]) == pytest.approx(float(theirs), rel=1e-5)
     assert math.isclose(float(losses[0::2].mean() + losses[1::2].mean()) / 2, float(alone[0]), rel_tol=0.05)
+
+
+@pytest.mark.parametrize("full_rank", [False, True])
+def test_the_population_flops_are_what_pytorch_counts(full_rank):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clso.search.es import population_flops
+
+    _, params = model_and_params()
+    noise = draw(params, pairs=2, rank=3, full_rank=full_rank)
+    idx = torch.randint(0, CONFIG.vocab_size, (3, CONFIG.block_size), generator=torch.Generator().manual_seed(7))
+    pop = Population(params, noise, torch.arange(noise.members))
+    # the math kernel of attention: its matmuls are counted (the CPU's fused kernel has no formula)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        pop.logits(idx, CONFIG.n_layer, CONFIG.n_head)
+    counted = counter.get_total_flops()
+    ours = population_flops(CONFIG.gpt2(), CONFIG.block_size, 3, noise.members, noise)
+    assert counted == ours, (counted, ours)

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clso.model.flops import forward_flops
+
 BODY = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's weight matrices
+WTE, WPE = "transformer.wte.weight", "transformer.wpe.weight"
 
 
 def parameters(model) -> dict[str, torch.Tensor]:
@@ -108,17 +111,14 @@ class Population:
 
     def matmul(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x·(W + Δ_p) for each member p; x (P or 1, N, n_in) → (P, N, n_out)."""
-        w = self.params[name]
-        out = x @ w
-        if self.noise is None:
-            return out.expand(len(self), *out.shape[1:])
-        if name in self.noise.low_rank:
-            a, b = self.noise.low_rank[name]
-            xa = x @ self._scaled(a)  # (P, N, r)
-            return out + xa @ b[self.pair].transpose(1, 2) / math.sqrt(self.noise.rank)
-        if name in self.noise.full:
-            return out + x @ self._scaled(self.noise.full[name])
-        return out.expand(len(self), *out.shape[1:])
+        w, noise = self.params[name], self.noise
+        if noise is not None and name in noise.full:  # MeZO's: each member's matrix formed, one product,
+            return x @ (w + self._scaled(noise.full[name]))  # as θ + εz written in place would give
+        out = (x @ w).expand(len(self), -1, -1)
+        if noise is not None and name in noise.low_rank:
+            a, b = noise.low_rank[name]
+            out = out + (x @ self._scaled(a)) @ b[self.pair].transpose(1, 2) / math.sqrt(noise.rank)
+        return out
 
     def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         return self.matmul(x, f"{prefix}.weight") + self.tensor(f"{prefix}.bias").unsqueeze(1)
@@ -129,7 +129,7 @@ class Population:
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token and position embeddings of idx (B, T), each member's: (P, B·T, d)."""
-        wte, wpe = "transformer.wte.weight", "transformer.wpe.weight"
+        wte, wpe = WTE, WPE
         flat = idx.reshape(-1)
         pos = torch.arange(idx.shape[1], device=idx.device).repeat(idx.shape[0])
         out = self.params[wte][flat] + self.params[wpe][pos]
@@ -146,13 +146,13 @@ class Population:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The tied head: h·(wte + Δ_p)ᵀ, (P, N, vocab)."""
-        name = "transformer.wte.weight"
+        name = WTE
+        if self.noise is not None and name in self.noise.full:
+            return h @ (self.params[name] + self._scaled(self.noise.full[name])).transpose(1, 2)
         out = h @ self.params[name].T
         if self.noise is not None and name in self.noise.low_rank:
             a, b = self.noise.low_rank[name]
             out = out + (h @ b[self.pair]) @ self._scaled(a).transpose(1, 2) / math.sqrt(self.noise.rank)
-        elif self.noise is not None and name in self.noise.full:
-            out = out + h @ self._scaled(self.noise.full[name]).transpose(1, 2)
         return out
 
     def logits(self, idx: torch.Tensor, n_layer: int, n_head: int) -> torch.Tensor:
@@ -212,3 +212,21 @@ def spsa_estimate(noise: Noise, losses: torch.Tensor) -> dict[str, torch.Tensor]
     mean_k ((L(θ+εz_k) − L(θ−εz_k)) / 2ε)·z_k, ε = noise.sigma. `losses` in population order."""
     projected = (losses[0::2] - losses[1::2]).to(torch.float32) / (2 * noise.sigma)
     return {name: torch.einsum("k,k...->...", projected.to(e.device), e) / noise.pairs for name, e in noise.full.items()}
+
+
+def population_flops(config, seq_len: int, n_seqs: int, members: int, noise: Noise | None) -> int:
+    """FLOPs of `members` members' forward on `n_seqs` sequences, as Population computes them: each
+    member's GPT-2 forward (clso.model.flops, `config` a GPT2Config), plus per token the thin products
+    of each low-rank Δ: x·A then ·Bᵀ, 2·r·(n_in + n_out); an embedding's A rows are gathered, so
+    2·r·d; the tied head's h·B then ·Aᵀ, 2·r·(d + vocab). A full-rank Δ is added to its matrix
+    before the one product: no FLOPs beyond the dense forward (elementwise work is not counted)."""
+    extra = 0
+    for name, (a, b) in (noise.low_rank.items() if noise is not None else ()):
+        n_in, n_out = a.shape[1], b.shape[1]
+        if name == WPE:
+            extra += 2 * noise.rank * n_out
+        elif name == WTE:  # the embedding (vocab × d), then the tied head
+            extra += 2 * noise.rank * n_out + 2 * noise.rank * (n_out + n_in)
+        else:
+            extra += 2 * noise.rank * (n_in + n_out)
+    return members * (forward_flops(config, seq_len, n_seqs) + extra * seq_len * n_seqs)
