@@ -189,7 +189,8 @@ def summary(result: dict) -> dict:
     and each contestant's columns, a search's as the mean over its seeds."""
     v = result["headline"]["verdict"]
     return {"verdict": {"contestant": result["headline"]["clso"], "holds": v["holds"], "ppl_ratio": v["ppl_ratio"],
-                        "energy_ratio": v["energy_ratio"], "energy_criterion": v["energy_criterion"]},
+                        "energy_ratio": v["energy_ratio"], "flops_ratio": v["flops_ratio"],
+                        "energy_criterion": v["energy_criterion"]},
             "contrasts": {name: {mode: {k: c[k] for k in CONTRAST_SUMMARY} for mode, c in modes.items()}
                           for name, modes in result["contrasts"].items()},
             "field": {name: {k: result["field"][name][k] for k in CONTRAST_SUMMARY}
@@ -303,17 +304,21 @@ def one_run_noise(measured: dict, rows: dict) -> dict:
     return out
 
 
-def field_contrasts(measured: dict, rows: dict) -> dict:
+def field_contrasts(measured: dict, rows: dict, noise: dict) -> dict:
     """The neuron-field LM against the same model without neurons (what the neurons add) and against the
     baseline, each paired by seed over stage `spread`'s runs: the other's val loss less the field's
-    (nats; positive: the field ahead), with this run's field FLOPs and energy as a share of the other's."""
+    (nats; positive: the field ahead), with this run's field FLOPs and energy as a share of the other's.
+    Its conclusion is `other_run` when the spread does not repeat this run (`noise`: one_run_noise's)."""
     losses, field = measured["val_loss"], rows["field"]
 
     def against(other: str) -> dict:
         seeds = [s for s in losses["field"] if s in losses[other]]
-        return {**paired_interval([losses[other][s] - losses["field"][s] for s in seeds]),
-                "flops_share": field["flops"] / rows[other]["flops"],
-                "energy_share": field["energy_wh"] / rows[other]["energy_wh"]}
+        out = {**paired_interval([losses[other][s] - losses["field"][s] for s in seeds]),
+               "flops_share": field["flops"] / rows[other]["flops"],
+               "energy_share": field["energy_wh"] / rows[other]["energy_wh"]}
+        if not (noise["field"]["repeats_this_run"] and noise[other]["repeats_this_run"]):
+            out["conclusion"] = "other_run"
+        return out
 
     return {"neurons_add": against("field_no_neurons"), "against_baseline": against("baseline")}
 

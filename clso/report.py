@@ -96,7 +96,8 @@ def headline_section(result: dict) -> list[str]:
     noise = result["one_run_noise"]["baseline"]
     if noise["val_loss_spread"] is not None:
         lines += ["", f"The baseline's val loss spreads ± {noise['val_loss_spread']:.4f} nats over {noise['seeds']} "
-                  f"seeds (stage `spread`); CLSO's is {c['val_loss'] - b['val_loss']:+.4f} nats from it."]
+                  f"seeds (stage `spread`{'' if noise['repeats_this_run'] else ', measured on another run'}); "
+                  f"CLSO's is {c['val_loss'] - b['val_loss']:+.4f} nats from it."]
     reach = (f"{fmt(m['baseline_energy_wh_to_reach_clso'])} Wh (step {fmt(m['baseline_step_to_reach_clso'])})"
              if m["baseline_reached_clso_val_ppl"] else "never, in its whole run")
     lines += ["", *table(["the baseline's run, matched to CLSO's", "value"],
@@ -184,14 +185,17 @@ def field_statement(name: str, c: dict) -> str:
     sentences, its wording by the contrast's conclusion."""
     other, ahead, behind = FIELD_SIDES[name]
     d = c["mean_diff"]
-    first = (f"The field LM's val loss is {abs(d):.4f} nats {'below' if d > 0 else 'above'} {other}, at "
-             f"{c['flops_share']:.3f}× its FLOPs")
+    where = "on one run each" if c["seeds"] == 1 else f"on average over the {c['seeds']} seeds of stage `spread`"
+    first = (f"The field LM's val loss is {abs(d):.4f} nats {'below' if d > 0 else 'above'} {other}, {where}; this "
+             f"run's field LM cost {c['flops_share']:.3f}× its FLOPs")
+    if c["conclusion"] == "other_run":
+        return first + (". The spread was measured on other code, params or machine than this run: no claim is "
+                        "made.")
     if c["conclusion"] == "one_seed":
-        return first + ", on one run each: no claim is made."
+        return first + ". No claim is made on one run."
     low, high = c["interval"]
     verdict = {"clso_better": ahead, "control_better": behind, "within_noise": "within noise"}[c["conclusion"]]
-    return first + (f", the mean over the {c['seeds']} seeds of stage `spread`. Its 95 % interval is "
-                    f"[{low:+.4f}, {high:+.4f}]: {verdict}.")
+    return first + f". The 95 % interval is [{low:+.4f}, {high:+.4f}]: {verdict}."
 
 
 def field_section(result: dict) -> list[str]:
@@ -279,13 +283,13 @@ def journal_claims_rows(j: dict) -> list[list]:
 
 
 def compile_section(c: dict) -> list[str]:
-    lines = ["## Compiled to `.crystal`", "", f"CLSO's file is `{c['clso']}`'s. Each file is scored against its "
+    lines = ["## Compiled to `.crystal`", "", f"CLSO's file is `{c['clso']}`'s, the headline run. Each file is scored against its "
              "float model on the val split; the C runtime's speed is against PyTorch eager.", ""]
-    rows = [[name, f"{m8['bytes']:,}", f"{m8['bytes_vs_f32']:.1%}",
+    rows = [[name, m8["val_ppl"], f"{m8['bytes']:,}", f"{m8['bytes_vs_f32']:.1%}",
              f"{m8['bytes_vs_dense_f32']:.1%}" if "bytes_vs_dense_f32" in m8 else None, m8["mean_kl"],
              f"{m8['top1_agreement']:.2%}", f"{m8['ppl_change']:+.3%}", m.get("runtime_bench", {}).get("ratio")]
             for name, m in c["models"].items() for m8 in [m["modes"]["mixed8"]]]
-    lines += table(["model", "mixed8 bytes", "÷ its f32", "÷ dense f32", "mean KL (nats)", "top-1 agreement",
+    lines += table(["model", "mixed8 val ppl", "mixed8 bytes", "÷ its f32", "÷ dense f32", "mean KL (nats)", "top-1 agreement",
                     "perplexity change", "runtime ÷ PyTorch tokens/s"], rows)
     lines += ["", *table(["target", "measured", "met"], [[k, c["measured"][k], ok] for k, ok in c["met"].items()])]
     j = c["models"]["field"]["journal"]
@@ -320,7 +324,9 @@ UNCHARGED = {"final_scores": "every contestant's final val and test scores (and 
              "checkpoints": "writing checkpoints (the searches, the field LM)",
              "library_sanity_check": "the library's sanity check against the baseline",
              "surrogate_inputs_comparison": "the surrogate's other input kinds, trained to compare them",
-             "compile": "compile: every file, its checks and benchmarks", "compare": "compare: this report"}
+             "compile": "compile: every file, its checks and benchmarks",
+             "spread": "spread: the one-run contestants at every seed, measured once (not by this `dvc repro`)",
+             "compare": "compare: this report"}
 
 
 def costs_section(costs: dict[str, dict]) -> list[str]:

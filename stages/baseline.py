@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from clso import ClsoError
 from clso.context import setup
 from clso.data.tokens import TokenData, final_losses
 from clso.energy import EnergyMeter
@@ -43,17 +44,13 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
     with atomic_dir(me.model_dir) as tmp:
         save_baseline(result.model, tmp)
     cost, rest = split_cost(result.train_energy)
-    stopped_early = result.best_step < p.baseline.steps  # charged to its best val point, as early stopping would
-    charged = split_cost(result.to_best)[0] if stopped_early else cost
-    Record(me.name, me.kind, me.label, val, test, {"training": charged},
-           {"loss": "val", "points": curve_points([r for r in result.curve if r["step"] <= result.best_step],
-                                                  "val_loss", "step")},
+    charged, points, after = to_best_point(result, p.baseline.steps)
+    Record(me.name, me.kind, me.label, val, test, {"training": charged}, {"loss": "val", "points": points},
            details={"steps": p.baseline.steps, "tokens": result.curve[-1]["tokens"], "best_curve_step": result.best_step,
                     "best_curve_val_loss": min(r["val_loss"] for r in result.curve), "whole_run": cost, **rest,
                     "setup": asdict(result.setup), "device": str(device)},
            uncharged={"final_scores": final_meter.reading.as_metrics(),
-                      "curve_val_loss": {"energy_wh": rest["eval_energy_wh"], "method": cost["method"]},
-                      **({"training_after_best": split_cost(result.after_best)[0]} if stopped_early else {})}
+                      "curve_val_loss": {"energy_wh": rest["eval_energy_wh"], "method": cost["method"]}, **after}
            ).save(me.record)
     write_csv_atomic(me.curve, CURVE_FIELDS, result.curve)
     e, s = result.train_energy, result.setup
@@ -62,6 +59,21 @@ def baseline(params: Path = PARAMS_OPTION) -> None:
           f"on the whole val split; the whole run "
           f"{e['energy_wh']:.4f} Wh ({e['method']}), {e['tokens_per_s']:,.0f} tokens/s, "
           f"{e['achieved_tflops']:.3g} TFLOP/s" + (f", MFU {e['mfu']:.1%}" if e["mfu"] is not None else ""))
+
+
+def to_best_point(result, steps: int) -> tuple[dict, list[dict], dict]:
+    """The baseline as early stopping keeps it: the cost charged (training up to its best val point), its
+    curve up to there, and what training cost after it (charged to no one). A baseline whose val loss
+    never fell below its value at initialisation is no baseline: a one-line error."""
+    if result.best_step == 0:
+        raise ClsoError("baseline: its val loss never fell below its value at initialisation; lower baseline.lr "
+                        "or raise baseline.steps")
+    whole = split_cost(result.train_energy)[0]
+    if result.best_step == steps:
+        return whole, curve_points(result.curve, "val_loss", "step"), {}
+    return (split_cost(result.to_best)[0],
+            curve_points([r for r in result.curve if r["step"] <= result.best_step], "val_loss", "step"),
+            {"training_after_best": split_cost(result.after_best)[0]})
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
               "against_baseline": {n: against_baseline(r, rows["baseline"]) for n, r in rows.items() if n != "baseline"},
               "contrasts": contrasts(list(rows.values())),
               "field": {"journal": field_vs_journal(field), **{k: field.details[k] for k in FIELD_DETAILS},
-                        **field_contrasts(details["spread"], rows),
+                        **field_contrasts(details["spread"], rows, noise),
                         "baseline_torch_compile": records["baseline"].details["setup"]["torch_compile"]},
               # every pure search shares the head (initialised on base.seed), so one bound
               "frozen_head_bound_val_ppl": max(bounds) if bounds else None}
@@ -70,7 +70,8 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     result["uncharged"] = uncharged(list(records.values()), {
         "library_sanity_check": details["library"]["sanity_check_cost"],
         "surrogate_inputs_comparison": details["surrogate"]["inputs_comparison_cost"],
-        "compile": details["compile"]["cost"], "compare": meter.reading.as_metrics()})
+        "compile": details["compile"]["cost"], "spread": details["spread"]["cost"],
+        "compare": meter.reading.as_metrics()})
     write_json_atomic(metrics("compare"), summary(result))
     write_json_atomic(detail("compare"), result)
     write_text_atomic(REPORT, report(result, details))

@@ -1,6 +1,6 @@
 """Stage `spread`, frozen in dvc.yaml (measured once, not by `dvc repro`): the contestants the
 default run trains once — the baseline, the field LM and its control — trained again at every seed
-of grid.seeds, so the report has their noise floor. About 16 minutes on 2 cores.
+of grid.seeds, so the report has their noise floor. About 18 minutes on 2 cores.
 Re-measure after a change to them: `python -m stages.spread && dvc commit -f spread` (clso.compare.REMEASURE)."""
 
 from pathlib import Path

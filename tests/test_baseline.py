@@ -180,3 +180,28 @@ def test_the_baseline_keeps_its_best_val_point_and_what_it_cost_by_then(data, tm
     assert result.to_best["flops"] == 20 * step and result.after_best["flops"] == 20 * step == whole["flops"] // 2
     assert result.to_best["energy_wh"] == pytest.approx(result.curve[2]["energy_wh"], abs=1e-6)
     assert result.to_best["energy_wh"] + result.after_best["energy_wh"] == pytest.approx(whole["energy_wh"], abs=2e-6)
+    # the stage charges the record that point: its cost, its curve cut there, what came after uncharged
+    from stages.baseline import to_best_point
+
+    charged, points, after = to_best_point(result, CFG.steps)
+    assert charged["flops"] == 20 * step and charged["energy_wh"] == pytest.approx(result.to_best["energy_wh"], abs=1e-6)
+    assert [p["step"] for p in points] == [0, 10, 20] and points[-1]["loss"] == 3.0
+    assert after["training_after_best"]["flops"] == 20 * step
+
+
+def test_a_baseline_at_its_last_point_is_charged_its_whole_run_and_one_that_never_learned_stops():
+    from types import SimpleNamespace
+
+    from clso import ClsoError
+    from stages.baseline import to_best_point
+
+    whole = {"energy_wh": 2.0, "method": "estimate", "wall_s": 9.0, "flops": 300, "tokens_per_s": 5.0}
+    curve = [{"step": s, "val_loss": v, "energy_wh": e, "flops": f, "wall_s": 1.0}
+             for s, v, e, f in ((0, 5.0, 0.0, 0), (10, 4.0, 1.0, 150), (20, 3.0, 2.0, 300))]
+    result = SimpleNamespace(best_step=20, train_energy=whole, curve=curve, to_best=None, after_best=None)
+    charged, points, after = to_best_point(result, 20)
+    assert charged == {k: whole[k] for k in ("energy_wh", "method", "wall_s", "flops")} and after == {}
+    assert len(points) == 3
+    result.best_step = 0  # val never fell below its value at initialisation: no baseline to charge
+    with pytest.raises(ClsoError, match="never fell below its value at initialisation"):
+        to_best_point(result, 20)

@@ -372,30 +372,37 @@ ONE_RUN_ROWS = {"field": point("field", 5.10, 1.0, 130, kind="contestant", mode=
 
 
 def test_the_field_is_paired_by_seed_over_the_spread_and_says_better_only_beyond_its_noise():
-    from clso.compare import field_contrasts
+    from clso.compare import field_contrasts, one_run_noise
     from clso.report import field_statement
 
     measured = spread_file([5.10, 5.12, 5.11], [5.13, 5.151, 5.139], [5.11, 5.10, 5.13])
-    c = field_contrasts(measured, ONE_RUN_ROWS)
+    c = field_contrasts(measured, ONE_RUN_ROWS, one_run_noise(measured, ONE_RUN_ROWS))
     neurons, baseline = c["neurons_add"], c["against_baseline"]
     assert neurons["mean_diff"] == pytest.approx(0.03) and neurons["seeds"] == 3
     assert neurons["interval"][0] > 0 and neurons["conclusion"] == "clso_better" and neurons["flops_share"] == 1.3
     assert baseline["conclusion"] == "within_noise" and baseline["interval"][0] < 0 < baseline["interval"][1]
     text = field_statement("neurons_add", neurons)
-    assert text.startswith("The field LM's val loss is 0.0300 nats below the same model's without neurons, at")
+    assert text.startswith("The field LM's val loss is 0.0300 nats below the same model's without neurons, on "
+                           "average over the 3 seeds of stage `spread`; this run's field LM cost 1.300× its FLOPs.")
     assert text.endswith(": the neurons help.") and sentences(text) == 2
     text = field_statement("against_baseline", baseline)
     assert "within noise" in text and "better" not in text and sentences(text) == 2
+    measured["val_loss"]["baseline"]["1"] = 5.2  # the spread's run at base.seed is not this run's
+    c = field_contrasts(measured, ONE_RUN_ROWS, one_run_noise(measured, ONE_RUN_ROWS))
+    assert c["neurons_add"]["conclusion"] == "clso_better" and c["against_baseline"]["conclusion"] == "other_run"
+    text = field_statement("against_baseline", c["against_baseline"])
+    assert "no claim is made" in text and "better" not in text
 
 
 def test_a_field_contrast_on_one_seed_makes_no_claim():
-    from clso.compare import field_contrasts
+    from clso.compare import field_contrasts, one_run_noise
     from clso.report import field_statement
 
-    c = field_contrasts(spread_file([5.10], [5.13], [5.11]), ONE_RUN_ROWS)["neurons_add"]
+    measured = spread_file([5.10], [5.13], [5.11])
+    c = field_contrasts(measured, ONE_RUN_ROWS, one_run_noise(measured, ONE_RUN_ROWS))["neurons_add"]
     assert c["conclusion"] == "one_seed" and c["interval"] is None
     text = field_statement("neurons_add", c)
-    assert "no claim is made" in text and "better" not in text and sentences(text) == 1
+    assert "No claim is made" in text and "better" not in text and sentences(text) == 2
 
 
 def test_the_noise_floor_says_whether_the_spread_repeats_this_run():

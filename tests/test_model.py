@@ -96,3 +96,18 @@ def test_moving_the_model_moves_its_library(library):
     model = CrystallineGPT2(CONFIG, library, seed=0).to(torch.float32).to("cpu")
     assert model.library.device == torch.device("cpu")
     assert all(layer.library is model.library for layer in model.layers)
+
+
+def test_every_gpt2_of_the_pipeline_uses_the_fused_gelu_and_builds_no_cache():
+    """gelu_pytorch_tanh is gelu_new in one kernel (issue 25: the baseline's step as fast as nanoGPT's);
+    training and scoring build no key/value cache. The baseline, CLSO's model and transfer all take
+    ModelConfig.gpt2."""
+    from clso.model.baseline import dense_gpt2
+
+    config = ModelConfig(vocab_size=50, n_layer=1, n_embd=16, n_head=2, block_size=8)
+    for gpt2 in (config.gpt2(), dense_gpt2(config, 0, "cpu").config):
+        assert gpt2.activation_function == "gelu_pytorch_tanh" and gpt2.use_cache is False
+    x = torch.linspace(-4, 4, 101)
+    from transformers.activations import ACT2FN
+
+    torch.testing.assert_close(ACT2FN["gelu_pytorch_tanh"](x), ACT2FN["gelu_new"](x), rtol=1e-6, atol=1e-6)
