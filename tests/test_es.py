@@ -152,3 +152,55 @@ def test_the_population_flops_are_what_pytorch_counts(full_rank):
     counted = counter.get_total_flops()
     ours = population_flops(CONFIG.gpt2(), CONFIG.block_size, 3, noise.members, noise)
     assert counted == ours, (counted, ours)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from clso.data.tokens import TokenData
+    from tests.conftest import prepare_text_corpus
+
+    return TokenData.open(prepare_text_corpus(tmp_path_factory.mktemp("es"), n_docs=10, lines=80))
+
+
+@pytest.mark.parametrize("method, sigma, lr", [("es", 0.02, 3e-3), ("mezo", 1e-3, 3e-2)])
+def test_each_method_lowers_the_val_loss_and_stops_on_its_flop_budget(data, tmp_path, method, sigma, lr):
+    from clso.search.zeroth_order import Settings, train
+
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
+    model = dense_gpt2(config, 0, "cpu")
+    s = Settings(method, pairs=8, sigma=sigma, lr=lr, batch_size=4, max_steps=10_000, eval_interval=20, eval_batches=4)
+    from clso.search.es import population_flops
+
+    per_step = population_flops(config.gpt2(), 16, 4, 16, None)
+    result = train(model, s, data, mode="pure", seed=0, budget_flops=60 * per_step, device="cpu",
+                   meter_options=dict(device="cpu", rapl_root=tmp_path))
+    assert result.stopped == "FLOP budget spent" and result.flops >= 60 * per_step
+    curve = [r["val_loss"] for r in result.curve]
+    assert curve[-1] < curve[0] - 0.05, curve
+
+
+def test_hybrid_perturbs_the_body_and_gets_exactly_the_adam_phases_it_is_given(data, tmp_path):
+    from clso.search.zeroth_order import AdamPhases, Settings, perturbed, train
+
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
+    model = dense_gpt2(config, 0, "cpu")
+    before = {n: p.detach().clone() for n, p in parameters(model).items()}
+    low, full = perturbed(before, "es", "hybrid")
+    assert low == body_matrices(before) and full == []
+    assert perturbed(before, "mezo", "hybrid") == ([], body_matrices(before))
+    assert sorted(sum(perturbed(before, "es", "pure"), [])) == sorted(before)
+    s = Settings("es", pairs=4, sigma=0.02, lr=3e-3, batch_size=4, max_steps=12, eval_interval=4, eval_batches=1)
+    meter = dict(device="cpu", rapl_root=tmp_path)
+    alone = train(dense_gpt2(config, 0, "cpu"), s, data, mode="hybrid", seed=0, budget_flops=10**15, device="cpu",
+                  meter_options=meter)
+    assert alone.stopped == "step cap" and alone.adam_phases == 0
+    phases = AdamPhases(at=(0.0, 0.3, 0.6), steps=2, lr=1e-3, batch_size=2)
+    result = train(model, s, data, mode="hybrid", seed=0, budget_flops=alone.flops, device="cpu", meter_options=meter,
+                   phases=phases)
+    assert result.adam_phases == 3 and result.adam_flops > 0
+    after = {n: p.detach() for n, p in parameters(model).items()}
+    assert all(not torch.equal(after[n], before[n]) for n in before)  # ES moved the body, Adam the rest
+    capped = train(dense_gpt2(config, 0, "cpu"), s, data, mode="hybrid", seed=0, budget_flops=10**15, device="cpu",
+                   meter_options=meter, phases=AdamPhases(at=(0.5, 0.9), steps=1, lr=1e-3, batch_size=2))
+    assert capped.stopped == "step cap" and capped.adam_phases == 2  # owed phases run at the stop
+    assert capped.curve[-1]["step"] == 12 and capped.curve[-1]["flops"] == capped.flops

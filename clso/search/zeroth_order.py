@@ -1,0 +1,167 @@
+"""Training a dense GPT-2 without a backward pass through what it perturbs: low-rank evolution
+strategies (`es`) and zeroth-order SGD (`mezo`), on clso.search.es's population forward.
+
+pure    every parameter is perturbed; forward passes only.
+hybrid  the blocks' weight matrices are perturbed (the parts CLSO's genome picks); the rest trains in
+        Adam phases, CLSO's count and steps, each at the share of the FLOP budget CLSO's search had
+        reached when it ran it. Their backward pass reaches the embeddings through the body, as CLSO's
+        does; the body's matrices pass gradients down but never train.
+
+Each step draws one train batch for the whole population (antithetic pairs must share it), scores every
+member, and steps the optimizer: Adam on ES's estimate, plain SGD on MeZO's. The run ends when it has
+spent its FLOP budget or at its step cap. Its val loss is measured every `eval_interval` steps, metered
+apart and charged to no one (as the baseline's curve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clso.context import derive_seed, generator
+from clso.data.tokens import random_batch
+from clso.energy import EnergyMeter
+from clso.model.flops import backward_flops, forward_flops
+from clso.search.es import Noise, body_matrices, estimate, member_losses, parameters, population_flops, shaped, \
+    spsa_estimate
+
+METHODS = ("es", "mezo")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One method's settings (params.yaml's `es` or `mezo` section)."""
+
+    method: str
+    pairs: int  # ES: antithetic pairs per step (population 2·pairs); MeZO: directions per step
+    sigma: float  # ES's σ; MeZO's ε
+    lr: float  # Adam's on ES's estimate; SGD's on MeZO's
+    rank: int = 1  # ES's perturbation rank; MeZO perturbs at full rank
+    batch_size: int = 8  # sequences per step, shared by every member
+    max_steps: int = 1000  # the cap, when the FLOP budget is not spent first
+    eval_interval: int = 50
+    eval_batches: int = 4  # val batches of batch_size per curve point
+
+
+@dataclass(frozen=True)
+class AdamPhases:
+    """Hybrid mode's shared part, CLSO's: `at`, the shares of the budget at which each phase runs."""
+
+    at: tuple[float, ...]
+    steps: int
+    lr: float
+    batch_size: int
+
+
+@dataclass
+class Result:
+    steps: int = 0
+    flops: int = 0
+    adam_flops: int = 0
+    adam_phases: int = 0
+    stopped: str = ""
+    curve: list[dict] = field(default_factory=list)
+    train_energy: dict = field(default_factory=dict)
+    eval_energy_wh: float = 0.0
+
+
+def perturbed(params: dict[str, torch.Tensor], method: str, mode: str) -> tuple[list[str], list[str]]:
+    """The tensors a step perturbs: (low rank, full rank). ES: matrices low rank, vectors full rank;
+    MeZO: all full rank. Pure: every parameter; hybrid: the blocks' matrices."""
+    names = list(params) if mode == "pure" else body_matrices(params)
+    if method == "mezo":
+        return [], names
+    return [n for n in names if params[n].dim() == 2], [n for n in names if params[n].dim() != 2]
+
+
+def adam_phase(model, frozen: list[str], phases: AdamPhases, train: np.ndarray, rng: np.random.Generator,
+               device) -> int:
+    """`phases.steps` Adam steps on every parameter but `frozen` (which still pass gradients down);
+    returns their FLOPs."""
+    config = model.config
+    trainable = [p for n, p in parameters(model).items() if n not in frozen]
+    opt = torch.optim.Adam(trainable, lr=phases.lr)
+    model.train()
+    for _ in range(phases.steps):
+        x, y = random_batch(train, phases.batch_size, config.n_positions, rng, device)
+        loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    t, b = config.n_positions, phases.batch_size
+    return phases.steps * (forward_flops(config, t, b) + backward_flops(config, t, b, train_linears=False))
+
+
+def _val_loss(params, config, val: np.ndarray, s: Settings, seed: int, device) -> float:
+    rng = np.random.default_rng(seed)  # the same val batches at every curve point
+    losses = [float(member_losses(params, None, *random_batch(val, s.batch_size, config.n_positions, rng, device),
+                                  config.n_layer, config.n_head)[0]) for _ in range(s.eval_batches)]
+    return float(np.mean(losses))
+
+
+def train(model, s: Settings, data, *, mode: str, seed: int, budget_flops: int, device, meter_options: dict,
+          phases: AdamPhases | None = None, on_eval=None) -> Result:
+    """Train `model` (a dense GPT2LMHeadModel, in place) by `s.method` until `budget_flops` are spent or
+    `s.max_steps` steps; in hybrid mode with CLSO's Adam `phases`. Returns the costs and the curve."""
+    if s.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}")
+    config = model.config
+    params = {n: p for n, p in parameters(model).items()}
+    low, full = perturbed({n: p.detach() for n, p in params.items()}, s.method, mode)
+    opt = (torch.optim.Adam if s.method == "es" else torch.optim.SGD)([params[n] for n in (*low, *full)], lr=s.lr)
+    noise_gen, rng = generator(seed, s.method, "noise"), np.random.default_rng(derive_seed(seed, s.method, "batches"))
+    train_split, val = data.tokens("train"), data.tokens("val")
+    result, evals = Result(), None
+    model.eval()
+    with EnergyMeter(**meter_options) as meter:
+        while True:
+            result.stopped = ("FLOP budget spent" if result.flops >= budget_flops else
+                              "step cap" if result.steps >= s.max_steps else "")
+            owed = len(phases.at) - result.adam_phases if phases is not None and result.stopped else 0
+            for _ in range(owed):  # a phase CLSO had is never left out
+                _adam(model, params, phases, train_split, rng, device, result)
+            if result.steps % s.eval_interval == 0 or result.stopped:
+                before = meter.read()
+                loss = _val_loss({n: p.detach() for n, p in params.items()}, config, val, s, seed + 1, device)
+                trained = before.minus(evals) if evals else before
+                evals = meter.read().minus(before) if evals is None else evals.plus(meter.read().minus(before))
+                result.curve.append({"step": result.steps, "val_loss": loss, "energy_wh": trained.energy_wh,
+                                     "energy_method": trained.method, "flops": result.flops, "wall_s": trained.wall_s})
+                if on_eval:
+                    on_eval(result.curve[-1])
+            if result.stopped:
+                break
+            _step(params, low, full, s, opt, noise_gen, rng, train_split, device, result, config)
+            while phases is not None and result.adam_phases < len(phases.at) \
+                    and result.flops >= phases.at[result.adam_phases] * budget_flops:
+                _adam(model, params, phases, train_split, rng, device, result)
+    whole = meter.reading.minus(evals)
+    result.curve[-1].update(energy_wh=whole.energy_wh, energy_method=whole.method, wall_s=whole.wall_s)
+    result.train_energy = {**whole.as_metrics(), "flops": result.flops}
+    result.eval_energy_wh = evals.energy_wh
+    return result
+
+
+def _adam(model, params, phases: AdamPhases, train_split, rng, device, result: Result) -> None:
+    flops = adam_phase(model, body_matrices(params), phases, train_split, rng, device)
+    result.flops, result.adam_flops, result.adam_phases = (result.flops + flops, result.adam_flops + flops,
+                                                           result.adam_phases + 1)
+
+
+def _step(params, low, full, s: Settings, opt, noise_gen, rng, train_split, device, result: Result, config) -> None:
+    """One step: a shared batch, every member scored, the estimate into the optimizer."""
+    theta = {n: p.detach() for n, p in params.items()}
+    x, y = random_batch(train_split, s.batch_size, config.n_positions, rng, device)
+    noise = Noise.draw(theta, low, full, s.pairs, s.sigma, s.rank, noise_gen)
+    losses = member_losses(theta, noise, x, y, config.n_layer, config.n_head)
+    g = estimate(noise, shaped(losses)) if s.method == "es" else spsa_estimate(noise, losses)
+    opt.zero_grad(set_to_none=True)
+    for name, value in g.items():
+        params[name].grad = value
+    opt.step()
+    result.steps += 1
+    result.flops += population_flops(config, config.n_positions, s.batch_size, noise.members, noise)
