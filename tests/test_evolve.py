@@ -452,3 +452,43 @@ def test_the_surrogate_holdout_keeps_each_family_on_one_side(tiny_gpt2_search):
     assert not set(families[held].tolist()) & set(families[kept].tolist())
     side = {g: i in set(held.tolist()) for i, g in enumerate(map(tuple, genomes.tolist()))}
     assert all(side[g] == side[parents[g]] for g in mutants)
+
+
+def test_head_only_trains_the_head_and_final_layernorm_with_no_gradient_through_the_body(tiny_gpt2_search, tmp_path):
+    """The truly backprop-free hybrid: the fixed body's genome and CLSO's phases, but the body (and the
+    embeddings' input side) run without a graph; only the tied head and ln_f move."""
+    from clso.model.flops import forward_flops
+    from clso.search.evolve import Budget, Evolution
+
+    root, model = tiny_gpt2_search
+    cfg = EvolveParams(**{**defaults(EvolveParams).__dict__, "population": 6, "generations": 4, "hybrid_every": 2,
+                          "hybrid_steps": 3, "hybrid_batch_size": 2})
+
+    def evolution(strategy):
+        search = build_search(root / "prepared", root / "library", model, fitness_batch_size=2, seed=0, device="cpu")
+        return Evolution(search, cfg, None, None, 0, tmp_path / strategy, "fp",
+                         dict(device="cpu", rapl_root=tmp_path / "no-rapl"), strategy=strategy,
+                         budget=Budget(generations=4), mode="hybrid")
+
+    evo = evolution("head_only")
+    gpt = evo.search.model.gpt2
+    before = {k: v.clone() for k, v in evo.search.model.continuous_state().items()}
+    graphs = []
+    for module in (gpt.transformer.wte, gpt.transformer.wpe, *gpt.transformer.h):
+        module.register_forward_hook(lambda m, args, out: graphs.append(
+            (out[0] if isinstance(out, tuple) else out).requires_grad))
+    run = evo.run_to_end()
+    assert evo.adam_phases == 2 and graphs and not any(graphs)  # no graph through the body, ever
+    after = evo.search.model.continuous_state()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"transformer.wte.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"}, moved
+    fixed = evolution("fixed_body")
+    fixed_run = fixed.run_to_end()
+    assert run.ga_state.best_genome.tolist() == fixed_run.ga_state.best_genome.tolist()  # the same body
+    genome, config = run.ga_state.best_genome, evo.search.config
+    head = 2 * config.n_embd * config.vocab_size * 16 * 2
+    phase = 3 * (forward_flops(config.gpt2(), 16, 2, evo.search.model.linear_flops(genome)) + 2 * head)
+    assert run.history[-1]["flops"] == evo.search.evaluator.flops + 2 * phase
+    with pytest.raises(ValueError, match="pure mode"):
+        Evolution(evo.search, cfg, None, None, 0, tmp_path / "p", "fp", {}, strategy="head_only",
+                  budget=Budget(generations=4), mode="pure")

@@ -9,6 +9,9 @@ The same loop runs the controls that say what each part of CLSO buys (`strategy`
   no_surrogate  the GA with every child truly evaluated, until it has spent a given FLOP budget;
   random        random genomes, as many true evaluations per generation as a schedule allows;
   fixed_body    one seeded random genome, never searched: only the hybrid phases train.
+  head_only     the fixed body, its phases reaching only what a gradient reaches without passing through
+                the body: the tied head (its output side) and the final LayerNorm. No backward pass
+                through the body: the truly backprop-free hybrid.
 Controls have no patience: each spends its whole budget. Every strategy is charged alike.
 """
 
@@ -37,7 +40,8 @@ from clso.search.surrogate import Surrogate
 from clso.search.workers import with_workers
 
 CHECKPOINT_VERSION = 4
-STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body")
+STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body", "head_only")
+FIXED = ("fixed_body", "head_only")  # one random genome, never searched
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
                   "energy_wh", "energy_method", "flops", "wall_s")
 
@@ -125,7 +129,7 @@ class Budget:
 
 
 NO_SURROGATE_GENERATION_CAP = 10  # × evolve.generations
-BUDGET_OF = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations"}  # what each control needs
+BUDGET_OF = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations", "head_only": "generations"}  # what each control needs
 
 
 class Checkpoints:
@@ -203,6 +207,40 @@ def adam_phase(search: Search, genome: np.ndarray, params, rng: np.random.Genera
                                + backward_flops(search.config.gpt2(), t, b, per_layer, train_linears=False))
 
 
+def head_phase(search: Search, genome: np.ndarray, params, rng: np.random.Generator) -> int:
+    """adam_phase's steps, batches and learning rate, reaching only the tied head (from its output side)
+    and the final LayerNorm: the body runs without a graph, so no gradient passes through it to the
+    embeddings' input side. Returns the FLOPs: the forward, and the head's backward (weight and input)."""
+    model = search.model
+    model.set_genome(genome)
+    gpt, device = model.gpt2, search.batch.x.device
+    ln_f, head = gpt.transformer.ln_f, gpt.lm_head
+    trained = [head.weight, ln_f.weight, ln_f.bias]
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trained, lr=params.hybrid_lr, fused=True if device.type == "cuda" else None)
+    seen = {}
+    hook = ln_f.register_forward_pre_hook(lambda module, args: seen.__setitem__("h", args[0]))
+    train = search.data.tokens("train")
+    try:
+        for _ in range(params.hybrid_steps):
+            x, y = random_batch(train, params.hybrid_batch_size, search.config.block_size, rng, device)
+            with torch.no_grad(), precision_context(search.precision, device):
+                gpt.transformer(input_ids=x)  # the body, up to the final LayerNorm's input
+            with precision_context(search.precision, device):
+                logits = F.linear(ln_f(seen["h"].detach()), head.weight)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        hook.remove()
+        model.set_mode("pure")
+    t, b, per_layer = search.config.block_size, params.hybrid_batch_size, model.linear_flops(genome)
+    head_flops = 2 * search.config.n_embd * search.config.vocab_size * t * b
+    return params.hybrid_steps * (forward_flops(search.config.gpt2(), t, b, per_layer) + 2 * head_flops)
+
+
 class Evolution:
     def __init__(self, search: Search, params, surrogate: Surrogate | None, pretraining: tuple[np.ndarray, np.ndarray] | None,
                  seed: int, checkpoint_dir: str | Path, fingerprint: str, meter_options: dict,
@@ -211,7 +249,7 @@ class Evolution:
             raise ValueError(f"strategy must be one of {STRATEGIES} and mode one of {MODES}")
         if (strategy == "ga") != (surrogate is not None and pretraining is not None):
             raise ValueError("the GA needs its surrogate and pretraining data; a control uses neither")
-        if strategy == "fixed_body" and mode != "hybrid":
+        if strategy in FIXED and mode != "hybrid":
             raise ValueError("a fixed body trains nothing in pure mode")
         if strategy in BUDGET_OF and getattr(budget, BUDGET_OF[strategy]) is None:
             raise ValueError(f"the {strategy} control needs a budget of {BUDGET_OF[strategy]} matched to a GA run")
@@ -310,7 +348,7 @@ class Evolution:
         """Adam on the continuous parts for the best genome; every cached loss is then stale."""
         search, state = self.search, self.run.ga_state
         self.run.adam_at.append(self.run.totals.search_flops)
-        flops = adam_phase(search, state.best_genome, self.params, rng)
+        flops = (head_phase if self.strategy == "head_only" else adam_phase)(search, state.best_genome, self.params, rng)
         self.run.totals.flops += flops
         self.run.totals.adam_flops += flops
         search.evaluator.invalidate()
@@ -402,7 +440,7 @@ class Evolution:
     def _propose(self, first: bool) -> tuple[np.ndarray, ga.GAState]:
         """This generation's genomes: the GA's children, random ones, or the one fixed body."""
         state = self.run.ga_state
-        if self.strategy == "fixed_body":
+        if self.strategy in FIXED:
             return state.population[:1], state
         if self.strategy == "random":
             schedule = self.budget.evaluations
