@@ -204,3 +204,37 @@ def test_hybrid_perturbs_the_body_and_gets_exactly_the_adam_phases_it_is_given(d
                    meter_options=meter, phases=AdamPhases(at=(0.5, 0.9), steps=1, lr=1e-3, batch_size=2))
     assert capped.stopped == "step cap" and capped.adam_phases == 2  # owed phases run at the stop
     assert capped.curve[-1]["step"] == 12 and capped.curve[-1]["flops"] == capped.flops
+
+
+@pytest.mark.parametrize("method", ["es", "mezo"])
+def test_a_killed_run_resumes_to_the_same_weights_and_curve(data, tmp_path, method):
+    from clso.field.checkpoint import FieldCheckpoint
+    from clso.search.zeroth_order import AdamPhases, Settings, train
+
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
+    s = Settings(method, pairs=3, sigma=0.02, lr=3e-3, batch_size=2, max_steps=9, eval_interval=3, eval_batches=1)
+    phases = AdamPhases(at=(0.2, 0.7), steps=1, lr=1e-3, batch_size=2)
+    meter, seen = dict(device="cpu", rapl_root=tmp_path), []
+
+    def run(folder, kill_at=None):
+        model = dense_gpt2(config, 0, "cpu")
+        seen.clear()
+
+        def stop(row):
+            seen.append(row["step"])
+            if row["step"] == kill_at:
+                raise KeyboardInterrupt
+
+        result = train(model, s, data, mode="hybrid", seed=0, budget_flops=10**15, device="cpu", meter_options=meter,
+                       phases=phases, on_eval=stop, checkpoint=FieldCheckpoint(tmp_path / folder, "fp"))
+        return model, result
+
+    whole_model, whole = run("whole")
+    with pytest.raises(KeyboardInterrupt):
+        run("killed", kill_at=6)
+    model, resumed = run("killed")
+    assert seen == [6, 9]  # resumed at its checkpoint, not from the start
+    assert all(torch.equal(a, b) for a, b in zip(whole_model.state_dict().values(), model.state_dict().values()))
+    key = ("step", "val_loss", "flops")
+    assert [tuple(r[k] for k in key) for r in resumed.curve] == [tuple(r[k] for k in key) for r in whole.curve]
+    assert resumed.adam_phases == whole.adam_phases == 2 and resumed.flops == whole.flops

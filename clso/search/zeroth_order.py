@@ -15,7 +15,7 @@ apart and charged to no one (as the baseline's curve).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from clso.context import derive_seed, generator
 from clso.data.tokens import random_batch
-from clso.energy import EnergyMeter
+from clso.energy import EnergyMeter, EnergyReading
+from clso.field.checkpoint import FieldCheckpoint
 from clso.model.flops import backward_flops, forward_flops
 from clso.search.es import Noise, body_matrices, estimate, member_losses, parameters, population_flops, shaped, \
     spsa_estimate
@@ -104,46 +105,118 @@ def _val_loss(params, config, val: np.ndarray, s: Settings, seed: int, device) -
 
 
 def train(model, s: Settings, data, *, mode: str, seed: int, budget_flops: int, device, meter_options: dict,
-          phases: AdamPhases | None = None, on_eval=None) -> Result:
+          phases: AdamPhases | None = None, on_eval=None, checkpoint: FieldCheckpoint | None = None) -> Result:
     """Train `model` (a dense GPT2LMHeadModel, in place) by `s.method` until `budget_flops` are spent or
-    `s.max_steps` steps; in hybrid mode with CLSO's Adam `phases`. Returns the costs and the curve."""
+    `s.max_steps` steps; in hybrid mode with CLSO's Adam `phases`. With a `checkpoint`, the run is saved
+    at every curve point (with the val loss, charged to no one) and resumes there. Returns the costs
+    and the curve."""
     if s.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
-    config = model.config
-    params = {n: p for n, p in parameters(model).items()}
-    low, full = perturbed({n: p.detach() for n, p in params.items()}, s.method, mode)
-    opt = (torch.optim.Adam if s.method == "es" else torch.optim.SGD)([params[n] for n in (*low, *full)], lr=s.lr)
-    noise_gen, rng = generator(seed, s.method, "noise"), np.random.default_rng(derive_seed(seed, s.method, "batches"))
-    train_split, val = data.tokens("train"), data.tokens("val")
-    result, evals = Result(), None
-    model.eval()
+    run = _Run(model, s, data, mode, seed, device, phases)
+    if checkpoint:
+        run.resume(checkpoint)
+    result = run.result
     with EnergyMeter(**meter_options) as meter:
         while True:
             result.stopped = ("FLOP budget spent" if result.flops >= budget_flops else
                               "step cap" if result.steps >= s.max_steps else "")
             owed = len(phases.at) - result.adam_phases if phases is not None and result.stopped else 0
             for _ in range(owed):  # a phase CLSO had is never left out
-                _adam(model, params, phases, train_split, rng, device, result)
+                run.adam()
             if result.steps % s.eval_interval == 0 or result.stopped:
-                before = meter.read()
-                loss = _val_loss({n: p.detach() for n, p in params.items()}, config, val, s, seed + 1, device)
-                trained = before.minus(evals) if evals else before
-                evals = meter.read().minus(before) if evals is None else evals.plus(meter.read().minus(before))
-                result.curve.append({"step": result.steps, "val_loss": loss, "energy_wh": trained.energy_wh,
-                                     "energy_method": trained.method, "flops": result.flops, "wall_s": trained.wall_s})
+                run.evaluate(meter, checkpoint if not result.stopped else None)
                 if on_eval:
                     on_eval(result.curve[-1])
             if result.stopped:
                 break
-            _step(params, low, full, s, opt, noise_gen, rng, train_split, device, result, config)
+            run.step()
             while phases is not None and result.adam_phases < len(phases.at) \
                     and result.flops >= phases.at[result.adam_phases] * budget_flops:
-                _adam(model, params, phases, train_split, rng, device, result)
-    whole = meter.reading.minus(evals)
+                run.adam()
+        whole = run.trained(meter)
     result.curve[-1].update(energy_wh=whole.energy_wh, energy_method=whole.method, wall_s=whole.wall_s)
     result.train_energy = {**whole.as_metrics(), "flops": result.flops}
-    result.eval_energy_wh = evals.energy_wh
+    result.eval_energy_wh = (run.evals.plus(run.earlier_evals) if run.evals else run.earlier_evals).energy_wh
     return result
+
+
+ZERO = EnergyReading(0.0, "estimate", 0.0, 0.0, 0.0, "estimate")
+
+
+class _Run:
+    """One run of `train`: the model, its optimizer and generators, and what a checkpoint carries."""
+
+    def __init__(self, model, s: Settings, data, mode: str, seed: int, device, phases: AdamPhases | None):
+        self.model, self.s, self.seed, self.device, self.phases = model, s, seed, device, phases
+        self.config = model.config
+        self.params = dict(parameters(model))
+        self.low, self.full = perturbed({n: p.detach() for n, p in self.params.items()}, s.method, mode)
+        optimizer = torch.optim.Adam if s.method == "es" else torch.optim.SGD
+        self.opt = optimizer([self.params[n] for n in (*self.low, *self.full)], lr=s.lr)
+        self.noise_gen = generator(seed, s.method, "noise")
+        self.rng = np.random.default_rng(derive_seed(seed, s.method, "batches"))
+        self.train_split, self.val = data.tokens("train"), data.tokens("val")
+        self.result = Result()
+        self.evals = None  # this segment's validation and checkpoints, metered apart
+        self.earlier_train, self.earlier_evals = ZERO, ZERO  # a resumed run's earlier segments
+        model.eval()
+
+    def trained(self, meter) -> EnergyReading:
+        """Training's energy so far: every segment's, validation and checkpoints aside."""
+        now = meter.read()
+        return (now.minus(self.evals) if self.evals else now).plus(self.earlier_train)
+
+    def evaluate(self, meter, checkpoint) -> None:
+        """A curve point (the val loss on fixed val batches), then the checkpoint: metered apart."""
+        trained, before = self.trained(meter), meter.read()
+        loss = _val_loss({n: p.detach() for n, p in self.params.items()}, self.config, self.val, self.s,
+                         self.seed + 1, self.device)
+        r = self.result
+        r.curve.append({"step": r.steps, "val_loss": loss, "energy_wh": trained.energy_wh,
+                        "energy_method": trained.method, "flops": r.flops, "wall_s": trained.wall_s})
+        if checkpoint is not None:
+            self.save(checkpoint, trained)
+        spent = meter.read().minus(before)
+        self.evals = spent if self.evals is None else self.evals.plus(spent)
+
+    def step(self) -> None:
+        _step(self.params, self.low, self.full, self.s, self.opt, self.noise_gen, self.rng, self.train_split,
+              self.device, self.result, self.config)
+
+    def adam(self) -> None:
+        _adam(self.model, self.params, self.phases, self.train_split, self.rng, self.device, self.result)
+
+    def save(self, checkpoint: FieldCheckpoint, trained: EnergyReading) -> None:
+        opt = self.opt.state_dict()
+        tensors = {f"model.{n}": p.detach() for n, p in self.params.items()}
+        tensors |= {f"opt.{i}.{k}": v for i, state in opt["state"].items() for k, v in state.items()}
+        tensors["noise_gen"] = self.noise_gen.get_state()
+        r = self.result
+        evals = self.evals.plus(self.earlier_evals) if self.evals else self.earlier_evals
+        checkpoint.save({"step": r.steps, "flops": r.flops, "adam_flops": r.adam_flops, "adam_phases": r.adam_phases,
+                         "curve": r.curve, "rng": self.rng.bit_generator.state, "param_groups": opt["param_groups"],
+                         "trained": asdict(trained), "evals": asdict(evals)}, tensors)
+
+    def resume(self, checkpoint: FieldCheckpoint) -> None:
+        saved = checkpoint.load()
+        if saved is None:
+            return
+        state, tensors = saved
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[f"model.{n}"])
+        groups = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, i, k = key.split(".", 2)
+                groups.setdefault(int(i), {})[k] = value
+        self.opt.load_state_dict({"state": groups, "param_groups": state["param_groups"]})
+        self.noise_gen.set_state(tensors["noise_gen"])
+        self.rng.bit_generator.state = state["rng"]
+        # its last curve point is taken again, on the same weights, as the loop resumes
+        self.result = Result(steps=state["step"], flops=state["flops"], adam_flops=state["adam_flops"],
+                             adam_phases=state["adam_phases"], curve=state["curve"][:-1])
+        self.earlier_train, self.earlier_evals = EnergyReading(**state["trained"]), EnergyReading(**state["evals"])
 
 
 def _adam(model, params, phases: AdamPhases, train_split, rng, device, result: Result) -> None:
