@@ -218,6 +218,44 @@ class GridParams:
                                          "steps aside) and its surrogate's", choices=MODES)
     fixed_body: tuple[str, ...] = spec(("hybrid",), "the fixed-body control (hybrid only): one seeded random "
                                        "genome, never searched, with the GA's Adam phases", choices=("hybrid",))
+    head_only: tuple[str, ...] = spec(("hybrid",), "the arena's backprop-free hybrid: the fixed body, its phases "
+                                      "reaching only the tied head and the final LayerNorm", choices=("hybrid",))
+    es: tuple[str, ...] = spec(MODES, "the arena's low-rank evolution strategies (section es) on a dense GPT-2 of the "
+                               "baseline's initialisation; hybrid: on the blocks' matrices, with the GA's Adam phases",
+                               choices=MODES)
+    mezo: tuple[str, ...] = spec(MODES, "the arena's zeroth-order SGD (section mezo), modes as es's", choices=MODES)
+
+
+@dataclass(frozen=True)
+class EsParams:
+    pairs: int = spec(16, "antithetic pairs per step: a population of 2 × pairs, every member scored on one train "
+                      "batch shared by the step", min=1, max=1_000_000)
+    sigma: float = spec(0.02, "noise scale σ: a matrix moves by (σ/√rank)·A·Bᵀ, a vector by σ·ε", min=0.0, max=100.0,
+                        min_exclusive=True)
+    rank: int = spec(1, "rank of each matrix's perturbation (EGGROLL's r)", min=1, max=4096)
+    lr: float = spec(0.003, "Adam's learning rate on the estimate", min=0.0, max=100.0, min_exclusive=True)
+    batch_size: int = spec(8, "sequences of model.block_size tokens per step", min=1, max=65536)
+    budget_share: float = spec(1.0, "FLOPs to spend, as a share of the baseline's whole training run (1: its curve "
+                               "spans the baseline's)", min=0.0, max=1000.0, min_exclusive=True)
+    max_steps: int = spec(100_000, "a cap on the steps, when the FLOPs are not spent first", min=1, max=100_000_000)
+    eval_interval: int = spec(25, "steps between points of its val-loss curve (charged to no one)", min=1,
+                              max=100_000_000)
+    eval_batches: int = spec(4, "val batches of batch_size sequences per curve point", min=1, max=100_000)
+
+
+@dataclass(frozen=True)
+class MezoParams:
+    pairs: int = spec(4, "random directions per step, each scored at θ + εz and θ − εz on one train batch shared "
+                      "by the step", min=1, max=1_000_000)
+    sigma: float = spec(0.001, "MeZO's ε: the perturbation's scale", min=0.0, max=100.0, min_exclusive=True)
+    lr: float = spec(0.0001, "SGD's learning rate on the projected gradient", min=0.0, max=100.0, min_exclusive=True)
+    batch_size: int = spec(8, "sequences of model.block_size tokens per step", min=1, max=65536)
+    budget_share: float = spec(1.0, "FLOPs to spend, as a share of the baseline's whole training run", min=0.0,
+                               max=1000.0, min_exclusive=True)
+    max_steps: int = spec(100_000, "a cap on the steps, when the FLOPs are not spent first", min=1, max=100_000_000)
+    eval_interval: int = spec(25, "steps between points of its val-loss curve (charged to no one)", min=1,
+                              max=100_000_000)
+    eval_batches: int = spec(4, "val batches of batch_size sequences per curve point", min=1, max=100_000)
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
@@ -401,6 +439,8 @@ class Params:
     compile: CompileParams
     transfer: TransferParams
     field: FieldParams
+    es: EsParams
+    mezo: MezoParams
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -502,8 +542,10 @@ def _parse_section(name: str, cls: type, raw) -> object:
 def _check_across(params: Params) -> None:
     """The rules that span sections (each section checks its own in __post_init__)."""
     g = params.grid
-    for control in ("random", "no_surrogate", "fixed_body"):
-        orphans = [mode for mode in getattr(g, control) if mode not in g.evolve]
+    for control in ("random", "no_surrogate", "fixed_body", "head_only", "es", "mezo"):
+        # the dense trainers need CLSO's run only for its Adam phases, in hybrid mode
+        orphans = [mode for mode in getattr(g, control) if mode not in g.evolve
+                   and (control not in ("es", "mezo") or mode == "hybrid")]
         if orphans:  # a control's budget is matched to the GA run of its mode and seed
             raise ParamsError(f"grid.{control}: {orphans[0]} is not in grid.evolve {list(g.evolve)}; a control "
                               f"is matched to the CLSO search of its mode: add {orphans[0]} to grid.evolve")

@@ -31,6 +31,8 @@ def _group() -> None:
 
 
 PARAMS_OPTION = typer.Option("params.yaml", "--params", help="the params file (every key is checked)")
+MODE_OPTION = typer.Option("pure", "--mode", help="pure or hybrid (one of params.yaml's grid lists)")
+SEED_OPTION = typer.Option(None, "--seed", help="search seed (one of grid.seeds); default base.seed")
 
 
 def stage(name: str, sections: tuple[str, ...]):

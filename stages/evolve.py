@@ -19,11 +19,11 @@ from clso.params import MODES, load_params
 from clso.plots import evolution_png
 from clso.progress import progress_bar
 from clso.record import Record
-from clso.search.evolve import HISTORY_FIELDS, Budget, Evolution
+from clso.search.evolve import FIXED, HISTORY_FIELDS, Budget, Evolution
 from clso.search.problem import build_search
 from clso.search.surrogate import Surrogate
 from clso.search.workers import search_pool
-from stages.common import PARAMS_OPTION, app, fingerprint, stage
+from stages.common import MODE_OPTION, PARAMS_OPTION, SEED_OPTION, app, fingerprint, stage
 from stages.paths import LIBRARY, PREPARED, SURROGATE, Contestant, detail
 
 CURVE_LOSS = "best fitness (train batch)"
@@ -42,7 +42,7 @@ def _budget(me: Contestant) -> Budget:
     if strategy == "ga":
         return Budget()
     clso = me.clso()
-    if strategy == "fixed_body":  # the same generations, so the same Adam phases
+    if strategy in FIXED:  # the same generations, so the same Adam phases
         return Budget(generations=Record.load(clso.record).details["generations"])
     surrogate = read_json(detail("surrogate"))
     if strategy == "random":  # the surrogate's pretraining genomes were true evaluations too
@@ -144,7 +144,7 @@ def _record(p, me: Contestant, evolution: Evolution, budget: Budget, scores, dev
 
 def run_search(stage_name: str, mode: str, seed: int | None, params: Path) -> None:
     """Run one contestant's search from where its checkpoint left it; write its model, record, curve and figure."""
-    modes = ("hybrid",) if stage_name == "fixed_body" else MODES
+    modes = ("hybrid",) if stage_name in FIXED else MODES
     if mode not in modes:
         raise ClsoError(f"--mode {mode}: not valid for {stage_name}; valid: {', '.join(modes)}")
     p = load_params(params)
@@ -170,8 +170,6 @@ def run_search(stage_name: str, mode: str, seed: int | None, params: Path) -> No
               f"(ppl {bound['ppl']:.1f})")
 
 
-MODE_OPTION = typer.Option("pure", "--mode", help="pure or hybrid (one of params.yaml's grid lists)")
-SEED_OPTION = typer.Option(None, "--seed", help="search seed (one of grid.seeds); default base.seed")
 SECTIONS = ("base", "model", "fitness", "evolve")
 
 
@@ -206,5 +204,14 @@ def fixed_body(mode: str = typer.Option("hybrid", "--mode", help="hybrid only"),
     run_search("fixed_body", mode, seed, params)
 
 
+@stage("head_only", sections=SECTIONS)
+def head_only(mode: str = typer.Option("hybrid", "--mode", help="hybrid only"), seed: int = SEED_OPTION,
+              params: Path = PARAMS_OPTION) -> None:
+    """The arena's backprop-free hybrid: the fixed body of `fixed_body` with exactly the Adam phases of
+    `evolve` of the same seed, each reaching only the tied head (its output side) and the final
+    LayerNorm: no gradient passes through the body. Outputs as `evolve`'s, under head_only/."""
+    run_search("head_only", mode, seed, params)
+
+
 if __name__ == "__main__":
-    app(prog_name="python -m stages.evolve")  # COMMAND: evolve, random, no_surrogate or fixed_body
+    app(prog_name="python -m stages.evolve")  # COMMAND: evolve, random, no_surrogate, fixed_body or head_only

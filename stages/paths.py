@@ -45,8 +45,9 @@ class Entry:
     stage: str
     kind: str  # clso.record.KINDS
     label: str
-    # a search of the crystalline GPT-2 (clso.search.evolve.STRATEGIES), run once per mode and seed of
-    # params.yaml's grid (its list grid.STAGE); None: one run
+    # how it searches, run once per mode and seed of params.yaml's grid (its list grid.STAGE): a strategy
+    # of clso.search.evolve.STRATEGIES on the crystalline GPT-2, or a dense trainer of
+    # clso.search.zeroth_order.METHODS; None: one run
     strategy: str | None = None
 
 
@@ -59,6 +60,9 @@ REGISTRY = (
     Entry("random", "control", "random search", strategy="random"),
     Entry("no_surrogate", "control", "GA without surrogate", strategy="no_surrogate"),
     Entry("fixed_body", "control", "fixed random body", strategy="fixed_body"),
+    Entry("head_only", "contestant", "head-only hybrid (no backward through the body)", strategy="head_only"),
+    Entry("es", "contestant", "low-rank evolution strategies", strategy="es"),
+    Entry("mezo", "contestant", "zeroth-order SGD (MeZO)", strategy="mezo"),
 )
 ENTRIES = {e.stage: e for e in REGISTRY}
 

@@ -102,6 +102,10 @@ class Population:
         """A per-pair tensor as per-member, times ±σ."""
         return t[self.pair] * self.scale.view(-1, *([1] * (t.dim() - 1)))
 
+    def _factor(self, a: torch.Tensor) -> torch.Tensor:
+        """A low-rank pair's A as each member's, times ±σ/√r: the scale rides on the thin factor."""
+        return self._scaled(a) / math.sqrt(self.noise.rank)
+
     def tensor(self, name: str) -> torch.Tensor:
         """Parameter `name` for each member, (P, *shape): for vectors, and any tensor with full-rank noise."""
         base = self.params[name].unsqueeze(0)
@@ -117,7 +121,7 @@ class Population:
         out = (x @ w).expand(len(self), -1, -1)
         if noise is not None and name in noise.low_rank:
             a, b = noise.low_rank[name]
-            out = out + (x @ self._scaled(a)) @ b[self.pair].transpose(1, 2) / math.sqrt(noise.rank)
+            out = torch.baddbmm(out, x.expand(len(self), -1, -1) @ self._factor(a), b[self.pair].transpose(1, 2))
         return out
 
     def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
@@ -139,7 +143,7 @@ class Population:
                 continue
             if name in self.noise.low_rank:
                 a, b = self.noise.low_rank[name]
-                out = out + self._scaled(a)[:, rows] @ b[self.pair].transpose(1, 2) / math.sqrt(self.noise.rank)
+                out = torch.baddbmm(out, self._factor(a)[:, rows], b[self.pair].transpose(1, 2))
             elif name in self.noise.full:
                 out = out + self._scaled(self.noise.full[name])[:, rows]
         return out
@@ -152,7 +156,7 @@ class Population:
         out = h @ self.params[name].T
         if self.noise is not None and name in self.noise.low_rank:
             a, b = self.noise.low_rank[name]
-            out = out + (h @ b[self.pair]) @ self._scaled(a).transpose(1, 2) / math.sqrt(self.noise.rank)
+            out = torch.baddbmm(out, h @ b[self.pair], self._factor(a).transpose(1, 2))
         return out
 
     def logits(self, idx: torch.Tensor, n_layer: int, n_head: int) -> torch.Tensor:
@@ -182,8 +186,9 @@ def member_losses(params: dict[str, torch.Tensor], noise: Noise | None, idx: tor
     for first in range(0, total, chunk):
         pop = Population(params, noise, torch.arange(first, min(first + chunk, total)))
         logits = pop.logits(idx, n_layer, n_head)
-        y = targets.reshape(1, -1).expand(len(pop), -1)
-        out.append(F.cross_entropy(logits.flatten(1, 2).transpose(1, 2).float(), y, reduction="none").mean(1))
+        y = targets.reshape(-1).repeat(len(pop))
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y, reduction="none")
+        out.append(losses.view(len(pop), -1).mean(1))
     return torch.cat(out)
 
 
