@@ -218,6 +218,8 @@ class GridParams:
                                          "steps aside) and its surrogate's", choices=MODES)
     fixed_body: tuple[str, ...] = spec(("hybrid",), "the fixed-body control (hybrid only): one seeded random "
                                        "genome, never searched, with the GA's Adam phases", choices=("hybrid",))
+    ngopt: tuple[str, ...] = spec(MODES, "the arena's standard discrete optimizer: nevergrad's NGOpt on the genome, "
+                                  "the GA's true evaluations per generation (and its Adam phases)", choices=MODES)
     head_only: tuple[str, ...] = spec(("hybrid",), "the arena's backprop-free hybrid: the fixed body, its phases "
                                       "reaching only the tied head and the final LayerNorm", choices=("hybrid",))
     es: tuple[str, ...] = spec(MODES, "the arena's low-rank evolution strategies (section es) on a dense GPT-2 of the "
@@ -542,7 +544,7 @@ def _parse_section(name: str, cls: type, raw) -> object:
 def _check_across(params: Params) -> None:
     """The rules that span sections (each section checks its own in __post_init__)."""
     g = params.grid
-    for control in ("random", "no_surrogate", "fixed_body", "head_only", "es", "mezo"):
+    for control in ("random", "no_surrogate", "fixed_body", "ngopt", "head_only", "es", "mezo"):
         # the dense trainers need CLSO's run only for its Adam phases, in hybrid mode
         orphans = [mode for mode in getattr(g, control) if mode not in g.evolve
                    and (control not in ("es", "mezo") or mode == "hybrid")]

@@ -45,7 +45,7 @@ def _budget(me: Contestant) -> Budget:
     if strategy in FIXED:  # the same generations, so the same Adam phases
         return Budget(generations=Record.load(clso.record).details["generations"])
     surrogate = read_json(detail("surrogate"))
-    if strategy == "random":  # the surrogate's pretraining genomes were true evaluations too
+    if strategy in ("random", "ngopt"):  # the surrogate's pretraining genomes were true evaluations too
         return Budget(evaluations=tuple(surrogate["genomes"] + int(row["true_evaluations"])
                                         for row in read_curve(clso.curve)))
     record = Record.load(clso.record)  # the GA without surrogate: its search FLOPs, its Adam steps aside
@@ -204,6 +204,14 @@ def fixed_body(mode: str = typer.Option("hybrid", "--mode", help="hybrid only"),
     run_search("fixed_body", mode, seed, params)
 
 
+@stage("ngopt", sections=SECTIONS)
+def ngopt(mode: str = MODE_OPTION, seed: int = SEED_OPTION, params: Path = PARAMS_OPTION) -> None:
+    """The arena's standard discrete optimizer: nevergrad's NGOpt on the genome through ask and tell, as
+    many true evaluations per generation as `evolve` of the same mode and seed spent (its surrogate's
+    pretraining included), and in hybrid mode its Adam phases. Outputs as `evolve`'s, under ngopt/."""
+    run_search("ngopt", mode, seed, params)
+
+
 @stage("head_only", sections=SECTIONS)
 def head_only(mode: str = typer.Option("hybrid", "--mode", help="hybrid only"), seed: int = SEED_OPTION,
               params: Path = PARAMS_OPTION) -> None:
@@ -214,4 +222,4 @@ def head_only(mode: str = typer.Option("hybrid", "--mode", help="hybrid only"), 
 
 
 if __name__ == "__main__":
-    app(prog_name="python -m stages.evolve")  # COMMAND: evolve, random, no_surrogate, fixed_body or head_only
+    app(prog_name="python -m stages.evolve")  # COMMAND: evolve, random, no_surrogate, fixed_body, ngopt or head_only

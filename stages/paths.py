@@ -60,6 +60,7 @@ REGISTRY = (
     Entry("random", "control", "random search", strategy="random"),
     Entry("no_surrogate", "control", "GA without surrogate", strategy="no_surrogate"),
     Entry("fixed_body", "control", "fixed random body", strategy="fixed_body"),
+    Entry("ngopt", "contestant", "nevergrad NGOpt", strategy="ngopt"),
     Entry("head_only", "contestant", "head-only hybrid (no backward through the body)", strategy="head_only"),
     Entry("es", "contestant", "low-rank evolution strategies", strategy="es"),
     Entry("mezo", "contestant", "zeroth-order SGD (MeZO)", strategy="mezo"),

@@ -492,3 +492,20 @@ def test_head_only_trains_the_head_and_final_layernorm_with_no_gradient_through_
     with pytest.raises(ValueError, match="pure mode"):
         Evolution(evo.search, cfg, None, None, 0, tmp_path / "p", "fp", {}, strategy="head_only",
                   budget=Budget(generations=4), mode="pure")
+
+
+def test_ngopt_gets_the_ga_true_evaluations_beats_its_start_and_resumes_identically(tmp_path):
+    from clso.search.evolve import Budget
+
+    ga_result = evolution(tmp_path / "ga", seed=0).run_to_end()
+    schedule = tuple(60 + r["true_evaluations"] for r in ga_result.history)  # with the surrogate's 60 genomes
+    ng = control(tmp_path / "ng", "ngopt", Budget(evaluations=schedule)).run_to_end()
+    assert [r["true_evaluations"] for r in ng.history] == list(schedule)  # the GA's, generation by generation
+    assert ng.surrogate_predictions == 0 and ng.history[-1]["best_loss"] < ng.history[0]["best_loss"]
+    assert ng.segment["index"] == 0 and sum(ng.segment["batches"]) == len(ng.segment["told"]) > 0
+    killed = control(tmp_path / "ng2", "ngopt", Budget(evaluations=schedule))
+    with pytest.raises(KeyboardInterrupt):
+        killed.run_to_end(stop_after=7)
+    resumed = control(tmp_path / "ng2", "ngopt", Budget(evaluations=schedule)).run_to_end()  # replays nevergrad
+    assert without_timing(resumed.history) == without_timing(ng.history)
+    assert resumed.ga_state.best_genome.tolist() == ng.ga_state.best_genome.tolist()

@@ -9,6 +9,9 @@ The same loop runs the controls that say what each part of CLSO buys (`strategy`
   no_surrogate  the GA with every child truly evaluated, until it has spent a given FLOP budget;
   random        random genomes, as many true evaluations per generation as a schedule allows;
   fixed_body    one seeded random genome, never searched: only the hybrid phases train.
+  ngopt         nevergrad's NGOpt on the genome (clso.search.ngopt), as many true evaluations per generation
+                as random search; after each hybrid phase it starts afresh from the best genome (the losses
+                it was told are stale).
   head_only     the fixed body, its phases reaching only what a gradient reaches without passing through
                 the body: the tied head (its output side) and the final LayerNorm. No backward pass
                 through the body: the truly backprop-free hybrid.
@@ -35,12 +38,13 @@ from clso.io import write_bytes_atomic, write_text_atomic
 from clso.model.flops import backward_flops, forward_flops
 from clso.params import MODES
 from clso.search import ga
+from clso.search.ngopt import Nevergrad
 from clso.search.problem import Search
 from clso.search.surrogate import Surrogate
 from clso.search.workers import with_workers
 
-CHECKPOINT_VERSION = 4
-STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body", "head_only")
+CHECKPOINT_VERSION = 5
+STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body", "head_only", "ngopt")
 FIXED = ("fixed_body", "head_only")  # one random genome, never searched
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
                   "energy_wh", "energy_method", "flops", "wall_s")
@@ -110,6 +114,8 @@ class Run:
     totals: Totals = field(default_factory=Totals)
     history: list[dict] = field(default_factory=list)
     adam_at: list[int] = field(default_factory=list)  # the search FLOPs (Totals.search_flops) at each hybrid phase
+    # ngopt: nevergrad's run since its last start (index, start genome, budget, asks per generation, told)
+    segment: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,9 @@ class Budget:
 
 
 NO_SURROGATE_GENERATION_CAP = 10  # × evolve.generations
-BUDGET_OF = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations", "head_only": "generations"}  # what each control needs
+NGOPT_RETRIES = 100  # asks for more, per generation, while nevergrad repeats known genomes
+BUDGET_OF = {"random": "evaluations", "no_surrogate": "flops", "fixed_body": "generations", "head_only": "generations",
+             "ngopt": "evaluations"}  # what each control needs
 
 
 class Checkpoints:
@@ -157,7 +165,7 @@ class Checkpoints:
             search.evaluator.cache = {tuple(g): float(v) for g, v in data["cache"]}
             return Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
                        data["surrogate_predictions"], data["since_improvement"], data["stopped"],
-                       Totals(**data["totals"]), data["history"], data["adam_at"])
+                       Totals(**data["totals"]), data["history"], data["adam_at"], data["segment"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ClsoError(f"{self.folder}: checkpoint unreadable ({type(e).__name__}); delete the "
                             "folder to start the search afresh") from None
@@ -174,6 +182,7 @@ class Checkpoints:
                 "rng": run.rng, "true_evaluations": run.true_evaluations,
                 "surrogate_predictions": run.surrogate_predictions, "since_improvement": run.since_improvement,
                 "stopped": run.stopped, "totals": totals.__dict__, "history": run.history, "adam_at": run.adam_at,
+                "segment": run.segment,
                 "cache": [[list(k), v if math.isfinite(v) else "inf"] for k, v in search.evaluator.cache.items()]}
         write_text_atomic(self.folder / "state.json", json.dumps(data))
         for old in self.folder.glob("*.safetensors"):
@@ -263,6 +272,8 @@ class Evolution:
         self.meter_options = meter_options
         self.run = self.checkpoints.load(search, surrogate) or self._start()
         self.cost: Totals | None = None  # everything spent so far, once a generation has run here
+        self.nevergrad: Nevergrad | None = None  # ngopt: built (or replayed) on first use
+        self.asked: list = []  # ngopt: the candidates of this generation's genomes
 
     # --- state -----------------------------------------------------------------------------
 
@@ -352,15 +363,62 @@ class Evolution:
         self.run.totals.flops += flops
         self.run.totals.adam_flops += flops
         search.evaluator.invalidate()
-        if self.strategy == "random":  # its batch is drawn afresh next generation: only the best carries on
+        if self.strategy in ("random", "ngopt"):  # a fresh batch next generation: only the best carries on
             best_loss = float(self._true(state.best_genome[None])[0])
             self.run.ga_state = replace(state, population=state.best_genome[None].copy(), fitness=np.array([best_loss]),
                                         evaluated=np.ones(1, dtype=bool), best_fitness=best_loss)
+            if self.strategy == "ngopt":  # what nevergrad was told is stale: it starts afresh from the best
+                self._restart(state.best_genome)
             return
         fitness = state.fitness.copy()
         fitness[state.evaluated] = self._true(state.population[state.evaluated])
         best_loss = float(self._true(state.best_genome[None])[0])
         self.run.ga_state = replace(state, fitness=fitness, best_fitness=best_loss)
+
+    def _nevergrad(self) -> Nevergrad:
+        """ngopt's optimizer for the current segment, rebuilt by replaying it after a resume."""
+        if self.nevergrad is None:
+            if self.run.segment is None:
+                self._restart(None)
+            seg = self.run.segment
+            self.nevergrad = Nevergrad.replay(
+                self.search.genome_length, self.search.library.size, seg["budget"],
+                derive_seed(self.seed, "ngopt", seg["index"]), self._parallel(), seg["told"],
+                seg["batches"], seg["start"])
+            seg["told"] = self.nevergrad.told
+        return self.nevergrad
+
+    def _ask(self, n: int) -> np.ndarray:
+        genomes, self.asked = self._nevergrad().ask(n)
+        self.run.segment["batches"].append(n)
+        return genomes
+
+    def _told(self, population: np.ndarray, fitness: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tell nevergrad its genomes' losses. A genome it asks again is known, so no true evaluation:
+        it is asked for more until the generation has the schedule's true evaluations."""
+        self.nevergrad.tell(self.asked, fitness)
+        for _ in range(NGOPT_RETRIES):
+            short = self.target - self.run.true_evaluations
+            if short <= 0:
+                break
+            genomes = self._ask(short)
+            losses = self._true(genomes)
+            self.nevergrad.tell(self.asked, losses)
+            population, fitness = np.concatenate([population, genomes]), np.concatenate([fitness, losses])
+        return population, fitness
+
+    def _parallel(self) -> int:
+        """nevergrad's num_workers: the GA's median true evaluations per generation (its first, with the
+        surrogate's pretraining genomes, aside)."""
+        per_generation = np.diff(self.budget.evaluations)
+        return max(1, int(np.median(per_generation))) if len(per_generation) else 1
+
+    def _restart(self, start) -> None:
+        index = -1 if self.run.segment is None else self.run.segment["index"]
+        budget = max(1, self.budget.evaluations[-1] - self.run.true_evaluations)
+        self.run.segment = {"index": index + 1, "start": None if start is None else [int(g) for g in start],
+                            "budget": int(budget), "batches": [], "told": []}
+        self.nevergrad = None
 
     def step(self) -> None:
         run, params = self.run, self.params
@@ -373,6 +431,9 @@ class Evolution:
             fitness, chosen = self._score(population, rng)
         else:
             fitness, chosen = self._true(population), np.ones(len(population), dtype=bool)
+        if self.strategy == "ngopt" and self.asked:
+            population, fitness = self._told(population, fitness)
+            chosen = np.ones(len(population), dtype=bool)
         run.ga_state = ga.tell(self.ga_config, state, population, fitness, chosen)
         if not first:
             generation = run.ga_state.generation
@@ -442,14 +503,18 @@ class Evolution:
         state = self.run.ga_state
         if self.strategy in FIXED:
             return state.population[:1], state
-        if self.strategy == "random":
+        if self.strategy in ("random", "ngopt"):
             schedule = self.budget.evaluations
             generation = 0 if first else state.generation + 1
             allowed = schedule[min(generation, len(schedule) - 1)]
             # a hybrid phase this generation re-scores the best once: keep that inside the schedule
             n = allowed - self.run.true_evaluations - int(self._hybrid_at(generation))
             if n <= 0:  # nothing left this generation: the best, already known, costs nothing
+                self.asked = []
                 return state.best_genome[None], state
+            if self.strategy == "ngopt":
+                self.target = allowed - int(self._hybrid_at(generation))
+                return self._ask(n), state
             return ga.sample(self.ga_config, state, n)
         return (state.population, state) if first else ga.ask(self.ga_config, state)
 

@@ -15,16 +15,22 @@ from __future__ import annotations
 import numpy as np
 
 
+UNFIT = 1e9  # what nevergrad is told of a broken genome (an infinite loss); it clips above 1e20
+
+
 class Nevergrad:
     """NGOpt on genomes of `genome_length` genes over `library_size` matrices, seeded."""
 
-    def __init__(self, genome_length: int, library_size: int, budget: int, seed: int, parallel: int):
+    def __init__(self, genome_length: int, library_size: int, budget: int, seed: int, parallel: int,
+                 start: list[int] | None = None):
         import nevergrad as ng
 
         self.genome_length, self.library_size = genome_length, library_size
         self.budget, self.seed, self.parallel = budget, seed, parallel
         space = ng.p.Choice(range(library_size), repetitions=genome_length, deterministic=True)
         space.random_state.seed(seed % 2 ** 32)
+        if start is not None:  # its first ask, the point it searches from
+            space.value = tuple(int(g) for g in start)
         self.optimizer = ng.optimizers.NGOpt(parametrization=space, budget=budget, num_workers=parallel)
         self.told: list[tuple[list[int], float]] = []
 
@@ -42,7 +48,7 @@ class Nevergrad:
     def tell(self, candidates: list, losses: np.ndarray) -> None:
         for c, loss in zip(candidates, losses):
             loss = float(loss)
-            self.optimizer.tell(c, loss if np.isfinite(loss) else 1e30)
+            self.optimizer.tell(c, loss if np.isfinite(loss) else UNFIT)
             self.told.append(([int(g) for g in c.value], loss))
 
     def recommendation(self) -> np.ndarray:
@@ -50,10 +56,10 @@ class Nevergrad:
 
     @classmethod
     def replay(cls, genome_length: int, library_size: int, budget: int, seed: int, parallel: int,
-               told: list[tuple[list[int], float]], batches: list[int]) -> Nevergrad:
+               told: list[tuple[list[int], float]], batches: list[int], start: list[int] | None = None) -> Nevergrad:
         """The optimizer as it was after `told`, asked in `batches` (the asks of each generation):
         the same seed asks the same genomes again; a mismatch means the checkpoint is another run's."""
-        out, i = cls(genome_length, library_size, budget, seed, parallel), 0
+        out, i = cls(genome_length, library_size, budget, seed, parallel, start), 0
         for n in batches:
             genomes, candidates = out.ask(n)
             expected = np.array([g for g, _ in told[i:i + n]], dtype=np.int64).reshape(n, genome_length)
