@@ -49,6 +49,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo, stage_env):
 
 
 def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(repo, stage_env):
+    from clso.report import fmt
+
     files = sorted(p.name for p in (repo / "build").glob("*.crystal"))
     assert files == sorted(f"{m}-{mode}.crystal" for m in ("clso", "baseline", "field")
                            for mode in ("f32", "int16", "int8", "mixed16", "mixed8"))
@@ -63,7 +65,8 @@ def test_compile_leaves_every_file_a_working_runtime_and_its_figures_in_compare(
     assert set(metrics["met"]) < set(metrics["measured"])  # plus bytes against the dense f32 file, for context
     report = (repo / "metrics/report.md").read_text()
     assert "## Compiled to `.crystal`" in report
-    assert f"| clso | {metrics['models']['clso']['modes']['mixed8']['bytes']:,} |" in report
+    mixed8 = metrics["models"]["clso"]["modes"]["mixed8"]
+    assert f"| clso | {fmt(mixed8['val_ppl'])} | {mixed8['bytes']:,} |" in report  # the headline model and its ppl
     # the README's generation command
     run = subprocess.run(["build/crystal", "generate", "build/baseline-mixed8.crystal", "-p", "ROMEO:", "-n", "20",
                           "-s", "1"], cwd=repo, env=stage_env, capture_output=True, timeout=60)
