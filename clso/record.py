@@ -45,6 +45,11 @@ class Record:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
+    def flops_with(self, shared: dict[str, dict]) -> int:
+        """Its own FLOPs and those of the shared costs it names, as clso.compare.charged adds them."""
+        return sum(c.get("flops", 0) for c in self.costs.values()) + sum(shared[n].get("flops", 0)
+                                                                          for n in self.charged_with)
+
     @property
     def val_ppl(self) -> float:
         return math.exp(self.val_loss)

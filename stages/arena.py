@@ -13,15 +13,15 @@ from clso.context import setup
 from clso.data.tokens import TokenData, final_losses
 from clso.energy import EnergyMeter
 from clso.field.checkpoint import FieldCheckpoint
-from clso.io import atomic_dir, write_csv_atomic
+from clso.io import atomic_dir, read_json, write_csv_atomic
 from clso.model.baseline import dense_gpt2, save_baseline
 from clso.model.crystalline import ModelConfig
 from clso.params import MODES, load_params
 from clso.progress import progress_bar
 from clso.record import Record, curve_points, split_cost
 from clso.search.zeroth_order import AdamPhases, Settings, train
-from stages.common import MODE_OPTION, PARAMS_OPTION, SEED_OPTION, app, fingerprint, stage
-from stages.paths import PREPARED, Contestant
+from stages.common import MODE_OPTION, PARAMS_OPTION, SEED_OPTION, app, fingerprint, shared_costs, stage
+from stages.paths import PREPARED, Contestant, detail
 
 CURVE_FIELDS = ("step", "val_loss", "energy_wh", "energy_method", "flops", "wall_s")
 
@@ -41,6 +41,13 @@ def phases(p, me: Contestant) -> AdamPhases | None:
     search = clso.costs["search"]["flops"] - clso.details["adam_flops"]
     return AdamPhases(at=tuple(f / search for f in clso.details["adam_at_search_flops"]), steps=p.evolve.hybrid_steps,
                       lr=p.evolve.hybrid_lr, batch_size=p.evolve.hybrid_batch_size)
+
+
+def clso_flops(me: Contestant) -> int:
+    """Everything CLSO's search of the same mode and seed is charged, in FLOPs (shared costs included):
+    where the contrast with CLSO's GA reads this run."""
+    details = {stage: read_json(detail(stage)) for stage in ("library", "surrogate")}
+    return Record.load(me.clso().record).flops_with(shared_costs(details))
 
 
 def run_dense(method: str, mode: str, seed: int | None, params: Path) -> None:
@@ -66,7 +73,7 @@ def run_dense(method: str, mode: str, seed: int | None, params: Path) -> None:
                                   f"{budget:.3g} FLOPs  {row['energy_wh']:.4f} Wh")
 
         result = train(model, s, data, mode=mode, seed=me.seed, budget_flops=budget, device=device,
-                       meter_options=meter, phases=adam, on_eval=show, checkpoint=checkpoint)
+                       meter_options=meter, phases=adam, on_eval=show, checkpoint=checkpoint, score_at=clso_flops(me))
     with EnergyMeter(**meter) as final_meter:  # measuring, not training: charged to no one
         val, test = final_losses(lambda x: model(input_ids=x).logits, data, config.block_size, device)
     with atomic_dir(me.model_dir) as tmp:
@@ -77,6 +84,7 @@ def run_dense(method: str, mode: str, seed: int | None, params: Path) -> None:
            (), me.mode, me.seed,
            details={"method": method, "settings": asdict(s), "budget_flops": budget, "steps": result.steps,
                     "stopped": result.stopped, "adam_phases": result.adam_phases, "adam_flops": result.adam_flops,
+                    "at_clso_flops": result.scored_at,
                     "device": str(device), **rest},
            uncharged={"final_scores": final_meter.reading.as_metrics(),
                       "curve_val_loss": {"energy_wh": result.eval_energy_wh, "method": cost["method"]}}

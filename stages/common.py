@@ -12,7 +12,9 @@ import typer
 
 from clso import ClsoError
 from clso.params import section_help
+from clso.record import Record
 from stages.closure import ROOT, code_files
+from stages.paths import Contestant
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -83,3 +85,14 @@ def fingerprint(settings: dict, files, stage_module: str) -> str:
     for f in code_files(stage_module):
         h.update(f.encode() + b"\0" + (ROOT / f).read_bytes())
     return h.hexdigest()
+
+
+def shared_costs(details: dict[str, dict]) -> dict[str, dict]:
+    """The costs a record may name in `charged_with`, each recorded once by the stage that spent it."""
+    try:
+        return {"library": details["library"]["generation"], "surrogate_evaluation": details["surrogate"]["evaluation"],
+                "surrogate_training": details["surrogate"]["training"],
+                "baseline_training": Record.load(Contestant("baseline").record).costs["training"]}
+    except KeyError as e:
+        raise ClsoError(f"metrics/detail/: no {e} where a shared cost should be (written by another version?); "
+                        "re-create it with `dvc repro -f library surrogate baseline`") from None

@@ -16,23 +16,12 @@ from clso.params import MODES, load_params
 from clso.plots import frontier_png
 from clso.record import Record
 from clso.report import HOLDS, report
-from stages.common import PARAMS_OPTION, run_alone, stage
+from stages.common import PARAMS_OPTION, run_alone, shared_costs, stage
 from stages.paths import REPORT, Contestant, contestants, detail, metrics
 from stages.paths import frontier as frontier_path
 
 FRONTIER_FIELDS = ("contestant", "label", "point", "loss", "energy_wh", "energy_method", "flops")
 FIELD_DETAILS = ("neurons", "frozen_share", "freeze", "attention", "torch_compile")  # what the report says of it
-
-
-def shared_costs(details: dict[str, dict]) -> dict[str, dict]:
-    """The costs a record may name in `charged_with`, each recorded once by the stage that spent it."""
-    try:
-        return {"library": details["library"]["generation"], "surrogate_evaluation": details["surrogate"]["evaluation"],
-                "surrogate_training": details["surrogate"]["training"],
-                "baseline_training": Record.load(Contestant("baseline").record).costs["training"]}
-    except KeyError as e:
-        raise ClsoError(f"metrics/detail/: no {e} where a shared cost should be (written by another version?); "
-                        "re-create it with `dvc repro -f library surrogate baseline`") from None
 
 
 @stage("compare", sections=("base", "grid"))

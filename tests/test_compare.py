@@ -165,6 +165,8 @@ def test_an_svd_library_also_pays_for_the_baseline_it_was_cut_from():
                       SHARED)
     assert charges["energy_wh"] == pytest.approx(0.01 + 0.1 + 0.02 + 0.3 + 0.7)
     assert charges["flops"] == 1000 + 50 + 5000 + 90000
+    record = search_record(("library", "surrogate_evaluation", "surrogate_training", "baseline_training"))
+    assert record.flops_with(SHARED) == charges["flops"]  # what the arena's stages read CLSO at
     assert charges["method"] == "estimate|nvml+rapl|rapl"
     assert charges["before"]["energy_wh"] == pytest.approx(0.83)
     assert charges["energy_wh_by_part"]["baseline_training"] == 0.7

@@ -238,3 +238,24 @@ def test_a_killed_run_resumes_to_the_same_weights_and_curve(data, tmp_path, meth
     key = ("step", "val_loss", "flops")
     assert [tuple(r[k] for k in key) for r in resumed.curve] == [tuple(r[k] for k in key) for r in whole.curve]
     assert resumed.adam_phases == whole.adam_phases == 2 and resumed.flops == whole.flops
+
+
+def test_the_whole_val_split_is_scored_once_at_another_runs_flops(data, tmp_path):
+    from clso.data.tokens import FINAL_BATCH, split_loss
+    from clso.search.zeroth_order import Settings, train
+
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
+    s = Settings("es", pairs=2, sigma=0.02, lr=3e-3, batch_size=2, max_steps=6, eval_interval=3, eval_batches=1)
+    meter = dict(device="cpu", rapl_root=tmp_path)
+    whole = train(dense_gpt2(config, 0, "cpu"), s, data, mode="pure", seed=0, budget_flops=10**15, device="cpu",
+                  meter_options=meter)
+    per_step = whole.flops // 6
+    model = dense_gpt2(config, 0, "cpu")
+    half = train(model, Settings(**{**s.__dict__, "max_steps": 3}), data, mode="pure", seed=0, budget_flops=10**15,
+                 device="cpu", meter_options=meter)
+    scored = train(dense_gpt2(config, 0, "cpu"), s, data, mode="pure", seed=0, budget_flops=10**15, device="cpu",
+                   meter_options=meter, score_at=2 * per_step + 1)
+    assert scored.scored_at["step"] == 3 and scored.scored_at["flops"] == 3 * per_step
+    expected = split_loss(lambda x: model(input_ids=x).logits, data.tokens("val"), 16, FINAL_BATCH)
+    assert scored.scored_at["val_loss"] == pytest.approx(expected, rel=1e-6)  # the model as it was at step 3
+    assert scored.flops == whole.flops and half.scored_at is None

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from clso.context import derive_seed, generator
-from clso.data.tokens import random_batch
+from clso.data.tokens import FINAL_BATCH, random_batch, split_loss
 from clso.energy import EnergyMeter, EnergyReading
 from clso.field.checkpoint import FieldCheckpoint
 from clso.model.flops import backward_flops, forward_flops
@@ -67,6 +67,8 @@ class Result:
     curve: list[dict] = field(default_factory=list)
     train_energy: dict = field(default_factory=dict)
     eval_energy_wh: float = 0.0
+    # the whole val split's loss once the run has spent `score_at` FLOPs (a contrast at another's FLOPs)
+    scored_at: dict | None = None
 
 
 def perturbed(params: dict[str, torch.Tensor], method: str, mode: str) -> tuple[list[str], list[str]]:
@@ -105,11 +107,13 @@ def _val_loss(params, config, val: np.ndarray, s: Settings, seed: int, device) -
 
 
 def train(model, s: Settings, data, *, mode: str, seed: int, budget_flops: int, device, meter_options: dict,
-          phases: AdamPhases | None = None, on_eval=None, checkpoint: FieldCheckpoint | None = None) -> Result:
+          phases: AdamPhases | None = None, on_eval=None, checkpoint: FieldCheckpoint | None = None,
+          score_at: int | None = None) -> Result:
     """Train `model` (a dense GPT2LMHeadModel, in place) by `s.method` until `budget_flops` are spent or
     `s.max_steps` steps; in hybrid mode with CLSO's Adam `phases`. With a `checkpoint`, the run is saved
-    at every curve point (with the val loss, charged to no one) and resumes there. Returns the costs
-    and the curve."""
+    at every curve point (with the val loss, charged to no one) and resumes there. With `score_at`, the
+    whole val split is scored once the run has spent that many FLOPs (charged to no one). Returns the
+    costs and the curve."""
     if s.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
     run = _Run(model, s, data, mode, seed, device, phases)
@@ -130,6 +134,8 @@ def train(model, s: Settings, data, *, mode: str, seed: int, budget_flops: int, 
             if result.stopped:
                 break
             run.step()
+            if score_at is not None and result.scored_at is None and result.flops >= score_at:
+                run.score(meter, data)
             while phases is not None and result.adam_phases < len(phases.at) \
                     and result.flops >= phases.at[result.adam_phases] * budget_flops:
                 run.adam()
@@ -179,6 +185,15 @@ class _Run:
         spent = meter.read().minus(before)
         self.evals = spent if self.evals is None else self.evals.plus(spent)
 
+    def score(self, meter, data) -> None:
+        """The whole val split's loss now, as the final scores take it: metered apart."""
+        before = meter.read()
+        loss = split_loss(lambda x: self.model(input_ids=x).logits, data.tokens("val"), self.config.n_positions,
+                          FINAL_BATCH, self.device)
+        self.result.scored_at = {"flops": self.result.flops, "step": self.result.steps, "val_loss": loss}
+        spent = meter.read().minus(before)
+        self.evals = spent if self.evals is None else self.evals.plus(spent)
+
     def step(self) -> None:
         _step(self.params, self.low, self.full, self.s, self.opt, self.noise_gen, self.rng, self.train_split,
               self.device, self.result, self.config)
@@ -194,7 +209,8 @@ class _Run:
         r = self.result
         evals = self.evals.plus(self.earlier_evals) if self.evals else self.earlier_evals
         checkpoint.save({"step": r.steps, "flops": r.flops, "adam_flops": r.adam_flops, "adam_phases": r.adam_phases,
-                         "curve": r.curve, "rng": self.rng.bit_generator.state, "param_groups": opt["param_groups"],
+                         "curve": r.curve, "scored_at": r.scored_at, "rng": self.rng.bit_generator.state,
+                         "param_groups": opt["param_groups"],
                          "trained": asdict(trained), "evals": asdict(evals)}, tensors)
 
     def resume(self, checkpoint: FieldCheckpoint) -> None:
@@ -215,7 +231,7 @@ class _Run:
         self.rng.bit_generator.state = state["rng"]
         # its last curve point is taken again, on the same weights, as the loop resumes
         self.result = Result(steps=state["step"], flops=state["flops"], adam_flops=state["adam_flops"],
-                             adam_phases=state["adam_phases"], curve=state["curve"][:-1])
+                             adam_phases=state["adam_phases"], curve=state["curve"][:-1], scored_at=state["scored_at"])
         self.earlier_train, self.earlier_evals = EnergyReading(**state["trained"]), EnergyReading(**state["evals"])
 
 
