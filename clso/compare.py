@@ -13,9 +13,14 @@ from clso.record import Record
 PPL_TOLERANCE = 0.05
 ENERGY_SHARE = 0.5
 ADDITIVE = ("energy_wh", "flops", "wall_s", "true_evaluations")  # what the parts of a charge add up
-# (name, the control's stage); each control is paired with CLSO's search of the same mode and seed
-CONTRASTS = (("ga_vs_random", "random"), ("surrogate_vs_none", "no_surrogate"), ("search_vs_fixed_body", "fixed_body"))
 CLSO_STAGE = "evolve"
+# (name, a stage, the stage it is paired with by mode and seed): CLSO's controls, then the arena's. The
+# arena's `es` is read where it had spent CLSO's charged FLOPs; every other side at its end, on its budget
+# (random search and ngopt: CLSO's true evaluations; the GA without surrogate: its search FLOPs; the fixed
+# body and head_only: its generations; es and mezo: the same share of the baseline's FLOPs).
+CONTRASTS = (("ga_vs_random", "random", CLSO_STAGE), ("surrogate_vs_none", "no_surrogate", CLSO_STAGE),
+             ("search_vs_fixed_body", "fixed_body", CLSO_STAGE), ("ga_vs_ngopt", "ngopt", CLSO_STAGE),
+             ("ga_vs_es", "es", CLSO_STAGE), ("es_vs_mezo", "mezo", "es"), ("body_backward", "head_only", "fixed_body"))
 ONE_RUN = ("baseline", "field", "field_no_neurons")  # trained once by `dvc repro`; stage `spread` measures their noise
 REMEASURE = "python -m stages.spread && dvc commit -f spread"  # stage spread is frozen: `dvc repro` never runs it
 
@@ -143,6 +148,7 @@ def row(record: Record, charges: dict) -> dict:
             "test_loss": record.test_loss, "test_ppl": record.test_ppl,
             **{k: v for k, v in charges.items() if k != "before"},
             "adam_phases": record.details.get("adam_phases"),
+            "at_clso_flops": record.details.get("at_clso_flops"),
             "frozen_head_bound_val_ppl": record.details.get("frozen_head_bound", {}).get("val_ppl")}
 
 
@@ -229,28 +235,36 @@ def headline(clso: dict, baseline: dict, baseline_curve: list[dict]) -> dict:
 
 
 def contrasts(rows: list[dict]) -> dict:
-    """Each control against CLSO's GA of the same mode, paired seed by seed: the control's val loss less
-    the GA's (positive: the GA is better), its mean with a 95 % interval over seeds, and the control's
-    charged energy and FLOPs as a share of the GA's, and both runs' Adam phases."""
+    """Each pair of CONTRASTS, seed by seed in each mode: the control's val loss less the other's
+    (positive: the other is ahead), its mean with a 95 % interval over seeds, the control's charged
+    energy and FLOPs as a share of the other's, and both runs' Adam phases. Its conclusion names the
+    side ahead: `clso_better` or `control_better` against CLSO's GA, else `STAGE_better`."""
     by = {(r["stage"], r["mode"], r["seed"]): r for r in rows if r["mode"] is not None}
     out = {}
-    for name, control in CONTRASTS:
+    for name, control, reference in CONTRASTS:
         for (stage, mode, seed), r in sorted(by.items()):
-            ga = by.get((CLSO_STAGE, mode, seed))
-            if stage != control or ga is None:
+            other = by.get((reference, mode, seed))
+            if stage != control or other is None:
                 continue
+            at = r.get("at_clso_flops") if reference == CLSO_STAGE and r.get("at_clso_flops") else None
+            loss, flops = (at["val_loss"], at["flops"]) if at else (r["val_loss"], r["flops"])
             out.setdefault(name, {}).setdefault(mode, []).append(
-                {"loss_difference": r["val_loss"] - ga["val_loss"], "energy_share": r["energy_wh"] / ga["energy_wh"],
-                 "flops_share": r["flops"] / ga["flops"], "adam_phases": r["adam_phases"],
-                 "clso_adam_phases": ga["adam_phases"]})
-    return {name: {mode: _paired(pairs) for mode, pairs in modes.items()} for name, modes in out.items()}
+                {"loss_difference": loss - other["val_loss"],
+                 "energy_share": None if at else r["energy_wh"] / other["energy_wh"],
+                 "flops_share": flops / other["flops"], "adam_phases": r["adam_phases"],
+                 "clso_adam_phases": other["adam_phases"]})
+    names = {name: ("clso_better", "control_better") if reference == CLSO_STAGE else
+             (f"{reference}_better", f"{control}_better") for name, control, reference in CONTRASTS}
+    return {name: {mode: _paired(pairs, *names[name]) for mode, pairs in modes.items()} for name, modes in out.items()}
 
 
-def _paired(pairs: list[dict]) -> dict:
-    means = {k: statistics.fmean(p[k] for p in pairs) for k in ("energy_share", "flops_share", "adam_phases",
-                                                               "clso_adam_phases")}
+def _paired(pairs: list[dict], ahead: str = "clso_better", behind: str = "control_better") -> dict:
+    means = {k: None if any(p[k] is None for p in pairs) else statistics.fmean(p[k] for p in pairs)
+             for k in ("energy_share", "flops_share", "adam_phases", "clso_adam_phases")}
     diffs = [p["loss_difference"] for p in pairs]
-    return {**paired_interval(diffs), **means, "spread": spread(diffs), "clso_better_in": sum(d > 0 for d in diffs)}
+    out = paired_interval(diffs)
+    out["conclusion"] = {"clso_better": ahead, "control_better": behind}.get(out["conclusion"], out["conclusion"])
+    return {**out, **means, "spread": spread(diffs), "clso_better_in": sum(d > 0 for d in diffs)}
 
 
 # Student's t, 97.5th percentile, by degrees of freedom (1 to 30): a two-sided 95 % interval

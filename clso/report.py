@@ -6,11 +6,20 @@ turns them into words. Each statement is at most two sentences; a table carries 
 
 from __future__ import annotations
 
-from clso.compare import ENERGY_SHARE, PPL_TOLERANCE, REMEASURE
+from clso.compare import CONTRASTS, ENERGY_SHARE, PPL_TOLERANCE, REMEASURE
 
-QUESTIONS = {"ga_vs_random": ("random search", "Does the GA beat sampling at equal true evaluations?"),
-             "surrogate_vs_none": ("the GA without surrogate", "Does the surrogate pay for itself at equal FLOPs?"),
-             "search_vs_fixed_body": ("the fixed random body", "What does the search add beyond Adam?")}
+# each contrast of clso.compare.CONTRASTS: (its control, the side it is paired with, the question it answers)
+QUESTIONS = {"ga_vs_random": ("random search", "CLSO's GA", "Does the GA beat sampling at equal true evaluations?"),
+             "surrogate_vs_none": ("the GA without surrogate", "CLSO's GA",
+                                   "Does the surrogate pay for itself at equal FLOPs?"),
+             "search_vs_fixed_body": ("the fixed random body", "CLSO's GA", "What does the search add beyond Adam?"),
+             "ga_vs_ngopt": ("nevergrad's NGOpt", "CLSO's GA",
+                             "Does the hand-written GA beat a standard discrete optimizer at equal true evaluations?"),
+             "ga_vs_es": ("low-rank ES, at CLSO's FLOPs", "CLSO's GA",
+                          "Discrete or continuous gradient-free search, at equal FLOPs?"),
+             "es_vs_mezo": ("MeZO", "low-rank ES", "Population ES or two-point SPSA, at equal FLOPs?"),
+             "body_backward": ("head-only Adam", "the fixed body's Adam",
+                               "What does hybrid's backward pass through the body buy?")}
 TRANSFER_SIDES = {"clso": "CLSO, charged both options", "clso_head": "CLSO head", "clso_partial": "CLSO partial",
                   "baseline": "baseline, fine-tuned", "baseline_head": "baseline, probe",
                   "no_pretraining": "no pretraining, probe", "no_pretraining_finetuned": "no pretraining, fine-tuned"}
@@ -142,20 +151,26 @@ def noise_section(noise: dict) -> list[str]:
     return lines
 
 
-CONCLUSIONS = {"clso_better": "excludes zero: CLSO's GA is better", "within_noise": "includes zero: within noise",
-               "control_better": "excludes zero: {label} is better"}
+def what_it_allows(name: str, conclusion: str) -> str:
+    """A contrast's conclusion in words: which side is better, or none."""
+    label, other, _ = QUESTIONS[name]
+    if conclusion == "within_noise":
+        return "includes zero: within noise"
+    _, control, reference = next(c for c in CONTRASTS if c[0] == name)
+    ahead = other if conclusion in ("clso_better", f"{reference}_better") else label
+    return f"excludes zero: {ahead} is better"
 
 
 def contrast_statement(name: str, mode: str, c: dict) -> str:
     """One contrast in at most two sentences: the mean difference, and what its interval allows."""
-    label, _ = QUESTIONS[name]
+    label, other, _ = QUESTIONS[name]
     d = c["mean_diff"]
     side = "above" if d > 0 else "below" if d < 0 else "level with"
     if c["conclusion"] == "one_seed":
-        return f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss, on one seed: no claim is made."
+        return f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} {other} on val loss, on one seed: no claim is made."
     low, high = c["interval"]
-    return (f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} CLSO's GA on val loss, the mean over {c['seeds']} "
-            f"seeds. Its 95 % interval, [{low:+.4f}, {high:+.4f}], {CONCLUSIONS[c['conclusion']].format(label=label)}.")
+    return (f"In {mode} mode, {label} ends {abs(d):.4f} nats {side} {other} on val loss, the mean over {c['seeds']} "
+            f"seeds. Its 95 % interval, [{low:+.4f}, {high:+.4f}], {what_it_allows(name, c['conclusion'])}.")
 
 
 def contrasts_section(result: dict) -> list[str]:
@@ -168,9 +183,9 @@ def contrasts_section(result: dict) -> list[str]:
              "—" if c["interval"] is None else f"[{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]",
              c["conclusion"].replace("_", " "), c["flops_share"], c["energy_share"],
              f"{fmt(c['adam_phases'])} / {fmt(c['clso_adam_phases'])}"]
-            for name, (label, question) in QUESTIONS.items() for mode, c in result["contrasts"].get(name, {}).items()]
-    lines += table(["question", "mode", "seeds", "control − CLSO val loss (nats), mean", "95 % interval",
-                    "conclusion", "FLOPs share", "energy share", "Adam phases (control / CLSO)"], rows)
+            for name, (_, _, question) in QUESTIONS.items() for mode, c in result["contrasts"].get(name, {}).items()]
+    lines += table(["question", "mode", "seeds", "control − other val loss (nats), mean", "95 % interval",
+                    "conclusion", "FLOPs share", "energy share", "Adam phases (control / other)"], rows)
     lines += ["", *(f"- {contrast_statement(name, mode, c)}" for name in QUESTIONS
                     for mode, c in result["contrasts"].get(name, {}).items())]
     return lines

@@ -243,6 +243,33 @@ def test_contrasts_pair_each_control_with_clso_of_its_mode_and_seed():
     assert "better" not in two
 
 
+def test_the_arena_contrasts_read_es_at_clso_flops_and_name_the_side_ahead():
+    runs = []
+    for seed, (ga, es_end, es_at, mezo, fixed, head) in enumerate([(6.0, 5.0, 6.50, 5.9, 5.80, 6.40),
+                                                                  (6.1, 5.1, 6.61, 6.0, 5.85, 6.52),
+                                                                  (5.9, 4.9, 6.42, 5.8, 5.75, 6.33)], 1):
+        runs += [run("evolve", "hybrid", seed, ga, adam_phases=12), run("es", "hybrid", seed, es_end, flops=400,
+                                                                        adam_phases=12),
+                 run("mezo", "hybrid", seed, mezo, flops=400, adam_phases=12),
+                 run("fixed_body", "hybrid", seed, fixed, flops=50, adam_phases=12),
+                 run("head_only", "hybrid", seed, head, flops=40, adam_phases=12)]
+        runs[-4]["at_clso_flops"] = {"val_loss": es_at, "flops": 101, "step": 9}
+    c = contrasts(runs)
+    es = c["ga_vs_es"]["hybrid"]  # es where it had spent CLSO's FLOPs, not at its end
+    assert es["mean_diff"] == pytest.approx(0.51) and es["conclusion"] == "clso_better"
+    assert es["flops_share"] == pytest.approx(101 / 100) and es["energy_share"] is None
+    mezo = c["es_vs_mezo"]["hybrid"]  # both at their ends: mezo less es
+    assert mezo["mean_diff"] == pytest.approx(0.9) and mezo["conclusion"] == "es_better"
+    body = c["body_backward"]["hybrid"]
+    assert body["mean_diff"] == pytest.approx((0.6 + 0.67 + 0.58) / 3) and body["conclusion"] == "fixed_body_better"
+    assert "ga_vs_random" not in c
+    assert contrast_statement("ga_vs_es", "hybrid", es).endswith("excludes zero: CLSO's GA is better.")
+    assert contrast_statement("es_vs_mezo", "hybrid", mezo).startswith("In hybrid mode, MeZO ends 0.9000 nats above "
+                                                                       "low-rank ES")
+    assert contrast_statement("es_vs_mezo", "hybrid", mezo).endswith("excludes zero: low-rank ES is better.")
+    assert contrast_statement("body_backward", "hybrid", body).endswith("the fixed body's Adam is better.")
+
+
 def test_t_quantiles_match_the_table_and_approach_the_normal():
     assert t_975(1) == 12.7062 and t_975(2) == 4.3027 and t_975(30) == 2.0423
     assert t_975(31) == pytest.approx(2.0395, abs=1e-4) and t_975(120) == pytest.approx(1.9799, abs=1e-4)
