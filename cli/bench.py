@@ -90,6 +90,30 @@ def eval_(
     print(json.dumps({"preset": preset, **result}, indent=2))
 
 
+@bench.command("es")
+@one_line_errors("bench es")
+def es(
+    preset: str = PRESET_OPTION,
+    pairs: int = typer.Option(16, help="antithetic pairs: a population of 2 × pairs"),
+    rank: int = typer.Option(1, help="rank of each matrix's perturbation"),
+    repeats: int = typer.Option(3, help="interleaved repeats of each path; medians are reported"),
+    seed: int = typer.Option(0),
+    device: str = DEVICE_OPTION,
+    threads: int = THREADS_OPTION,
+) -> None:
+    """The arena's ES member evaluation: members/s of the low-rank population forward (no perturbed
+    matrix formed) against forming each member's W + E and running it, on the preset's fitness batch;
+    their ratio and the largest loss difference."""
+    from clso.bench import bench_es
+
+    _threads(threads)
+    shapes = _shapes(preset)
+    result = bench_es(**{k: shapes[k] for k in ("n_embd", "n_layer", "n_head", "block_size", "vocab_size")},
+                      batch_size=shapes["eval_batch_size"], pairs=pairs, rank=rank, repeats=repeats, seed=seed,
+                      device=resolve_device(device))
+    print(json.dumps({"preset": preset, **result}, indent=2))
+
+
 @bench.command("train")
 @one_line_errors("bench train")
 def train(

@@ -331,3 +331,48 @@ def bench_train(*, n_embd=128, n_layer=2, n_head=4, block_size=128, batch_size=1
                        "vocab_size": vocab_size, "steps": steps, "warmup_steps": warmup_steps, "repeats": repeats,
                        "seed": seed, "flops_per_step": step_flops},
             "settings": out}
+
+
+def bench_es(*, n_embd=128, n_layer=2, n_head=4, block_size=128, vocab_size=4096, batch_size=8, pairs=16, rank=1,
+             sigma=0.02, repeats=3, seed=0, device="cpu") -> dict:
+    """The arena's ES member evaluation (clso.search.es): members/s of the low-rank population forward,
+    which never forms a perturbed matrix, against forming each member's θ + Δ (A·Bᵀ formed, written into a
+    transformers GPT-2) and running it, on one batch; interleaved repeats, medians, their ratio and the
+    largest loss difference between the two."""
+    import torch.nn.functional as F
+
+    from clso.context import generator
+    from clso.search.es import Noise, member_losses, parameters
+
+    config = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block_size,
+                         layer_gains=False)
+    params = {n: p.detach() for n, p in parameters(dense_gpt2(config, seed, device).eval()).items()}
+    matrices = [n for n, p in params.items() if p.dim() == 2]
+    noise = Noise.draw(params, matrices, [n for n in params if n not in matrices], pairs, sigma, rank,
+                       generator(seed, "bench-es"))
+    x, y = random_batch(np.arange(vocab_size).repeat(4) % vocab_size, batch_size, block_size,
+                        np.random.default_rng(seed), device)
+    member = dense_gpt2(config, seed, device).eval()
+    weights = parameters(member)
+
+    @torch.no_grad()
+    def formed(_):
+        losses = []
+        for p in range(noise.members):
+            sign, k = 1.0 - 2.0 * (p % 2), p // 2
+            for name, value in weights.items():
+                if name in noise.low_rank:
+                    a, b = noise.low_rank[name]
+                    delta = a[k] @ b[k].T / rank ** 0.5
+                else:
+                    delta = noise.full[name][k]
+                value.copy_(params[name] + sign * sigma * delta)
+            losses.append(float(F.cross_entropy(member(input_ids=x).logits.flatten(0, 1), y.flatten())))
+        return np.array(losses)
+
+    result = _side_by_side(np.zeros((noise.members, 1)), formed,
+                           lambda: member_losses(params, noise, x, y, n_layer, n_head).cpu().numpy(), repeats, device)
+    return {"members": noise.members, "rank": rank, "formed_members_per_s": result["plain_genomes_per_s"],
+            "low_rank_members_per_s": result["fast_genomes_per_s"], "ratio": result["ratio"],
+            "formed_s": result["plain_s"], "low_rank_s": result["fast_s"],
+            "max_abs_loss_diff": result["max_abs_loss_diff"], "spearman": result["spearman"]}

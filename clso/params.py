@@ -545,9 +545,7 @@ def _check_across(params: Params) -> None:
     """The rules that span sections (each section checks its own in __post_init__)."""
     g = params.grid
     for control in ("random", "no_surrogate", "fixed_body", "ngopt", "head_only", "es", "mezo"):
-        # the dense trainers need CLSO's run only for its Adam phases, in hybrid mode
-        orphans = [mode for mode in getattr(g, control) if mode not in g.evolve
-                   and (control not in ("es", "mezo") or mode == "hybrid")]
+        orphans = [mode for mode in getattr(g, control) if mode not in g.evolve]
         if orphans:  # a control's budget is matched to the GA run of its mode and seed
             raise ParamsError(f"grid.{control}: {orphans[0]} is not in grid.evolve {list(g.evolve)}; a control "
                               f"is matched to the CLSO search of its mode: add {orphans[0]} to grid.evolve")

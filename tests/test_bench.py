@@ -72,3 +72,14 @@ def test_presets_keep_the_fitness_batch_apart_from_the_baselines():
     assert (_shapes("default")["eval_batch_size"], _shapes("default")["train_batch_size"]) == (8, 16)
     protocol = _shapes("protocol", n_layer=2)
     assert (protocol["n_embd"], protocol["n_layer"], protocol["block_size"], protocol["population"]) == (768, 2, 512, 256)
+
+
+def test_bench_es_times_both_ways_on_the_same_members_and_they_agree():
+    from clso.bench import bench_es
+
+    r = bench_es(n_embd=16, n_layer=1, n_head=2, block_size=8, vocab_size=40, batch_size=2, pairs=3, rank=2,
+                 repeats=2)
+    assert r["members"] == 6 and len(r["formed_s"]) == len(r["low_rank_s"]) == 2
+    assert r["formed_members_per_s"] > 0 and r["low_rank_members_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["low_rank_members_per_s"] / r["formed_members_per_s"], rel=0.01)
+    assert r["max_abs_loss_diff"] < 1e-4 and r["spearman"] > 0.99  # the same members, both ways
