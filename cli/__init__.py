@@ -8,8 +8,8 @@ from stages.common import app
 # each import registers its commands, in this order in `clso --help`: the stages as the pipeline runs
 # them, then the tools
 COMMANDS = ("stages.prepare", "stages.baseline", "stages.library", "stages.surrogate", "stages.evolve", "stages.arena",
-            "stages.field", "stages.spread", "stages.compile", "stages.transfer", "stages.compare", "cli.bench",
-            "cli.fuzz")
+            "stages.field", "stages.spread", "stages.sweep", "stages.compile", "stages.transfer", "stages.compare",
+            "cli.bench", "cli.fuzz")
 for module in COMMANDS:
     importlib.import_module(module)
 

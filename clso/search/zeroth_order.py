@@ -108,15 +108,16 @@ def _val_loss(params, config, val: np.ndarray, s: Settings, seed: int, device) -
 
 def train(model, s: Settings, data, *, mode: str, seed: int, budget_flops: int, device, meter_options: dict,
           phases: AdamPhases | None = None, on_eval=None, checkpoint: FieldCheckpoint | None = None,
-          score_at: int | None = None) -> Result:
+          score_at: int | None = None, curve_split: str = "val") -> Result:
     """Train `model` (a dense GPT2LMHeadModel, in place) by `s.method` until `budget_flops` are spent or
     `s.max_steps` steps; in hybrid mode with CLSO's Adam `phases`. With a `checkpoint`, the run is saved
     at every curve point (with the val loss, charged to no one) and resumes there. With `score_at`, the
-    whole val split is scored once the run has spent that many FLOPs (charged to no one). Returns the
+    whole val split is scored once the run has spent that many FLOPs (charged to no one). The curve is
+    scored on `curve_split` (the step-size sweep takes the train split: val never chooses). Returns the
     costs and the curve."""
     if s.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
-    run = _Run(model, s, data, mode, seed, device, phases)
+    run = _Run(model, s, data, mode, seed, device, phases, curve_split)
     if checkpoint:
         run.resume(checkpoint)
     result = run.result
@@ -152,7 +153,8 @@ ZERO = EnergyReading(0.0, "estimate", 0.0, 0.0, 0.0, "estimate")
 class _Run:
     """One run of `train`: the model, its optimizer and generators, and what a checkpoint carries."""
 
-    def __init__(self, model, s: Settings, data, mode: str, seed: int, device, phases: AdamPhases | None):
+    def __init__(self, model, s: Settings, data, mode: str, seed: int, device, phases: AdamPhases | None,
+                 curve_split: str = "val"):
         self.model, self.s, self.seed, self.device, self.phases = model, s, seed, device, phases
         self.config = model.config
         self.params = dict(parameters(model))
@@ -161,7 +163,7 @@ class _Run:
         self.opt = optimizer([self.params[n] for n in (*self.low, *self.full)], lr=s.lr)
         self.noise_gen = generator(seed, s.method, "noise")
         self.rng = np.random.default_rng(derive_seed(seed, s.method, "batches"))
-        self.train_split, self.val = data.tokens("train"), data.tokens("val")
+        self.train_split, self.curve_tokens = data.tokens("train"), data.tokens(curve_split)
         self.result = Result()
         self.evals = None  # this segment's validation and checkpoints, metered apart
         self.earlier_train, self.earlier_evals = ZERO, ZERO  # a resumed run's earlier segments
@@ -175,7 +177,7 @@ class _Run:
     def evaluate(self, meter, checkpoint) -> None:
         """A curve point (the val loss on fixed val batches), then the checkpoint: metered apart."""
         trained, before = self.trained(meter), meter.read()
-        loss = _val_loss({n: p.detach() for n, p in self.params.items()}, self.config, self.val, self.s,
+        loss = _val_loss({n: p.detach() for n, p in self.params.items()}, self.config, self.curve_tokens, self.s,
                          self.seed + 1, self.device)
         r = self.result
         r.curve.append({"step": r.steps, "val_loss": loss, "energy_wh": trained.energy_wh,
