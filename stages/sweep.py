@@ -5,6 +5,7 @@ decides (val never chooses). params.yaml's es and mezo sections take the best by
 equal. Re-measure: `python -m stages.sweep && dvc commit -f sweep`. Its cost is reported, not charged:
 the baseline's learning rate was not swept either."""
 
+import math
 from dataclasses import replace
 from itertools import product
 from pathlib import Path
@@ -50,10 +51,12 @@ def sweep(params: Path = PARAMS_OPTION) -> None:
             s = replace(settings(p, method), sigma=sigma, lr=lr, max_steps=10**9)
             result = train(dense_gpt2(config, p.base.seed, device), s, data, mode="pure", seed=p.base.seed,
                            budget_flops=budget, device=device, meter_options=meter, curve_split="train")
-            out.setdefault(method, []).append({"sigma": sigma, "lr": lr, "train_loss": result.curve[-1]["val_loss"],
-                                               "steps": result.steps})
+            loss = result.curve[-1]["val_loss"]  # the curve's loss, on train batches here
+            out.setdefault(method, []).append({"sigma": sigma, "lr": lr, "steps": result.steps,
+                                               "train_loss": loss if math.isfinite(loss) else None})  # None: diverged
             bar.advance(task)
-    best = {m: min(rows, key=lambda r: r["train_loss"]) for m, rows in out.items()}
+    best = {m: min((r for r in rows if r["train_loss"] is not None), key=lambda r: r["train_loss"])
+            for m, rows in out.items()}
     write_json_atomic(detail("sweep"), {"budget_flops": budget, "budget_share": BUDGET_SHARE, "trials": out,
                                         "best": best, "machine": machine(), "cost": cost.reading.as_metrics()})
     for m, b in best.items():
