@@ -163,7 +163,7 @@ class _Run:
         self.opt = optimizer([self.params[n] for n in (*self.low, *self.full)], lr=s.lr)
         self.noise_gen = generator(seed, s.method, "noise")
         self.rng = np.random.default_rng(derive_seed(seed, s.method, "batches"))
-        self.train_split, self.curve_tokens = data.tokens("train"), data.tokens(curve_split)
+        self.data, self.curve_split = data, curve_split  # each split opened where it is read
         self.result = Result()
         self.evals = None  # this segment's validation and checkpoints, metered apart
         self.earlier_train, self.earlier_evals = ZERO, ZERO  # a resumed run's earlier segments
@@ -177,7 +177,8 @@ class _Run:
     def evaluate(self, meter, checkpoint) -> None:
         """A curve point (the val loss on fixed val batches), then the checkpoint: metered apart."""
         trained, before = self.trained(meter), meter.read()
-        loss = _val_loss({n: p.detach() for n, p in self.params.items()}, self.config, self.curve_tokens, self.s,
+        loss = _val_loss({n: p.detach() for n, p in self.params.items()}, self.config,
+                         self.data.tokens(self.curve_split), self.s,
                          self.seed + 1, self.device)
         r = self.result
         r.curve.append({"step": r.steps, "val_loss": loss, "energy_wh": trained.energy_wh,
@@ -197,11 +198,11 @@ class _Run:
         self.evals = spent if self.evals is None else self.evals.plus(spent)
 
     def step(self) -> None:
-        _step(self.params, self.low, self.full, self.s, self.opt, self.noise_gen, self.rng, self.train_split,
+        _step(self.params, self.low, self.full, self.s, self.opt, self.noise_gen, self.rng, self.data.tokens("train"),
               self.device, self.result, self.config)
 
     def adam(self) -> None:
-        _adam(self.model, self.params, self.phases, self.train_split, self.rng, self.device, self.result)
+        _adam(self.model, self.params, self.phases, self.data.tokens("train"), self.rng, self.device, self.result)
 
     def save(self, checkpoint: FieldCheckpoint, trained: EnergyReading) -> None:
         opt = self.opt.state_dict()
