@@ -232,10 +232,12 @@ class GridParams:
 class EsParams:
     pairs: int = spec(16, "antithetic pairs per step: a population of 2 × pairs, every member scored on one train "
                       "batch shared by the step", min=1, max=1_000_000)
-    sigma: float = spec(0.02, "noise scale σ: a matrix moves by (σ/√rank)·A·Bᵀ, a vector by σ·ε", min=0.0, max=100.0,
+    sigma: float = spec(0.001, "noise scale σ: a matrix moves by (σ/√rank)·A·Bᵀ, a vector by σ·ε (stage sweep's best)",
+                        min=0.0, max=100.0,
                         min_exclusive=True)
     rank: int = spec(1, "rank of each matrix's perturbation (EGGROLL's r)", min=1, max=4096)
-    lr: float = spec(0.003, "Adam's learning rate on the estimate", min=0.0, max=100.0, min_exclusive=True)
+    lr: float = spec(0.01, "Adam's learning rate on the estimate (stage sweep's best)", min=0.0, max=100.0,
+                     min_exclusive=True)
     batch_size: int = spec(8, "sequences of model.block_size tokens per step", min=1, max=65536)
     budget_share: float = spec(1.0, "FLOPs to spend, as a share of the baseline's whole training run (1: its curve "
                                "spans the baseline's)", min=0.0, max=1000.0, min_exclusive=True)
@@ -249,8 +251,10 @@ class EsParams:
 class MezoParams:
     pairs: int = spec(4, "random directions per step, each scored at θ + εz and θ − εz on one train batch shared "
                       "by the step", min=1, max=1_000_000)
-    sigma: float = spec(0.001, "MeZO's ε: the perturbation's scale", min=0.0, max=100.0, min_exclusive=True)
-    lr: float = spec(0.0001, "SGD's learning rate on the projected gradient", min=0.0, max=100.0, min_exclusive=True)
+    sigma: float = spec(0.0001, "MeZO's ε: the perturbation's scale (stage sweep's best)", min=0.0, max=100.0,
+                        min_exclusive=True)
+    lr: float = spec(0.003, "SGD's learning rate on the projected gradient (stage sweep's best)", min=0.0, max=100.0,
+                     min_exclusive=True)
     batch_size: int = spec(8, "sequences of model.block_size tokens per step", min=1, max=65536)
     budget_share: float = spec(1.0, "FLOPs to spend, as a share of the baseline's whole training run", min=0.0,
                                max=1000.0, min_exclusive=True)

@@ -179,3 +179,15 @@ def test_the_docs_show_the_error_the_loader_gives(tmp_path, monkeypatch):
     with pytest.raises(ParamsError) as error:
         load_params("params.yaml")
     assert shown == f"clso prepare: error: {error.value}"
+
+
+def test_the_arena_step_sizes_are_the_committed_sweeps_best():
+    """params.yaml's es and mezo step sizes come from stage sweep (frozen, on the train split), by hand:
+    this keeps the two equal."""
+    import json
+
+    sweep = json.loads((REPO / "metrics/detail/sweep.json").read_text())
+    params = load_params(REPO / "params.yaml")
+    for method in ("es", "mezo"):
+        section = getattr(params, method)
+        assert (section.sigma, section.lr) == (sweep["best"][method]["sigma"], sweep["best"][method]["lr"]), method
