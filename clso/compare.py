@@ -178,8 +178,9 @@ def uncharged(records: list[Record], stage_costs: dict[str, dict]) -> dict[str, 
     return {what: summed(costs) for what, costs in by_what.items()} | stage_costs
 
 
-SUMMARY = ("val_ppl", "test_ppl", "energy_wh", "method", "flops")  # a contestant's columns in `dvc exp show`
-CONTRAST_SUMMARY = ("mean_diff", "interval", "seeds", "conclusion")  # a contrast's
+# the columns of `dvc exp show` (metrics/compare.json), kept to a few dozen: the rest is in metrics/detail/
+SUMMARY = ("val_ppl", "energy_wh")  # a contestant's (its energy's method: energy_method, once for all)
+CONTRAST_SUMMARY = ("mean_diff", "conclusion")  # a contrast's
 
 
 def groups(rows) -> dict[str, list[dict]]:
@@ -191,8 +192,8 @@ def groups(rows) -> dict[str, list[dict]]:
 
 
 def summary(result: dict) -> dict:
-    """metrics/compare.json: the verdict, each contrast's mean difference with its interval and conclusion,
-    and each contestant's columns, a search's as the mean over its seeds."""
+    """metrics/compare.json: the verdict, each contrast's mean difference and conclusion, each contestant's
+    val perplexity and charged energy (a search's, the mean over its seeds) and their energies' method."""
     v = result["headline"]["verdict"]
     return {"verdict": {"contestant": result["headline"]["clso"], "holds": v["holds"], "ppl_ratio": v["ppl_ratio"],
                         "energy_ratio": v["energy_ratio"], "flops_ratio": v["flops_ratio"],
@@ -201,8 +202,8 @@ def summary(result: dict) -> dict:
                           for name, modes in result["contrasts"].items()},
             "field": {name: {k: result["field"][name][k] for k in CONTRAST_SUMMARY}
                       for name in ("neurons_add", "against_baseline")},
-            "contestants": {name: {k: methods(*(r[k] for r in runs)) if k == "method" else
-                                   statistics.fmean(r[k] for r in runs) for k in SUMMARY}
+            "energy_method": methods(*(r["method"] for r in result["contestants"].values())),
+            "contestants": {name: {k: statistics.fmean(r[k] for r in runs) for k in SUMMARY}
                             for name, runs in groups(result["contestants"].values()).items()}}
 
 
@@ -365,6 +366,24 @@ def field_vs_journal(field: Record) -> dict:
             # the journal's training loss is met when ours, per character, is at or below it
             "causal_train_loss_met": per_char["our_final_train"] <= per_char["journal_causal_train"],
             "flat_train_loss_met": per_char["our_final_train"] <= per_char["journal_flat_train"]}
+
+
+def forward_only(rows: list[dict], baseline_curve: list[dict], seeds: tuple[int, ...]) -> dict | None:
+    """The best forward-only contestant (the pure-mode stage of lowest mean val loss over its seeds, at its
+    first seed) against the baseline's curve at its energy and FLOPs. `bound_applies`: the frozen-head
+    bound limits the genome searches, whose head is frozen, not es or mezo, which train it."""
+    pure = groups(r for r in rows if r["mode"] == "pure")
+    if not pure:
+        return None
+    runs = pure[min(pure, key=lambda name: statistics.fmean(r["val_loss"] for r in pure[name]))]
+    r = min(runs, key=lambda run: seeds.index(run["seed"]))
+    m = matched(r, baseline_curve)
+    return {"contestant": r["name"], "val_ppl": r["val_ppl"], "energy_wh": r["energy_wh"], "method": r["method"],
+            "flops": r["flops"], "baseline_val_ppl_at_energy": m["baseline_val_ppl_at_clso_energy"],
+            "at_energy": m["at_clso_energy"], "ppl_ratio_at_energy": r["val_ppl"] / m["baseline_val_ppl_at_clso_energy"],
+            "baseline_val_ppl_at_flops": m["baseline_val_ppl_at_clso_flops"], "at_flops": m["at_clso_flops"],
+            "ppl_ratio_at_flops": r["val_ppl"] / m["baseline_val_ppl_at_clso_flops"],
+            "bound_applies": r["frozen_head_bound_val_ppl"] is not None}
 
 
 def frontier(rows: list[dict], records: dict[str, Record], curves: dict[str, list[dict]], mode: str) -> list[dict]:

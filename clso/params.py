@@ -226,6 +226,16 @@ class GridParams:
                                "baseline's initialisation; hybrid: on the blocks' matrices, with the GA's Adam phases",
                                choices=MODES)
     mezo: tuple[str, ...] = spec(MODES, "the arena's zeroth-order SGD (section mezo), modes as es's", choices=MODES)
+    arena_seeds: tuple[int, ...] = spec((1337,), "the seeds the arena runs (ngopt, head_only, es, mezo), each one of "
+                                        "grid.seeds: its contrasts pair with CLSO's runs of these seeds. The default "
+                                        "runs the first only, to fit 30 minutes on 2 cores (its contrasts then decide "
+                                        "nothing); [1337, 1, 2] gives each an interval", min=0, max=2**32 - 1,
+                                        min_items=1)
+
+
+BUDGET_SHARE = ("FLOPs to spend, as a share of the baseline's whole training run (1: the protocol's, its curve spans "
+                "the baseline's; the default is cut to fit 30 minutes on 2 cores), never less than CLSO's charged FLOPs "
+                "of the same mode and seed, where the contrast with CLSO's GA reads it")
 
 
 @dataclass(frozen=True)
@@ -239,8 +249,7 @@ class EsParams:
     lr: float = spec(0.01, "Adam's learning rate on the estimate (stage sweep's best)", min=0.0, max=100.0,
                      min_exclusive=True)
     batch_size: int = spec(8, "sequences of model.block_size tokens per step", min=1, max=65536)
-    budget_share: float = spec(1.0, "FLOPs to spend, as a share of the baseline's whole training run (1: its curve "
-                               "spans the baseline's)", min=0.0, max=1000.0, min_exclusive=True)
+    budget_share: float = spec(0.25, BUDGET_SHARE, min=0.0, max=1000.0, min_exclusive=True)
     max_steps: int = spec(100_000, "a cap on the steps, when the FLOPs are not spent first", min=1, max=100_000_000)
     eval_interval: int = spec(25, "steps between points of its val-loss curve (charged to no one)", min=1,
                               max=100_000_000)
@@ -256,8 +265,7 @@ class MezoParams:
     lr: float = spec(0.003, "SGD's learning rate on the projected gradient (stage sweep's best)", min=0.0, max=100.0,
                      min_exclusive=True)
     batch_size: int = spec(8, "sequences of model.block_size tokens per step", min=1, max=65536)
-    budget_share: float = spec(1.0, "FLOPs to spend, as a share of the baseline's whole training run", min=0.0,
-                               max=1000.0, min_exclusive=True)
+    budget_share: float = spec(0.25, BUDGET_SHARE, min=0.0, max=1000.0, min_exclusive=True)
     max_steps: int = spec(100_000, "a cap on the steps, when the FLOPs are not spent first", min=1, max=100_000_000)
     eval_interval: int = spec(25, "steps between points of its val-loss curve (charged to no one)", min=1,
                               max=100_000_000)
@@ -276,7 +284,7 @@ class BaselineParams:
     warmup_steps: int = spec(50, "linear warm-up steps", min=0, max=100_000_000)
     weight_decay: float = spec(0.1, "AdamW weight decay (matrices only, as in GPT-2 recipes)", min=0.0, max=10.0)
     grad_clip: float = spec(1.0, "gradient norm clip; 0 turns it off", min=0.0, max=1000.0)
-    eval_interval: int = spec(50, "steps between rows of plots/baseline.csv", min=1, max=100_000_000)
+    eval_interval: int = spec(100, "steps between rows of plots/baseline.csv", min=1, max=100_000_000)
     eval_batches: int = spec(0, "val batches (of batch_size sequences) per curve point; 0 = the whole val "
                              "split, the same measure evolve and compare use", min=0, max=100_000)
     micro_batch_size: int = spec(0, "sequences per forward/backward pass, gradients accumulated over "
@@ -365,7 +373,7 @@ class FieldParams:
     weight_decay: float = spec(0.1, "AdamW weight decay of the dense matrices (not of the neurons)", min=0.0,
                                max=10.0)
     grad_clip: float = spec(1.0, "gradient norm clip over every parameter; 0 turns it off", min=0.0, max=1000.0)
-    eval_interval: int = spec(50, "steps between val losses on the whole val split (plots/field.csv)", min=1,
+    eval_interval: int = spec(100, "steps between val losses on the whole val split (plots/field.csv)", min=1,
                               max=100_000_000)
     precision: str = spec("auto", "of the forward passes: auto is bf16 autocast on a CUDA GPU of compute capability "
                           "8.0 or newer and fp32 elsewhere; the fields always compute in fp32",
@@ -553,6 +561,9 @@ def _check_across(params: Params) -> None:
         if orphans:  # a control's budget is matched to the GA run of its mode and seed
             raise ParamsError(f"grid.{control}: {orphans[0]} is not in grid.evolve {list(g.evolve)}; a control "
                               f"is matched to the CLSO search of its mode: add {orphans[0]} to grid.evolve")
+    strays = [seed for seed in g.arena_seeds if seed not in g.seeds]
+    if strays:  # an arena contestant is paired with CLSO's run of its seed
+        raise ParamsError(f"grid.arena_seeds: {strays[0]} is not in grid.seeds {list(g.seeds)}; valid: seeds CLSO runs")
     if params.transfer.clso_mode not in g.evolve:
         raise ParamsError(f"transfer.clso_mode: {params.transfer.clso_mode} is not in grid.evolve {list(g.evolve)}; "
                           "valid: a mode the grid runs")

@@ -15,7 +15,7 @@ QUESTIONS = {"ga_vs_random": ("random search", "CLSO's GA", "Does the GA beat sa
              "search_vs_fixed_body": ("the fixed random body", "CLSO's GA", "What does the search add beyond Adam?"),
              "ga_vs_ngopt": ("nevergrad's NGOpt", "CLSO's GA",
                              "Does the hand-written GA beat a standard discrete optimizer at equal true evaluations?"),
-             "ga_vs_es": ("low-rank ES, at CLSO's FLOPs", "CLSO's GA",
+             "ga_vs_es": ("low-rank ES (at CLSO's FLOPs)", "CLSO's GA",
                           "Discrete or continuous gradient-free search, at equal FLOPs?"),
              "es_vs_mezo": ("MeZO", "low-rank ES", "Population ES or two-point SPSA, at equal FLOPs?"),
              "body_backward": ("head-only Adam", "the fixed body's Adam",
@@ -175,10 +175,11 @@ def contrast_statement(name: str, mode: str, c: dict) -> str:
 
 def contrasts_section(result: dict) -> list[str]:
     lines = ["## What each part of CLSO buys", "", "Each control is paired with CLSO's GA of its mode and seed, on its "
-             "budget: random search gets its true evaluations, the GA without surrogate its search FLOPs (with the "
-             "surrogate's, without the Adam steps), the fixed body its generations. In hybrid mode each control gets "
-             "exactly CLSO's Adam phases, so a contrast compares search with search. The interval is a paired t over "
-             "seeds (95 %); a difference is called better only when it excludes zero.", ""]
+             "budget: random search and NGOpt get its true evaluations, the GA without surrogate its search FLOPs (with "
+             "the surrogate's, without the Adam steps), the fixed body and head-only Adam its generations. ES is read "
+             "where it had spent CLSO's charged FLOPs; MeZO and ES, on one budget, at their ends. In hybrid mode each "
+             "side gets exactly CLSO's Adam phases, so a contrast compares search with search. The interval is a paired "
+             "t over seeds (95 %); a difference is called better only when it excludes zero.", ""]
     rows = [[question, mode, c["seeds"], f"{c['mean_diff']:+.4f}",
              "—" if c["interval"] is None else f"[{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]",
              c["conclusion"].replace("_", " "), c["flops_share"], c["energy_share"],
@@ -189,6 +190,62 @@ def contrasts_section(result: dict) -> list[str]:
     lines += ["", *(f"- {contrast_statement(name, mode, c)}" for name in QUESTIONS
                     for mode, c in result["contrasts"].get(name, {}).items())]
     return lines
+
+
+def _es_against_ga(mode: str, c: dict) -> str:
+    """Continuous against discrete search in one mode, as the answer sentence puts it."""
+    d = c["mean_diff"]
+    if c["conclusion"] == "one_seed":
+        return f"ends {abs(d):.3f} nats {'below' if d < 0 else 'above'} it in {mode} mode"
+    word = {"control_better": "ahead of it", "clso_better": "behind it", "within_noise": "within noise of it"}
+    return f"is {word[c['conclusion']]} in {mode} mode"
+
+
+BODY_BACKWARD = {"fixed_body_better": "beyond noise", "head_only_better": "the head-only side is ahead",
+                 "within_noise": "within noise", "one_seed": "one seed: no claim"}
+
+
+def answer(result: dict) -> str:
+    """The arena's answer to its question, in one sentence: is gradient-free training itself short of AdamW
+    at this budget, is discrete search over the library a handicap beyond that, and what does hybrid's
+    backward pass through the body buy."""
+    f, c = result["forward_only"], result["contrasts"]
+    behind = f["ppl_ratio_at_energy"] > 1 + PPL_TOLERANCE
+    text = (f"{'Gradient-free training itself falls short of AdamW at this budget' if behind else 'Forward-only training comes within the tolerance of AdamW here'}: "
+            f"the best forward-only contestant, `{f['contestant']}`, ends at {f['ppl_ratio_at_energy']:.3g}× AdamW's val "
+            f"perplexity at the same energy")
+    if "ga_vs_es" in c:
+        one_seed = any(x["conclusion"] == "one_seed" for x in c["ga_vs_es"].values())
+        text += ("; against CLSO's discrete GA at its FLOPs, continuous low-rank ES "
+                 + " and ".join(_es_against_ga(mode, x) for mode, x in c["ga_vs_es"].items())
+                 + (" (one seed: no claim)" if one_seed else ""))
+    body = c.get("body_backward", {}).get("hybrid")
+    if body:
+        text += (f"; the backward pass through the body is worth {body['mean_diff']:+.3f} nats of val loss to a fixed "
+                 f"random body ({BODY_BACKWARD[body['conclusion']]})")
+    return text + "."
+
+
+def arena_section(result: dict) -> list[str]:
+    """The best forward-only contestant against AdamW at equal energy and FLOPs, the frozen-head bound, and
+    the arena's answer."""
+    f, bound = result["forward_only"], result["frozen_head_bound_val_ppl"]
+    lines = ["## The arena: gradient-free training on the same frontier", "",
+             "NGOpt searches CLSO's genome; low-rank ES and MeZO train a dense GPT-2 from the baseline's initialisation "
+             "with forward passes only (pure) or on the blocks' matrices beside CLSO's Adam phases (hybrid); head-only "
+             "Adam trains the fixed body's head without a backward pass through the body. Each is on the frontier "
+             "plots and in the contrasts above.", ""]
+    rows = [["val perplexity", f["val_ppl"]],
+            [f"AdamW's at the same energy ({fmt(f['energy_wh'])} Wh, {f['method']})",
+             f"{fmt(f['baseline_val_ppl_at_energy'])} ({f['at_energy']}): {f['ppl_ratio_at_energy']:.3g}×"],
+            [f"AdamW's at the same FLOPs ({fmt(f['flops'])})",
+             f"{fmt(f['baseline_val_ppl_at_flops'])} ({f['at_flops']}): {f['ppl_ratio_at_flops']:.3g}×"]]
+    if bound:
+        rows.append(["the frozen-head bound (pure mode)", f"{fmt(bound)} (" + (
+            "it applies: the head is frozen" if f["bound_applies"] else
+            "it does not apply: es and mezo train the head") + ")"])
+    lines += table([f"best forward-only contestant, `{f['contestant']}`", "value"], rows)
+    return lines + ["", f"**Answer.** {answer(result)}"]
 
 
 FIELD_SIDES = {"neurons_add": ("the same model's without neurons", "the neurons help", "the neurons hurt"),
@@ -366,7 +423,7 @@ def report(result: dict, inputs: dict) -> str:
              "metrics/detail/.", "", machine_line(result["machine"]), "", "## Verdict", "",
              verdict_statement(h["clso"], h["verdict"], result["contestants"][h["clso"]]["method"]), "",
              *headline_section(result), "", *contestants_section(result), "", *contrasts_section(result), "",
-             *field_section(result), "", *transfer_section(inputs["transfer"]), "", *compile_section(inputs["compile"]),
+             *(arena_section(result) + [""] if result.get("forward_only") else []), *field_section(result), "", *transfer_section(inputs["transfer"]), "", *compile_section(inputs["compile"]),
              "", *diagnostics_section(result, inputs["library"], inputs["surrogate"]), "",
              *costs_section(result["uncharged"]), ""]
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Stages `es` and `mezo`: the arena's gradient-free trainers of a dense GPT-2 (clso.search.zeroth_order),
 one contestant per mode and seed of params.yaml's grid, each resumable at any curve point. The model
 starts from the baseline's initialisation (base.seed); the grid's seed draws the noise and the batches.
-Each spends a share of the baseline's whole-run FLOPs (its section's budget_share) or stops at its step
-cap; in hybrid mode it gets the Adam phases of `evolve` of the same seed, at the same shares."""
+Each spends a share of the baseline's whole-run FLOPs (its section's budget_share), never less than CLSO's
+charged FLOPs of the same mode and seed, or stops at its step cap; in hybrid mode it gets the Adam phases of `evolve` of the same seed, at the same shares."""
 
 import math
 from dataclasses import asdict
@@ -58,7 +58,9 @@ def run_dense(method: str, mode: str, seed: int | None, params: Path) -> None:
     data = TokenData.open(PREPARED)
     config = ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)
     s, adam = settings(p, method), phases(p, me)
-    budget = int(getattr(p, method).budget_share * Record.load(Contestant("baseline").record).details["whole_run"]["flops"])
+    at_clso = clso_flops(me)
+    share = getattr(p, method).budget_share * Record.load(Contestant("baseline").record).details["whole_run"]["flops"]
+    budget = max(int(share), at_clso)  # never short of where the contrast with CLSO's GA reads it
     model = dense_gpt2(config, p.base.seed, device)  # the baseline's initialisation
     meter = p.base.meter_options(device)
     checkpoint = FieldCheckpoint(me.checkpoints, fingerprint(
@@ -73,7 +75,7 @@ def run_dense(method: str, mode: str, seed: int | None, params: Path) -> None:
                                   f"{budget:.3g} FLOPs  {row['energy_wh']:.4f} Wh")
 
         result = train(model, s, data, mode=mode, seed=me.seed, budget_flops=budget, device=device,
-                       meter_options=meter, phases=adam, on_eval=show, checkpoint=checkpoint, score_at=clso_flops(me))
+                       meter_options=meter, phases=adam, on_eval=show, checkpoint=checkpoint, score_at=at_clso)
     with EnergyMeter(**meter) as final_meter:  # measuring, not training: charged to no one
         val, test = final_losses(lambda x: model(input_ids=x).logits, data, config.block_size, device)
     with atomic_dir(me.model_dir) as tmp:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from clso import ClsoError
 from clso.compare import (REMEASURE, against_baseline, charged, charged_curve, contrasts, field_contrasts,
-                          field_vs_journal, frontier, headline, methods, one_run_noise, over_seeds, row, summary,
+                          field_vs_journal, forward_only, frontier, headline, methods, one_run_noise, over_seeds, row, summary,
                           uncharged)
 from clso.energy import EnergyMeter
 from clso.headline import headline_row
@@ -52,7 +52,8 @@ def compare(params: Path = PARAMS_OPTION) -> None:
                         **field_contrasts(details["spread"], rows, noise),
                         "baseline_torch_compile": records["baseline"].details["setup"]["torch_compile"]},
               # every pure search shares the head (initialised on base.seed), so one bound
-              "frozen_head_bound_val_ppl": max(bounds) if bounds else None}
+              "frozen_head_bound_val_ppl": max(bounds) if bounds else None,
+              "forward_only": forward_only(list(rows.values()), records["baseline"].curve["points"], p.grid.seeds)}
     if len(p.grid.seeds) > 1:
         result["over_seeds"] = over_seeds(list(rows.values()))
     result["one_run_noise"] = noise

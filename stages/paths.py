@@ -49,6 +49,7 @@ class Entry:
     # of clso.search.evolve.STRATEGIES on the crystalline GPT-2, or a dense trainer of
     # clso.search.zeroth_order.METHODS; None: one run
     strategy: str | None = None
+    arena: bool = False  # a search of the arena: run at grid.arena_seeds, not every seed of grid.seeds
 
 
 # Everything on the frontier. Adding a contestant: a stage that writes its record, and a line here.
@@ -60,10 +61,10 @@ REGISTRY = (
     Entry("random", "control", "random search", strategy="random"),
     Entry("no_surrogate", "control", "GA without surrogate", strategy="no_surrogate"),
     Entry("fixed_body", "control", "fixed random body", strategy="fixed_body"),
-    Entry("ngopt", "contestant", "nevergrad NGOpt", strategy="ngopt"),
-    Entry("head_only", "contestant", "head-only hybrid (no backward through the body)", strategy="head_only"),
-    Entry("es", "contestant", "low-rank evolution strategies", strategy="es"),
-    Entry("mezo", "contestant", "zeroth-order SGD (MeZO)", strategy="mezo"),
+    Entry("ngopt", "contestant", "nevergrad NGOpt", strategy="ngopt", arena=True),
+    Entry("head_only", "contestant", "head-only hybrid (no backward through the body)", strategy="head_only", arena=True),
+    Entry("es", "contestant", "low-rank evolution strategies", strategy="es", arena=True),
+    Entry("mezo", "contestant", "zeroth-order SGD (MeZO)", strategy="mezo", arena=True),
 )
 ENTRIES = {e.stage: e for e in REGISTRY}
 
@@ -125,7 +126,8 @@ def contestants(grid) -> list[Contestant]:
     out = []
     for e in REGISTRY:
         if e.strategy:
-            out += [Contestant(e.stage, mode, seed) for mode in getattr(grid, e.stage) for seed in grid.seeds]
+            seeds = grid.arena_seeds if e.arena else grid.seeds
+            out += [Contestant(e.stage, mode, seed) for mode in getattr(grid, e.stage) for seed in seeds]
         else:
             out.append(Contestant(e.stage))
     return out

@@ -11,6 +11,7 @@ from clso.compare import (
     device_parts,
     energy_criterion,
     first_reach,
+    forward_only,
     headline,
     paired_interval,
     row,
@@ -21,7 +22,7 @@ from clso.compare import (
 )
 from clso.headline import headline_row
 from clso.record import Record
-from clso.report import contrast_statement, hypothesis, verdict_statement
+from clso.report import answer, contrast_statement, hypothesis, verdict_statement
 
 CURVE = [{"step": s, "energy_wh": e, "flops": f, "loss": v, "wall_s": 0.0}
          for s, e, f, v in [(0, 0.0, 0, 8.0), (100, 1.0, 100, 6.0), (200, 2.0, 200, 5.0), (300, 3.0, 300, 4.5)]]
@@ -268,6 +269,38 @@ def test_the_arena_contrasts_read_es_at_clso_flops_and_name_the_side_ahead():
                                                                        "low-rank ES")
     assert contrast_statement("es_vs_mezo", "hybrid", mezo).endswith("excludes zero: low-rank ES is better.")
     assert contrast_statement("body_backward", "hybrid", body).endswith("the fixed body's Adam is better.")
+
+
+def pure_run(stage, seed, val_loss, energy, bound=None):
+    return {**run(stage, "pure", seed, val_loss, energy=energy, flops=int(energy * 100)), "method": "estimate",
+            "frozen_head_bound_val_ppl": bound}
+
+
+def test_the_best_forward_only_contestant_is_the_pure_stage_best_on_average_at_its_first_seed():
+    runs = [pure_run("evolve", 1, 7.0, 0.5, bound=900.0), pure_run("evolve", 2, 7.2, 0.5, bound=900.0),
+            pure_run("es", 2, 6.2, 1.0), pure_run("es", 1, 6.0, 1.0),  # es: best on average; seed 1 comes first
+            run("evolve", "hybrid", 1, 5.0)]  # hybrid mode is not forward-only
+    f = forward_only(runs, CURVE, seeds=(1, 2))
+    assert f["contestant"] == "es@pure-1" and not f["bound_applies"]
+    # the baseline's curve at energy 1.0 is at loss 6.0: the same perplexity
+    assert f["ppl_ratio_at_energy"] == pytest.approx(1.0) and f["at_energy"] == "interpolated"
+    assert forward_only(runs[:2], CURVE, seeds=(1, 2))["bound_applies"]  # a genome search: its head is frozen
+    assert forward_only(runs[-1:], CURVE, seeds=(1,)) is None
+
+
+def test_the_answer_follows_the_numbers():
+    one_seed = {"mean_diff": -0.2, "conclusion": "one_seed"}
+    result = {"forward_only": {"contestant": "es@pure-1", "ppl_ratio_at_energy": 8.0},
+              "contrasts": {"ga_vs_es": {"pure": {**one_seed, "mean_diff": -0.4}, "hybrid": {**one_seed, "mean_diff": 0.1}},
+                            "body_backward": {"hybrid": {"mean_diff": 0.6, "conclusion": "fixed_body_better"}}}}
+    text = answer(result)
+    assert text.startswith("Gradient-free training itself falls short of AdamW") and "8× AdamW's" in text
+    assert "ES ends 0.400 nats below it in pure mode and ends 0.100 nats above it in hybrid mode (one seed: no claim)" in text
+    assert "+0.600 nats of val loss to a fixed random body (beyond noise)" in text and sentences(text) == 1
+    result["forward_only"]["ppl_ratio_at_energy"] = 1.04
+    result["contrasts"]["ga_vs_es"] = {"pure": {"mean_diff": -0.4, "conclusion": "control_better"}}
+    text = answer(result)
+    assert text.startswith("Forward-only training comes within the tolerance") and "is ahead of it in pure mode" in text
 
 
 def test_t_quantiles_match_the_table_and_approach_the_normal():

@@ -123,7 +123,7 @@ def test_exp_run_on_the_search_shows_in_exp_show_and_metrics_diff(repo, stage_en
 
 
 def test_exp_run_with_another_seed_runs_only_the_new_variants_and_compare(repo, stage_env):
-    out = sh(["dvc", "exp", "run", "-S", "grid.seeds=[1337,7]"], repo, stage_env)
+    out = sh(["dvc", "exp", "run", "-S", "grid.seeds=[1337,7]", "-S", "grid.arena_seeds=[1337,7]"], repo, stage_env)
     new = [v.replace("-1337", "-7") for v in VARIANTS]
     # compile takes the best mode over every seed; transfer keeps the first seed's CLSO of its mode
     assert sorted(ran_stages(out)) == sorted([*new, "compile", "compare"]), ran_stages(out)
@@ -178,6 +178,10 @@ def assert_verdict_follows_the_records(repo):
             assert search["details"]["stopped"] == ("FLOP budget spent" if mine >= budget else "generation limit"), name
         if "@hybrid-" in name:  # every hybrid control gets CLSO's Adam phases, exactly
             assert search["details"]["adam_phases"] == clso_search["details"]["adam_phases"] > 0, name
+        if name.startswith(("es@", "mezo@")):  # its budget reaches CLSO's charged FLOPs, where ga_vs_es reads it
+            clso_flops = compare["contestants"][f"evolve@{name.split('@')[1]}"]["flops"]
+            assert search["details"]["budget_flops"] >= clso_flops and own["flops"] >= clso_flops, name
+            assert search["details"]["at_clso_flops"]["flops"] >= clso_flops, name
         if name.startswith(("fixed_body@", "head_only@")):  # the same generations, so the same Adam phases
             mine = search["details"]
             assert mine["generations"] == clso_search["details"]["generations"]
@@ -200,6 +204,9 @@ def assert_verdict_follows_the_records(repo):
         f"**The hypothesis ({hypothesis()}) {HOLDS[holds]}** for CLSO's best mode, `{best}`")
     for name in compare["contestants"]:
         assert f"| `{name}` |" in report
+    if compare["forward_only"]:  # the arena's answer starts from the best pure-mode run (test_splits runs pure mode)
+        best_pure = compare["forward_only"]["contestant"]
+        assert f"best forward-only contestant, `{best_pure}`" in report and "**Answer.**" in report
 
 
 def test_dvc_plots_draw_every_contestant_fully_charged(repo, stage_env):

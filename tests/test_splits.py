@@ -283,6 +283,11 @@ def test_test_is_read_only_in_the_final_scores_and_the_search_sees_only_train(sc
         assert run["details"]["frozen_head_bound"] == bound and run["val_loss"] >= bound["val_loss"], name
     assert 0 <= bound["solver_gap"] < 1e-3
     assert compare["frozen_head_bound_val_ppl"] == bound["val_ppl"]
+    # the best forward-only run is the pure-mode stage of lowest val loss; the bound applies to genome searches only
+    pure_runs = {n: r["val_loss"] for n, r in compare["contestants"].items() if "@pure-" in n}
+    best = compare["forward_only"]
+    assert best["contestant"] == min(pure_runs, key=pure_runs.get)
+    assert best["bound_applies"] == (not best["contestant"].startswith(("es@", "mezo@")))
     headline = compare["contestants"][compare["headline"]["clso"]]
     v, pure = compare["headline"]["verdict"], headline["mode"] == "pure"  # the headline: whichever mode did better
     assert v["bound_ppl"] == (bound["val_ppl"] if pure else None)
