@@ -15,12 +15,13 @@ ENERGY_SHARE = 0.5
 ADDITIVE = ("energy_wh", "flops", "wall_s", "true_evaluations")  # what the parts of a charge add up
 CLSO_STAGE = "evolve"
 # (name, a stage, the stage it is paired with by mode and seed): CLSO's controls, then the arena's. The
-# arena's `es` is read where it had spent CLSO's charged FLOPs; every other side at its end, on its budget
-# (random search and ngopt: CLSO's true evaluations; the GA without surrogate: its search FLOPs; the fixed
-# body and head_only: its generations; es and mezo: the same share of the baseline's FLOPs).
+# arena's `es` is read where it had spent CLSO's charged FLOPs (AT_CLSO_FLOPS); every other side at its end,
+# on its budget (random search and ngopt: CLSO's true evaluations; the GA without surrogate: its search
+# FLOPs; the fixed body and head_only: its generations; es and mezo: one FLOP budget, the same rule).
 CONTRASTS = (("ga_vs_random", "random", CLSO_STAGE), ("surrogate_vs_none", "no_surrogate", CLSO_STAGE),
              ("search_vs_fixed_body", "fixed_body", CLSO_STAGE), ("ga_vs_ngopt", "ngopt", CLSO_STAGE),
              ("ga_vs_es", "es", CLSO_STAGE), ("es_vs_mezo", "mezo", "es"), ("body_backward", "head_only", "fixed_body"))
+AT_CLSO_FLOPS = ("es",)
 ONE_RUN = ("baseline", "field", "field_no_neurons")  # trained once by `dvc repro`; stage `spread` measures their noise
 REMEASURE = "python -m stages.spread && dvc commit -f spread"  # stage spread is frozen: `dvc repro` never runs it
 
@@ -247,7 +248,10 @@ def contrasts(rows: list[dict]) -> dict:
             other = by.get((reference, mode, seed))
             if stage != control or other is None:
                 continue
-            at = r.get("at_clso_flops") if reference == CLSO_STAGE and r.get("at_clso_flops") else None
+            at = r.get("at_clso_flops") if reference == CLSO_STAGE and control in AT_CLSO_FLOPS else None
+            if reference == CLSO_STAGE and control in AT_CLSO_FLOPS and not at:
+                raise ClsoError(f"{r['name']}: its record has no score at CLSO's FLOPs (its budget ended short of "
+                                f"them?); re-create it with `dvc repro -f {r['name']}`")
             loss, flops = (at["val_loss"], at["flops"]) if at else (r["val_loss"], r["flops"])
             out.setdefault(name, {}).setdefault(mode, []).append(
                 {"loss_difference": loss - other["val_loss"],
@@ -378,7 +382,8 @@ def forward_only(rows: list[dict], baseline_curve: list[dict], seeds: tuple[int,
     runs = pure[min(pure, key=lambda name: statistics.fmean(r["val_loss"] for r in pure[name]))]
     r = min(runs, key=lambda run: seeds.index(run["seed"]))
     m = matched(r, baseline_curve)
-    return {"contestant": r["name"], "val_ppl": r["val_ppl"], "energy_wh": r["energy_wh"], "method": r["method"],
+    return {"contestant": r["name"], "seeds": len(runs), "val_ppl": r["val_ppl"], "test_ppl": r["test_ppl"],
+            "energy_wh": r["energy_wh"], "method": r["method"],
             "flops": r["flops"], "baseline_val_ppl_at_energy": m["baseline_val_ppl_at_clso_energy"],
             "at_energy": m["at_clso_energy"], "ppl_ratio_at_energy": r["val_ppl"] / m["baseline_val_ppl_at_clso_energy"],
             "baseline_val_ppl_at_flops": m["baseline_val_ppl_at_clso_flops"], "at_flops": m["at_clso_flops"],

@@ -242,7 +242,7 @@ BUDGET_SHARE = ("FLOPs to spend, as a share of the baseline's whole training run
 class EsParams:
     pairs: int = spec(16, "antithetic pairs per step: a population of 2 × pairs, every member scored on one train "
                       "batch shared by the step", min=1, max=1_000_000)
-    sigma: float = spec(0.001, "noise scale σ: a matrix moves by (σ/√rank)·A·Bᵀ, a vector by σ·ε (stage sweep's best)",
+    sigma: float = spec(0.01, "noise scale σ: a matrix moves by (σ/√rank)·A·Bᵀ, a vector by σ·ε (stage sweep's best)",
                         min=0.0, max=100.0,
                         min_exclusive=True)
     rank: int = spec(1, "rank of each matrix's perturbation (EGGROLL's r)", min=1, max=4096)
@@ -251,7 +251,7 @@ class EsParams:
     batch_size: int = spec(8, "sequences of model.block_size tokens per step", min=1, max=65536)
     budget_share: float = spec(0.25, BUDGET_SHARE, min=0.0, max=1000.0, min_exclusive=True)
     max_steps: int = spec(100_000, "a cap on the steps, when the FLOPs are not spent first", min=1, max=100_000_000)
-    eval_interval: int = spec(25, "steps between points of its val-loss curve (charged to no one)", min=1,
+    eval_interval: int = spec(5, "steps between points of its val-loss curve (charged to no one)", min=1,
                               max=100_000_000)
     eval_batches: int = spec(4, "val batches of batch_size sequences per curve point", min=1, max=100_000)
 
@@ -260,14 +260,14 @@ class EsParams:
 class MezoParams:
     pairs: int = spec(4, "random directions per step, each scored at θ + εz and θ − εz on one train batch shared "
                       "by the step", min=1, max=1_000_000)
-    sigma: float = spec(0.0001, "MeZO's ε: the perturbation's scale (stage sweep's best)", min=0.0, max=100.0,
+    sigma: float = spec(0.01, "MeZO's ε: the perturbation's scale (stage sweep's best)", min=0.0, max=100.0,
                         min_exclusive=True)
-    lr: float = spec(0.003, "SGD's learning rate on the projected gradient (stage sweep's best)", min=0.0, max=100.0,
+    lr: float = spec(0.01, "SGD's learning rate on the projected gradient (stage sweep's best)", min=0.0, max=100.0,
                      min_exclusive=True)
     batch_size: int = spec(8, "sequences of model.block_size tokens per step", min=1, max=65536)
     budget_share: float = spec(0.25, BUDGET_SHARE, min=0.0, max=1000.0, min_exclusive=True)
     max_steps: int = spec(100_000, "a cap on the steps, when the FLOPs are not spent first", min=1, max=100_000_000)
-    eval_interval: int = spec(25, "steps between points of its val-loss curve (charged to no one)", min=1,
+    eval_interval: int = spec(10, "steps between points of its val-loss curve (charged to no one)", min=1,
                               max=100_000_000)
     eval_batches: int = spec(4, "val batches of batch_size sequences per curve point", min=1, max=100_000)
 

@@ -178,7 +178,8 @@ def contrasts_section(result: dict) -> list[str]:
              "budget: random search and NGOpt get its true evaluations, the GA without surrogate its search FLOPs (with "
              "the surrogate's, without the Adam steps), the fixed body and head-only Adam its generations. ES is read "
              "where it had spent CLSO's charged FLOPs; MeZO and ES, on one budget, at their ends. In hybrid mode each "
-             "side gets exactly CLSO's Adam phases, so a contrast compares search with search. The interval is a paired "
+             "side gets CLSO's Adam phases, their count and steps: the controls and NGOpt at its generations, ES and "
+             "MeZO at the same shares of their budget, head-only Adam reaching the head alone. The interval is a paired "
              "t over seeds (95 %); a difference is called better only when it excludes zero.", ""]
     rows = [[question, mode, c["seeds"], f"{c['mean_diff']:+.4f}",
              "—" if c["interval"] is None else f"[{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]",
@@ -211,9 +212,10 @@ def answer(result: dict) -> str:
     backward pass through the body buy."""
     f, c = result["forward_only"], result["contrasts"]
     behind = f["ppl_ratio_at_energy"] > 1 + PPL_TOLERANCE
-    text = (f"{'Gradient-free training itself falls short of AdamW at this budget' if behind else 'Forward-only training comes within the tolerance of AdamW here'}: "
-            f"the best forward-only contestant, `{f['contestant']}`, ends at {f['ppl_ratio_at_energy']:.3g}× AdamW's val "
-            f"perplexity at the same energy")
+    seeds = f"best of {f['seeds']} seeds on average" if f["seeds"] > 1 else "one seed"
+    text = (f"{'Gradient-free training itself falls short of AdamW at these budgets' if behind else 'Forward-only training comes within the tolerance of AdamW here'}: "
+            f"the best forward-only contestant, `{f['contestant']}` ({seeds}), ends at {f['ppl_ratio_at_energy']:.3g}× "
+            f"AdamW's val perplexity at the same energy")
     if "ga_vs_es" in c:
         one_seed = any(x["conclusion"] == "one_seed" for x in c["ga_vs_es"].values())
         text += ("; against CLSO's discrete GA at its FLOPs, continuous low-rank ES "
@@ -234,8 +236,9 @@ def arena_section(result: dict) -> list[str]:
              "NGOpt searches CLSO's genome; low-rank ES and MeZO train a dense GPT-2 from the baseline's initialisation "
              "with forward passes only (pure) or on the blocks' matrices beside CLSO's Adam phases (hybrid); head-only "
              "Adam trains the fixed body's head without a backward pass through the body. Each is on the frontier "
-             "plots and in the contrasts above.", ""]
-    rows = [["val perplexity", f["val_ppl"]],
+             "plots and in the contrasts above. The best forward-only contestant is the pure-mode stage of lowest mean "
+             "val loss, at its first seed: chosen on val, so its test perplexity is given beside it.", ""]
+    rows = [["val perplexity (test)", f"{fmt(f['val_ppl'])} ({fmt(f['test_ppl'])})"],
             [f"AdamW's at the same energy ({fmt(f['energy_wh'])} Wh, {f['method']})",
              f"{fmt(f['baseline_val_ppl_at_energy'])} ({f['at_energy']}): {f['ppl_ratio_at_energy']:.3g}×"],
             [f"AdamW's at the same FLOPs ({fmt(f['flops'])})",
@@ -398,6 +401,8 @@ UNCHARGED = {"final_scores": "every contestant's final val and test scores (and 
              "surrogate_inputs_comparison": "the surrogate's other input kinds, trained to compare them",
              "compile": "compile: every file, its checks and benchmarks",
              "spread": "spread: the one-run contestants at every seed, measured once (not by this `dvc repro`)",
+             "sweep": "sweep: es's and mezo's step sizes on the train split, measured once (not by this `dvc repro`); "
+                      "the baseline's learning rate was not swept either",
              "compare": "compare: this report"}
 
 

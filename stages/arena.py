@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from clso import ClsoError
+from clso.compare import AT_CLSO_FLOPS
 from clso.context import setup
 from clso.data.tokens import TokenData, final_losses
 from clso.energy import EnergyMeter
@@ -75,7 +76,8 @@ def run_dense(method: str, mode: str, seed: int | None, params: Path) -> None:
                                   f"{budget:.3g} FLOPs  {row['energy_wh']:.4f} Wh")
 
         result = train(model, s, data, mode=mode, seed=me.seed, budget_flops=budget, device=device,
-                       meter_options=meter, phases=adam, on_eval=show, checkpoint=checkpoint, score_at=at_clso)
+                       meter_options=meter, phases=adam, on_eval=show, checkpoint=checkpoint,
+                       score_at=at_clso if method in AT_CLSO_FLOPS else None)  # where compare reads it
     with EnergyMeter(**meter) as final_meter:  # measuring, not training: charged to no one
         val, test = final_losses(lambda x: model(input_ids=x).logits, data, config.block_size, device)
     with atomic_dir(me.model_dir) as tmp:

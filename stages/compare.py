@@ -37,6 +37,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
         records = {c.name: Record.load(c.record) for c in contestants(p.grid)}
         details = {stage: read_json(detail(stage)) for stage in ("library", "surrogate", "compile", "transfer")}
         details["spread"] = read_json(detail("spread"), fix=f"measure it with `{REMEASURE}`")
+        details["sweep"] = read_json(detail("sweep"), fix="measure it with `python -m stages.sweep && dvc commit -f sweep`")
         shared = shared_costs(details)
         charges = {name: charged(r, shared) for name, r in records.items()}
         rows = {name: row(r, charges[name]) for name, r in records.items()}
@@ -60,7 +61,7 @@ def compare(params: Path = PARAMS_OPTION) -> None:
     result["uncharged"] = uncharged(list(records.values()), {
         "library_sanity_check": details["library"]["sanity_check_cost"],
         "surrogate_inputs_comparison": details["surrogate"]["inputs_comparison_cost"],
-        "compile": details["compile"]["cost"], "spread": details["spread"]["cost"],
+        "compile": details["compile"]["cost"], "spread": details["spread"]["cost"], "sweep": details["sweep"]["cost"],
         "compare": meter.reading.as_metrics()})
     write_json_atomic(metrics("compare"), summary(result))
     write_json_atomic(detail("compare"), result)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
-from clso.context import setup
+from clso.context import derive_seed, setup
 from clso.data.tokens import TokenData
 from clso.energy import EnergyMeter
 from clso.io import write_json_atomic
@@ -26,23 +26,24 @@ from stages.common import PARAMS_OPTION, run_alone, stage
 from stages.paths import PREPARED, Contestant, detail
 
 # the grids: (σ or ε, lr) of each method, around the published settings and the scale a from-scratch run
-# needs, widened until each learning rate and ES's σ chose inside them (probes: ES's lr best at 0.01 of
-# 0.001-0.01, then its σ at 0.002 of 0.002-0.02; MeZO's lr 0.1 diverged; its ε hardly matters)
-GRIDS = {"es": {"sigma": (0.0005, 0.001, 0.002, 0.005), "lr": (0.003, 0.01, 0.03)},
-         "mezo": {"sigma": (0.0001, 0.001, 0.01), "lr": (0.001, 0.003, 0.01)}}
-BUDGET_SHARE = 0.1  # of the baseline's whole-run FLOPs, per trial
+# needs, widened when a best sat on an edge (probes: ES's lr best at 0.01 of 0.001-0.01, then its σ at
+# 0.002 of 0.002-0.02; MeZO's lr 0.1 diverged; σ and ε hardly matter)
+GRIDS = {"es": {"sigma": (0.0005, 0.001, 0.002, 0.005, 0.01), "lr": (0.003, 0.01, 0.03)},
+         "mezo": {"sigma": (0.0001, 0.001, 0.01), "lr": (0.001, 0.003, 0.01, 0.03)}}
+TRIAL_SHARE = 0.1  # of the baseline's whole-run FLOPs, per trial
 
 
 @stage("sweep", sections=("base", "model", "es", "mezo"))
 def sweep(params: Path = PARAMS_OPTION) -> None:
-    """Train each (σ, lr) of es's grid and each (ε, lr) of mezo's in pure mode on BUDGET_SHARE of the
-    baseline's whole-run FLOPs, from the baseline's initialisation at base.seed; write each trial's loss
+    """Train each (σ, lr) of es's grid and each (ε, lr) of mezo's in pure mode on TRIAL_SHARE of the
+    baseline's whole-run FLOPs, from the baseline's initialisation at base.seed, its noise and batches drawn
+    on a seed of its own (no contestant's); write each trial's loss
     on fixed train batches, the best of each method and the sweep's cost to metrics/detail/sweep.json."""
     p = load_params(params)
     device = setup(p.base)
     data = TokenData.open(PREPARED)
     config = ModelConfig.from_params(p.model, data.vocab_size, layer_gains=False)
-    budget = int(BUDGET_SHARE * Record.load(Contestant("baseline").record).details["whole_run"]["flops"])
+    budget = int(TRIAL_SHARE * Record.load(Contestant("baseline").record).details["whole_run"]["flops"])
     meter = p.base.meter_options(device)
     out = {}
     trials = [(m, sigma, lr) for m, g in GRIDS.items() for sigma, lr in product(g["sigma"], g["lr"])]
@@ -51,7 +52,7 @@ def sweep(params: Path = PARAMS_OPTION) -> None:
         for method, sigma, lr in trials:
             bar.update(task, info=f"{method} σ {sigma} lr {lr}")
             s = replace(settings(p, method), sigma=sigma, lr=lr, max_steps=10**9)
-            result = train(dense_gpt2(config, p.base.seed, device), s, data, mode="pure", seed=p.base.seed,
+            result = train(dense_gpt2(config, p.base.seed, device), s, data, mode="pure", seed=derive_seed(p.base.seed, "sweep"),
                            budget_flops=budget, device=device, meter_options=meter, curve_split="train")
             loss = result.curve[-1]["val_loss"]  # the curve's loss, on train batches here
             out.setdefault(method, []).append({"sigma": sigma, "lr": lr, "steps": result.steps,
@@ -59,7 +60,7 @@ def sweep(params: Path = PARAMS_OPTION) -> None:
             bar.advance(task)
     best = {m: min((r for r in rows if r["train_loss"] is not None), key=lambda r: r["train_loss"])
             for m, rows in out.items()}
-    write_json_atomic(detail("sweep"), {"budget_flops": budget, "budget_share": BUDGET_SHARE, "trials": out,
+    write_json_atomic(detail("sweep"), {"budget_flops": budget, "trial_share": TRIAL_SHARE, "trials": out,
                                         "best": best, "machine": machine(), "cost": cost.reading.as_metrics()})
     for m, b in best.items():
         print(f"sweep: {m}: best σ {b['sigma']}, lr {b['lr']} (train loss {b['train_loss']:.4f})")

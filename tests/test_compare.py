@@ -281,7 +281,7 @@ def test_the_best_forward_only_contestant_is_the_pure_stage_best_on_average_at_i
             pure_run("es", 2, 6.2, 1.0), pure_run("es", 1, 6.0, 1.0),  # es: best on average; seed 1 comes first
             run("evolve", "hybrid", 1, 5.0)]  # hybrid mode is not forward-only
     f = forward_only(runs, CURVE, seeds=(1, 2))
-    assert f["contestant"] == "es@pure-1" and not f["bound_applies"]
+    assert f["contestant"] == "es@pure-1" and f["seeds"] == 2 and not f["bound_applies"]
     # the baseline's curve at energy 1.0 is at loss 6.0: the same perplexity
     assert f["ppl_ratio_at_energy"] == pytest.approx(1.0) and f["at_energy"] == "interpolated"
     assert forward_only(runs[:2], CURVE, seeds=(1, 2))["bound_applies"]  # a genome search: its head is frozen
@@ -290,11 +290,11 @@ def test_the_best_forward_only_contestant_is_the_pure_stage_best_on_average_at_i
 
 def test_the_answer_follows_the_numbers():
     one_seed = {"mean_diff": -0.2, "conclusion": "one_seed"}
-    result = {"forward_only": {"contestant": "es@pure-1", "ppl_ratio_at_energy": 8.0},
+    result = {"forward_only": {"contestant": "es@pure-1", "seeds": 1, "ppl_ratio_at_energy": 8.0},
               "contrasts": {"ga_vs_es": {"pure": {**one_seed, "mean_diff": -0.4}, "hybrid": {**one_seed, "mean_diff": 0.1}},
                             "body_backward": {"hybrid": {"mean_diff": 0.6, "conclusion": "fixed_body_better"}}}}
     text = answer(result)
-    assert text.startswith("Gradient-free training itself falls short of AdamW") and "8× AdamW's" in text
+    assert text.startswith("Gradient-free training itself falls short of AdamW") and "(one seed), ends at 8× AdamW's" in text
     assert "ES ends 0.400 nats below it in pure mode and ends 0.100 nats above it in hybrid mode (one seed: no claim)" in text
     assert "+0.600 nats of val loss to a fixed random body (beyond noise)" in text and sentences(text) == 1
     result["forward_only"]["ppl_ratio_at_energy"] = 1.04

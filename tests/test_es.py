@@ -120,10 +120,11 @@ def test_spsa_points_along_the_gradient_and_leaves_theta_bit_for_bit():
     assert all(torch.equal(theta[n], before[n]) for n in theta)
 
 
-def test_member_losses_read_theta_and_never_write_it():
+@pytest.mark.parametrize("full_rank", [False, True])  # ES's low-rank members; MeZO's θ ± εz, formed beside θ
+def test_member_losses_read_theta_and_never_write_it(full_rank):
     model, params = model_and_params()
     before = {n: p.clone() for n, p in params.items()}
-    noise = draw(params, pairs=4)
+    noise = draw(params, pairs=4, full_rank=full_rank)
     idx = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size + 1), generator=torch.Generator().manual_seed(6))
     losses = member_losses(params, noise, idx[:, :-1], idx[:, 1:], CONFIG.n_layer, CONFIG.n_head, chunk=3)
     assert losses.shape == (8,) and torch.isfinite(losses).all() and len(set(losses.tolist())) == 8
@@ -168,7 +169,7 @@ def test_each_method_lowers_the_val_loss_and_stops_on_its_flop_budget(data, tmp_
 
     config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
     model = dense_gpt2(config, 0, "cpu")
-    s = Settings(method, pairs=8, sigma=sigma, lr=lr, batch_size=4, max_steps=10_000, eval_interval=20, eval_batches=4)
+    s = Settings(method, pairs=8, sigma=sigma, lr=lr, rank=1, batch_size=4, max_steps=10_000, eval_interval=20, eval_batches=4)
     from clso.search.es import population_flops
 
     per_step = population_flops(config.gpt2(), 16, 4, 16, None)
@@ -189,7 +190,7 @@ def test_hybrid_perturbs_the_body_and_gets_exactly_the_adam_phases_it_is_given(d
     assert low == body_matrices(before) and full == []
     assert perturbed(before, "mezo", "hybrid") == ([], body_matrices(before))
     assert sorted(sum(perturbed(before, "es", "pure"), [])) == sorted(before)
-    s = Settings("es", pairs=4, sigma=0.02, lr=3e-3, batch_size=4, max_steps=12, eval_interval=4, eval_batches=1)
+    s = Settings("es", pairs=4, sigma=0.02, lr=3e-3, rank=1, batch_size=4, max_steps=12, eval_interval=4, eval_batches=1)
     meter = dict(device="cpu", rapl_root=tmp_path)
     alone = train(dense_gpt2(config, 0, "cpu"), s, data, mode="hybrid", seed=0, budget_flops=10**15, device="cpu",
                   meter_options=meter)
@@ -212,7 +213,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_curve(data, tmp_path, meth
     from clso.search.zeroth_order import AdamPhases, Settings, train
 
     config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
-    s = Settings(method, pairs=3, sigma=0.02, lr=3e-3, batch_size=2, max_steps=9, eval_interval=3, eval_batches=1)
+    s = Settings(method, pairs=3, sigma=0.02, lr=3e-3, rank=1, batch_size=2, max_steps=9, eval_interval=3, eval_batches=1)
     phases = AdamPhases(at=(0.2, 0.7), steps=1, lr=1e-3, batch_size=2)
     meter, seen = dict(device="cpu", rapl_root=tmp_path), []
 
@@ -245,7 +246,7 @@ def test_the_whole_val_split_is_scored_once_at_another_runs_flops(data, tmp_path
     from clso.search.zeroth_order import Settings, train
 
     config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
-    s = Settings("es", pairs=2, sigma=0.02, lr=3e-3, batch_size=2, max_steps=6, eval_interval=3, eval_batches=1)
+    s = Settings("es", pairs=2, sigma=0.02, lr=3e-3, rank=1, batch_size=2, max_steps=6, eval_interval=3, eval_batches=1)
     meter = dict(device="cpu", rapl_root=tmp_path)
     whole = train(dense_gpt2(config, 0, "cpu"), s, data, mode="pure", seed=0, budget_flops=10**15, device="cpu",
                   meter_options=meter)
@@ -259,3 +260,37 @@ def test_the_whole_val_split_is_scored_once_at_another_runs_flops(data, tmp_path
     expected = split_loss(lambda x: model(input_ids=x).logits, data.tokens("val"), 16, FINAL_BATCH)
     assert scored.scored_at["val_loss"] == pytest.approx(expected, rel=1e-6)  # the model as it was at step 3
     assert scored.flops == whole.flops and half.scored_at is None
+
+
+def test_an_adam_phase_that_crosses_the_score_point_is_scored_right_after_it(data, tmp_path):
+    from clso.search.zeroth_order import AdamPhases, Settings, train
+
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
+    s = Settings("es", pairs=2, sigma=0.02, lr=3e-3, rank=1, batch_size=2, max_steps=4, eval_interval=2, eval_batches=1)
+    meter = dict(device="cpu", rapl_root=tmp_path)
+    one_step = train(dense_gpt2(config, 0, "cpu"), Settings(**{**s.__dict__, "max_steps": 1}), data, mode="hybrid",
+                     seed=0, budget_flops=10**15, device="cpu", meter_options=meter).flops
+    phases = AdamPhases(at=(0.0,), steps=2, lr=1e-3, batch_size=2)  # due right after the first step
+    run = train(dense_gpt2(config, 0, "cpu"), s, data, mode="hybrid", seed=0, budget_flops=10**15, device="cpu",
+                meter_options=meter, phases=phases, score_at=one_step + 1)
+    # the step stops short of the score point; the phase crosses it, and the score follows the phase
+    assert run.scored_at["step"] == 1 and run.scored_at["flops"] == one_step + run.adam_flops
+
+
+def test_an_adam_phase_is_charged_what_pytorch_counts(data):
+    import numpy as np
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from clso.search.zeroth_order import AdamPhases, adam_phase
+    from tests.conftest import counted_flops
+
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=2, n_embd=16, n_head=2, block_size=16, layer_gains=False)
+    model = dense_gpt2(config, 0, "cpu")
+    frozen = body_matrices(parameters(model))
+    phases = AdamPhases(at=(0.0,), steps=2, lr=1e-3, batch_size=2)
+    charged = {}
+    with sdpa_kernel(SDPBackend.MATH):  # attention as matmuls, its backward counted too
+        counted = counted_flops(lambda: charged.setdefault("flops", adam_phase(
+            model, frozen, phases, data.tokens("train"), np.random.default_rng(0), "cpu")))
+    assert charged["flops"] == counted  # the body's matrices pass gradients down but compute none of their own
+    assert all(p.requires_grad for p in parameters(model).values())  # and train again in the next ES step

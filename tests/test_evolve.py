@@ -489,6 +489,16 @@ def test_head_only_trains_the_head_and_final_layernorm_with_no_gradient_through_
     head = 2 * config.n_embd * config.vocab_size * 16 * 2
     phase = 3 * (forward_flops(config.gpt2(), 16, 2, evo.search.model.linear_flops(genome)) + 2 * head)
     assert run.history[-1]["flops"] == evo.search.evaluator.flops + 2 * phase
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from clso.search.evolve import head_phase
+    from tests.conftest import counted_flops
+
+    charged = {}
+    with sdpa_kernel(SDPBackend.MATH):  # what PyTorch counts of one phase: the charge, and the formula above
+        counted = counted_flops(lambda: charged.setdefault("flops", head_phase(evo.search, genome, cfg,
+                                                                               np.random.default_rng(0))))
+    assert charged["flops"] == counted == phase
     with pytest.raises(ValueError, match="pure mode"):
         Evolution(evo.search, cfg, None, None, 0, tmp_path / "p", "fp", {}, strategy="head_only",
                   budget=Budget(generations=4), mode="pure")
@@ -503,6 +513,7 @@ def test_ngopt_gets_the_ga_true_evaluations_beats_its_start_and_resumes_identica
     assert [r["true_evaluations"] for r in ng.history] == list(schedule)  # the GA's, generation by generation
     assert ng.surrogate_predictions == 0 and ng.history[-1]["best_loss"] < ng.history[0]["best_loss"]
     assert ng.segment["index"] == 0 and sum(ng.segment["batches"]) == len(ng.segment["told"]) > 0
+    assert len(ng.algorithms) == 1 and not ng.algorithms[0].startswith("NGOpt")  # the algorithm NGOpt picked
     killed = control(tmp_path / "ng2", "ngopt", Budget(evaluations=schedule))
     with pytest.raises(KeyboardInterrupt):
         killed.run_to_end(stop_after=7)

@@ -116,6 +116,7 @@ class Run:
     adam_at: list[int] = field(default_factory=list)  # the search FLOPs (Totals.search_flops) at each hybrid phase
     # ngopt: nevergrad's run since its last start (index, start genome, budget, asks per generation, told)
     segment: dict | None = None
+    algorithms: list[str] = field(default_factory=list)  # ngopt: the algorithm NGOpt picked, segment by segment
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ class Evolution:
         self.cost: Totals | None = None  # everything spent so far, once a generation has run here
         self.nevergrad: Nevergrad | None = None  # ngopt: built (or replayed) on first use
         self.asked: list = []  # ngopt: the candidates of this generation's genomes
+        self.target = 0  # ngopt: the true evaluations this generation must reach
 
     # --- state -----------------------------------------------------------------------------
 
@@ -386,6 +388,8 @@ class Evolution:
                 derive_seed(self.seed, "ngopt", seg["index"]), self._parallel(), seg["told"],
                 seg["batches"], seg["start"])
             seg["told"] = self.nevergrad.told
+            if len(self.run.algorithms) <= seg["index"]:
+                self.run.algorithms.append(self.nevergrad.algorithm)
         return self.nevergrad
 
     def _ask(self, n: int) -> np.ndarray:

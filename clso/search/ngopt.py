@@ -36,9 +36,11 @@ class Nevergrad:
 
     @property
     def algorithm(self) -> str:
-        """The optimizer NGOpt picked for this problem."""
-        inner = getattr(self.optimizer, "optim", None)
-        return type(inner).__name__ if inner is not None else type(self.optimizer).__name__
+        """The optimizer NGOpt picked for this problem, through its wrappers (NGOpt → NGOpt16 → …)."""
+        optimizer = self.optimizer
+        while getattr(optimizer, "optim", None) is not None:
+            optimizer = optimizer.optim
+        return type(optimizer).__name__
 
     def ask(self, n: int) -> tuple[np.ndarray, list]:
         """n genomes to evaluate (n, genome_length), and the candidates to tell their losses to."""

@@ -40,11 +40,11 @@ class Settings:
     pairs: int  # ES: antithetic pairs per step (population 2·pairs); MeZO: directions per step
     sigma: float  # ES's σ; MeZO's ε
     lr: float  # Adam's on ES's estimate; SGD's on MeZO's
-    rank: int = 1  # ES's perturbation rank; MeZO perturbs at full rank
-    batch_size: int = 8  # sequences per step, shared by every member
-    max_steps: int = 1000  # the cap, when the FLOP budget is not spent first
-    eval_interval: int = 50
-    eval_batches: int = 4  # val batches of batch_size per curve point
+    rank: int  # ES's perturbation rank; MeZO perturbs at full rank
+    batch_size: int  # sequences per step, shared by every member
+    max_steps: int  # the cap, when the FLOP budget is not spent first
+    eval_interval: int  # steps between curve points
+    eval_batches: int  # batches of batch_size per curve point
 
 
 @dataclass(frozen=True)
@@ -82,19 +82,26 @@ def perturbed(params: dict[str, torch.Tensor], method: str, mode: str) -> tuple[
 
 def adam_phase(model, frozen: list[str], phases: AdamPhases, train: np.ndarray, rng: np.random.Generator,
                device) -> int:
-    """`phases.steps` Adam steps on every parameter but `frozen` (which still pass gradients down);
-    returns their FLOPs."""
+    """`phases.steps` Adam steps on every parameter but `frozen`, which pass gradients down but get none
+    of their own (as CLSO's library matrices); returns their FLOPs."""
     config = model.config
-    trainable = [p for n, p in parameters(model).items() if n not in frozen]
+    params = parameters(model)
+    trainable = [p for n, p in params.items() if n not in frozen]
     opt = torch.optim.Adam(trainable, lr=phases.lr)
+    for n in frozen:
+        params[n].requires_grad_(False)
     model.train()
-    for _ in range(phases.steps):
-        x, y = random_batch(train, phases.batch_size, config.n_positions, rng, device)
-        loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
+    try:
+        for _ in range(phases.steps):
+            x, y = random_batch(train, phases.batch_size, config.n_positions, rng, device)
+            loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        model.eval()
+        for n in frozen:
+            params[n].requires_grad_(True)
     t, b = config.n_positions, phases.batch_size
     return phases.steps * (forward_flops(config, t, b) + backward_flops(config, t, b, train_linears=False))
 
@@ -128,6 +135,7 @@ def train(model, s: Settings, data, *, mode: str, seed: int, budget_flops: int, 
             owed = len(phases.at) - result.adam_phases if phases is not None and result.stopped else 0
             for _ in range(owed):  # a phase CLSO had is never left out
                 run.adam()
+                run.score_once(meter, score_at)
             if result.steps % s.eval_interval == 0 or result.stopped:
                 run.evaluate(meter, checkpoint if not result.stopped else None)
                 if on_eval:
@@ -135,11 +143,11 @@ def train(model, s: Settings, data, *, mode: str, seed: int, budget_flops: int, 
             if result.stopped:
                 break
             run.step()
-            if score_at is not None and result.scored_at is None and result.flops >= score_at:
-                run.score(meter, data)
+            run.score_once(meter, score_at)
             while phases is not None and result.adam_phases < len(phases.at) \
                     and result.flops >= phases.at[result.adam_phases] * budget_flops:
                 run.adam()
+                run.score_once(meter, score_at)
         whole = run.trained(meter)
     result.curve[-1].update(energy_wh=whole.energy_wh, energy_method=whole.method, wall_s=whole.wall_s)
     result.train_energy = {**whole.as_metrics(), "flops": result.flops}
@@ -188,10 +196,13 @@ class _Run:
         spent = meter.read().minus(before)
         self.evals = spent if self.evals is None else self.evals.plus(spent)
 
-    def score(self, meter, data) -> None:
-        """The whole val split's loss now, as the final scores take it: metered apart."""
+    def score_once(self, meter, score_at: int | None) -> None:
+        """The whole val split's loss, as the final scores take it, the first time the run's FLOPs (a step's
+        or an Adam phase's) reach `score_at`: metered apart."""
+        if score_at is None or self.result.scored_at is not None or self.result.flops < score_at:
+            return
         before = meter.read()
-        loss = split_loss(lambda x: self.model(input_ids=x).logits, data.tokens("val"), self.config.n_positions,
+        loss = split_loss(lambda x: self.model(input_ids=x).logits, self.data.tokens("val"), self.config.n_positions,
                           FINAL_BATCH, self.device)
         self.result.scored_at = {"flops": self.result.flops, "step": self.result.steps, "val_loss": loss}
         spent = meter.read().minus(before)
