@@ -294,3 +294,27 @@ def test_an_adam_phase_is_charged_what_pytorch_counts(data):
             model, frozen, phases, data.tokens("train"), np.random.default_rng(0), "cpu")))
     assert charged["flops"] == counted  # the body's matrices pass gradients down but compute none of their own
     assert all(p.requires_grad for p in parameters(model).values())  # and train again in the next ES step
+
+
+def test_the_sweeps_curve_reads_the_train_split_only(data, tmp_path):
+    from clso.search.zeroth_order import Settings, train
+
+    config = ModelConfig(vocab_size=data.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=16, layer_gains=False)
+    s = Settings("mezo", pairs=2, sigma=0.02, lr=3e-3, rank=1, batch_size=2, max_steps=4, eval_interval=2, eval_batches=1)
+
+    class Spy:  # the token data, every split it hands out noted
+        def __init__(self):
+            self.seen = set()
+
+        def __getattr__(self, name):
+            return getattr(data, name)
+
+        def tokens(self, split):
+            self.seen.add(split)
+            return data.tokens(split)
+
+    for curve_split, expected in (("train", {"train"}), ("val", {"train", "val"})):
+        spy = Spy()
+        train(dense_gpt2(config, 0, "cpu"), s, spy, mode="pure", seed=0, budget_flops=10**15, device="cpu",
+              meter_options=dict(device="cpu", rapl_root=tmp_path), curve_split=curve_split)
+        assert spy.seen == expected, curve_split  # the sweep's (train) never sees val; a contestant's curve does
