@@ -207,15 +207,15 @@ BODY_BACKWARD = {"fixed_body_better": "beyond noise", "head_only_better": "the h
 
 
 def answer(result: dict) -> str:
-    """The arena's answer to its question, in one sentence: is gradient-free training itself short of AdamW
-    at this budget, is discrete search over the library a handicap beyond that, and what does hybrid's
-    backward pass through the body buy."""
+    """The arena's answer to its question, in one sentence: does the best forward-only contestant fall short
+    of AdamW at these budgets, is discrete search over the library a handicap beyond that, and what does
+    hybrid's backward pass through the body buy."""
     f, c = result["forward_only"], result["contrasts"]
     behind = f["ppl_ratio_at_energy"] > 1 + PPL_TOLERANCE
-    seeds = f"best of {f['seeds']} seeds on average" if f["seeds"] > 1 else "one seed"
-    text = (f"{'Gradient-free training itself falls short of AdamW at these budgets' if behind else 'Forward-only training comes within the tolerance of AdamW here'}: "
-            f"the best forward-only contestant, `{f['contestant']}` ({seeds}), ends at {f['ppl_ratio_at_energy']:.3g}× "
-            f"AdamW's val perplexity at the same energy")
+    seeds = f"the best stage by its mean over {f['seeds']} seeds, shown at its first" if f["seeds"] > 1 else "one seed"
+    text = (f"The best forward-only contestant {'falls short of AdamW at these budgets' if behind else 'comes within the tolerance of AdamW here'}: "
+            f"`{f['contestant']}` ({seeds}) ends at {f['ppl_ratio_at_energy']:.3g}× AdamW's val perplexity at the same "
+            "energy")
     if "ga_vs_es" in c:
         one_seed = any(x["conclusion"] == "one_seed" for x in c["ga_vs_es"].values())
         text += ("; against CLSO's discrete GA at its FLOPs, continuous low-rank ES "

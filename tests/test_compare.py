@@ -3,6 +3,7 @@ import re
 
 import pytest
 
+from clso import ClsoError
 from clso.compare import (
     against_baseline,
     charged,
@@ -190,8 +191,6 @@ def test_a_control_is_charged_its_library_and_search_but_no_surrogate():
 
 
 def test_a_record_naming_a_shared_cost_no_stage_records_is_one_clear_error():
-    from clso import ClsoError
-
     with pytest.raises(ClsoError, match=r"evolve@pure-1: its record is charged 'tokenizer', which no stage records"):
         charged(search_record(("library", "tokenizer")), SHARED)
 
@@ -269,6 +268,9 @@ def test_the_arena_contrasts_read_es_at_clso_flops_and_name_the_side_ahead():
                                                                        "low-rank ES")
     assert contrast_statement("es_vs_mezo", "hybrid", mezo).endswith("excludes zero: low-rank ES is better.")
     assert contrast_statement("body_backward", "hybrid", body).endswith("the fixed body's Adam is better.")
+    runs[-4]["at_clso_flops"] = None  # es never scored at CLSO's FLOPs: no silent fallback to its end
+    with pytest.raises(ClsoError, match="no score at CLSO's FLOPs"):
+        contrasts(runs)
 
 
 def pure_run(stage, seed, val_loss, energy, bound=None):
@@ -294,13 +296,13 @@ def test_the_answer_follows_the_numbers():
               "contrasts": {"ga_vs_es": {"pure": {**one_seed, "mean_diff": -0.4}, "hybrid": {**one_seed, "mean_diff": 0.1}},
                             "body_backward": {"hybrid": {"mean_diff": 0.6, "conclusion": "fixed_body_better"}}}}
     text = answer(result)
-    assert text.startswith("Gradient-free training itself falls short of AdamW") and "(one seed), ends at 8× AdamW's" in text
+    assert text.startswith("The best forward-only contestant falls short of AdamW") and "(one seed) ends at 8× AdamW's" in text
     assert "ES ends 0.400 nats below it in pure mode and ends 0.100 nats above it in hybrid mode (one seed: no claim)" in text
     assert "+0.600 nats of val loss to a fixed random body (beyond noise)" in text and sentences(text) == 1
     result["forward_only"]["ppl_ratio_at_energy"] = 1.04
     result["contrasts"]["ga_vs_es"] = {"pure": {"mean_diff": -0.4, "conclusion": "control_better"}}
     text = answer(result)
-    assert text.startswith("Forward-only training comes within the tolerance") and "is ahead of it in pure mode" in text
+    assert text.startswith("The best forward-only contestant comes within the tolerance") and "is ahead of it in pure mode" in text
 
 
 def test_t_quantiles_match_the_table_and_approach_the_normal():
