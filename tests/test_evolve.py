@@ -520,3 +520,4 @@ def test_ngopt_gets_the_ga_true_evaluations_beats_its_start_and_resumes_identica
     resumed = control(tmp_path / "ng2", "ngopt", Budget(evaluations=schedule)).run_to_end()  # replays nevergrad
     assert without_timing(resumed.history) == without_timing(ng.history)
     assert resumed.ga_state.best_genome.tolist() == ng.ga_state.best_genome.tolist()
+    assert resumed.algorithms == ng.algorithms  # kept in the checkpoint

@@ -166,7 +166,8 @@ class Checkpoints:
             search.evaluator.cache = {tuple(g): float(v) for g, v in data["cache"]}
             return Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
                        data["surrogate_predictions"], data["since_improvement"], data["stopped"],
-                       Totals(**data["totals"]), data["history"], data["adam_at"], data["segment"])
+                       Totals(**data["totals"]), data["history"], data["adam_at"], data["segment"],
+                       data.get("algorithms", []))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ClsoError(f"{self.folder}: checkpoint unreadable ({type(e).__name__}); delete the "
                             "folder to start the search afresh") from None
@@ -183,7 +184,7 @@ class Checkpoints:
                 "rng": run.rng, "true_evaluations": run.true_evaluations,
                 "surrogate_predictions": run.surrogate_predictions, "since_improvement": run.since_improvement,
                 "stopped": run.stopped, "totals": totals.__dict__, "history": run.history, "adam_at": run.adam_at,
-                "segment": run.segment,
+                "segment": run.segment, "algorithms": run.algorithms,
                 "cache": [[list(k), v if math.isfinite(v) else "inf"] for k, v in search.evaluator.cache.items()]}
         write_text_atomic(self.folder / "state.json", json.dumps(data))
         for old in self.folder.glob("*.safetensors"):
