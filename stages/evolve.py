@@ -130,7 +130,7 @@ def _record(p, me: Contestant, evolution: Evolution, budget: Budget, scores, dev
                                          "wall_s": r["wall_s"], "step": r["generation"]} for r in run.history]},
         tuple(charged_with), me.mode, me.seed,
         {"strategy": me.strategy, **({"budget": allowed} if allowed else {}),
-         **({"algorithms": run.algorithms} if me.strategy == "ngopt" else {}),
+         **({"algorithms": run.algorithms, "asks": run.asks} if me.strategy == "ngopt" else {}),
          "generations": run.ga_state.generation, "adam_phases": evolution.adam_phases,
          "adam_flops": cost.adam_flops, "adam_at_search_flops": run.adam_at, "stopped": run.stopped,
          "best_fitness_loss": run.ga_state.best_fitness, "surrogate_predictions": run.surrogate_predictions,

@@ -514,10 +514,11 @@ def test_ngopt_gets_the_ga_true_evaluations_beats_its_start_and_resumes_identica
     assert ng.surrogate_predictions == 0 and ng.history[-1]["best_loss"] < ng.history[0]["best_loss"]
     assert ng.segment["index"] == 0 and sum(ng.segment["batches"]) == len(ng.segment["told"]) > 0
     assert len(ng.algorithms) == 1 and not ng.algorithms[0].startswith("NGOpt")  # the algorithm NGOpt picked
+    assert ng.asks == sum(ng.segment["batches"]) >= schedule[-1] - 60  # its repeats of known genomes included
     killed = control(tmp_path / "ng2", "ngopt", Budget(evaluations=schedule))
     with pytest.raises(KeyboardInterrupt):
         killed.run_to_end(stop_after=7)
     resumed = control(tmp_path / "ng2", "ngopt", Budget(evaluations=schedule)).run_to_end()  # replays nevergrad
     assert without_timing(resumed.history) == without_timing(ng.history)
     assert resumed.ga_state.best_genome.tolist() == ng.ga_state.best_genome.tolist()
-    assert resumed.algorithms == ng.algorithms  # kept in the checkpoint
+    assert resumed.algorithms == ng.algorithms and resumed.asks == ng.asks  # kept in the checkpoint

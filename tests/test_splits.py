@@ -258,6 +258,7 @@ def test_test_is_read_only_in_the_final_scores_and_the_search_sees_only_train(sc
     for name in contestants:  # and only in its final scores
         assert {sp for st, ph, sp, k, v in rec.events if st == name and k == "read" and ph != "final"} <= {"train", "val"}
     assert reads["compare"] == set(), "compare reads the records, never a split"
+    assert reads["sweep"] == {"train"}, f"the sweep chooses step sizes on train alone; it reads {reads['sweep']}"
     assert rec.splits("prepare", "write") == {"train", "val", "test"} and reads["prepare"] == set(), \
         "prepare writes every split and reads none"
     writers = {n for n in order if rec.splits(n, "write")}

@@ -43,7 +43,7 @@ from clso.search.problem import Search
 from clso.search.surrogate import Surrogate
 from clso.search.workers import with_workers
 
-CHECKPOINT_VERSION = 5
+CHECKPOINT_VERSION = 6
 STRATEGIES = ("ga", "no_surrogate", "random", "fixed_body", "head_only", "ngopt")
 FIXED = ("fixed_body", "head_only")  # one random genome, never searched
 HISTORY_FIELDS = ("generation", "best_loss", "mean_loss", "std_loss", "true_evaluations", "surrogate_predictions",
@@ -117,6 +117,7 @@ class Run:
     # ngopt: nevergrad's run since its last start (index, start genome, budget, asks per generation, told)
     segment: dict | None = None
     algorithms: list[str] = field(default_factory=list)  # ngopt: the algorithm NGOpt picked, segment by segment
+    asks: int = 0  # ngopt: genomes asked of nevergrad, its repeats of known genomes included
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Checkpoints:
             return Run(ga.GAState.from_json(data["ga"]), data["rng"], data["true_evaluations"],
                        data["surrogate_predictions"], data["since_improvement"], data["stopped"],
                        Totals(**data["totals"]), data["history"], data["adam_at"], data["segment"],
-                       data.get("algorithms", []))
+                       data["algorithms"], data["asks"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ClsoError(f"{self.folder}: checkpoint unreadable ({type(e).__name__}); delete the "
                             "folder to start the search afresh") from None
@@ -184,7 +185,7 @@ class Checkpoints:
                 "rng": run.rng, "true_evaluations": run.true_evaluations,
                 "surrogate_predictions": run.surrogate_predictions, "since_improvement": run.since_improvement,
                 "stopped": run.stopped, "totals": totals.__dict__, "history": run.history, "adam_at": run.adam_at,
-                "segment": run.segment, "algorithms": run.algorithms,
+                "segment": run.segment, "algorithms": run.algorithms, "asks": run.asks,
                 "cache": [[list(k), v if math.isfinite(v) else "inf"] for k, v in search.evaluator.cache.items()]}
         write_text_atomic(self.folder / "state.json", json.dumps(data))
         for old in self.folder.glob("*.safetensors"):
@@ -396,6 +397,7 @@ class Evolution:
     def _ask(self, n: int) -> np.ndarray:
         genomes, self.asked = self._nevergrad().ask(n)
         self.run.segment["batches"].append(n)
+        self.run.asks += n
         return genomes
 
     def _told(self, population: np.ndarray, fitness: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
