@@ -38,19 +38,29 @@ def evolution_png(history: list[dict], path: str | Path, title: str, uniform_los
     write_bytes_atomic(path, buffer.getvalue())
 
 
+LINE_STYLES = ("-", "--", ":", "-.")  # a stage's seeds, in the order they come
+
+
 def frontier_png(rows: list[dict], x_key: str, x_label: str, path: str | Path, title: str,
                  bound_loss: float | None = None) -> None:
     """One mode's frontier (clso.compare.frontier rows): each contestant's curve against cost and its
-    final val loss as a dot of the same colour; the baseline black, the other contestants one colour each."""
+    final val loss as a dot of the same colour; the baseline black, each other stage one colour, its
+    seeds told apart by line style."""
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     names = list(dict.fromkeys(r["contestant"] for r in rows))
-    others = iter(plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors)
+    stages = list(dict.fromkeys(name.split("@")[0] for name in names if name != "baseline"))
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    colours = {"baseline": "black", **{stage: palette[i % len(palette)] for i, stage in enumerate(stages)}}
+    seen: dict[str, int] = {}
     for name in names:
         mine = [r for r in rows if r["contestant"] == name]
         curve, final = [r for r in mine if r["point"] != "final val"], [r for r in mine if r["point"] == "final val"]
-        colour = "black" if name == "baseline" else next(others)
-        ax.plot([r[x_key] for r in curve], [r["loss"] for r in curve], color=colour, lw=1.2, marker=".", markersize=3,
-                label=f"{name}: {curve[0]['point']}")
+        stage = name.split("@")[0]
+        seen[stage] = seen.get(stage, -1) + 1
+        style = LINE_STYLES[seen[stage] % len(LINE_STYLES)]
+        colour = colours[stage]
+        ax.plot([r[x_key] for r in curve], [r["loss"] for r in curve], color=colour, lw=1.2, ls=style, marker=".",
+                markersize=3, label=f"{name}: {curve[0]['point']}")
         ax.scatter([r[x_key] for r in final], [r["loss"] for r in final], color=colour, zorder=3, edgecolor="black")
     if bound_loss is not None:
         ax.axhline(bound_loss, color="grey", ls=":", lw=1, label="no body gets below (frozen head)")

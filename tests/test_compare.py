@@ -487,3 +487,15 @@ def test_the_noise_floor_says_whether_the_spread_repeats_this_run():
     del measured["val_loss"]["field_no_neurons"]
     with pytest.raises(ClsoError, match="no val losses of 'field_no_neurons'.*python -m stages.spread"):
         one_run_noise(measured, ONE_RUN_ROWS)
+
+
+def test_the_frontier_plot_draws_every_stage_at_every_seed(tmp_path):
+    from clso.plots import frontier_png
+
+    names = ["baseline"] + [f"{stage}@hybrid-{seed}" for stage in ("evolve", "random", "no_surrogate", "fixed_body",
+                                                                       "ngopt", "head_only", "es", "mezo")
+                            for seed in (1337, 1, 2)]  # 25 contestants: more than the palette's 18 colours
+    rows = [{"contestant": n, "point": point, "loss": 6.0 - 0.1 * k, "flops": 1e9 * (k + 1)}
+            for n in names for k, point in enumerate(("curve", "curve", "final val"))]
+    frontier_png(rows, "flops", "FLOPs", tmp_path / "f.png", "hybrid")
+    assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
