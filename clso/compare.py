@@ -374,15 +374,20 @@ def field_vs_journal(field: Record) -> dict:
 
 def forward_only(rows: list[dict], baseline_curve: list[dict], seeds: tuple[int, ...]) -> dict | None:
     """The best forward-only contestant (the pure-mode stage of lowest mean val loss over its seeds, at its
-    first seed) against the baseline's curve at its energy and FLOPs. `bound_applies`: the frozen-head
-    bound limits the genome searches, whose head is frozen, not es or mezo, which train it."""
+    first seed) against the baseline's curve at its energy and FLOPs, with the range of those ratios over
+    its seeds. `bound_applies`: the frozen-head bound limits the genome searches, whose head is frozen,
+    not es or mezo, which train it."""
     pure = groups(r for r in rows if r["mode"] == "pure")
     if not pure:
         return None
     runs = pure[min(pure, key=lambda name: statistics.fmean(r["val_loss"] for r in pure[name]))]
     r = min(runs, key=lambda run: seeds.index(run["seed"]))
     m = matched(r, baseline_curve)
+    each = [(run["val_ppl"], matched(run, baseline_curve)) for run in runs]
+    at_energy = [ppl / x["baseline_val_ppl_at_clso_energy"] for ppl, x in each]
+    at_flops = [ppl / x["baseline_val_ppl_at_clso_flops"] for ppl, x in each]
     return {"contestant": r["name"], "seeds": len(runs), "val_ppl": r["val_ppl"], "test_ppl": r["test_ppl"],
+            "seed_ratios_at_energy": [min(at_energy), max(at_energy)], "seed_ratios_at_flops": [min(at_flops), max(at_flops)],
             "energy_wh": r["energy_wh"], "method": r["method"],
             "flops": r["flops"], "baseline_val_ppl_at_energy": m["baseline_val_ppl_at_clso_energy"],
             "at_energy": m["at_clso_energy"], "ppl_ratio_at_energy": r["val_ppl"] / m["baseline_val_ppl_at_clso_energy"],

@@ -318,7 +318,7 @@ class BaselineParams:
 @dataclass(frozen=True)
 class CompileParams:
     prune_vocab: bool = spec(False, "keep only the token ids that occur in the train split (smaller embeddings)")
-    eval_tokens: int = spec(0, "val tokens for perplexity and top-1 agreement of each file; 0 = the whole val split",
+    eval_tokens: int = spec(32768, "val tokens for perplexity and top-1 agreement of each file; 0 = the whole val split",
                             min=0, max=1_000_000_000)
     bench_tokens: int = spec(100, "tokens of one generated sequence in the runtime benchmark (at most "
                              "model.block_size - 1)", min=1, max=1_000_000)

@@ -92,7 +92,8 @@ def compile_(params: Path = PARAMS_OPTION) -> None:
             write_json_atomic(out / COMPILE_REPORT.name, {"clso": clso_run.name, "prune_vocab": c.prune_vocab,
                                              "vocab_rows": vocab_rows, "runtime_logit_tolerance": RUNTIME_LOGIT_TOLERANCE,
                                              "models": models})
-    result = {"clso": clso_run.name, **_figures(models), "cost": meter.reading.as_metrics()}  # charged to no one
+    result = {"clso": clso_run.name, "eval_tokens": len(val) - 1, **_figures(models),
+              "cost": meter.reading.as_metrics()}  # charged to no one
     write_json_atomic(metrics("compile"), {name: {"mixed8_mean_kl": m["modes"]["mixed8"]["mean_kl"],
                                                   "mixed8_bytes": m["modes"]["mixed8"]["bytes"]}
                                            for name, m in result["models"].items() if name != "field"})

@@ -286,23 +286,33 @@ def test_the_best_forward_only_contestant_is_the_pure_stage_best_on_average_at_i
     assert f["contestant"] == "es@pure-1" and f["seeds"] == 2 and not f["bound_applies"]
     # the baseline's curve at energy 1.0 is at loss 6.0: the same perplexity
     assert f["ppl_ratio_at_energy"] == pytest.approx(1.0) and f["at_energy"] == "interpolated"
+    assert f["seed_ratios_at_energy"] == pytest.approx([1.0, math.exp(0.2)])  # seed 2 ends 0.2 nats higher
     assert forward_only(runs[:2], CURVE, seeds=(1, 2))["bound_applies"]  # a genome search: its head is frozen
     assert forward_only(runs[-1:], CURVE, seeds=(1,)) is None
 
 
 def test_the_answer_follows_the_numbers():
     one_seed = {"mean_diff": -0.2, "conclusion": "one_seed"}
-    result = {"forward_only": {"contestant": "es@pure-1", "seeds": 1, "ppl_ratio_at_energy": 8.0},
+    result = {"forward_only": {"contestant": "es@pure-1", "seeds": 1, "seed_ratios_at_energy": [8.0, 8.0],
+                               "seed_ratios_at_flops": [7.0, 7.0]},
               "contrasts": {"ga_vs_es": {"pure": {**one_seed, "mean_diff": -0.4}, "hybrid": {**one_seed, "mean_diff": 0.1}},
                             "body_backward": {"hybrid": {"mean_diff": 0.6, "conclusion": "fixed_body_better"}}}}
     text = answer(result)
     assert text.startswith("The best forward-only contestant falls short of AdamW") and "(one seed) ends at 8× AdamW's" in text
     assert "ES ends 0.400 nats below it in pure mode and ends 0.100 nats above it in hybrid mode (one seed: no claim)" in text
     assert "+0.600 nats of val loss to a fixed random body (beyond noise)" in text and sentences(text) == 1
-    result["forward_only"]["ppl_ratio_at_energy"] = 1.04
+    result["forward_only"]["seed_ratios_at_energy"] = [1.04, 1.04]
     result["contrasts"]["ga_vs_es"] = {"pure": {"mean_diff": -0.4, "conclusion": "control_better"}}
     text = answer(result)
     assert text.startswith("The best forward-only contestant comes within the tolerance") and "is ahead of it in pure mode" in text
+    result["forward_only"] |= {"contestant": "mezo@pure-1337", "seeds": 3, "seed_ratios_at_energy": [8.9, 11.5],
+                               "seed_ratios_at_flops": [7.8, 9.7]}
+    text = answer(result)
+    assert text.startswith("The best forward-only contestant falls short of AdamW at these budgets: `mezo@pure` (the best "
+                           "stage by its mean over 3 seeds) ends at 8.9-11.5× AdamW's val perplexity at the same energy "
+                           "over its seeds (7.8-9.7× at the same FLOPs)")
+    result["forward_only"]["seed_ratios_at_energy"] = [1.0, 1.2]  # one seed within the tolerance, another not
+    assert answer(result).startswith("The best forward-only contestant falls short of AdamW at some seeds, not at others")
 
 
 def test_t_quantiles_match_the_table_and_approach_the_normal():

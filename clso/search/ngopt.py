@@ -40,7 +40,7 @@ class Nevergrad:
         optimizer = self.optimizer
         while getattr(optimizer, "optim", None) is not None:
             optimizer = optimizer.optim
-        return getattr(optimizer, "name", type(optimizer).__name__)  # its configured name, not its class
+        return optimizer.name  # its configured name (DiscreteLenglerOnePlusOne), not its class (_OnePlusOne)
 
     def ask(self, n: int) -> tuple[np.ndarray, list]:
         """n genomes to evaluate (n, genome_length), and the candidates to tell their losses to."""
