@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "preflight":
         return preflight()
     result = summary(args.parts)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    partial = args.out.with_name(f".{args.out.name}.tmp")  # a cut run never leaves half a file
+    partial.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    partial.replace(args.out)
     t, a = result["tests"], result["acceptance"]
     tests = "tests not run" if t is None else f"tests {t['passed']} passed, {t['failed']} failed, " \
                                               f"{t['errors']} errors, {t['skipped']} skipped"
