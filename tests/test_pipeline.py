@@ -5,7 +5,6 @@ import io
 import json
 import math
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -19,17 +18,24 @@ def sh(args, cwd, env, timeout=900):
     return run.stdout + run.stderr
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """Tracked and untracked-but-not-ignored files of this checkout, committed in a new git repo,
-    with the tiny params. The tests below run in order on it, as a user would."""
-    dest = copy_checkout(tmp_path_factory.mktemp("pipeline") / "repo")
-    shutil.copy(REPO / "tests/params_tiny.yaml", dest / "params.yaml")
+def committed_copy(dest, params: str):
+    """Tracked and untracked-but-not-ignored files of this checkout, with `params` (YAML text) as
+    params.yaml, committed in a new git repo at `dest`."""
+    copy_checkout(dest)
+    (dest / "params.yaml").write_text(params, encoding="utf-8")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     sh(["git", "init", "-q"], dest, env)
     sh(["git", "add", "-A"], dest, env)
     sh(["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "tiny"], dest, env)
     return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The tiny params in a committed copy of this checkout. The tests below run in order on it, as a
+    user would."""
+    return committed_copy(tmp_path_factory.mktemp("pipeline") / "repo",
+                          (REPO / "tests/params_tiny.yaml").read_text(encoding="utf-8"))
 
 
 def test_dvc_repro_runs_every_stage_then_nothing(repo, stage_env):
