@@ -74,7 +74,9 @@ def test_metrics_keep_the_figures_compared_across_runs_and_build_the_rest(workdi
     report = json.loads((workdir / "build/report.json").read_text())
     assert summary == {name: {"mixed8_mean_kl": m["modes"]["mixed8"]["mean_kl"], "mixed8_bytes": m["modes"]["mixed8"]["bytes"]}
                        for name, m in metrics["models"].items() if name != "field"}
-    assert set(metrics) == {"clso", "models", "targets", "measured", "met", "cost"}
+    assert set(metrics) == {"clso", "eval_tokens", "models", "targets", "measured", "met", "cost"}
+    val_tokens = len(TokenData.open(workdir / "data/prepared").tokens("val"))
+    assert metrics["eval_tokens"] == min(load_params(workdir / "params.yaml").compile.eval_tokens, val_tokens - 1)
     assert metrics["clso"] == report["clso"] == "evolve@hybrid-1337"  # the best mode over seeds, at the first seed
     assert set(metrics["models"]["baseline"]) == {"modes", "runtime_bench"}
     assert set(metrics["models"]["clso"]) == {"modes", "runtime_bench", "exactness"}
