@@ -1,5 +1,6 @@
-"""The `clso` command: every DVC stage (stages/) and every tool (bench, fuzz) as a subcommand of one
-typer app. Stages run through `dvc repro`; the tools print JSON."""
+"""The `clso` command: every DVC stage (stages/) and every tool (bench, fuzz, scaling) as a subcommand
+of one typer app. Stages run through `dvc repro`; bench and fuzz print JSON; scaling queues and reads
+the size sweep's DVC experiments."""
 
 import importlib
 
@@ -9,7 +10,7 @@ from stages.common import app
 # them, then the tools
 COMMANDS = ("stages.prepare", "stages.baseline", "stages.library", "stages.surrogate", "stages.evolve", "stages.arena",
             "stages.field", "stages.spread", "stages.sweep", "stages.compile", "stages.transfer", "stages.compare",
-            "cli.bench", "cli.fuzz")
+            "cli.bench", "cli.fuzz", "cli.scaling")
 for module in COMMANDS:
     importlib.import_module(module)
 

@@ -1,0 +1,276 @@
+"""The size sweep: a plan of model sizes (scaling.yaml), the `dvc exp run -S` overrides of each, and
+the table, fitted trend and report section built from the finished experiments' compare outputs.
+Running DVC is the caller's (cli/scaling.py); this module only turns dicts into dicts and text."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+
+from clso import ClsoError
+from clso.compare import ENERGY_SHARE, PPL_TOLERANCE
+from clso.params import Params, parse_params
+from clso.report import fmt, table
+
+SIZE_KEYS = ("n_layer", "n_embd", "n_head")
+PREFIX = "size-"  # every experiment of the sweep is named size-{n_layer}x{n_embd}
+TARGET_RATIO = 1 + PPL_TOLERANCE  # the hypothesis' perplexity bar: where the fitted trend would cross it
+
+
+class PlanError(ClsoError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Size:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    overrides: dict  # "section.key" → value: the plan's `set`, then this size's own `set`
+
+    @property
+    def name(self) -> str:
+        return f"{PREFIX}{self.n_layer}x{self.n_embd}"
+
+    def assignments(self) -> list[str]:
+        """The `-S key=value` arguments of `dvc exp run` (values as JSON, which DVC reads as YAML)."""
+        return [f"{key}={json.dumps(value)}" for key, value in self.overrides.items()]
+
+
+def _overrides(where: str, raw) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k.count(".") == 1 for k in raw):
+        raise PlanError(f"{where}: expected a mapping of section.key: value, like grid.seeds: [1337]")
+    return dict(raw)
+
+
+@dataclass(frozen=True)
+class Plan:
+    rule: str  # how budgets scale with size, in words, for the report
+    sizes: list[Size]
+
+
+def parse_plan(raw, params: dict) -> Plan:
+    """A scaling.yaml document, each size checked against `params` (params.yaml as loaded YAML) with
+    its overrides applied, so a typo fails before anything is queued."""
+    if not isinstance(raw, dict) or set(raw) - {"rule", "set", "sizes"} or not isinstance(raw.get("sizes"), list) \
+            or not isinstance(raw.get("rule"), str) or not raw["rule"].strip():
+        raise PlanError("expected the keys `rule` (the budget rule, in words), `sizes` (a list of {n_layer, n_embd, "
+                        "n_head}) and, optionally, `set`")
+    common = _overrides("set", raw.get("set"))
+    sizes, names = [], set()
+    for i, entry in enumerate(raw["sizes"]):
+        where = f"sizes[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {*SIZE_KEYS, "set"} or not set(SIZE_KEYS) <= set(entry):
+            raise PlanError(f"{where}: expected n_layer, n_embd, n_head and, optionally, set")
+        if not all(isinstance(entry[k], int) and not isinstance(entry[k], bool) and entry[k] > 0 for k in SIZE_KEYS):
+            raise PlanError(f"{where}: n_layer, n_embd and n_head must be positive integers")
+        model = {f"model.{k}": entry[k] for k in SIZE_KEYS}
+        size = Size(**{k: entry[k] for k in SIZE_KEYS}, overrides={**common, **_overrides(f"{where}.set", entry.get("set")),
+                                                                  **model})
+        if size.name in names:
+            raise PlanError(f"{where}: {size.name} twice; each size is one experiment")
+        names.add(size.name)
+        try:
+            parse_params(applied(params, size.overrides))
+        except ClsoError as e:
+            raise PlanError(f"{where} ({size.name}): {e}") from None
+        sizes.append(size)
+    if not sizes:
+        raise PlanError("sizes: empty; list at least one size")
+    return Plan(rule=raw["rule"].strip(), sizes=sizes)
+
+
+def applied(params: dict, overrides: dict) -> dict:
+    """params.yaml's sections with the overrides set, as `dvc exp run -S` sets them."""
+    out = copy.deepcopy(params)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        if not isinstance(out.get(section), dict):
+            raise PlanError(f"{key}: no section {section} in params.yaml")
+        out[section][name] = value
+    return out
+
+
+def differs(params: dict, size: Size) -> str | None:
+    """The first override an experiment's params.yaml does not hold, as `key=value`, or None."""
+    for key, value in size.overrides.items():
+        section, name = key.split(".")
+        if (params.get(section) or {}).get(name) != value:
+            return f"{key}={json.dumps((params.get(section) or {}).get(name))}"
+    return None
+
+
+def model_size(params: Params, vocab_size: int) -> tuple[int, int]:
+    """(parameters of the dense GPT-2, genes of CLSO's genome) at these params and vocabulary."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from clso.model.crystalline import ModelConfig, genome_length
+
+    config = ModelConfig.from_params(params.model, vocab_size)
+    with torch.device("meta"):  # shapes only: no memory, no time
+        dense = GPT2LMHeadModel(config.gpt2())
+    return sum(p.numel() for p in dense.parameters()), genome_length(config)
+
+
+def size_row(size: Size, n_params: int, genes: int, compare: dict, detail: dict) -> dict:
+    """One row of plots/scaling.csv from an experiment's metrics/compare.json and its detail."""
+    base = detail["contestants"]["baseline"]["val_ppl"]
+    ratio, verdict = detail["headline"]["ratio"], detail["headline"]["verdict"]
+    bound = detail.get("frozen_head_bound_val_ppl")
+    row = {"size": size.name, "n_layer": size.n_layer, "n_embd": size.n_embd, "n_head": size.n_head,
+           "params": n_params, "genes": genes, "clso": detail["headline"]["clso"], "baseline_val_ppl": base,
+           "ppl_ratio": ratio["val_ppl"], "energy_ratio": ratio["energy_wh"], "flops_ratio": ratio["flops"],
+           "energy_method": compare["energy_method"], "energy_criterion": verdict["energy_criterion"],
+           "holds": verdict["holds"], "bound_ppl_ratio": None if bound is None else bound / base}
+    runs = {}  # every search and arena contestant: its mean over seeds (compare's over_seeds, from two seeds)
+    for name, c in detail["contestants"].items():
+        if "@" in name:
+            runs.setdefault(name.rsplit("-", 1)[0], []).append(c["val_ppl"])
+    for stage, ppls in runs.items():
+        mean = detail["over_seeds"][stage]["val_ppl"] if len(ppls) > 1 else ppls[0]
+        row |= {f"{stage}_ppl_ratio": mean / base, f"{stage}_seeds": len(ppls)}
+    for name, modes in detail["contrasts"].items():
+        for mode, c in modes.items():
+            low, high = c.get("interval") or (None, None)
+            row |= {f"{name}@{mode}": c["mean_diff"], f"{name}@{mode}_low": low, f"{name}@{mode}_high": high,
+                    f"{name}@{mode}_conclusion": c["conclusion"]}
+    return row
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """Every column of the rows, in the order they first appear."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def fit_trend(rows: list[dict]) -> dict | None:
+    """Least squares of CLSO's perplexity ratio on ln(parameters), and where that line would reach
+    the hypothesis' bar (1 + PPL_TOLERANCE). None under two distinct sizes."""
+    xs = [math.log(r["params"]) for r in rows]
+    ys = [r["ppl_ratio"] for r in rows]
+    if len(set(xs)) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    total = sum((y - my) ** 2 for y in ys)
+    lo, hi = min(r["params"] for r in rows), max(r["params"] for r in rows)
+    crossing = math.exp(min((TARGET_RATIO - intercept) / slope, 700)) if slope < 0 else None  # 700: no overflow
+    where = "never" if crossing is None else "measured range" if lo <= crossing <= hi else \
+        "below the measured range" if crossing < lo else "extrapolated"
+    return {"sizes": len(rows), "intercept": intercept, "slope_per_ln_params": slope,
+            "slope_per_doubling": slope * math.log(2), "r2": 1 - residual / total if len(rows) > 2 and total else None,
+            "target": TARGET_RATIO, "crossing_params": crossing, "crossing": where, "measured_params": [lo, hi]}
+
+
+def fitted(fit: dict, n_params: float) -> float:
+    return fit["intercept"] + fit["slope_per_ln_params"] * math.log(n_params)
+
+
+def trend_statement(fit: dict | None) -> str:
+    if fit is None:
+        return "No trend: it needs at least two sizes."
+    lo, hi = fit["measured_params"]
+    head = (f"A line through CLSO's perplexity ratio against ln(parameters), fitted on {fit['sizes']} sizes "
+            f"({lo:,} to {hi:,} parameters), moves it by {fit['slope_per_doubling']:+.3g} per doubling of the "
+            f"parameters" + ("" if fit["r2"] is None else f" (R² {fit['r2']:.2f})") + ".")
+    if fit["crossing"] == "never":
+        return head + f" The ratio does not fall with size, so the line never reaches {TARGET_RATIO:g}."
+    where = f"{fit['crossing_params']:.3g} parameters"
+    if fit["crossing"] == "extrapolated":
+        return head + (f" It would reach {TARGET_RATIO:g} at {where}: an extrapolation far beyond "
+                       f"the measured sizes ({fit['crossing_params'] / hi:.3g}× the largest), assuming the "
+                       "line holds, which nothing measured here shows.")
+    if fit["crossing"] == "below the measured range":
+        return head + f" The line is at or below {TARGET_RATIO:g} over every measured size."
+    return head + f" It crosses {TARGET_RATIO:g} between the measured sizes, at about {where}."
+
+
+def _contrast_cell(row: dict, key: str) -> str:
+    if key not in row:
+        return "—"
+    low, high, conclusion = row[f"{key}_low"], row[f"{key}_high"], row[f"{key}_conclusion"]
+    interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}]"
+    return f"{row[key]:+.3f}{interval} {conclusion.replace('_', ' ')}"
+
+
+def section(rows: list[dict], missing: dict[str, str], fit: dict | None, rule: str) -> str:
+    """metrics/scaling.md: the sweep's table, contrasts, arena ratios and trend."""
+    lines = ["# How the verdict moves with size", "",
+             f"`clso scaling table` on the experiments of scaling.yaml ({len(rows)} finished of "
+             f"{len(rows) + len(missing)}). {rule}", "",
+             f"Ratios are to the AdamW baseline of the same size. The hypothesis: perplexity ratio ≤ {TARGET_RATIO:g} "
+             f"at energy ratio ≤ {ENERGY_SHARE:g}. The bound is the frozen-head bound's perplexity: no body "
+             "CLSO's library gives beats it with the head it keeps.", ""]
+    lines += table(["size", "parameters", "genes", "CLSO (best mode)", "ppl ratio", "energy ratio (method)",
+                    "FLOPs ratio", "bound ratio", "holds"],
+                   [[r["size"], f"{r['params']:,}", r["genes"], r["clso"], r["ppl_ratio"],
+                     f"{fmt(r['energy_ratio'])} ({r['energy_method']})", r["flops_ratio"], r["bound_ppl_ratio"],
+                     r["holds"]] for r in rows])
+    for name, why in missing.items():
+        lines.append(f"- {name}: {why}")
+    contrasts = sorted({k for r in rows for k in r if f"{k}_conclusion" in r})
+    if contrasts:
+        lines += ["", "## Contrasts (nats of val loss; 95 % interval once seeds give one)", ""]
+        lines += table(["size", *contrasts], [[r["size"], *(_contrast_cell(r, c) for c in contrasts)] for r in rows])
+    stages = [k.removesuffix("_ppl_ratio") for k in columns(rows) if k.endswith("_ppl_ratio") and "@" in k]
+    if stages:
+        lines += ["", "## Every search's perplexity ratio to AdamW (mean over its seeds)", ""]
+        lines += table(["size", *stages], [[r["size"], *(r.get(f"{s}_ppl_ratio") for s in stages)] for r in rows])
+    lines += ["", "## Trend", "", trend_statement(fit), ""]
+    return "\n".join(lines)
+
+
+def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
+    """The size sweep (clso.scaling rows): left, every search's perplexity ratio to AdamW against
+    parameters, CLSO's fitted line dashed and the hypothesis' bar; right, CLSO's energy and FLOPs ratios."""
+    import io
+
+    from matplotlib.ticker import FormatStrFormatter
+
+    from clso.io import write_bytes_atomic
+    from clso.plots import LINE_STYLES, plt
+
+    n = [r["params"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    stages = [k for k in dict.fromkeys(k for r in rows for k in r) if k.endswith("_ppl_ratio") and "@" in k]
+    for i, key in enumerate(stages):
+        points = [(r["params"], r[key]) for r in rows if r.get(key) is not None]
+        left.plot(*zip(*points), marker="o", lw=1, ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
+                  color=plt.get_cmap("tab10").colors[i % 10], label=key.removesuffix("_ppl_ratio"))
+    left.plot(n, [r["ppl_ratio"] for r in rows], color="black", marker="s", lw=2, label="CLSO, best mode (headline)")
+    bound = [(r["params"], r["bound_ppl_ratio"]) for r in rows if r["bound_ppl_ratio"] is not None]
+    if bound:
+        left.plot(*zip(*bound), color="grey", ls=":", marker="v", label="frozen-head bound")
+    if fit is not None:
+        end = max(n) if fit["crossing_params"] is None else min(max(max(n), fit["crossing_params"]), 100 * max(n))
+        xs = [min(n) * (end / min(n)) ** (i / 50) for i in range(51)]
+        left.plot(xs, [fitted(fit, x) for x in xs], color="black", ls="--", lw=1,
+                  label="CLSO's fitted line (beyond the last size: extrapolation)")
+    left.axhline(TARGET_RATIO, color="red", lw=1, label=f"hypothesis: ratio ≤ {TARGET_RATIO:g}")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    left.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    left.set_xlabel("parameters (dense GPT-2)")
+    left.set_ylabel("val perplexity / AdamW's")
+    left.legend(fontsize=6)
+    right.plot(n, [r["energy_ratio"] for r in rows], marker="o", label=f"energy ({rows[0]['energy_method']})")
+    right.plot(n, [r["flops_ratio"] for r in rows], marker="s", label="FLOPs")
+    right.axhline(ENERGY_SHARE, color="red", lw=1, label=f"hypothesis: ≤ {ENERGY_SHARE:g}")
+    right.set_xscale("log")
+    right.set_xlabel("parameters (dense GPT-2)")
+    right.set_ylabel("CLSO's cost / AdamW's")
+    right.legend(fontsize=7)
+    fig.suptitle("How the verdict moves with size (clso scaling table)", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
