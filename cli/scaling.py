@@ -2,7 +2,10 @@
 experiment per size of scaling.yaml; `dvc queue start` runs them; `table` reads the finished ones back
 through DVC's Python API and writes the table, the plot and the report section."""
 
+import functools
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import typer
@@ -23,6 +26,23 @@ CSV, PNG = Path("plots/scaling.csv"), Path("plots/scaling.png")
 SECTION, SUMMARY = Path("metrics/scaling.md"), Path("metrics/scaling.json")
 
 
+def dvc_errors(fn):
+    """DVC's own exceptions (not a repository, a lock held, a bad revision) as one-line errors."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from dvc.exceptions import DvcException
+        from scmrepo.exceptions import SCMError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DvcException, SCMError) as e:
+            raise ClsoError(f"dvc: {str(e).splitlines()[0] if str(e) else type(e).__name__}; run from the "
+                            "repository root of a DVC project") from None
+
+    return run
+
+
 def _yaml(path: Path):
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -33,12 +53,29 @@ def _yaml(path: Path):
 
 
 def _plan(plan: Path, params: Path):
+    """The plan, each size's params checked as `dvc exp run -S` will write them: DVC's own override
+    writer on a copy of params.yaml, then the stages' own checks on the result."""
+    from dvc.exceptions import DvcException
+    from dvc.utils.hydra import apply_overrides
+
+    from clso.params import load_params
     from clso.scaling import PlanError, parse_plan
 
     try:
-        return parse_plan(_yaml(plan), _yaml(params))
+        the_plan = parse_plan(_yaml(plan), _yaml(params))
     except PlanError as e:
         raise PlanError(f"{plan}: {e}") from None
+    with tempfile.TemporaryDirectory() as scratch:
+        for size in the_plan.sizes:
+            copy = Path(scratch) / "params.yaml"
+            shutil.copyfile(params, copy)
+            try:
+                apply_overrides(copy, size.assignments())
+                load_params(copy)
+            except (ClsoError, DvcException) as e:
+                reason = str(e).removeprefix(f"{copy}: ")
+                raise PlanError(f"{plan}: {size.name}: as `dvc exp run -S` writes it, {reason}") from None
+    return the_plan
 
 
 def _dvc(args: list[str]) -> str:
@@ -53,58 +90,63 @@ def _dvc(args: list[str]) -> str:
     return run.stdout
 
 
+def experiments(names: set[str]) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """The sweep's experiments: ({name: (its newest finished run's full rev, the commit it ran on)},
+    {name: queued | running | failed}), over every commit, through dvc.api.exp_show."""
+    import dvc.api
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        done = {sha: (name, baseline) for baseline, exps in repo.experiments.ls(all_commits=True).items()
+                for name, sha in exps if name in names}
+        queue = repo.experiments.celery_queue
+        pending = {entry.baseline_rev for entry in (*queue.iter_queued(), *queue.iter_active(), *queue.iter_failed())
+                   if entry.name in names}
+        when = {sha: repo.scm.resolve_commit(sha).commit_time for sha in done}
+    rows = dvc.api.exp_show(repo=".", revs=sorted({*pending, *(b for _, b in done.values())}), num=1) \
+        if done or pending else []
+    finished = {}
+    for sha in sorted(done, key=when.get):  # the newest run of a name last, so it wins
+        name, baseline = done[sha]
+        finished[name] = (sha, baseline[:7])
+    states = {row["Experiment"]: str(row["State"]).lower() for row in rows
+              if row.get("Experiment") in names and row.get("State") in ("Queued", "Running", "Failed")}
+    return finished, states
+
+
 @scaling.command("queue")
 @one_line_errors("scaling queue")
+@dvc_errors
 def queue(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION,
           size: list[str] = typer.Option(None, "--size", help="queue only this size (size-2x128); repeat for more"),
-          force: bool = typer.Option(False, "--force", help="replace an experiment of the same name on this commit")
+          force: bool = typer.Option(False, "--force", help="queue a size that has a finished experiment on this "
+                                                            "commit: the new run replaces it when it finishes")
           ) -> None:
     """Queue `dvc exp run --queue compare -S …` once per size of the plan. Each experiment runs in its
     own copy of the repository, so no two share a checkpoint or an output. Then: `dvc queue start`."""
+    from dvc.repo import Repo
+
     sizes = _plan(plan, params).sizes
     unknown = sorted(set(size or ()) - {s.name for s in sizes})
     if unknown:
         raise ClsoError(f"--size {unknown[0]}: not in {plan}; valid: {', '.join(s.name for s in sizes)}")
     chosen = [s for s in sizes if not size or s.name in size]
+    finished, states = experiments({s.name for s in chosen})
+    with Repo(".") as repo:
+        head = repo.scm.get_rev()[:7]
+    for s in chosen:  # every refusal before anything is queued
+        if states.get(s.name) in ("queued", "running"):
+            raise ClsoError(f"{s.name}: already {states[s.name]} (dvc queue status); let it finish or "
+                            f"dvc queue kill / remove it first")
+        if s.name in finished and finished[s.name][1] == head and not force:
+            raise ClsoError(f"{s.name}: finished on this commit already; --force runs it again, or choose sizes "
+                            "with --size")
     for s in chosen:
-        try:
-            _dvc(["exp", "run", "--queue", *(["--force"] if force else []), TARGET, "-n", s.name,
-                  *(a for kv in s.assignments() for a in ("-S", kv))])
-        except ClsoError as e:
-            if "conflicts with existing experiment" in str(e):
-                raise ClsoError(f"{s.name}: an experiment of that name exists on this commit; --force replaces it, "
-                                "or name the other sizes with --size") from None
-            raise ClsoError(f"{s.name}: {e}") from None
+        _dvc(["exp", "run", "--queue", *(["--force"] if force else []), TARGET, "-n", s.name,
+              *(a for kv in s.assignments() for a in ("-S", kv))])
         print(f"queued {s.name}: {' '.join(s.assignments())}")
     print(f"{len(chosen)} experiments queued. Run them: dvc queue start (-j 2 for two at once); watch: dvc queue "
           "status; then: clso scaling table")
-
-
-def finished(sizes) -> tuple[list, dict[str, str]]:
-    """The newest experiment of each size's name, through dvc.api.exp_show: (sizes with the rev of
-    their finished experiment, {name: why it is not in the table})."""
-    import dvc.api
-    from dvc.repo import Repo
-
-    names = {s.name for s in sizes}
-    with Repo(".") as repo:  # the commits the sweep's finished experiments hang from, and HEAD's queued and
-        # running ones, so exp_show reads no other commit
-        baselines = [rev for rev, exps in repo.experiments.ls(all_commits=True).items()
-                     if any(name in names for name, _ in exps)]
-    rows = dvc.api.exp_show(repo=".", revs=["HEAD", *baselines], num=1)
-    newest = {}
-    for row in rows:  # the newest commit's experiments first
-        newest.setdefault(row.get("Experiment"), row)
-    done, missing = [], {}
-    for s in sizes:
-        row = newest.get(s.name)
-        if row is None:
-            missing[s.name] = "not run (clso scaling queue, then dvc queue start)"
-        elif row["State"] != "Success":
-            missing[s.name] = f"{str(row['State']).lower()} (dvc queue status; dvc queue logs {s.name})"
-        else:
-            done.append((s, row["rev"]))
-    return done, missing
 
 
 def _read(path: str, rev: str):
@@ -115,28 +157,36 @@ def _read(path: str, rev: str):
 
 @scaling.command("table")
 @one_line_errors("scaling table")
+@dvc_errors
 def table_(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION) -> None:
     """Read every finished experiment of the plan (dvc.api.exp_show, then its compare outputs) and
-    write plots/scaling.csv, plots/scaling.png, metrics/scaling.md and metrics/scaling.json: per size, CLSO's ratios to
-    AdamW, the contrasts, every search's ratio and the fitted trend."""
+    write plots/scaling.csv, plots/scaling.png, metrics/scaling.md and metrics/scaling.json: per size,
+    CLSO's ratios to AdamW, the contrasts, every search's ratio and the fitted trend. A size is left out,
+    with the reason, while it is not finished or when it ran with other params than the plan gives now."""
     from clso.params import parse_params
-    from clso.scaling import columns, differs, fit_trend, model_size, scaling_png, section, size_row, trend_statement
+    from clso.scaling import applied, columns, differs, fit_trend, model_size, scaling_png, section, size_row, \
+        trend_statement
 
     the_plan = _plan(plan, params)
-    done, missing = finished(the_plan.sizes)
-    rows = []
-    for s, rev in done:
-        raw = _read("params.yaml", rev)
-        stale = differs(raw, s)
-        if stale:
-            missing[s.name] = f"ran with {stale}, not the plan's (clso scaling queue --force --size {s.name})"
+    finished, states = experiments({s.name for s in the_plan.sizes})
+    workspace = _yaml(params)
+    rows, missing = [], {}
+    for s in the_plan.sizes:
+        if s.name not in finished:
+            missing[s.name] = states.get(s.name, "not run") + " (dvc queue status; clso scaling queue)"
             continue
-        n_params, genes = model_size(parse_params(raw), _read("metrics/detail/prepare.json", rev)["vocab_size"])
+        rev, commit = finished[s.name]
+        ran = _read("params.yaml", rev)
+        stale = differs(ran, applied(workspace, s.overrides))
+        if stale:
+            missing[s.name] = f"ran with {stale}, not what the plan gives now (clso scaling queue --size {s.name})"
+            continue
         try:
-            rows.append(size_row(s, n_params, genes, _read("metrics/compare.json", rev),
+            counts = model_size(parse_params(ran), _read("metrics/detail/prepare.json", rev)["vocab_size"])
+            rows.append(size_row(s, counts, commit, _read("metrics/compare.json", rev),
                                  _read("metrics/detail/compare.json", rev)))
         except (KeyError, TypeError) as e:
-            raise ClsoError(f"{s.name}: its compare outputs lack {e} (made by older code?); run it again: "
+            raise ClsoError(f"{s.name}: its outputs lack {e} (made by older code?); run it again: "
                             f"clso scaling queue --force --size {s.name}") from None
     if not rows:
         raise ClsoError(f"no finished experiment of {plan} ({'; '.join(f'{k}: {v}' for k, v in missing.items())})")
@@ -148,4 +198,3 @@ def table_(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION) -> None:
     for name, why in missing.items():
         print(f"{name}: {why}")
     print(f"{len(rows)} sizes → {CSV}, {PNG}, {SECTION}, {SUMMARY}. {trend_statement(fit)}")
-

@@ -7,16 +7,18 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 from dataclasses import dataclass
 
 from clso import ClsoError
-from clso.compare import ENERGY_SHARE, PPL_TOLERANCE
+from clso.compare import ENERGY_SHARE, PPL_TOLERANCE, t_975
 from clso.params import Params, parse_params
 from clso.report import fmt, table
 
 SIZE_KEYS = ("n_layer", "n_embd", "n_head")
 PREFIX = "size-"  # every experiment of the sweep is named size-{n_layer}x{n_embd}
 TARGET_RATIO = 1 + PPL_TOLERANCE  # the hypothesis' perplexity bar: where the fitted trend would cross it
+FAR = 10_000  # a crossing beyond this many times the largest size is given as "beyond", not as a number
 
 
 class PlanError(ClsoError):
@@ -36,7 +38,7 @@ class Size:
 
     def assignments(self) -> list[str]:
         """The `-S key=value` arguments of `dvc exp run` (values as JSON, which DVC reads as YAML)."""
-        return [f"{key}={json.dumps(value)}" for key, value in self.overrides.items()]
+        return [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in self.overrides.items()]
 
 
 def _overrides(where: str, raw) -> dict:
@@ -56,6 +58,8 @@ class Plan:
 def parse_plan(raw, params: dict) -> Plan:
     """A scaling.yaml document, each size checked against `params` (params.yaml as loaded YAML) with
     its overrides applied, so a typo fails before anything is queued."""
+    if not isinstance(params, dict):
+        raise PlanError("params.yaml: expected a mapping of sections")
     if not isinstance(raw, dict) or set(raw) - {"rule", "set", "sizes"} or not isinstance(raw.get("sizes"), list) \
             or not isinstance(raw.get("rule"), str) or not raw["rule"].strip():
         raise PlanError("expected the keys `rule` (the budget rule, in words), `sizes` (a list of {n_layer, n_embd, "
@@ -95,17 +99,20 @@ def applied(params: dict, overrides: dict) -> dict:
     return out
 
 
-def differs(params: dict, size: Size) -> str | None:
-    """The first override an experiment's params.yaml does not hold, as `key=value`, or None."""
-    for key, value in size.overrides.items():
-        section, name = key.split(".")
-        if (params.get(section) or {}).get(name) != value:
-            return f"{key}={json.dumps((params.get(section) or {}).get(name))}"
+def differs(ran: dict, expected: dict) -> str | None:
+    """The first key where an experiment's params.yaml (`ran`) is not what the plan gives today
+    (`expected`: params.yaml with the size's overrides), as `section.key=value`, or None."""
+    for section in dict.fromkeys([*expected, *ran]):
+        mine, theirs = expected.get(section) or {}, ran.get(section) or {}
+        for key in dict.fromkeys([*mine, *theirs]):
+            if mine.get(key) != theirs.get(key):
+                return f"{section}.{key}={json.dumps(theirs.get(key), ensure_ascii=False)}"
     return None
 
 
-def model_size(params: Params, vocab_size: int) -> tuple[int, int]:
-    """(parameters of the dense GPT-2, genes of CLSO's genome) at these params and vocabulary."""
+def model_size(params: Params, vocab_size: int) -> tuple[int, int, int]:
+    """(parameters of the dense GPT-2, those of its blocks alone, genes of CLSO's genome) at these params
+    and vocabulary. The genome covers the blocks; the embeddings are the baseline's in every contestant."""
     import torch
     from transformers import GPT2LMHeadModel
 
@@ -114,26 +121,29 @@ def model_size(params: Params, vocab_size: int) -> tuple[int, int]:
     config = ModelConfig.from_params(params.model, vocab_size)
     with torch.device("meta"):  # shapes only: no memory, no time
         dense = GPT2LMHeadModel(config.gpt2())
-    return sum(p.numel() for p in dense.parameters()), genome_length(config)
+    return (sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in dense.transformer.h.parameters()),
+            genome_length(config))
 
 
-def size_row(size: Size, n_params: int, genes: int, compare: dict, detail: dict) -> dict:
-    """One row of plots/scaling.csv from an experiment's metrics/compare.json and its detail."""
+def size_row(size: Size, counts: tuple[int, int, int], commit: str, compare: dict, detail: dict) -> dict:
+    """One row of plots/scaling.csv from an experiment's metrics/compare.json and its detail; `counts`
+    as model_size gives them, `commit` the one the experiment ran on."""
     base = detail["contestants"]["baseline"]["val_ppl"]
     ratio, verdict = detail["headline"]["ratio"], detail["headline"]["verdict"]
-    bound = detail.get("frozen_head_bound_val_ppl")
+    bound = detail["frozen_head_bound_val_ppl"]  # pure mode's floor; None when the grid runs no pure search
     row = {"size": size.name, "n_layer": size.n_layer, "n_embd": size.n_embd, "n_head": size.n_head,
-           "params": n_params, "genes": genes, "clso": detail["headline"]["clso"], "baseline_val_ppl": base,
-           "ppl_ratio": ratio["val_ppl"], "energy_ratio": ratio["energy_wh"], "flops_ratio": ratio["flops"],
-           "energy_method": compare["energy_method"], "energy_criterion": verdict["energy_criterion"],
-           "holds": verdict["holds"], "bound_ppl_ratio": None if bound is None else bound / base}
-    runs = {}  # every search and arena contestant: its mean over seeds (compare's over_seeds, from two seeds)
+           "params": counts[0], "block_params": counts[1], "genes": counts[2], "commit": commit,
+           "clso": detail["headline"]["clso"], "baseline_val_ppl": base,
+           "ppl_ratio": ratio["val_ppl"], "test_ppl_ratio": ratio["test_ppl"], "energy_ratio": ratio["energy_wh"],
+           "flops_ratio": ratio["flops"], "energy_method": compare["energy_method"],
+           "energy_criterion": verdict["energy_criterion"], "holds": verdict["holds"],
+           "pure_bound_ppl_ratio": None if bound is None else bound / base}
+    runs = {}  # every search and arena contestant (stage@mode): its val perplexity at each seed
     for name, c in detail["contestants"].items():
         if "@" in name:
             runs.setdefault(name.rsplit("-", 1)[0], []).append(c["val_ppl"])
     for stage, ppls in runs.items():
-        mean = detail["over_seeds"][stage]["val_ppl"] if len(ppls) > 1 else ppls[0]
-        row |= {f"{stage}_ppl_ratio": mean / base, f"{stage}_seeds": len(ppls)}
+        row |= {f"{stage}_ppl_ratio": statistics.fmean(ppls) / base, f"{stage}_seeds": len(ppls)}
     for name, modes in detail["contrasts"].items():
         for mode, c in modes.items():
             low, high = c.get("interval") or (None, None)
@@ -161,12 +171,19 @@ def fit_trend(rows: list[dict]) -> dict | None:
     residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
     total = sum((y - my) ** 2 for y in ys)
     lo, hi = min(r["params"] for r in rows), max(r["params"] for r in rows)
-    crossing = math.exp(min((TARGET_RATIO - intercept) / slope, 700)) if slope < 0 else None  # 700: no overflow
-    where = "never" if crossing is None else "measured range" if lo <= crossing <= hi else \
-        "below the measured range" if crossing < lo else "extrapolated"
-    return {"sizes": len(rows), "intercept": intercept, "slope_per_ln_params": slope,
-            "slope_per_doubling": slope * math.log(2), "r2": 1 - residual / total if len(rows) > 2 and total else None,
-            "target": TARGET_RATIO, "crossing_params": crossing, "crossing": where, "measured_params": [lo, hi]}
+    n = len(rows)
+    # the slope's 95 % interval (Student's t, n − 2 degrees of freedom): none from two sizes
+    half = t_975(n - 2) * math.sqrt(residual / (n - 2) / sxx) * math.log(2) if n > 2 else None
+    ln_crossing = (TARGET_RATIO - intercept) / slope if slope < 0 else None
+    far = ln_crossing is not None and ln_crossing > math.log(hi * FAR)
+    crossing = None if ln_crossing is None or far else math.exp(ln_crossing)
+    return {"sizes": n, "intercept": intercept, "slope_per_ln_params": slope, "slope_per_doubling": slope * math.log(2),
+            "slope_per_doubling_interval": None if half is None else [slope * math.log(2) - half,
+                                                                      slope * math.log(2) + half],
+            "r2": 1 - residual / total if n > 2 and total else None, "target": TARGET_RATIO,
+            "crossing_params": crossing, "crossing_beyond": FAR * hi if far else None, "measured_params": [lo, hi],
+            "measured_below_target": sum(r["ppl_ratio"] <= TARGET_RATIO for r in rows),
+            "modes": sorted({r["clso"].split("@")[1].split("-")[0] for r in rows})}
 
 
 def fitted(fit: dict, n_params: float) -> float:
@@ -177,19 +194,30 @@ def trend_statement(fit: dict | None) -> str:
     if fit is None:
         return "No trend: it needs at least two sizes."
     lo, hi = fit["measured_params"]
-    head = (f"A line through CLSO's perplexity ratio against ln(parameters), fitted on {fit['sizes']} sizes "
-            f"({lo:,} to {hi:,} parameters), moves it by {fit['slope_per_doubling']:+.3g} per doubling of the "
-            f"parameters" + ("" if fit["r2"] is None else f" (R² {fit['r2']:.2f})") + ".")
-    if fit["crossing"] == "never":
-        return head + f" The ratio does not fall with size, so the line never reaches {TARGET_RATIO:g}."
-    where = f"{fit['crossing_params']:.3g} parameters"
-    if fit["crossing"] == "extrapolated":
-        return head + (f" It would reach {TARGET_RATIO:g} at {where}: an extrapolation far beyond "
-                       f"the measured sizes ({fit['crossing_params'] / hi:.3g}× the largest), assuming the "
-                       "line holds, which nothing measured here shows.")
-    if fit["crossing"] == "below the measured range":
-        return head + f" The line is at or below {TARGET_RATIO:g} over every measured size."
-    return head + f" It crosses {TARGET_RATIO:g} between the measured sizes, at about {where}."
+    interval = fit["slope_per_doubling_interval"]
+    parts = [f"A line through CLSO's perplexity ratio against ln(parameters), fitted on {fit['sizes']} sizes "
+             f"({lo:,} to {hi:,} parameters), moves the ratio by {fit['slope_per_doubling']:+.3g} per doubling of "
+             "the parameters" + ("" if interval is None else
+                                 f" (95 % interval [{interval[0]:+.3g}, {interval[1]:+.3g}], R² {fit['r2']:.2f})") + "."]
+    if interval is None:
+        parts.append("Two sizes give no interval on the slope.")
+    elif interval[0] <= 0 <= interval[1]:
+        parts.append("The interval contains zero: the ratio may not move with size at all.")
+    if len(fit["modes"]) > 1:
+        parts.append(f"CLSO's best mode is not the same at every size ({', '.join(fit['modes'])}): the line joins both.")
+    if fit["measured_below_target"]:
+        parts.append(f"{fit['measured_below_target']} of the measured sizes are within {TARGET_RATIO:g} already.")
+    elif fit["slope_per_ln_params"] >= 0:
+        parts.append(f"The fitted ratio does not fall with size, so the line gives no size where it reaches "
+                     f"{TARGET_RATIO:g}.")
+    elif fit["crossing_params"] is None:
+        parts.append(f"The line would reach {TARGET_RATIO:g} only beyond {fit['crossing_beyond']:.3g} parameters "
+                     f"({FAR:,}× the largest measured size): an extrapolation nothing here supports.")
+    else:
+        parts.append(f"Extrapolated, the line would reach {TARGET_RATIO:g} at {fit['crossing_params']:.3g} parameters "
+                     f"({fit['crossing_params'] / hi:.3g}× the largest measured size). That holds only if the line "
+                     "does, which nothing measured here shows.")
+    return " ".join(parts)
 
 
 def _contrast_cell(row: dict, key: str) -> str:
@@ -206,13 +234,14 @@ def section(rows: list[dict], missing: dict[str, str], fit: dict | None, rule: s
              f"`clso scaling table` on the experiments of scaling.yaml ({len(rows)} finished of "
              f"{len(rows) + len(missing)}). {rule}", "",
              f"Ratios are to the AdamW baseline of the same size. The hypothesis: perplexity ratio ≤ {TARGET_RATIO:g} "
-             f"at energy ratio ≤ {ENERGY_SHARE:g}. The bound is the frozen-head bound's perplexity: no body "
-             "CLSO's library gives beats it with the head it keeps.", ""]
-    lines += table(["size", "parameters", "genes", "CLSO (best mode)", "ppl ratio", "energy ratio (method)",
-                    "FLOPs ratio", "bound ratio", "holds"],
-                   [[r["size"], f"{r['params']:,}", r["genes"], r["clso"], r["ppl_ratio"],
-                     f"{fmt(r['energy_ratio'])} ({r['energy_method']})", r["flops_ratio"], r["bound_ppl_ratio"],
-                     r["holds"]] for r in rows])
+             f"at energy ratio ≤ {ENERGY_SHARE:g}. CLSO's best mode is chosen on val, so its val ratio leans "
+             "optimistic; the test ratio is not chosen on. The pure-mode bound is the frozen-head bound's "
+             "perplexity: no pure-mode body beats it with the head it keeps.", ""]
+    lines += table(["size", "parameters (blocks)", "genes", "commit", "CLSO (best mode)", "val ppl ratio",
+                    "test ppl ratio", "energy ratio (method)", "FLOPs ratio", "pure-mode bound ratio", "holds"],
+                   [[r["size"], f"{r['params']:,} ({r['block_params']:,})", r["genes"], r["commit"], r["clso"],
+                     r["ppl_ratio"], r["test_ppl_ratio"], f"{fmt(r['energy_ratio'])} ({r['energy_method']})",
+                     r["flops_ratio"], r["pure_bound_ppl_ratio"], r["holds"]] for r in rows])
     for name, why in missing.items():
         lines.append(f"- {name}: {why}")
     contrasts = sorted({k for r in rows for k in r if f"{k}_conclusion" in r})
@@ -239,20 +268,20 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
 
     n = [r["params"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
-    stages = [k for k in dict.fromkeys(k for r in rows for k in r) if k.endswith("_ppl_ratio") and "@" in k]
+    stages = [k for k in columns(rows) if k.endswith("_ppl_ratio") and "@" in k]
     for i, key in enumerate(stages):
         points = [(r["params"], r[key]) for r in rows if r.get(key) is not None]
         left.plot(*zip(*points), marker="o", lw=1, ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
                   color=plt.get_cmap("tab10").colors[i % 10], label=key.removesuffix("_ppl_ratio"))
     left.plot(n, [r["ppl_ratio"] for r in rows], color="black", marker="s", lw=2, label="CLSO, best mode (headline)")
-    bound = [(r["params"], r["bound_ppl_ratio"]) for r in rows if r["bound_ppl_ratio"] is not None]
+    bound = [(r["params"], r["pure_bound_ppl_ratio"]) for r in rows if r["pure_bound_ppl_ratio"] is not None]
     if bound:
-        left.plot(*zip(*bound), color="grey", ls=":", marker="v", label="frozen-head bound")
+        left.plot(*zip(*bound), color="grey", ls=":", marker="v", label="pure mode's frozen-head bound")
     if fit is not None:
         end = max(n) if fit["crossing_params"] is None else min(max(max(n), fit["crossing_params"]), 100 * max(n))
         xs = [min(n) * (end / min(n)) ** (i / 50) for i in range(51)]
-        left.plot(xs, [fitted(fit, x) for x in xs], color="black", ls="--", lw=1,
-                  label="CLSO's fitted line (beyond the last size: extrapolation)")
+        beyond = " (past the last size: extrapolation)" if end > max(n) else ""
+        left.plot(xs, [fitted(fit, x) for x in xs], color="black", ls="--", lw=1, label=f"CLSO's fitted line{beyond}")
     left.axhline(TARGET_RATIO, color="red", lw=1, label=f"hypothesis: ratio ≤ {TARGET_RATIO:g}")
     left.set_xscale("log")
     left.set_yscale("log")
@@ -261,7 +290,8 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
     left.set_xlabel("parameters (dense GPT-2)")
     left.set_ylabel("val perplexity / AdamW's")
     left.legend(fontsize=6)
-    right.plot(n, [r["energy_ratio"] for r in rows], marker="o", label=f"energy ({rows[0]['energy_method']})")
+    methods = ", ".join(sorted({r["energy_method"] for r in rows}))
+    right.plot(n, [r["energy_ratio"] for r in rows], marker="o", label=f"energy ({methods})")
     right.plot(n, [r["flops_ratio"] for r in rows], marker="s", label="FLOPs")
     right.axhline(ENERGY_SHARE, color="red", lw=1, label=f"hypothesis: ≤ {ENERGY_SHARE:g}")
     right.set_xscale("log")
