@@ -261,18 +261,20 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
     parameters, CLSO's fitted line dashed and the hypothesis' bar; right, CLSO's energy and FLOPs ratios."""
     import io
 
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     from clso.io import write_bytes_atomic
-    from clso.plots import LINE_STYLES, plt
+    from clso.plots import plt
 
     n = [r["params"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
-    stages = [k for k in columns(rows) if k.endswith("_ppl_ratio") and "@" in k]
-    for i, key in enumerate(stages):
+    keys = [k for k in columns(rows) if k.endswith("_ppl_ratio") and "@" in k]
+    stages = list(dict.fromkeys(k.split("@")[0] for k in keys))
+    for key in keys:  # a colour per stage; pure mode solid with dots, hybrid dashed with triangles
+        stage, mode = key.removesuffix("_ppl_ratio").split("@")
         points = [(r["params"], r[key]) for r in rows if r.get(key) is not None]
-        left.plot(*zip(*points), marker="o", lw=1, ls=LINE_STYLES[i // 10 % len(LINE_STYLES)],
-                  color=plt.get_cmap("tab10").colors[i % 10], label=key.removesuffix("_ppl_ratio"))
+        left.plot(*zip(*points), lw=1, ls="-" if mode == "pure" else "--", marker="o" if mode == "pure" else "^",
+                  color=plt.get_cmap("tab10").colors[stages.index(stage) % 10], label=f"{stage}@{mode}")
     left.plot(n, [r["ppl_ratio"] for r in rows], color="black", marker="s", lw=2, label="CLSO, best mode (headline)")
     bound = [(r["params"], r["pure_bound_ppl_ratio"]) for r in rows if r["pure_bound_ppl_ratio"] is not None]
     if bound:
@@ -295,6 +297,8 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
     right.plot(n, [r["flops_ratio"] for r in rows], marker="s", label="FLOPs")
     right.axhline(ENERGY_SHARE, color="red", lw=1, label=f"hypothesis: ≤ {ENERGY_SHARE:g}")
     right.set_xscale("log")
+    right.xaxis.set_minor_formatter(NullFormatter())  # a few sizes in one decade: the minor labels collide
+    right.set_ylim(bottom=0)
     right.set_xlabel("parameters (dense GPT-2)")
     right.set_ylabel("CLSO's cost / AdamW's")
     right.legend(fontsize=7)
