@@ -155,6 +155,17 @@ def _read(path: str, rev: str):
     return yaml.safe_load(dvc.api.read(path, repo=".", rev=rev))  # JSON is YAML
 
 
+def _table_here() -> dict[str, dict]:
+    """The rows of the metrics/scaling.json in this checkout, by size."""
+    if not SUMMARY.is_file():
+        return {}
+    summary = _yaml(SUMMARY)
+    if not isinstance(summary, dict) or not isinstance(summary.get("sizes"), list) or \
+            not all(isinstance(r, dict) and "size" in r for r in summary["sizes"]):
+        raise ClsoError(f"{SUMMARY}: not a table `clso scaling table` wrote; remove it and run again")
+    return {r["size"]: r for r in summary["sizes"]}
+
+
 @scaling.command("table")
 @one_line_errors("scaling table")
 @dvc_errors
@@ -162,29 +173,38 @@ def table_(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION) -> None:
     """Read every finished experiment of the plan (dvc.api.exp_show, then its compare outputs) and
     write plots/scaling.csv, plots/scaling.png, metrics/scaling.md and metrics/scaling.json: per size,
     CLSO's ratios to AdamW, the contrasts, every search's ratio and the fitted trend. A size is left out,
-    with the reason, while it is not finished or when it ran with other params than the plan gives now."""
+    with the reason, while it is not finished or when it ran with other params than the plan gives now.
+    A size with no experiment in this repository keeps its row of the metrics/scaling.json found here
+    (a clone has the table, not the experiments) when that row ran on the params the plan gives now."""
     from clso.params import parse_params
-    from clso.scaling import applied, columns, differs, fit_trend, model_size, scaling_png, section, size_row, \
-        trend_statement
+    from clso.scaling import applied, columns, differs, digest, fit_trend, model_size, scaling_png, section, \
+        size_row, trend_statement
 
     the_plan = _plan(plan, params)
     finished, states = experiments({s.name for s in the_plan.sizes})
     workspace = _yaml(params)
-    rows, missing = [], {}
+    before = _table_here()
+    rows, missing, carried = [], {}, {}
     for s in the_plan.sizes:
+        expected = applied(workspace, s.overrides)
         if s.name not in finished:
-            missing[s.name] = states.get(s.name, "not run") + " (dvc queue status; clso scaling queue)"
+            old = before.get(s.name)
+            if old is not None and old.get("params_digest") == digest(expected):
+                rows.append(old)
+                carried[s.name] = f"kept from {SUMMARY} (ran on commit {old['commit']}); no experiment of it here"
+            else:
+                missing[s.name] = states.get(s.name, "not run") + " (dvc queue status; clso scaling queue)"
             continue
         rev, commit = finished[s.name]
         ran = _read("params.yaml", rev)
-        stale = differs(ran, applied(workspace, s.overrides))
+        stale = differs(ran, expected)
         if stale:
             missing[s.name] = f"ran with {stale}, not what the plan gives now (clso scaling queue --size {s.name})"
             continue
         try:
             counts = model_size(parse_params(ran), _read("metrics/detail/prepare.json", rev)["vocab_size"])
             rows.append(size_row(s, counts, commit, _read("metrics/compare.json", rev),
-                                 _read("metrics/detail/compare.json", rev)))
+                                 _read("metrics/detail/compare.json", rev)) | {"params_digest": digest(expected)})
         except (KeyError, TypeError) as e:
             raise ClsoError(f"{s.name}: its outputs lack {e} (made by older code?); run it again: "
                             f"clso scaling queue --force --size {s.name}") from None
@@ -193,8 +213,9 @@ def table_(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION) -> None:
     fit = fit_trend(rows)
     write_csv_atomic(CSV, columns(rows), rows)
     scaling_png(rows, fit, PNG)
-    write_text_atomic(SECTION, section(rows, missing, fit, the_plan.rule))
-    write_json_atomic(SUMMARY, {"rule": the_plan.rule, "sizes": rows, "not_in_table": missing, "fit": fit})
-    for name, why in missing.items():
+    write_text_atomic(SECTION, section(rows, {**carried, **missing}, len(the_plan.sizes), fit, the_plan.rule))
+    write_json_atomic(SUMMARY, {"rule": the_plan.rule, "sizes": rows, "kept": carried, "not_in_table": missing,
+                                "fit": fit})
+    for name, why in {**carried, **missing}.items():
         print(f"{name}: {why}")
     print(f"{len(rows)} sizes → {CSV}, {PNG}, {SECTION}, {SUMMARY}. {trend_statement(fit)}")

@@ -5,6 +5,7 @@ Running DVC is the caller's (cli/scaling.py); this module only turns dicts into 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import statistics
@@ -133,6 +134,7 @@ def size_row(size: Size, counts: tuple[int, int, int], commit: str, compare: dic
     bound = detail["frozen_head_bound_val_ppl"]  # pure mode's floor; None when the grid runs no pure search
     row = {"size": size.name, "n_layer": size.n_layer, "n_embd": size.n_embd, "n_head": size.n_head,
            "params": counts[0], "block_params": counts[1], "genes": counts[2], "commit": commit,
+           "machine": machine_line(detail["machine"]),
            "clso": detail["headline"]["clso"], "baseline_val_ppl": base,
            "ppl_ratio": ratio["val_ppl"], "test_ppl_ratio": ratio["test_ppl"], "energy_ratio": ratio["energy_wh"],
            "flops_ratio": ratio["flops"], "energy_method": compare["energy_method"],
@@ -150,6 +152,16 @@ def size_row(size: Size, counts: tuple[int, int, int], commit: str, compare: dic
             row |= {f"{name}@{mode}": c["mean_diff"], f"{name}@{mode}_low": low, f"{name}@{mode}_high": high,
                     f"{name}@{mode}_conclusion": c["conclusion"]}
     return row
+
+
+def machine_line(m: dict) -> str:
+    """Where an experiment ran, in a few words (compare's record of the machine)."""
+    return f"{m['gpu'] or m['cpu']}, {m['cores']} cores" + (f", {m['cpu_capability']}" if m["cpu_capability"] else "")
+
+
+def digest(params: dict) -> str:
+    """A short fingerprint of a params.yaml's values: a kept row must have run on the same."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def columns(rows: list[dict]) -> list[str]:
@@ -228,22 +240,22 @@ def _contrast_cell(row: dict, key: str) -> str:
     return f"{row[key]:+.3f}{interval} {conclusion.replace('_', ' ')}"
 
 
-def section(rows: list[dict], missing: dict[str, str], fit: dict | None, rule: str) -> str:
-    """metrics/scaling.md: the sweep's table, contrasts, arena ratios and trend."""
+def section(rows: list[dict], notes: dict[str, str], planned: int, fit: dict | None, rule: str) -> str:
+    """metrics/scaling.md: the sweep's table (with a note on each size kept or left out), contrasts,
+    arena ratios and trend."""
     lines = ["# How the verdict moves with size", "",
-             f"`clso scaling table` on the experiments of scaling.yaml ({len(rows)} finished of "
-             f"{len(rows) + len(missing)}). {rule}", "",
+             f"`clso scaling table` on the experiments of scaling.yaml: {len(rows)} of its {planned} sizes. {rule}", "",
              f"Ratios are to the AdamW baseline of the same size. The hypothesis: perplexity ratio ≤ {TARGET_RATIO:g} "
              f"at energy ratio ≤ {ENERGY_SHARE:g}. CLSO's best mode is chosen on val, so its val ratio leans "
              "optimistic; the test ratio is not chosen on. The pure-mode bound is the frozen-head bound's "
              "perplexity: no pure-mode body beats it with the head it keeps.", ""]
-    lines += table(["size", "parameters (blocks)", "genes", "commit", "CLSO (best mode)", "val ppl ratio",
+    lines += table(["size", "parameters (blocks)", "genes", "commit, machine", "CLSO (best mode)", "val ppl ratio",
                     "test ppl ratio", "energy ratio (method)", "FLOPs ratio", "pure-mode bound ratio", "holds"],
-                   [[r["size"], f"{r['params']:,} ({r['block_params']:,})", r["genes"], r["commit"], r["clso"],
+                   [[r["size"], f"{r['params']:,} ({r['block_params']:,})", r["genes"], f"{r['commit']}, {r['machine']}",
+                     r["clso"],
                      r["ppl_ratio"], r["test_ppl_ratio"], f"{fmt(r['energy_ratio'])} ({r['energy_method']})",
                      r["flops_ratio"], r["pure_bound_ppl_ratio"], r["holds"]] for r in rows])
-    for name, why in missing.items():
-        lines.append(f"- {name}: {why}")
+    lines += ["", *(f"- {name}: {why}" for name, why in notes.items())] if notes else []
     contrasts = sorted({k for r in rows for k in r if f"{k}_conclusion" in r})
     if contrasts:
         lines += ["", "## Contrasts (nats of val loss; 95 % interval once seeds give one)", ""]

@@ -106,8 +106,9 @@ def test_size_row_takes_the_headline_bound_contrasts_and_every_search_from_the_c
     c = detail["contrasts"]["ga_vs_random"]["hybrid"]
     assert row["ga_vs_random@hybrid"] == c["mean_diff"] and row["ga_vs_random@hybrid_conclusion"] == c["conclusion"]
     assert [row["ga_vs_random@hybrid_low"], row["ga_vs_random@hybrid_high"]] == c["interval"]
-    text = section([row], {"size-4x256": "not run"}, None, "budgets fixed")
-    assert "| size-2x128 | 1,000 (600) | 8 | abc1234 |" in text and "- size-4x256: not run" in text
+    text = section([row], {"size-4x256": "not run"}, 2, None, "budgets fixed")
+    assert "| size-2x128 | 1,000 (600) | 8 | abc1234, Intel(R) Xeon(R) Processor, 2 cores, AVX512 |" in text
+    assert "- size-4x256: not run" in text
     assert "ga_vs_random@hybrid" in text
 
 
@@ -119,7 +120,9 @@ def test_size_row_at_one_seed_takes_the_one_run_and_no_interval():
                            "verdict": {"energy_criterion": "met", "holds": False}},
               "frozen_head_bound_val_ppl": None,
               "contrasts": {"ga_vs_es": {"hybrid": {"mean_diff": -0.2, "conclusion": "one_seed"}}}}
+    detail["machine"] = {"cpu": "x86_64", "cores": 2, "cpu_capability": None, "gpu": "NVIDIA H100"}
     row = size_row(Size(1, 32, 2, {}), (10, 5, 4), "abc1234", {"energy_method": "estimate"}, detail)
+    assert row["machine"] == "NVIDIA H100, 2 cores"
     assert row["es@hybrid_ppl_ratio"] == 2.0 and row["es@hybrid_seeds"] == 1 and row["pure_bound_ppl_ratio"] is None
     assert row["ga_vs_es@hybrid_low"] is None and row["ga_vs_es@hybrid_conclusion"] == "one_seed"
 
@@ -230,4 +233,15 @@ def test_queue_then_dvc_queue_start_then_table_on_two_tiny_sizes(tmp_path, stage
     summary = json.loads((repo / "metrics/scaling.json").read_text(encoding="utf-8"))
     assert summary["fit"]["sizes"] == 2 and summary["rule"].startswith("The tiny params")
     assert (repo / "plots/scaling.png").stat().st_size > 10_000
-    assert "| size-1x48 | 54,480 | 4 |" in (repo / "metrics/scaling.md").read_text(encoding="utf-8")
+    assert "| size-1x48 | 54,480 (28,272) | 4 |" in (repo / "metrics/scaling.md").read_text(encoding="utf-8")
+
+    # a clone has the table, not the experiments: a size with none here keeps its row while the params hold
+    sh(["dvc", "exp", "remove", "size-1x32"], repo, stage_env)
+    out = sh([*clso, "table", "--plan", str(plan_file)], repo, stage_env)
+    assert "size-1x32: kept from metrics/scaling.json" in out and "2 sizes →" in out
+    params = (repo / "params.yaml").read_text(encoding="utf-8")
+    (repo / "params.yaml").write_text(params.replace("generations: 6", "generations: 5"), encoding="utf-8")
+    stale = subprocess.run([*clso, "table", "--plan", str(plan_file)], cwd=repo, env=stage_env, capture_output=True,
+                           text=True)
+    assert stale.returncode == 1 and "size-1x32: not run" in stale.stderr, stale.stderr
+    assert "size-1x48: ran with evolve.generations=6" in stale.stderr
