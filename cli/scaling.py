@@ -3,6 +3,7 @@ experiment per size of scaling.yaml; `dvc queue start` runs them; `table` reads 
 through DVC's Python API and writes the table, the plot and the report section."""
 
 import functools
+import json
 import shutil
 import subprocess
 import tempfile
@@ -100,7 +101,8 @@ def experiments(names: set[str]) -> tuple[dict[str, tuple[str, str]], dict[str, 
         done = {sha: (name, baseline) for baseline, exps in repo.experiments.ls(all_commits=True).items()
                 for name, sha in exps if name in names}
         queue = repo.experiments.celery_queue
-        pending = {entry.baseline_rev for entry in (*queue.iter_queued(), *queue.iter_active(), *queue.iter_failed())
+        failed = (done.entry for done in queue.iter_failed())  # a failed task comes with its result
+        pending = {entry.baseline_rev for entry in (*queue.iter_queued(), *queue.iter_active(), *failed)
                    if entry.name in names}
         when = {sha: repo.scm.resolve_commit(sha).commit_time for sha in done}
     rows = dvc.api.exp_show(repo=".", revs=sorted({*pending, *(b for _, b in done.values())}), num=1) \
@@ -139,8 +141,8 @@ def queue(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION,
             raise ClsoError(f"{s.name}: already {states[s.name]} (dvc queue status); let it finish or "
                             f"dvc queue kill / remove it first")
         if s.name in finished and finished[s.name][1] == head and not force:
-            raise ClsoError(f"{s.name}: finished on this commit already; --force runs it again, or choose sizes "
-                            "with --size")
+            raise ClsoError(f"{s.name}: finished on this commit already (clso scaling table says whether its params "
+                            "still hold); --force runs it again, or choose sizes with --size")
     for s in chosen:
         _dvc(["exp", "run", "--queue", *(["--force"] if force else []), TARGET, "-n", s.name,
               *(a for kv in s.assignments() for a in ("-S", kv))])
@@ -152,14 +154,18 @@ def queue(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION,
 def _read(path: str, rev: str):
     import dvc.api
 
-    return yaml.safe_load(dvc.api.read(path, repo=".", rev=rev))  # JSON is YAML
+    text = dvc.api.read(path, repo=".", rev=rev)
+    return json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
 
 
 def _table_here() -> dict[str, dict]:
     """The rows of the metrics/scaling.json in this checkout, by size."""
     if not SUMMARY.is_file():
         return {}
-    summary = _yaml(SUMMARY)
+    try:
+        summary = json.loads(SUMMARY.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ClsoError(f"{SUMMARY}: cannot be read ({e}); remove it and run again") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("sizes"), list) or \
             not all(isinstance(r, dict) and "size" in r for r in summary["sizes"]):
         raise ClsoError(f"{SUMMARY}: not a table `clso scaling table` wrote; remove it and run again")
@@ -187,19 +193,22 @@ def table_(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION) -> None:
     rows, missing, carried = [], {}, {}
     for s in the_plan.sizes:
         expected = applied(workspace, s.overrides)
-        if s.name not in finished:
+        stale = None
+        if s.name in finished:
+            rev, commit = finished[s.name]
+            ran = _read("params.yaml", rev)
+            stale = differs(ran, expected)
+        if s.name not in finished or stale:
             old = before.get(s.name)
+            here = f"; here it is {states[s.name]}" if s.name in states else ""
             if old is not None and old.get("params_digest") == digest(expected):
                 rows.append(old)
-                carried[s.name] = f"kept from {SUMMARY} (ran on commit {old['commit']}); no experiment of it here"
+                why = f"this repository's run of it has {stale}" if stale else "no finished run of it here"
+                carried[s.name] = f"kept from {SUMMARY} (ran on commit {old['commit']}); {why}{here}"
+            elif stale:
+                missing[s.name] = f"ran with {stale}, not what the plan gives now (clso scaling queue --size {s.name})"
             else:
                 missing[s.name] = states.get(s.name, "not run") + " (dvc queue status; clso scaling queue)"
-            continue
-        rev, commit = finished[s.name]
-        ran = _read("params.yaml", rev)
-        stale = differs(ran, expected)
-        if stale:
-            missing[s.name] = f"ran with {stale}, not what the plan gives now (clso scaling queue --size {s.name})"
             continue
         try:
             counts = model_size(parse_params(ran), _read("metrics/detail/prepare.json", rev)["vocab_size"])

@@ -188,12 +188,13 @@ def fit_trend(rows: list[dict]) -> dict | None:
     half = t_975(n - 2) * math.sqrt(residual / (n - 2) / sxx) * math.log(2) if n > 2 else None
     ln_crossing = (TARGET_RATIO - intercept) / slope if slope < 0 else None
     far = ln_crossing is not None and ln_crossing > math.log(hi * FAR)
-    crossing = None if ln_crossing is None or far else math.exp(ln_crossing)
+    crossing = None if ln_crossing is None or far or n < 3 else math.exp(ln_crossing)  # two points: a slope, no more
     return {"sizes": n, "intercept": intercept, "slope_per_ln_params": slope, "slope_per_doubling": slope * math.log(2),
             "slope_per_doubling_interval": None if half is None else [slope * math.log(2) - half,
                                                                       slope * math.log(2) + half],
             "r2": 1 - residual / total if n > 2 and total else None, "target": TARGET_RATIO,
-            "crossing_params": crossing, "crossing_beyond": FAR * hi if far else None, "measured_params": [lo, hi],
+            "crossing_params": crossing, "crossing_beyond": FAR * hi if far and n > 2 else None,
+            "measured_params": [lo, hi],
             "measured_below_target": sum(r["ppl_ratio"] <= TARGET_RATIO for r in rows),
             "modes": sorted({r["clso"].split("@")[1].split("-")[0] for r in rows})}
 
@@ -207,12 +208,13 @@ def trend_statement(fit: dict | None) -> str:
         return "No trend: it needs at least two sizes."
     lo, hi = fit["measured_params"]
     interval = fit["slope_per_doubling_interval"]
+    r2 = "" if fit["r2"] is None else f", R² {fit['r2']:.2f}"
     parts = [f"A line through CLSO's perplexity ratio against ln(parameters), fitted on {fit['sizes']} sizes "
              f"({lo:,} to {hi:,} parameters), moves the ratio by {fit['slope_per_doubling']:+.3g} per doubling of "
              "the parameters" + ("" if interval is None else
-                                 f" (95 % interval [{interval[0]:+.3g}, {interval[1]:+.3g}], R² {fit['r2']:.2f})") + "."]
+                                 f" (95 % interval [{interval[0]:+.3g}, {interval[1]:+.3g}]{r2})") + "."]
     if interval is None:
-        parts.append("Two sizes give no interval on the slope.")
+        parts.append("Two sizes give no interval on the slope, so no crossing is given.")
     elif interval[0] <= 0 <= interval[1]:
         parts.append("The interval contains zero: the ratio may not move with size at all.")
     if len(fit["modes"]) > 1:
@@ -222,10 +224,10 @@ def trend_statement(fit: dict | None) -> str:
     elif fit["slope_per_ln_params"] >= 0:
         parts.append(f"The fitted ratio does not fall with size, so the line gives no size where it reaches "
                      f"{TARGET_RATIO:g}.")
-    elif fit["crossing_params"] is None:
+    elif fit["crossing_beyond"] is not None:
         parts.append(f"The line would reach {TARGET_RATIO:g} only beyond {fit['crossing_beyond']:.3g} parameters "
                      f"({FAR:,}× the largest measured size): an extrapolation nothing here supports.")
-    else:
+    elif fit["crossing_params"] is not None:
         parts.append(f"Extrapolated, the line would reach {TARGET_RATIO:g} at {fit['crossing_params']:.3g} parameters "
                      f"({fit['crossing_params'] / hi:.3g}× the largest measured size). That holds only if the line "
                      "does, which nothing measured here shows.")
@@ -298,6 +300,7 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
         left.plot(xs, [fitted(fit, x) for x in xs], color="black", ls="--", lw=1, label=f"CLSO's fitted line{beyond}")
     left.axhline(TARGET_RATIO, color="red", lw=1, label=f"hypothesis: ratio ≤ {TARGET_RATIO:g}")
     left.set_xscale("log")
+    left.xaxis.set_minor_formatter(NullFormatter())  # a few sizes in one decade: the minor labels collide
     left.set_yscale("log")
     left.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     left.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
@@ -309,7 +312,7 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
     right.plot(n, [r["flops_ratio"] for r in rows], marker="s", label="FLOPs")
     right.axhline(ENERGY_SHARE, color="red", lw=1, label=f"hypothesis: ≤ {ENERGY_SHARE:g}")
     right.set_xscale("log")
-    right.xaxis.set_minor_formatter(NullFormatter())  # a few sizes in one decade: the minor labels collide
+    right.xaxis.set_minor_formatter(NullFormatter())
     right.set_ylim(bottom=0)
     right.set_xlabel("parameters (dense GPT-2)")
     right.set_ylabel("CLSO's cost / AdamW's")

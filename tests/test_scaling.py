@@ -145,10 +145,13 @@ def test_the_slope_interval_widens_with_scatter_and_a_far_crossing_is_not_given_
     noisy = fit_trend(rows([(1e6, 2.3), (2e6, 2.0), (4e6, 2.4), (8e6, 2.1)]))
     low, high = noisy["slope_per_doubling_interval"]
     assert low < 0 < high and "may not move with size at all" in trend_statement(noisy)
-    far = fit_trend(rows([(1e6, 2.3), (1e7, 2.29)]))  # falls 0.01 per decade: 1.05 lies 125 decades on
-    assert far["crossing_params"] is None and far["crossing_beyond"] == pytest.approx(1e11)
-    assert "only beyond 1e+11 parameters" in trend_statement(far)
-    assert "Two sizes give no interval" in trend_statement(far)
+    far = fit_trend(rows([(1e6, 2.3), (1e6 ** 1.5, 2.295), (1e9, 2.29)]))  # 1.05 lies hundreds of decades on
+    assert far["crossing_params"] is None and far["crossing_beyond"] == pytest.approx(1e13)
+    assert "only beyond 1e+13 parameters" in trend_statement(far)
+    two = fit_trend(rows([(1e6, 2.3), (2e6, 2.2)]))  # a slope, but no interval: no crossing, however near
+    assert two["crossing_params"] is None and two["crossing_beyond"] is None
+    assert "Two sizes give no interval on the slope, so no crossing is given." in trend_statement(two)
+    assert "reach" not in trend_statement(two)
 
 
 def test_the_statement_says_when_a_measured_size_is_within_the_bar_and_when_modes_mix():
