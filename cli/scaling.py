@@ -60,7 +60,7 @@ def _plan(plan: Path, params: Path):
     from dvc.utils.hydra import apply_overrides
 
     from clso.params import load_params
-    from clso.scaling import PlanError, parse_plan
+    from cli.sizes import PlanError, parse_plan
 
     try:
         the_plan = parse_plan(_yaml(plan), _yaml(params))
@@ -183,7 +183,7 @@ def table_(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION) -> None:
     A size with no experiment in this repository keeps its row of the metrics/scaling.json found here
     (a clone has the table, not the experiments) when that row ran on the params the plan gives now."""
     from clso.params import parse_params
-    from clso.scaling import applied, columns, differs, digest, fit_trend, model_size, scaling_png, section, \
+    from cli.sizes import applied, columns, differs, digest, fit_trend, model_size, scaling_png, section, \
         size_row, trend_statement
 
     the_plan = _plan(plan, params)

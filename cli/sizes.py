@@ -1,6 +1,8 @@
 """The size sweep: a plan of model sizes (scaling.yaml), the `dvc exp run -S` overrides of each, and
-the table, fitted trend and report section built from the finished experiments' compare outputs.
-Running DVC is the caller's (cli/scaling.py); this module only turns dicts into dicts and text."""
+the table, fitted trend, report section and figure built from the finished experiments' compare
+outputs. Running DVC is cli/scaling.py's; this module turns dicts into dicts, text and a PNG. It sits in
+cli/, the top layer, because it reads every layer of clso/ (the model's sizes, compare's bars, the
+report's tables)."""
 
 from __future__ import annotations
 
@@ -271,7 +273,7 @@ def section(rows: list[dict], notes: dict[str, str], planned: int, fit: dict | N
 
 
 def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
-    """The size sweep (clso.scaling rows): left, every search's perplexity ratio to AdamW against
+    """The size sweep (cli.sizes rows): left, every search's perplexity ratio to AdamW against
     parameters, CLSO's fitted line dashed and the hypothesis' bar; right, CLSO's energy and FLOPs ratios."""
     import io
 
