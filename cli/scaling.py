@@ -101,7 +101,7 @@ def experiments(names: set[str]) -> tuple[dict[str, tuple[str, str]], dict[str, 
         done = {sha: (name, baseline) for baseline, exps in repo.experiments.ls(all_commits=True).items()
                 for name, sha in exps if name in names}
         queue = repo.experiments.celery_queue
-        failed = (done.entry for done in queue.iter_failed())  # a failed task comes with its result
+        failed = (result.entry for result in queue.iter_failed())  # a failed task comes with its result
         pending = {entry.baseline_rev for entry in (*queue.iter_queued(), *queue.iter_active(), *failed)
                    if entry.name in names}
         when = {sha: repo.scm.resolve_commit(sha).commit_time for sha in done}
