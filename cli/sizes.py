@@ -283,7 +283,7 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
     from clso.plots import plt
 
     n = [r["params"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6.5), dpi=120)
     keys = [k for k in columns(rows) if k.endswith("_ppl_ratio") and "@" in k]
     stages = list(dict.fromkeys(k.split("@")[0] for k in keys))
     for key in keys:  # a colour per stage; pure mode solid with dots, hybrid dashed with triangles
@@ -301,24 +301,25 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
         beyond = " (past the last size: extrapolation)" if end > max(n) else ""
         left.plot(xs, [fitted(fit, x) for x in xs], color="black", ls="--", lw=1, label=f"CLSO's fitted line{beyond}")
     left.axhline(TARGET_RATIO, color="red", lw=1, label=f"hypothesis: ratio ≤ {TARGET_RATIO:g}")
-    left.set_xscale("log")
-    left.xaxis.set_minor_formatter(NullFormatter())  # a few sizes in one decade: the minor labels collide
+    ticks = [f"{r['n_layer']}×{r['n_embd']}\n{r['params'] / 1e6:.2f} M" for r in rows]
+    for axes in (left, right):  # a few sizes in one decade: each size is a tick, no minor labels
+        axes.set_xscale("log")
+        axes.set_xticks(n, ticks)
+        axes.xaxis.set_minor_formatter(NullFormatter())
     left.set_yscale("log")
     left.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     left.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     left.set_xlabel("parameters (dense GPT-2)")
     left.set_ylabel("val perplexity / AdamW's")
-    left.legend(fontsize=6)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)  # below: inside, it hid points
     methods = ", ".join(sorted({r["energy_method"] for r in rows}))
     right.plot(n, [r["energy_ratio"] for r in rows], marker="o", label=f"energy ({methods})")
     right.plot(n, [r["flops_ratio"] for r in rows], marker="s", label="FLOPs")
     right.axhline(ENERGY_SHARE, color="red", lw=1, label=f"hypothesis: ≤ {ENERGY_SHARE:g}")
-    right.set_xscale("log")
-    right.xaxis.set_minor_formatter(NullFormatter())
     right.set_ylim(bottom=0)
     right.set_xlabel("parameters (dense GPT-2)")
     right.set_ylabel("CLSO's cost / AdamW's")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.suptitle("How the verdict moves with size (clso scaling table)", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
