@@ -188,14 +188,16 @@ def fit_trend(rows: list[dict]) -> dict | None:
     n = len(rows)
     # the slope's 95 % interval (Student's t, n − 2 degrees of freedom): none from two sizes
     half = t_975(n - 2) * math.sqrt(residual / (n - 2) / sxx) * math.log(2) if n > 2 else None
-    ln_crossing = (TARGET_RATIO - intercept) / slope if slope < 0 else None
+    # a crossing only from a slope whose whole interval falls: two points give a slope and no more
+    falls = half is not None and slope * math.log(2) + half < 0
+    ln_crossing = (TARGET_RATIO - intercept) / slope if falls else None
     far = ln_crossing is not None and ln_crossing > math.log(hi * FAR)
-    crossing = None if ln_crossing is None or far or n < 3 else math.exp(ln_crossing)  # two points: a slope, no more
+    crossing = None if ln_crossing is None or far else math.exp(ln_crossing)
     return {"sizes": n, "intercept": intercept, "slope_per_ln_params": slope, "slope_per_doubling": slope * math.log(2),
             "slope_per_doubling_interval": None if half is None else [slope * math.log(2) - half,
                                                                       slope * math.log(2) + half],
             "r2": 1 - residual / total if n > 2 and total else None, "target": TARGET_RATIO,
-            "crossing_params": crossing, "crossing_beyond": FAR * hi if far and n > 2 else None,
+            "crossing_params": crossing, "crossing_beyond": FAR * hi if far else None,
             "measured_params": [lo, hi],
             "measured_below_target": sum(r["ppl_ratio"] <= TARGET_RATIO for r in rows),
             "modes": sorted({r["clso"].split("@")[1].split("-")[0] for r in rows})}
@@ -219,6 +221,8 @@ def trend_statement(fit: dict | None) -> str:
         parts.append("Two sizes give no interval on the slope, so no crossing is given.")
     elif interval[0] <= 0 <= interval[1]:
         parts.append("The interval contains zero: the ratio may not move with size at all.")
+    elif interval[1] >= 0:
+        parts.append("The interval lies above zero: the ratio rises with size.")
     if len(fit["modes"]) > 1:
         parts.append(f"CLSO's best mode is not the same at every size ({', '.join(fit['modes'])}): the line joins both.")
     if fit["measured_below_target"]:
@@ -229,10 +233,15 @@ def trend_statement(fit: dict | None) -> str:
     elif fit["crossing_beyond"] is not None:
         parts.append(f"The line would reach {TARGET_RATIO:g} only beyond {fit['crossing_beyond']:.3g} parameters "
                      f"({FAR:,}× the largest measured size): an extrapolation nothing here supports.")
+    elif fit["crossing_params"] is not None and fit["crossing_params"] <= hi:
+        parts.append(f"The line reaches {TARGET_RATIO:g} at {fit['crossing_params']:.3g} parameters, inside the "
+                     "measured range, though no measured size is within it: the line says so, not a measurement.")
     elif fit["crossing_params"] is not None:
         parts.append(f"Extrapolated, the line would reach {TARGET_RATIO:g} at {fit['crossing_params']:.3g} parameters "
                      f"({fit['crossing_params'] / hi:.3g}× the largest measured size). That holds only if the line "
                      "does, which nothing measured here shows.")
+    elif interval is not None and interval[1] >= 0:
+        parts.append(f"The slope may not fall at all, so the line gives no size where it reaches {TARGET_RATIO:g}.")
     return " ".join(parts)
 
 
