@@ -158,6 +158,28 @@ def _read(path: str, rev: str):
     return json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], capture_output=True, text=True)
+
+
+def _older_code(rows: list[dict]) -> dict[str, str]:
+    """{size: why} for each row that ran on a commit whose code (clso/, stages/, dvc.yaml's stages)
+    differs from HEAD's: its figures may not be this code's. Its params are checked apart."""
+    head = _git("rev-parse", "--short=7", "HEAD").stdout.strip()
+    stages_at = functools.cache(lambda rev: (yaml.safe_load(_git("show", f"{rev}:dvc.yaml").stdout) or {}).get("stages"))
+    older = {}
+    for r in rows:
+        if r["commit"] == head:
+            continue
+        diff = _git("diff", "--quiet", r["commit"], "HEAD", "--", "clso", "stages").returncode
+        if diff not in (0, 1):
+            older[r["size"]] = f"ran on commit {r['commit']}, which this repository lacks: its code cannot be checked"
+        elif diff or stages_at(r["commit"]) != stages_at("HEAD"):
+            older[r["size"]] = (f"ran on commit {r['commit']}, whose clso/, stages/ or dvc.yaml stages differ from "
+                                f"HEAD's: its figures may not be this code's (clso scaling queue --force --size {r['size']})")
+    return older
+
+
 def _table_here() -> dict[str, dict]:
     """The rows of the metrics/scaling.json in this checkout, by size."""
     if not SUMMARY.is_file():
@@ -219,12 +241,15 @@ def table_(plan: Path = PLAN_OPTION, params: Path = PARAMS_OPTION) -> None:
                             f"clso scaling queue --force --size {s.name}") from None
     if not rows:
         raise ClsoError(f"no finished experiment of {plan} ({'; '.join(f'{k}: {v}' for k, v in missing.items())})")
+    older = _older_code(rows)
+    notes = {name: "; ".join(why for why in (carried.get(name), older.get(name)) if why)
+             for name in {**carried, **older}} | missing
     fit = fit_trend(rows)
     write_csv_atomic(CSV, columns(rows), rows)
     scaling_png(rows, fit, PNG)
-    write_text_atomic(SECTION, section(rows, {**carried, **missing}, len(the_plan.sizes), fit, the_plan.rule))
-    write_json_atomic(SUMMARY, {"rule": the_plan.rule, "sizes": rows, "kept": carried, "not_in_table": missing,
-                                "fit": fit})
-    for name, why in {**carried, **missing}.items():
+    write_text_atomic(SECTION, section(rows, notes, len(the_plan.sizes), fit, the_plan.rule))
+    write_json_atomic(SUMMARY, {"rule": the_plan.rule, "sizes": rows, "kept": carried, "older_code": older,
+                                "not_in_table": missing, "fit": fit})
+    for name, why in notes.items():
         print(f"{name}: {why}")
     print(f"{len(rows)} sizes → {CSV}, {PNG}, {SECTION}, {SUMMARY}. {trend_statement(fit)}")

@@ -266,6 +266,12 @@ def test_queue_then_dvc_queue_start_then_table_on_two_tiny_sizes(tmp_path, stage
     sh(["dvc", "exp", "remove", "size-1x32"], repo, stage_env)
     out = sh([*clso, "table", "--plan", str(plan_file)], repo, stage_env)
     assert "size-1x32: kept from metrics/scaling.json" in out and "2 sizes →" in out
+    # code changed since the runs: both rows stay, each flagged
+    init = repo / "clso/__init__.py"
+    init.write_text(init.read_text(encoding="utf-8") + "\n# changed\n", encoding="utf-8")
+    sh(["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qam", "code"], repo, stage_env)
+    out = sh([*clso, "table", "--plan", str(plan_file)], repo, stage_env)
+    assert out.count("whose clso/, stages/ or dvc.yaml stages differ from HEAD's") == 2 and "2 sizes →" in out
     params = (repo / "params.yaml").read_text(encoding="utf-8")
     (repo / "params.yaml").write_text(params.replace("generations: 6", "generations: 5"), encoding="utf-8")
     stale = subprocess.run([*clso, "table", "--plan", str(plan_file)], cwd=repo, env=stage_env, capture_output=True,
