@@ -141,7 +141,7 @@ def size_row(size: Size, counts: tuple[int, int, int], commit: str, compare: dic
            "ppl_ratio": ratio["val_ppl"], "test_ppl_ratio": ratio["test_ppl"], "energy_ratio": ratio["energy_wh"],
            "flops_ratio": ratio["flops"], "energy_method": compare["energy_method"],
            "energy_criterion": verdict["energy_criterion"], "holds": verdict["holds"],
-           "pure_bound_ppl_ratio": None if bound is None else bound / base}
+           "bound_ppl_ratio": None if bound is None else bound / base}
     runs = {}  # every search and arena contestant (stage@mode): its val perplexity at each seed
     for name, c in detail["contestants"].items():
         if "@" in name:
@@ -267,7 +267,7 @@ def section(rows: list[dict], notes: dict[str, str], planned: int, fit: dict | N
                    [[r["size"], f"{r['params']:,} ({r['block_params']:,})", r["genes"], f"{r['commit']}, {r['machine']}",
                      r["clso"],
                      r["ppl_ratio"], r["test_ppl_ratio"], f"{fmt(r['energy_ratio'])} ({r['energy_method']})",
-                     r["flops_ratio"], r["pure_bound_ppl_ratio"], r["holds"]] for r in rows])
+                     r["flops_ratio"], r["bound_ppl_ratio"], r["holds"]] for r in rows])
     lines += ["", *(f"- {name}: {why}" for name, why in notes.items())] if notes else []
     contrasts = sorted({k for r in rows for k in r if f"{k}_conclusion" in r})
     if contrasts:
@@ -301,7 +301,7 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
         left.plot(*zip(*points), lw=1, ls="-" if mode == "pure" else "--", marker="o" if mode == "pure" else "^",
                   color=plt.get_cmap("tab10").colors[stages.index(stage) % 10], label=f"{stage}@{mode}")
     left.plot(n, [r["ppl_ratio"] for r in rows], color="black", marker="s", lw=2, label="CLSO, best mode (headline)")
-    bound = [(r["params"], r["pure_bound_ppl_ratio"]) for r in rows if r["pure_bound_ppl_ratio"] is not None]
+    bound = [(r["params"], r["bound_ppl_ratio"]) for r in rows if r["bound_ppl_ratio"] is not None]
     if bound:
         left.plot(*zip(*bound), color="grey", ls=":", marker="v", label="pure mode's frozen-head bound")
     if fit is not None:

@@ -98,7 +98,7 @@ def test_size_row_takes_the_headline_bound_contrasts_and_every_search_from_the_c
     base = detail["contestants"]["baseline"]["val_ppl"]
     assert row["ppl_ratio"] == detail["headline"]["ratio"]["val_ppl"] == compare["verdict"]["ppl_ratio"]
     assert row["test_ppl_ratio"] == detail["headline"]["ratio"]["test_ppl"]
-    assert row["pure_bound_ppl_ratio"] == pytest.approx(detail["frozen_head_bound_val_ppl"] / base)
+    assert row["bound_ppl_ratio"] == pytest.approx(detail["frozen_head_bound_val_ppl"] / base)
     assert row["energy_method"] == compare["energy_method"]
     # three seeds: compare's own mean over them
     assert row["evolve@hybrid_ppl_ratio"] == pytest.approx(detail["over_seeds"]["evolve@hybrid"]["val_ppl"] / base)
@@ -123,7 +123,7 @@ def test_size_row_at_one_seed_takes_the_one_run_and_no_interval():
     detail["machine"] = {"cpu": "x86_64", "cores": 2, "cpu_capability": None, "gpu": "NVIDIA H100"}
     row = size_row(Size(1, 32, 2, {}), (10, 5, 4), "abc1234", {"energy_method": "estimate"}, detail)
     assert row["machine"] == "NVIDIA H100, 2 cores"
-    assert row["es@hybrid_ppl_ratio"] == 2.0 and row["es@hybrid_seeds"] == 1 and row["pure_bound_ppl_ratio"] is None
+    assert row["es@hybrid_ppl_ratio"] == 2.0 and row["es@hybrid_seeds"] == 1 and row["bound_ppl_ratio"] is None
     assert row["ga_vs_es@hybrid_low"] is None and row["ga_vs_es@hybrid_conclusion"] == "one_seed"
 
 
