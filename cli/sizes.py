@@ -317,7 +317,8 @@ def scaling_png(rows: list[dict], fit: dict | None, path) -> None:
         axes.xaxis.set_minor_formatter(NullFormatter())
     left.set_yscale("log")
     left.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    left.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    low, high = left.get_ylim()  # minor labels only where they do not crowd: within about a decade
+    left.yaxis.set_minor_formatter(FormatStrFormatter("%g") if high / low < 30 else NullFormatter())
     left.set_xlabel("parameters (dense GPT-2)")
     left.set_ylabel("val perplexity / AdamW's")
     left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)  # below: inside, it hid points
